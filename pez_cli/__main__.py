@@ -1,0 +1,3 @@
+from pez_cli.cli import main
+
+main()
