@@ -1,0 +1,317 @@
+"""Loading CLIP through open_clip and running its own text tower on embeddings.
+
+pez never forks open_clip: `TextTower` holds references to the model's own modules
+(token_embedding, positional_embedding, transformer, attn_mask, ln_final, text_projection)
+and runs them on a sequence of embeddings instead of token ids.
+"""
+
+from __future__ import annotations
+
+import difflib
+import gc
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pez_cli.errors import ConfigError, ModelError
+
+OFFLINE_HINT = (
+    "to run offline, point --model at a local copy: local-dir:/path/to/folder "
+    "(a folder with open_clip_config.json and open_clip_model.safetensors)"
+)
+
+
+def pick_device(name: str) -> torch.device:
+    """'auto' picks cuda, then mps, then cpu; an explicit device must be available."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' was asked for but no CUDA GPU is available")
+    if name == "mps" and not (
+        getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    ):
+        raise ConfigError("device 'mps' was asked for but MPS is not available")
+    if name not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"unknown device {name!r}; choose auto, cpu, cuda or mps")
+    return torch.device(name)
+
+
+class TextTower(nn.Module):
+    """The CLIP text encoder of an open_clip model, run on embeddings.
+
+    Works for open_clip's `CLIP` (text modules on the model) and `CustomTextCLIP` with a
+    `TextTransformer` (`model.text`), as long as the tower is causal and pools at the end
+    token, which is what makes "only the first prompt_len + 2 positions matter" exact.
+    """
+
+    def __init__(self, model: nn.Module, end_id: int):
+        super().__init__()
+        src = model if hasattr(model, "token_embedding") else getattr(model, "text", None)
+        needed = ("token_embedding", "positional_embedding", "transformer", "ln_final")
+        if src is None or not all(hasattr(src, a) for a in needed):
+            raise ModelError(
+                f"{type(model).__name__} has no CLIP-style text transformer; "
+                "pez needs an open_clip model with token_embedding and a causal text tower"
+            )
+        pool = getattr(src, "text_pool_type", getattr(src, "pool_type", "argmax"))
+        if getattr(src, "attn_mask", None) is None or pool not in ("argmax", "eos"):
+            raise ModelError(
+                "this model's text tower is not causal with end-token pooling, "
+                "which PEZ on pez requires (OpenAI/OpenCLIP CLIP models are)"
+            )
+        if getattr(src, "cls_emb", None) is not None:
+            raise ModelError("text towers with an appended class token (CoCa) are not supported")
+        self.token_embedding = src.token_embedding
+        self.positional_embedding = src.positional_embedding
+        self.transformer = src.transformer
+        self.ln_final = src.ln_final
+        self.text_projection = src.text_projection
+        self.register_buffer("attn_mask", src.attn_mask, persistent=False)
+        self.end_id = end_id
+        self.context_length = int(self.positional_embedding.shape[0])
+        self.width = int(self.token_embedding.weight.shape[1])
+
+    @property
+    def output_dim(self) -> int:
+        proj = self.text_projection
+        if proj is None:
+            return self.width
+        return int(proj.out_features if isinstance(proj, nn.Linear) else proj.shape[1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Features (B, D), not normalized, of embedded sequences x (B, T, W) ending in EOT."""
+        seq_len = x.shape[1]
+        cast = self.transformer.get_cast_dtype()
+        x = x.to(cast) + self.positional_embedding[:seq_len].to(cast)  # (B, T, W)
+        x = self.transformer(x, attn_mask=self.attn_mask[:seq_len, :seq_len])
+        x = self.ln_final(x[:, -1])  # (B, W): LayerNorm is per position; EOT is last
+        proj = self.text_projection
+        if proj is None:
+            return x
+        return proj(x) if isinstance(proj, nn.Linear) else x @ proj  # (B, D)
+
+    def encode_ids(self, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Normalized features (N, D) of token id sequences that each end in the EOT id."""
+        device = self.token_embedding.weight.device
+        out = torch.empty(len(sequences), self.output_dim, device=device)
+        by_len: dict[int, list[int]] = {}
+        for i, seq in enumerate(sequences):
+            if seq[-1] != self.end_id:
+                raise ValueError("sequence must end with the end-of-text id")
+            by_len.setdefault(len(seq), []).append(i)
+        for length, rows in by_len.items():
+            ids = torch.tensor([list(sequences[i]) for i in rows], device=device)
+            feats = self.forward(self.token_embedding(ids))
+            out[torch.tensor(rows, device=device)] = F.normalize(feats.float(), dim=-1)
+        return out
+
+
+def split_model_name(name: str) -> tuple[str | None, str, str | None]:
+    """'hf-hub:x' -> ('hf-hub', 'x', None); 'local-dir:p' -> ('local-dir', 'p', None);
+    'ARCH/TAG' -> (None, ARCH, TAG). TAG may also be a path to a checkpoint file."""
+    for schema in ("hf-hub", "local-dir"):
+        prefix = schema + ":"
+        if name.startswith(prefix):
+            rest = name[len(prefix):]
+            if not rest:
+                raise ModelError(f"model {name!r} names no {'repository' if schema == 'hf-hub' else 'folder'}")
+            return schema, rest, None
+    if "/" not in name:
+        return None, name, None
+    arch, tag = name.split("/", 1)
+    return None, arch, tag
+
+
+def _known_names() -> list[str]:
+    import open_clip
+
+    return [f"{arch}/{tag}" for arch, tag in open_clip.list_pretrained()]
+
+
+def check_model_name(name: str) -> None:
+    """Raise a ModelError naming close matches if `name` is not something open_clip can load."""
+    import open_clip
+
+    schema, ident, tag = split_model_name(name)
+    if schema == "local-dir":
+        path = os.path.expanduser(ident)
+        if not os.path.isdir(path):
+            raise ModelError(f"model folder not found: {ident}")
+        if not os.path.isfile(os.path.join(path, "open_clip_config.json")):
+            raise ModelError(f"model folder {ident} has no open_clip_config.json")
+        return
+    if schema == "hf-hub":
+        return
+    if tag is not None and os.path.isfile(os.path.expanduser(tag)):
+        if ident not in open_clip.list_models():
+            raise ModelError(_unknown(ident, open_clip.list_models(), "architecture"))
+        return
+    if tag is None or (ident, tag) not in set(open_clip.list_pretrained()):
+        raise ModelError(_unknown(name, _known_names(), "model"))
+
+
+def _unknown(name: str, choices: list[str], what: str) -> str:
+    close = difflib.get_close_matches(name, choices, n=4, cutoff=0.5)
+    if close:
+        return f"unknown {what} {name!r}; close matches: {', '.join(close)}"
+    return f"unknown {what} {name!r}; `python -c \"import open_clip; print(open_clip.list_pretrained())\"` lists them"
+
+
+@dataclass
+class LoadedModel:
+    """A CLIP model ready for PEZ: the text tower, the tokenizer, and (until released) images."""
+
+    name: str
+    device: torch.device
+    text: TextTower
+    tokenizer: Any
+    clip: nn.Module | None = None
+    preprocess: Any = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def context_length(self) -> int:
+        return self.text.context_length
+
+    def tokenize(self, text: str) -> list[int]:
+        """[start] + BPE ids + [end], truncated to the context length like the tokenizer does."""
+        ids = [self.tokenizer.sot_token_id] + self.tokenizer.encode(text) + [self.tokenizer.eot_token_id]
+        if len(ids) > self.context_length:
+            ids = ids[: self.context_length]
+            ids[-1] = self.tokenizer.eot_token_id
+        return ids
+
+    @torch.no_grad()
+    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """Normalized text features (N, D)."""
+        return self.text.encode_ids([self.tokenize(t) for t in texts])
+
+    @torch.inference_mode()
+    def encode_images(self, images: Sequence[Any], batch: int = 32) -> torch.Tensor:
+        """Normalized image features (N, D) of PIL images."""
+        if self.clip is None:
+            raise RuntimeError("the image tower was already released")
+        feats = []
+        for start in range(0, len(images), batch):
+            pixels = torch.stack([self.preprocess(im) for im in images[start:start + batch]])
+            pixels = pixels.to(self.device)
+            feats.append(F.normalize(self.clip.encode_image(pixels).float(), dim=-1))
+        return torch.cat(feats).clone()
+
+    def release_image_tower(self) -> None:
+        """Drop everything but the text tower so only it stays in memory during the loop."""
+        self.clip = None
+        self.preprocess = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _load_tokenizer(open_name: str, name: str):
+    import open_clip
+
+    tokenizer = open_clip.get_tokenizer(open_name)
+    needed = ("encode", "decode", "sot_token_id", "eot_token_id", "decoder", "byte_decoder")
+    if not all(hasattr(tokenizer, a) for a in needed):
+        raise ModelError(
+            f"model {name!r} uses {type(tokenizer).__name__}; pez needs CLIP's BPE tokenizer"
+        )
+    return tokenizer
+
+
+def load_model(name: str, device: torch.device) -> LoadedModel:
+    """Load an open_clip model by pez's model name; errors become ModelError with a hint."""
+    import open_clip
+
+    check_model_name(name)
+    schema, ident, tag = split_model_name(name)
+    quick_gelu = False
+    if schema == "local-dir":
+        ident = os.path.expanduser(ident)
+        open_name, pretrained = f"local-dir:{ident}", None
+    elif schema == "hf-hub":
+        open_name, pretrained = name, None
+    else:
+        open_name, pretrained = ident, tag
+        if tag is not None and os.path.isfile(os.path.expanduser(tag)):
+            pretrained = os.path.expanduser(tag)
+        else:
+            # Weights trained with QuickGELU (OpenAI's) need it even under the plain arch name.
+            quick_gelu = bool(open_clip.get_pretrained_cfg(ident, tag).get("quick_gelu", False))
+            _ensure_downloaded(name, ident, tag)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            open_name, pretrained=pretrained, device=device, force_quick_gelu=quick_gelu
+        )
+    except ModelError:
+        raise
+    except Exception as e:  # open_clip wraps download and parse failures in many types
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if schema == "hf-hub":
+            raise ModelError(f"could not load model {name!r} from the Hugging Face Hub ({first}); {OFFLINE_HINT}") from None
+        raise ModelError(f"could not load model {name!r}: {first}") from None
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    tokenizer = _load_tokenizer(open_name, name)
+    tower = TextTower(model, end_id=tokenizer.eot_token_id)
+    if tokenizer.vocab_size != tower.token_embedding.weight.shape[0]:
+        raise ModelError(
+            f"model {name!r} has {tower.token_embedding.weight.shape[0]} token embeddings but its "
+            f"tokenizer has {tokenizer.vocab_size} tokens"
+        )
+    return LoadedModel(
+        name=name, device=device, text=tower, tokenizer=tokenizer, clip=model, preprocess=preprocess,
+        info={"open_name": open_name, "quick_gelu": quick_gelu},
+    )
+
+
+def export_model(name: str, folder: Path) -> Path:
+    """Save a loadable model as a `local-dir:` folder (config JSON + safetensors weights)."""
+    import open_clip
+    from open_clip.factory import get_model_config
+    from safetensors.torch import save_file
+
+    folder = Path(folder).expanduser()
+    if folder.exists() and any(folder.iterdir()):
+        raise ModelError(f"export folder {folder} is not empty")
+    loaded = load_model(name, torch.device("cpu"))
+    model_cfg = get_model_config(loaded.info["open_name"])
+    if model_cfg is None:
+        raise ModelError(f"cannot find the architecture config of {name!r}")
+    model_cfg = dict(model_cfg)
+    if loaded.info["quick_gelu"]:
+        model_cfg["quick_gelu"] = True
+    preprocess_cfg = dict(getattr(loaded.clip.visual, "preprocess_cfg", {}) or {})
+    preprocess_cfg.pop("size", None)  # follows the architecture's image size
+    config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "open_clip_config.json").write_text(json.dumps(config, indent=2, default=list))
+    state = {k: v.detach().contiguous() for k, v in loaded.clip.state_dict().items()}
+    save_file(state, str(folder / "open_clip_model.safetensors"))
+    return folder
+
+
+def _ensure_downloaded(name: str, arch: str, tag: str) -> None:
+    """Fetch (or find cached) weights first so a failure gets pez's offline hint."""
+    import open_clip
+    from open_clip.pretrained import download_pretrained
+
+    cfg = open_clip.get_pretrained_cfg(arch, tag)
+    try:
+        path = download_pretrained(cfg)
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ModelError(f"could not download weights for {name!r} ({first}); {OFFLINE_HINT}") from None
+    if not path:
+        raise ModelError(f"could not download weights for {name!r}; {OFFLINE_HINT}")

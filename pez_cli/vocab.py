@@ -1,0 +1,109 @@
+"""The vocabulary PEZ may choose from: masks, nearest-token projection and faithful decoding."""
+
+from __future__ import annotations
+
+import unicodedata
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from pez_cli.errors import ConfigError
+
+# Rows of the prompt matrix projected per matmul; bounds the (rows, vocab) score matrix.
+PROJECT_CHUNK = 2048
+
+
+def token_text(tokenizer: Any, token_id: int) -> str:
+    """The text a token contributes, without its end-of-word marker."""
+    bpe = tokenizer.decoder[token_id].replace("</w>", "")
+    raw = bytearray(tokenizer.byte_decoder[c] for c in bpe)
+    return raw.decode("utf-8", errors="replace")
+
+
+def pad_id(tokenizer: Any) -> int | None:
+    """The id the tokenizer pads with, found by tokenizing the empty string."""
+    context = getattr(tokenizer, "context_length", None)
+    if not context or context < 3:
+        return None
+    return int(tokenizer("")[0, 2])
+
+
+def _visible(text: str) -> bool:
+    return bool(text) and not any(c.isspace() or unicodedata.category(c).startswith("C") for c in text)
+
+
+def _ascii(text: str) -> bool:
+    return all(33 <= ord(c) <= 126 for c in text)
+
+
+class Vocabulary:
+    """Token embeddings of the allowed tokens, normalized once, plus decoding helpers.
+
+    Never allowed: the tokenizer's special tokens (start, end), its padding id, and tokens
+    that decode to nothing visible (whitespace or control bytes would vanish from the printed
+    prompt). Optionally: tokens containing a blocked word, and tokens that are not ASCII.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        embedding_weight: torch.Tensor,
+        block: Iterable[str] = (),
+        ascii_only: bool = False,
+    ):
+        self.tokenizer = tokenizer
+        vocab_size = int(embedding_weight.shape[0])
+        self.texts = [token_text(tokenizer, i) for i in range(vocab_size)]
+        banned = set(int(i) for i in tokenizer.all_special_ids)
+        pad = pad_id(tokenizer)
+        if pad is not None:
+            banned.add(pad)
+        blocked = [w.lower() for w in block if w]
+        allowed = []
+        for i, text in enumerate(self.texts):
+            if i in banned or not _visible(text):
+                continue
+            if ascii_only and not _ascii(text):
+                continue
+            low = text.lower()
+            if any(w in low for w in blocked):
+                continue
+            allowed.append(i)
+        if not allowed:
+            raise ConfigError("the blocklist and filters leave no token to choose from")
+        device = embedding_weight.device
+        self.allowed_ids = torch.tensor(allowed, device=device)  # (A,)
+        # Every token embedding in fp32 (fp64 stays fp64): projected prompts are these rows.
+        weight = embedding_weight.detach()
+        self.embeddings = weight if weight.dtype == torch.float64 else weight.float()  # (V, W)
+        self.normalized = F.normalize(self.embeddings[self.allowed_ids], dim=-1)  # (A, W)
+
+    @property
+    def size(self) -> int:
+        return int(self.allowed_ids.numel())
+
+    def is_allowed(self, token_id: int) -> bool:
+        return bool((self.allowed_ids == token_id).any())
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """Ids of the nearest allowed tokens by cosine similarity: (..., W) -> (...)."""
+        flat = F.normalize(x.reshape(-1, x.shape[-1]).to(self.normalized.dtype), dim=-1)
+        out = torch.empty(flat.shape[0], dtype=torch.long, device=x.device)
+        for start in range(0, flat.shape[0], PROJECT_CHUNK):
+            scores = flat[start:start + PROJECT_CHUNK] @ self.normalized.T  # (rows, A)
+            out[start:start + PROJECT_CHUNK] = scores.argmax(dim=-1)
+        return self.allowed_ids[out].reshape(x.shape[:-1])
+
+    def random_ids(self, shape: Sequence[int], generator: torch.Generator) -> torch.Tensor:
+        """Uniformly random allowed ids (drawn on the CPU generator, so seeds are portable)."""
+        idx = torch.randint(self.size, tuple(shape), generator=generator)
+        return self.allowed_ids.cpu()[idx].to(self.allowed_ids.device)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """The prompt a user would paste: tokens joined, end-of-word markers as spaces."""
+        return self.tokenizer.decode([int(i) for i in ids]).strip()
+
+    def round_trips(self, text: str, ids: Sequence[int]) -> bool:
+        """Whether re-tokenizing `text` gives back exactly `ids`."""
+        return self.tokenizer.encode(text) == [int(i) for i in ids]

@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny import save_tiny_clip  # noqa: E402
+
+# Set before anything imports huggingface_hub, which reads it once at import time.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch):
+    """No network, no user cache, no PEZ_* settings from the environment."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    for var in ("PEZ_MODEL", "PEZ_PRESET", "PEZ_DEVICE"):
+        monkeypatch.delenv(var, raising=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    return save_tiny_clip(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_dir) -> str:
+    """The --model value for the tiny CLIP."""
+    return f"local-dir:{tiny_dir}"
+
+
+def make_image(path: Path, color=(200, 30, 30), size=(40, 30), mode="RGB") -> Path:
+    img = Image.new("RGB", size, color)
+    for x in range(size[0] // 2):
+        img.putpixel((x, x % size[1]), (255 - color[0], 255 - color[1], 255 - color[2]))
+    if mode != "RGB":
+        img = img.convert(mode)
+    img.save(path)
+    return path
+
+
+@pytest.fixture
+def images(tmp_path) -> list[Path]:
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    return [
+        make_image(folder / "a.png", (200, 30, 30)),
+        make_image(folder / "b.png", (30, 200, 30)),
+        make_image(folder / "c.jpg", (30, 30, 200)),
+    ]

@@ -1,0 +1,105 @@
+import pytest
+import torch
+
+from pez_cli.api import Pez
+from pez_cli.config import Settings
+from pez_cli.errors import ConfigError
+
+SECRET = "a red cat sitting"
+
+
+@pytest.fixture(scope="module")
+def pez_factory(tiny_dir):
+    from pez_cli.models import load_model
+
+    model = load_model(f"local-dir:{tiny_dir}", torch.device("cpu"))
+
+    def make(**kw):
+        kw.setdefault("model", f"local-dir:{tiny_dir}")
+        kw.setdefault("device", "cpu")
+        return Pez(Settings(**kw), model=model)
+
+    return make
+
+
+def _score(pez, ids, target):
+    tok = pez.model.tokenizer
+    feats = pez.model.text.encode_ids([[tok.sot_token_id, *ids, tok.eot_token_id]])
+    return float(feats[0] @ target[0])
+
+
+@pytest.mark.slow
+def test_known_target_is_recovered(pez_factory):
+    """Target = text features of a secret prompt; PEZ finds a prompt very close to it."""
+    probe = pez_factory(steps=1)
+    n_tokens = len(probe.model.tokenizer.encode(SECRET))
+    pez = pez_factory(prompt_len=n_tokens, steps=300)
+    target = pez.text_features([SECRET])
+    # Random prompts of that length sit far below (mean about 0.4 on this model).
+    random_ids = pez.vocab.random_ids((20, n_tokens), torch.Generator().manual_seed(1))
+    random_best = max(_score(pez, r, target) for r in random_ids.tolist())
+    result = pez.distill(SECRET)
+    assert result.optimized_similarity > 0.85
+    assert result.optimized_similarity > random_best + 0.1
+    assert result.best_step > 1
+
+
+def test_best_prompt_is_kept_not_the_last(pez_factory):
+    pez = pez_factory(prompt_len=4, steps=40)
+    target = pez.text_features([SECRET])
+    opt = pez.optimizer([target])
+    history = []
+    for _ in opt.run():
+        history.append(float(opt.best_score[0]))
+    assert all(b >= a for a, b in zip(history, history[1:]))
+    best = opt.best()[0]
+    assert best.similarity == pytest.approx(max(history))
+    # The reported score is the score of the reported ids.
+    assert _score(pez, best.token_ids, target) == pytest.approx(best.similarity, abs=1e-5)
+
+
+def test_same_seed_same_prompt_other_seed_differs(pez_factory):
+    a = pez_factory(prompt_len=6, steps=30, seed=3).distill(SECRET)
+    b = pez_factory(prompt_len=6, steps=30, seed=3).distill(SECRET)
+    c = pez_factory(prompt_len=6, steps=30, seed=4).distill(SECRET)
+    assert a.token_ids == b.token_ids and a.prompt == b.prompt
+    assert c.token_ids != a.token_ids
+
+
+def test_negative_finds_a_prompt_unlike_the_target(pez_factory):
+    pos = pez_factory(prompt_len=4, steps=60).distill(SECRET)
+    neg = pez_factory(prompt_len=4, steps=60, negative=True).distill(SECRET)
+    start = pez_factory(prompt_len=4, steps=60)
+    target = start.text_features([SECRET])
+    initial_ids = start.vocab.project(start.optimizer([target]).prompt)[0].tolist()
+    initial = _score(start, initial_ids, target)
+    assert neg.optimized_similarity < initial < pos.optimized_similarity
+    assert neg.optimized_similarity < pos.optimized_similarity - 0.3
+
+
+def test_blocked_and_non_ascii_tokens_are_never_chosen(pez_factory):
+    pez = pez_factory(prompt_len=8, steps=40, restarts=2, block=["a", "e"], ascii_only=True)
+    result = pez.distill("an aerial photo of a seaside estate")
+    texts = [pez.vocab.texts[i] for i in result.token_ids]
+    assert all("a" not in t and "e" not in t for t in texts)
+    assert all(all(33 <= ord(ch) <= 126 for ch in t) for t in texts)
+
+
+def test_several_targets_with_sampling(pez_factory):
+    pez = pez_factory(prompt_len=4, steps=30, batch_size=1)
+    targets = pez.text_features(["a red cat", "a blue dog", "a green bird"])
+    opt = pez.optimizer([targets])
+    assert opt.sampled == [True]
+    for _ in opt.run():
+        pass
+    [result] = pez.finish(opt, [targets])
+    ids = result.token_ids
+    tok = pez.model.tokenizer
+    feats = pez.model.text.encode_ids([[tok.sot_token_id, *ids, tok.eot_token_id]])
+    assert float((targets @ feats[0]).mean()) == pytest.approx(result.optimized_similarity, abs=1e-5)
+
+
+def test_prompt_len_must_fit_the_context(pez_factory):
+    with pytest.raises(ConfigError, match="prompt_len must be between 1 and 75"):
+        pez_factory(prompt_len=76)
+    assert pez_factory(prompt_len=75, steps=1).distill("x").token_ids.__len__() == 75

@@ -1,0 +1,57 @@
+import pytest
+import torch
+
+from pez_cli.errors import ConfigError
+from pez_cli.models import load_model
+from pez_cli.vocab import Vocabulary, pad_id
+
+
+@pytest.fixture(scope="module")
+def model(tiny_dir):
+    return load_model(f"local-dir:{tiny_dir}", torch.device("cpu"))
+
+
+def test_special_and_padding_tokens_are_never_allowed(model):
+    tok = model.tokenizer
+    vocab = Vocabulary(tok, model.text.token_embedding.weight)
+    banned = {tok.sot_token_id, tok.eot_token_id, pad_id(tok)}
+    assert banned.isdisjoint(set(vocab.allowed_ids.tolist()))
+    # Projection never lands on them even when the query IS their embedding.
+    queries = vocab.embeddings[torch.tensor(sorted(banned))]
+    assert banned.isdisjoint(set(vocab.project(queries).tolist()))
+
+
+def test_projection_is_nearest_allowed_token_by_cosine(model):
+    vocab = Vocabulary(model.tokenizer, model.text.token_embedding.weight)
+    ids = vocab.allowed_ids[torch.tensor([5, 500, 5000])]
+    noisy = vocab.embeddings[ids] * 3.0  # scaling keeps the cosine nearest token
+    assert vocab.project(noisy).tolist() == ids.tolist()
+
+
+def test_blocklist_and_ascii_only(model):
+    vocab = Vocabulary(model.tokenizer, model.text.token_embedding.weight, block=["Cat", "dog"], ascii_only=True)
+    texts = [vocab.texts[i] for i in vocab.allowed_ids.tolist()]
+    assert texts and all("cat" not in t.lower() and "dog" not in t.lower() for t in texts)
+    assert all(all(33 <= ord(c) <= 126 for c in t) for t in texts)
+    full = Vocabulary(model.tokenizer, model.text.token_embedding.weight)
+    assert any("cat" in full.texts[i] for i in full.allowed_ids.tolist())
+    assert any(ord(c) > 126 for i in full.allowed_ids.tolist() for c in full.texts[i])
+
+
+def test_blocking_everything_is_an_error(model):
+    with pytest.raises(ConfigError, match="leave no token"):
+        Vocabulary(model.tokenizer, model.text.token_embedding.weight, block=[chr(c) for c in range(33, 127)], ascii_only=True)
+
+
+def test_decode_keeps_word_boundaries(model):
+    tok = model.tokenizer
+    vocab = Vocabulary(tok, model.text.token_embedding.weight)
+    ids = tok.encode("a red cat, sitting on 2 mats")
+    text = vocab.decode(ids)
+    assert text == "a red cat , sitting on 2 mats"
+    assert vocab.round_trips(text, ids)
+    # A word piece followed by a piece that BPE would merge differently cannot round-trip.
+    piece = tok.encoder["ca"]
+    end = tok.encoder["t</w>"]
+    assert vocab.decode([piece, end]) == "cat"
+    assert not vocab.round_trips("cat", [piece, end])
