@@ -1,0 +1,472 @@
+"""The `pez` command line. The only module that talks to the user.
+
+Exceptions from the core (PezError) become `Error: ...` on stderr and exit code 1;
+Ctrl-C exits 130 after printing the best prompt found so far; usage mistakes exit 2.
+"""
+
+import contextlib
+import functools
+import inspect
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Callable, Iterator, Optional
+
+import typer
+
+from pez_cli import __version__
+from pez_cli.errors import PezError
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+# Shortest interval between two progress redraws (the best prompt is decoded for each).
+PROGRESS_INTERVAL_S = 0.25
+# Plain (non-terminal) progress lines, when forced with --progress, come at most this often.
+PLAIN_PROGRESS_INTERVAL_S = 5.0
+# distill's prompt length when no flag, config or preset sets one.
+DISTILL_PROMPT_LEN = 8
+
+app = typer.Typer(
+    name="pez",
+    help="Turn images into hard text prompts with PEZ (Hard Prompts Made Easy) on CLIP.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+# ---------------------------------------------------------------------------------------
+# Options shared by the optimizing commands
+# ---------------------------------------------------------------------------------------
+
+@dataclass
+class Common:
+    model: Optional[str]
+    preset: Optional[str]
+    config: Optional[Path]
+    prompt_len: Optional[int]
+    steps: Optional[int]
+    lr: Optional[float]
+    weight_decay: Optional[float]
+    restarts: Optional[int]
+    batch_size: Optional[int]
+    seed: Optional[int]
+    device: Optional[str]
+    block: Optional[list[str]]
+    ascii_only: Optional[bool]
+    negative: Optional[bool]
+    precision: Optional[str]
+    compile: Optional[bool]
+    json: bool
+    quiet: bool
+    progress: Optional[bool]
+
+    def settings_flags(self) -> dict[str, Any]:
+        names = (
+            "model", "prompt_len", "steps", "lr", "weight_decay", "restarts", "batch_size",
+            "seed", "device", "block", "ascii_only", "negative", "precision", "compile",
+        )
+        return {n: getattr(self, n) for n in names}
+
+
+MODEL_HELP = "CLIP model: ARCH/TAG (open_clip pretrained), hf-hub:ORG/REPO or local-dir:PATH."
+COMMON_OPTIONS: list[tuple[str, Any, Any]] = [
+    ("model", Annotated[Optional[str], typer.Option("--model", "-m", help=MODEL_HELP, envvar="PEZ_MODEL", show_default=False)], None),
+    ("preset", Annotated[Optional[str], typer.Option("--preset", "-p", help="Named settings: paper, sd15, sd2, sdxl, fast (see `pez models`).", envvar="PEZ_PRESET")], None),
+    ("config", Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML file of settings (overrides --preset).", dir_okay=False)], None),
+    ("prompt_len", Annotated[Optional[int], typer.Option("--prompt-len", help="Tokens in the prompt. (default: 16)", show_default=False)], None),
+    ("steps", Annotated[Optional[int], typer.Option("--steps", help="Optimization steps. (default: 1000)", show_default=False)], None),
+    ("lr", Annotated[Optional[float], typer.Option("--lr", help="AdamW learning rate. (default: 0.1)", show_default=False)], None),
+    ("weight_decay", Annotated[Optional[float], typer.Option("--weight-decay", help="AdamW weight decay. (default: 0.1)", show_default=False)], None),
+    ("restarts", Annotated[Optional[int], typer.Option("--restarts", help="Parallel random initialisations; the best wins (paper: prompt_bs). (default: 1)", show_default=False)], None),
+    ("batch_size", Annotated[Optional[int], typer.Option("--batch-size", help="Targets sampled per step when there are more. (default: 1)", show_default=False)], None),
+    ("seed", Annotated[Optional[int], typer.Option("--seed", help="Random seed. (default: 0)", show_default=False)], None),
+    ("device", Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda or mps; auto picks cuda, then mps, then cpu. (default: auto)", envvar="PEZ_DEVICE", show_default=False)], None),
+    ("block", Annotated[Optional[list[str]], typer.Option("--block", help="Never choose a token containing WORD (repeatable).", metavar="WORD")], None),
+    ("ascii_only", Annotated[Optional[bool], typer.Option("--ascii-only/--no-ascii-only", help="Only choose tokens of printable ASCII.", show_default=False)], None),
+    ("negative", Annotated[Optional[bool], typer.Option("--negative/--no-negative", help="Find the prompt LEAST like the target (negative loss weight).", show_default=False)], None),
+    ("precision", Annotated[Optional[str], typer.Option("--precision", help="fp32, bf16, fp16 or auto (bf16 autocast on GPUs that support it). (default: auto)", show_default=False)], None),
+    ("compile", Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the text tower (useful on CUDA for long runs).", show_default=False)], None),
+    ("json", Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of the prompt.")], False),
+    ("quiet", Annotated[bool, typer.Option("--quiet", "-q", help="No progress or status on stderr.")], False),
+    ("progress", Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Force progress on stderr on or off (default: on when stderr is a terminal).", show_default=False)], None),
+]
+
+
+def with_common_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Add the shared options to a command; the command receives them as `common`."""
+    sig = inspect.signature(func)
+    own = [p for p in sig.parameters.values() if p.name != "common"]
+    extra = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=ann)
+        for name, ann, default in COMMON_OPTIONS
+    ]
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        common = Common(**{name: kwargs.pop(name) for name, _, _ in COMMON_OPTIONS})
+        return func(*args, common=common, **kwargs)
+
+    wrapper.__signature__ = sig.replace(parameters=own + extra)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {
+        **{k: v for k, v in func.__annotations__.items() if k != "common"},
+        **{name: ann for name, ann, _ in COMMON_OPTIONS},
+    }
+    return wrapper
+
+
+# ---------------------------------------------------------------------------------------
+# Talking to the user
+# ---------------------------------------------------------------------------------------
+
+def err_console():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+def fail(message: str, code: int = EXIT_ERROR) -> None:
+    sys.stderr.write(f"Error: {message}\n")
+    sys.stderr.flush()
+    raise typer.Exit(code)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn library errors into one line on stderr and an exit code."""
+    try:
+        yield
+    except PezError as e:
+        fail(str(e), e.exit_code)
+    except KeyboardInterrupt:
+        fail("interrupted", EXIT_INTERRUPTED)
+    except MemoryError:
+        fail("out of memory; try a smaller model, fewer --restarts or a shorter --prompt-len")
+    except Exception as e:
+        if type(e).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError
+            fail("the GPU ran out of memory; try --precision bf16, fewer --restarts or a smaller model")
+        raise
+
+
+def progress_mode(common: Common) -> str:
+    """'rich' on a terminal, 'plain' when forced off a terminal, '' when quiet."""
+    if common.quiet or common.progress is False:
+        return ""
+    if sys.stderr.isatty():
+        return "rich"
+    return "plain" if common.progress else ""
+
+
+class Reporter:
+    """Progress on stderr: a rich bar on a terminal, or occasional plain lines."""
+
+    def __init__(self, mode: str):
+        self.mode = mode
+        self.console = err_console() if mode else None
+        self._progress = None
+        self._task = None
+        self._last = 0.0
+
+    @contextlib.contextmanager
+    def status(self, message: str) -> Iterator[None]:
+        if self.mode == "rich":
+            with self.console.status(message):
+                yield
+        else:
+            if self.mode == "plain":
+                self.console.print(message)
+            yield
+
+    @contextlib.contextmanager
+    def bar(self, total: int, label: str) -> Iterator["Reporter"]:
+        if self.mode != "rich":
+            yield self
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self._progress = Progress(
+            TextColumn(f"[bold]{label}[/bold]"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}", markup=False),
+            console=self.console,
+            transient=True,
+        )
+        with self._progress:
+            self._task = self._progress.add_task(label, total=total, info="")
+            yield self
+        self._progress = None
+
+    def due(self, final: bool = False) -> bool:
+        if not self.mode:
+            return False
+        interval = PROGRESS_INTERVAL_S if self.mode == "rich" else PLAIN_PROGRESS_INTERVAL_S
+        now = time.monotonic()
+        if final or now - self._last >= interval:
+            self._last = now
+            return True
+        return False
+
+    def update(self, step: int, total: int, info: str) -> None:
+        if self.mode == "rich" and self._progress is not None:
+            self._progress.update(self._task, completed=step, info=info)
+        elif self.mode == "plain":
+            self.console.print(f"step {step}/{total}  {info}", markup=False, soft_wrap=True)
+
+    def note(self, message: str) -> None:
+        if self.mode:
+            self.console.print(message, markup=False, soft_wrap=True)
+
+
+def emit_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
+def _finite(x: float) -> Optional[float]:
+    return None if x is None or math.isnan(x) else round(float(x), 6)
+
+
+# ---------------------------------------------------------------------------------------
+# The shared job runner
+# ---------------------------------------------------------------------------------------
+
+def resolve_settings(common: Common, prompt_len_default: Optional[int] = None):
+    from pez_cli.config import resolve
+
+    resolved = resolve(common.preset, common.config, common.settings_flags())
+    if prompt_len_default is not None and resolved.sources["prompt_len"] == "default":
+        resolved.settings.prompt_len = prompt_len_default
+    return resolved.settings
+
+
+def run_single(common: Common, settings, targets_fn: Callable[[Any], Any], inputs: dict[str, Any], extra: Callable[[str], dict[str, Any]] | None = None, lines: Callable[[str], list[str]] | None = None) -> None:
+    """Load the model, build one problem's targets, optimize with progress, print the result."""
+    from pez_cli.api import Pez
+
+    reporter = Reporter(progress_mode(common))
+    started = time.monotonic()
+    with reporter.status(f"Loading {settings.model} ..."):
+        pez = Pez(settings)
+        targets = targets_fn(pez)
+        pez.release_image_tower()
+    opt = pez.optimizer([targets])
+    interrupted = False
+    loop_start = time.monotonic()
+    try:
+        with reporter.bar(settings.steps, "pez") as bar:
+            for step in opt.run():
+                if bar.due(step == settings.steps):
+                    best = opt.best()[0]
+                    bar.update(step, settings.steps, f"best {best.similarity:.4f}  {pez.vocab.decode(best.token_ids)}")
+    except KeyboardInterrupt:
+        interrupted = True
+    loop_seconds = time.monotonic() - loop_start
+    results = pez.finish(opt, [targets], interrupted=interrupted)
+    if not results:
+        fail("interrupted before the first step; no prompt yet", EXIT_INTERRUPTED)
+    result = results[0]
+    if interrupted:
+        reporter.note(f"Interrupted after {result.steps_done} steps; best prompt so far:")
+    more = extra(result.prompt) if extra else {}
+    if common.json:
+        emit_json({
+            "prompt": result.prompt,
+            "similarity": _finite(result.similarity),
+            "token_ids": result.token_ids,
+            "round_trip": result.round_trip,
+            "optimized_similarity": _finite(result.optimized_similarity),
+            **more,
+            "model": settings.model,
+            "device": str(pez.device),
+            "steps": settings.steps,
+            "steps_done": result.steps_done,
+            "best_step": result.best_step,
+            "interrupted": interrupted,
+            "seed": settings.seed,
+            "prompt_len": settings.prompt_len,
+            "restarts": settings.restarts,
+            "batch_size": settings.batch_size,
+            "lr": settings.lr,
+            "weight_decay": settings.weight_decay,
+            "negative": settings.negative,
+            "ascii_only": settings.ascii_only,
+            "block": list(settings.block),
+            **inputs,
+            "seconds": round(loop_seconds, 3),
+            "total_seconds": round(time.monotonic() - started, 3),
+        })
+    else:
+        for line in (lines(result.prompt) if lines else [result.prompt]):
+            sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+        if not interrupted:
+            rt = "" if result.round_trip else " (re-tokenizes differently from the optimized ids)"
+            reporter.note(f"similarity {result.similarity:.4f}{rt}")
+    if interrupted:
+        raise typer.Exit(EXIT_INTERRUPTED)
+
+
+def image_job(images: list[str], common: Common, extra=None, lines=None) -> None:
+    from pez_cli.images import collect_paths, load_images
+
+    settings = resolve_settings(common)
+    paths = collect_paths(images, sys.stdin)
+    pil = load_images(paths)
+    run_single(
+        common, settings, lambda pez: pez.image_features(pil),
+        {"images": [str(p) for p in paths]}, extra=extra, lines=lines,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------------------
+
+IMAGES_HELP = "Image files, folders (their images, sorted) or - (paths on stdin, one per line)."
+
+
+@app.command()
+@with_common_options
+def invert(
+    images: Annotated[list[str], typer.Argument(help=IMAGES_HELP, metavar="IMAGE...")],
+    common: Common = None,
+) -> None:
+    """Learn ONE prompt shared by all the given images (the paper's prompt inversion)."""
+    with user_errors():
+        image_job(images, common)
+
+
+@app.command()
+@with_common_options
+def style(
+    images: Annotated[list[str], typer.Argument(help="Images of one style: " + IMAGES_HELP, metavar="DIR|IMAGE...")],
+    template: Annotated[Optional[str], typer.Option("--template", "-t", help='Also print this template filled with the prompt, e.g. "a tiger in the style of {}".')] = None,
+    common: Common = None,
+) -> None:
+    """Learn a prompt for the style shared by several images; optionally fill a template."""
+    with user_errors():
+        if template is not None and "{}" not in template:
+            raise PezError(f"--template must contain {{}} where the style prompt goes, got {template!r}")
+
+        def fill(prompt: str) -> str:
+            return template.replace("{}", prompt)
+
+        image_job(
+            images, common,
+            extra=(lambda p: {"template": template, "styled": fill(p)}) if template else None,
+            lines=(lambda p: [p, fill(p)]) if template else None,
+        )
+
+
+@app.command()
+@with_common_options
+def distill(
+    text: Annotated[Optional[str], typer.Argument(help="The (long) prompt to distill.", show_default=False)] = None,
+    file: Annotated[Optional[Path], typer.Option("--file", "-f", help="Read the text from this file (- for stdin).", dir_okay=False, allow_dash=True)] = None,
+    common: Common = None,
+) -> None:
+    """Find a short prompt (default 8 tokens) that CLIP places near TEXT."""
+    with user_errors():
+        text = _distill_text(text, file)
+        settings = resolve_settings(common, prompt_len_default=DISTILL_PROMPT_LEN)
+        run_single(common, settings, lambda pez: pez.text_features([text]), {"text": text})
+
+
+def _distill_text(text: Optional[str], file: Optional[Path]) -> str:
+    if text is not None and file is not None:
+        raise PezError("give TEXT or --file, not both")
+    if file is not None:
+        if str(file) == "-":
+            text = sys.stdin.read()
+        else:
+            try:
+                text = Path(file).read_text(encoding="utf-8")
+            except FileNotFoundError:
+                raise PezError(f"no such file: {file}") from None
+            except (OSError, UnicodeDecodeError) as e:
+                raise PezError(f"cannot read text file {file}: {e}") from None
+    if text is None:
+        raise PezError("nothing to distill: give TEXT or --file")
+    text = " ".join(text.split())
+    if not text:
+        raise PezError("the text to distill is empty")
+    return text
+
+
+@app.command()
+def models(
+    json_out: Annotated[bool, typer.Option("--json", help="Print a JSON list instead of a table.")] = False,
+) -> None:
+    """List the presets with their CLIP model and Stable Diffusion model."""
+    with user_errors():
+        from pez_cli.config import Settings, preset_info, preset_names
+
+        defaults = Settings()
+        rows = [{
+            "name": "(defaults)", "model": defaults.model, "sd_model": defaults.sd_model,
+            "prompt_len": defaults.prompt_len, "steps": defaults.steps,
+            "description": "used when no --preset is given",
+        }]
+        for name in preset_names():
+            info = preset_info(name)
+            rows.append({
+                "name": name,
+                "model": info.get("model", defaults.model),
+                "sd_model": info.get("sd_model", defaults.sd_model),
+                "prompt_len": info.get("prompt_len", defaults.prompt_len),
+                "steps": info.get("steps", defaults.steps),
+                "description": info.get("description", ""),
+            })
+        if json_out:
+            emit_json(rows)
+            return
+        header = ("PRESET", "CLIP MODEL", "SD MODEL", "LEN", "STEPS", "DESCRIPTION")
+        table = [header] + [
+            (r["name"], r["model"], r["sd_model"] or "-", str(r["prompt_len"]), str(r["steps"]), r["description"])
+            for r in rows
+        ]
+        widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
+        for row in table:
+            cells = [c.ljust(w) for c, w in zip(row, widths)] + [row[-1]]
+            sys.stdout.write("  ".join(cells).rstrip() + "\n")
+
+
+@app.command()
+def export(
+    model: Annotated[str, typer.Argument(help=MODEL_HELP, show_default=False)],
+    folder: Annotated[Path, typer.Argument(help="Where to write it (new or empty folder).", file_okay=False)],
+) -> None:
+    """Save a CLIP model as a local-dir: folder, to copy to a machine without network."""
+    with user_errors():
+        from pez_cli.models import export_model
+
+        with Reporter("rich" if sys.stderr.isatty() else "").status(f"Exporting {model} ..."):
+            out = export_model(model, folder)
+        sys.stdout.write(f"local-dir:{out}\n")
+
+
+def _version(value: bool) -> None:
+    if value:
+        sys.stdout.write(f"pez {__version__}\n")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    """pez: recover the prompt behind an image with PEZ (Wen et al., NeurIPS 2023)."""
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,245 @@
+import gc
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from pez_cli.cli import app
+from pez_cli.optimize import PromptOptimizer
+
+runner = CliRunner()
+FAST = ["--steps", "5", "--prompt-len", "4", "--device", "cpu"]
+
+
+def run(*args, input=None, env=None):
+    return runner.invoke(app, [str(a) for a in args], input=input, env=env)
+
+
+def assert_one_line_error(result, code, pattern):
+    import re
+
+    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("Error: ")
+    assert re.search(pattern, lines[0]), lines[0]
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+
+
+def test_invert_prints_only_the_prompt(tiny_model, images):
+    result = run("invert", images[0], "--model", tiny_model, *FAST)
+    assert result.exit_code == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 1 and lines[0].strip()
+
+
+def test_invert_json_schema(tiny_model, images):
+    result = run("invert", *images, "--model", tiny_model, *FAST, "--seed", "7", "--json")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    for key, kind in [
+        ("prompt", str), ("similarity", float), ("token_ids", list), ("round_trip", bool),
+        ("model", str), ("steps", int), ("seed", int), ("prompt_len", int), ("images", list),
+        ("seconds", float), ("interrupted", bool), ("optimized_similarity", float),
+    ]:
+        assert isinstance(data[key], kind), key
+    assert -1.0 <= data["similarity"] <= 1.0
+    assert len(data["token_ids"]) == data["prompt_len"] == 4
+    assert data["images"] == [str(p) for p in images]
+    assert (data["model"], data["steps"], data["seed"], data["interrupted"]) == (tiny_model, 5, 7, False)
+
+
+def test_folder_and_stdin_inputs_are_the_same_images(tiny_model, images):
+    folder = images[0].parent
+    by_folder = json.loads(run("invert", folder, "--model", tiny_model, *FAST, "--json").stdout)
+    listing = "\n".join(str(p) for p in sorted(images)) + "\n"
+    by_stdin = json.loads(run("invert", "-", "--model", tiny_model, *FAST, "--json", input=listing).stdout)
+    assert by_folder["images"] == by_stdin["images"] == [str(p) for p in sorted(images)]
+    assert by_folder["prompt"] == by_stdin["prompt"]
+
+
+def test_same_seed_same_prompt(tiny_model, images):
+    a = run("invert", images[0], "--model", tiny_model, *FAST, "--seed", "1")
+    b = run("invert", images[0], "--model", tiny_model, *FAST, "--seed", "1")
+    assert a.exit_code == b.exit_code == 0
+    assert a.stdout == b.stdout
+
+
+def test_style_fills_the_template(tiny_model, images):
+    result = run("style", images[0].parent, "--model", tiny_model, *FAST, "--template", "a tiger in the style of {}")
+    assert result.exit_code == 0, result.stderr
+    prompt, styled = result.stdout.splitlines()
+    assert styled == f"a tiger in the style of {prompt}"
+    data = json.loads(run("style", images[0].parent, "--model", tiny_model, *FAST, "-t", "{} tiger", "--json").stdout)
+    assert data["styled"] == data["prompt"] + " tiger"
+    bad = run("style", images[0], "--model", tiny_model, *FAST, "--template", "no placeholder")
+    assert_one_line_error(bad, 1, r"--template must contain \{\}")
+
+
+def test_distill_text_and_file(tiny_model, tmp_path):
+    result = run("distill", "a watercolor painting of a fox in the snow", "--model", tiny_model, "--steps", "5", "--json")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["text"] == "a watercolor painting of a fox in the snow"
+    assert data["prompt_len"] == len(data["token_ids"]) == 8  # distill's own default
+    text_file = tmp_path / "long.txt"
+    text_file.write_text("a watercolor painting\nof a fox in the snow\n")
+    data2 = json.loads(run("distill", "--file", text_file, "--model", tiny_model, "--steps", "5", "--prompt-len", "3", "--json").stdout)
+    assert data2["text"] == data["text"] and len(data2["token_ids"]) == 3
+    data3 = json.loads(run("distill", "--file", "-", "--model", tiny_model, "--steps", "5", "--json", input="a fox\n").stdout)
+    assert data3["text"] == "a fox"
+    assert_one_line_error(run("distill", "x", "--file", text_file, "--model", tiny_model), 1, "not both")
+    assert_one_line_error(run("distill", "--model", tiny_model), 1, "nothing to distill")
+    assert_one_line_error(run("distill", "--file", tmp_path / "none.txt", "--model", tiny_model), 1, "no such file: .*none.txt")
+
+
+def test_models_lists_presets():
+    result = run("models")
+    assert result.exit_code == 0
+    for name, model in [("paper", "ViT-H-14/laion2b_s32b_b79k"), ("sd15", "ViT-L-14/openai"),
+                        ("sd2", "ViT-H-14/laion2b_s32b_b79k"), ("sdxl", "ViT-bigG-14/laion2b_s39b_b160k"), ("fast", "ViT-B-32")]:
+        line = next(l for l in result.stdout.splitlines() if l.split()[0] == name)
+        assert model in line
+    rows = json.loads(run("models", "--json").stdout)
+    assert {r["name"] for r in rows} >= {"paper", "sd15", "sd2", "sdxl", "fast", "(defaults)"}
+
+
+def test_precedence_through_the_cli(tiny_model, images, tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("steps = 3\nseed = 9\n")
+    data = json.loads(run("invert", images[0], "--model", tiny_model, "--preset", "fast", "--config", cfg, "--seed", "2", "--json").stdout)
+    assert data["prompt_len"] == 8  # from the preset
+    assert data["steps"] == 3  # from the config file, over the preset's 300
+    assert data["seed"] == 2  # from the flag, over the config file
+    assert data["model"] == tiny_model  # flag over the preset's model
+
+
+def test_model_from_environment(tiny_model, images):
+    result = run("invert", images[0], *FAST, "--json", env={"PEZ_MODEL": tiny_model})
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["model"] == tiny_model
+
+
+@pytest.mark.parametrize(
+    "args,pattern",
+    [
+        (["--preset", "sd3"], r"unknown preset 'sd3'.*available: fast, paper, sd15, sd2, sdxl"),
+        (["--prompt-len", "76"], r"prompt_len must be between 1 and 75"),
+        (["--steps", "0"], r"steps must be at least 1, got 0"),
+        (["--lr", "0"], r"lr must be greater than 0"),
+        (["--restarts", "0"], r"restarts must be at least 1"),
+        (["--device", "tpu"], r"device must be one of auto, cpu, cuda, mps, got 'tpu'"),
+    ],
+)
+def test_bad_settings_are_one_line_errors(tiny_model, images, args, pattern):
+    assert_one_line_error(run("invert", images[0], "--model", tiny_model, *args), 1, pattern)
+
+
+def test_bad_inputs_are_one_line_errors(tiny_model, images, tmp_path):
+    assert_one_line_error(run("invert", tmp_path / "missing.png", "--model", tiny_model), 1, r"no such file or folder: .*missing.png")
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(run("invert", tmp_path / "empty", "--model", tiny_model), 1, r"folder .*empty has no images")
+    (tmp_path / "fake.png").write_text("not really")
+    assert_one_line_error(run("invert", tmp_path / "fake.png", "--model", tiny_model), 1, r"not an image .*fake.png")
+    data = images[0].read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    assert_one_line_error(run("invert", tmp_path / "cut.png", "--model", tiny_model), 1, r"cut.png: truncated")
+    assert_one_line_error(run("invert", images[0], "--config", tmp_path / "none.toml", "--model", tiny_model), 1, r"config file not found")
+
+
+def test_bad_models_are_one_line_errors(images, tmp_path):
+    assert_one_line_error(run("invert", images[0], "--model", "ViT-B-32/opena"), 1, r"unknown model 'ViT-B-32/opena'; close matches: .*ViT-B-32/openai")
+    assert_one_line_error(run("invert", images[0], "--model", "ViT-B-32/openai"), 1, r"could not download weights for 'ViT-B-32/openai'.*local-dir:")
+    assert_one_line_error(run("invert", images[0], "--model", f"local-dir:{tmp_path / 'x'}"), 1, r"model folder not found")
+
+
+def test_usage_errors_exit_2():
+    assert run("invert").exit_code == 2
+    assert run("invert", "x.png", "--steps", "many").exit_code == 2
+
+
+def _interrupt_at(monkeypatch, at_step):
+    original = PromptOptimizer.step
+
+    def step(self):
+        if self.step_count == at_step:
+            raise KeyboardInterrupt
+        original(self)
+
+    monkeypatch.setattr(PromptOptimizer, "step", step)
+
+
+def test_ctrl_c_prints_best_so_far_and_exits_130(tiny_model, images, monkeypatch):
+    _interrupt_at(monkeypatch, 3)
+    result = run("invert", images[0], "--model", tiny_model, "--steps", "100", "--prompt-len", "4", "--json")
+    assert result.exit_code == 130
+    data = json.loads(result.stdout)
+    assert data["interrupted"] is True and data["steps_done"] == 3 and data["prompt"]
+    plain = run("invert", images[0], "--model", tiny_model, "--steps", "100", "--prompt-len", "4")
+    assert plain.exit_code == 130 and plain.stdout.strip() == data["prompt"]
+
+
+def test_ctrl_c_before_the_first_step(tiny_model, images, monkeypatch):
+    _interrupt_at(monkeypatch, 0)
+    result = run("invert", images[0], "--model", tiny_model, "--steps", "100")
+    assert_one_line_error(result, 130, "interrupted before the first step")
+
+
+def test_image_tower_is_gone_during_the_loop(tiny_model, images, monkeypatch):
+    from open_clip.transformer import VisionTransformer
+
+    seen = []
+    original = PromptOptimizer.step
+
+    def step(self):
+        if not seen:
+            gc.collect()
+            seen.append(sum(type(o) is VisionTransformer for o in gc.get_objects()))
+        original(self)
+
+    monkeypatch.setattr(PromptOptimizer, "step", step)
+    assert run("invert", images[0], "--model", tiny_model, *FAST).exit_code == 0
+    assert seen == [0]
+
+
+def test_version_and_module_entry_point():
+    assert run("--version").stdout.startswith("pez ")
+    out = subprocess.run([sys.executable, "-m", "pez_cli", "--version"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.startswith("pez ")
+
+
+@pytest.mark.slow
+def test_real_sigint_in_a_subprocess(tiny_model, images):
+    """A real Ctrl-C: the best prompt so far on stdout, exit code 130."""
+    cmd = [sys.executable, "-m", "pez_cli", "invert", str(images[0]), "--model", tiny_model,
+           "--steps", "1000000", "--prompt-len", "4", "--progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    try:
+        for line in proc.stderr:  # plain progress: the first line comes at the first step
+            if line.startswith("step "):
+                break
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert len(out.splitlines()) == 1 and out.strip()
+    assert "Interrupted after" in err
+
+
+def test_export_makes_an_equivalent_local_dir(tiny_model, images, tmp_path):
+    out_dir = tmp_path / "exported"
+    result = run("export", tiny_model, out_dir)
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.strip() == f"local-dir:{out_dir}"
+    assert (out_dir / "open_clip_config.json").is_file() and (out_dir / "open_clip_model.safetensors").is_file()
+    a = json.loads(run("invert", images[0], "--model", tiny_model, *FAST, "--json").stdout)
+    b = json.loads(run("invert", images[0], "--model", result.stdout.strip(), *FAST, "--json").stdout)
+    assert a["token_ids"] == b["token_ids"] and a["similarity"] == b["similarity"]
+    assert_one_line_error(run("export", tiny_model, out_dir), 1, r"export folder .*exported is not empty")

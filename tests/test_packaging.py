@@ -1,0 +1,31 @@
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_wheel_ships_the_presets(tmp_path):
+    """--preset must work from an installed wheel, not only from a checkout."""
+    out = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    [wheel] = tmp_path.glob("pez_cli-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    shipped = {f"pez_cli/configs/{p.name}" for p in (ROOT / "configs").glob("*.toml")}
+    assert shipped and shipped <= names
+    assert "pez_cli/cli.py" in names
+    # Installed from the wheel, the package finds its presets beside itself.
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    code = "from pez_cli.config import preset_names, resolve; print(preset_names()); print(resolve(preset='paper').settings.steps)"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                         env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"}, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "'paper'" in run.stdout and run.stdout.strip().endswith("3000")
