@@ -19,7 +19,7 @@ from PIL import Image
 
 from pez_cli.config import Settings
 from pez_cli.images import load_image
-from pez_cli.models import LoadedModel, load_model, pick_device
+from pez_cli.models import LoadedModel, load_model, pick_device, resolve_precision
 from pez_cli.optimize import PromptOptimizer, check_prompt_len
 from pez_cli.vocab import Vocabulary
 
@@ -49,12 +49,13 @@ class Pez:
         self.device = model.device if model is not None else pick_device(settings.device)
         self.model = model if model is not None else load_model(settings.model, self.device)
         check_prompt_len(settings.prompt_len, self.model.context_length)
-        self.vocab = Vocabulary(
+        self.vocab = Vocabulary(  # keeps an fp32 copy of the token embeddings
             self.model.tokenizer,
             self.model.text.token_embedding.weight,
             block=settings.block,
             ascii_only=settings.ascii_only,
         )
+        self.model.text.set_precision(resolve_precision(settings.precision, self.device))
 
     # -- targets ---------------------------------------------------------------------------
     def image_features(self, images: Sequence[Image.Image | str | Path]) -> torch.Tensor:

@@ -46,6 +46,23 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The reduced-precision dtype for a --precision choice, or None for plain fp32.
+
+    auto: bf16 on CUDA GPUs that support it, fp32 elsewhere (CPUs without bf16 units gain
+    nothing from it, and fp32 keeps results comparable with the paper's code).
+    """
+    if precision == "fp32":
+        return None
+    if precision == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return None
+    if precision == "fp16" and device.type == "cpu":
+        raise ConfigError("precision 'fp16' is not supported on the CPU; use fp32 or bf16")
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
 class TextTower(nn.Module):
     """The CLIP text encoder of an open_clip model, run on embeddings.
 
@@ -80,6 +97,13 @@ class TextTower(nn.Module):
         self.end_id = end_id
         self.context_length = int(self.positional_embedding.shape[0])
         self.width = int(self.token_embedding.weight.shape[1])
+        self.amp_dtype: torch.dtype | None = None  # set by set_precision
+
+    def set_precision(self, dtype: torch.dtype | None) -> None:
+        """Keep the weights in `dtype` (None: as loaded) and run forward under autocast."""
+        if dtype is not None:
+            self.to(dtype)
+        self.amp_dtype = dtype
 
     @property
     def output_dim(self) -> int:
@@ -90,6 +114,12 @@ class TextTower(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Features (B, D), not normalized, of embedded sequences x (B, T, W) ending in EOT."""
+        if self.amp_dtype is None:
+            return self._forward(x)
+        with torch.autocast(x.device.type, dtype=self.amp_dtype):
+            return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         seq_len = x.shape[1]
         cast = self.transformer.get_cast_dtype()
         x = x.to(cast) + self.positional_embedding[:seq_len].to(cast)  # (B, T, W)
@@ -260,20 +290,24 @@ def load_model(name: str, device: torch.device) -> LoadedModel:
         if schema == "hf-hub":
             raise ModelError(f"could not load model {name!r} from the Hugging Face Hub ({first}); {OFFLINE_HINT}") from None
         raise ModelError(f"could not load model {name!r}: {first}") from None
+    tokenizer = _load_tokenizer(open_name, name)
+    loaded = wrap_model(name, model, tokenizer, preprocess, device)
+    loaded.info.update(open_name=open_name, quick_gelu=quick_gelu)
+    return loaded
+
+
+def wrap_model(name: str, model: nn.Module, tokenizer: Any, preprocess: Any, device: torch.device) -> LoadedModel:
+    """A LoadedModel around an open_clip model that is already built (frozen, eval mode)."""
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    tokenizer = _load_tokenizer(open_name, name)
     tower = TextTower(model, end_id=tokenizer.eot_token_id)
     if tokenizer.vocab_size != tower.token_embedding.weight.shape[0]:
         raise ModelError(
             f"model {name!r} has {tower.token_embedding.weight.shape[0]} token embeddings but its "
             f"tokenizer has {tokenizer.vocab_size} tokens"
         )
-    return LoadedModel(
-        name=name, device=device, text=tower, tokenizer=tokenizer, clip=model, preprocess=preprocess,
-        info={"open_name": open_name, "quick_gelu": quick_gelu},
-    )
+    return LoadedModel(name=name, device=device, text=tower, tokenizer=tokenizer, clip=model, preprocess=preprocess)
 
 
 def export_model(name: str, folder: Path) -> Path:

@@ -17,7 +17,6 @@ sampled, so the paper's second (no-grad) pass over all targets computes nothing 
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -29,7 +28,7 @@ from pez_cli.errors import ConfigError
 from pez_cli.models import TextTower
 from pez_cli.vocab import Vocabulary
 
-# Static loss scale for fp16 autocast, so small gradients do not flush to zero.
+# Static loss scale for fp16, so small gradients do not flush to zero.
 FP16_LOSS_SCALE = 1024.0
 
 
@@ -38,19 +37,6 @@ def check_prompt_len(prompt_len: int, context_length: int) -> None:
     limit = context_length - 2
     if not 1 <= prompt_len <= limit:
         raise ConfigError(f"prompt_len must be between 1 and {limit} for this model, got {prompt_len}")
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for a --precision choice, or None for plain fp32."""
-    if precision == "fp32":
-        return None
-    if precision == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return None
-    if precision == "fp16" and device.type == "cpu":
-        raise ConfigError("precision 'fp16' is not supported on the CPU; use fp32 or bf16")
-    return torch.bfloat16 if precision == "bf16" else torch.float16
 
 
 @dataclass
@@ -90,7 +76,7 @@ class PromptOptimizer:
         problems, restarts, length = len(targets), settings.restarts, settings.prompt_len
         width = vocab.embeddings.shape[1]
         self.problems, self.restarts, self.length = problems, restarts, length
-        self.amp_dtype = autocast_dtype(settings.precision, device)
+        self.amp_dtype = tower.amp_dtype
         self.loss_scale = FP16_LOSS_SCALE if self.amp_dtype == torch.float16 else 1.0
 
         # Targets padded to (problems, n_max, D); `all_weights` averages over the real ones.
@@ -121,6 +107,7 @@ class PromptOptimizer:
         self.best_ids = torch.zeros(problems, length, dtype=torch.long, device=device)
         self.best_step = torch.zeros(problems, dtype=torch.long, device=device)
         self.step_count = 0
+        self.last_ids: torch.Tensor | None = None  # (P*R, L) ids projected in the last step
 
     def _batch_weights(self) -> torch.Tensor:
         """(P, n_max) weights of this step's sampled targets, each row summing to 1."""
@@ -135,21 +122,16 @@ class PromptOptimizer:
                 weights[p, chosen] = 1.0 / size
         return weights
 
-    def _amp(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.prompt.device.type, dtype=self.amp_dtype)
-
     def step(self) -> None:
         """One PEZ step for every problem."""
         problems, restarts, length = self.problems, self.restarts, self.length
         with torch.no_grad():
             ids = self.vocab.project(self.prompt)  # (P*R, L)
+        self.last_ids = ids
         projected = self.vocab.embeddings[ids].requires_grad_(True)  # (P*R, L, W)
         rows = projected.shape[0]
         seq = torch.cat([self.start.expand(rows, 1, -1), projected, self.end.expand(rows, 1, -1)], dim=1)
-        with self._amp():
-            feats = self.forward(seq)  # (P*R, D)
+        feats = self.forward(seq)  # (P*R, D)
         feats = F.normalize(feats.to(self.targets.dtype), dim=-1).view(problems, restarts, -1)
         sims = torch.einsum("prd,pnd->prn", feats, self.targets)  # (P, R, n_max)
         weights = self._batch_weights()

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from pez_cli.errors import ConfigError
 
-# Rows of the prompt matrix projected per matmul; bounds the (rows, vocab) score matrix.
-PROJECT_CHUNK = 2048
+# Vocabulary rows scored per matmul in the projection; bounds the (chunk, rows) score block.
+VOCAB_CHUNK = 4096
 
 
 def token_text(tokenizer: Any, token_id: int) -> str:
@@ -88,12 +88,19 @@ class Vocabulary:
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """Ids of the nearest allowed tokens by cosine similarity: (..., W) -> (...)."""
-        flat = F.normalize(x.reshape(-1, x.shape[-1]).to(self.normalized.dtype), dim=-1)
-        out = torch.empty(flat.shape[0], dtype=torch.long, device=x.device)
-        for start in range(0, flat.shape[0], PROJECT_CHUNK):
-            scores = flat[start:start + PROJECT_CHUNK] @ self.normalized.T  # (rows, A)
-            out[start:start + PROJECT_CHUNK] = scores.argmax(dim=-1)
-        return self.allowed_ids[out].reshape(x.shape[:-1])
+        queries = F.normalize(x.reshape(-1, x.shape[-1]).to(self.normalized.dtype), dim=-1).T  # (W, R)
+        best = idx = None
+        # Vocabulary rows in chunks: each (chunk, R) score block stays in cache, and the
+        # tall (chunk, W) @ (W, R) product is the fast GEMM orientation for few queries.
+        for start in range(0, self.size, VOCAB_CHUNK):
+            score, arg = (self.normalized[start:start + VOCAB_CHUNK] @ queries).max(dim=0)  # (R,)
+            if best is None:
+                best, idx = score, arg
+            else:
+                better = score > best  # strict: the earlier (lower) id wins a tie
+                best = torch.where(better, score, best)
+                idx = torch.where(better, arg + start, idx)
+        return self.allowed_ids[idx].reshape(x.shape[:-1])
 
     def random_ids(self, shape: Sequence[int], generator: torch.Generator) -> torch.Tensor:
         """Uniformly random allowed ids (drawn on the CPU generator, so seeds are portable)."""

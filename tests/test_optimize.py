@@ -103,3 +103,28 @@ def test_prompt_len_must_fit_the_context(pez_factory):
     with pytest.raises(ConfigError, match="prompt_len must be between 1 and 75"):
         pez_factory(prompt_len=76)
     assert pez_factory(prompt_len=75, steps=1).distill("x").token_ids.__len__() == 75
+
+
+def test_bf16_precision_keeps_weights_in_bf16_and_prompts_in_fp32(tiny_dir):
+    from pez_cli.models import load_model
+
+    model = load_model(f"local-dir:{tiny_dir}", torch.device("cpu"))
+    pez = Pez(Settings(model=f"local-dir:{tiny_dir}", device="cpu", precision="bf16", prompt_len=4, steps=20), model=model)
+    assert model.text.transformer.resblocks[0].mlp.c_fc.weight.dtype == torch.bfloat16
+    assert pez.vocab.embeddings.dtype == torch.float32
+    opt = pez.optimizer([pez.text_features([SECRET])])
+    assert opt.prompt.dtype == torch.float32
+    result = pez.distill(SECRET)
+    assert 0.0 < result.optimized_similarity <= 1.0
+
+
+def test_fp16_on_cpu_is_refused(pez_factory):
+    with pytest.raises(ConfigError, match="fp16.*not supported on the CPU"):
+        pez_factory(precision="fp16")
+
+
+@pytest.mark.slow
+def test_compile_gives_the_same_prompt(pez_factory):
+    eager = pez_factory(prompt_len=4, steps=5).distill(SECRET)
+    compiled = pez_factory(prompt_len=4, steps=5, compile=True).distill(SECRET)
+    assert compiled.token_ids == eager.token_ids
