@@ -1,0 +1,237 @@
+"""pez's engine against the paper's loop, measured in one run on the same model.
+
+    python benchmarks/speed.py                    # CPU defaults: 16 images, prompt_len 16
+    python benchmarks/speed.py --device cuda --images 64 --json speed.json
+
+Model: a randomly initialised open_clip ViT-B-32 (its JSON config, no weights needed: speed
+does not depend on the weights). Targets: image features of random images.
+
+Cases:
+  1. one image, restarts 1: ms per step, paper loop vs pez;
+  2. N images, each with its own prompt: the paper loop solving them one after another vs
+     pez solving them as one batch; total time and the throughput ratio;
+  3. peak memory of each: RSS growth during the loop on the CPU (sampled), peak allocated
+     memory on a GPU.
+The paper loop is `pez_cli.reference.paper_loop`: 77 padded positions with the tokenizer's
+pad id, two passes per step, the vocabulary normalized every step, one problem at a time,
+fp32. Ratios are what to read; absolute times depend on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pez_cli.api import Pez  # noqa: E402
+from pez_cli.config import Settings  # noqa: E402
+from pez_cli.models import pick_device, wrap_model  # noqa: E402
+from pez_cli.reference import paper_loop  # noqa: E402
+
+
+def build_model(arch: str, device: torch.device):
+    import open_clip
+
+    torch.manual_seed(0)
+    model = open_clip.create_model(arch, pretrained=None, device=device)
+    tokenizer = open_clip.get_tokenizer(arch)
+    return wrap_model(f"{arch} (random init)", model, tokenizer, None, device)
+
+
+class PeakMemory:
+    """Peak memory during a block: GPU allocator peak, or sampled RSS growth on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak_mb = 0.0
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
+        else:
+            self.start = self._rss()
+            self.peak = self.start
+            self.running = True
+            self.thread = threading.Thread(target=self._sample, daemon=True)
+            self.thread.start()
+        return self
+
+    def _sample(self):
+        while self.running:
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak_mb = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            self.running = False
+            self.thread.join()
+            self.peak = max(self.peak, self._rss())
+            self.peak_mb = (self.peak - self.start) / 2**20
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_reference(loaded, targets_list, steps, prompt_len, device, warm=True):
+    """Paper loop, problems one after another. Returns (seconds, peak MB)."""
+    kw = dict(prompt_len=prompt_len, steps=steps, lr=0.1, weight_decay=0.1, restarts=1, batch_size=1, seed=0)
+    if warm:
+        paper_loop(loaded.clip, loaded.tokenizer, targets_list[0], **{**kw, "steps": 2})
+    with PeakMemory(device) as mem:
+        sync(device)
+        start = time.perf_counter()
+        for targets in targets_list:
+            paper_loop(loaded.clip, loaded.tokenizer, targets, **kw)
+        sync(device)
+        seconds = time.perf_counter() - start
+    return seconds, mem.peak_mb
+
+
+def time_pez(pez, targets_list, steps, device, warm=True):
+    """pez, all problems in one batch. Returns (seconds, peak MB)."""
+    if warm:
+        opt = pez.optimizer(targets_list)
+        for _ in range(2):
+            opt.step()
+        del opt
+    with PeakMemory(device) as mem:
+        sync(device)
+        start = time.perf_counter()
+        opt = pez.optimizer(targets_list)
+        for _ in opt.run():
+            pass
+        opt.best()
+        sync(device)
+        seconds = time.perf_counter() - start
+    return seconds, mem.peak_mb
+
+
+def probe_memory(method: str, images: int, args) -> float:
+    """Peak RSS growth (MB) of one loop in a fresh process, so earlier runs cannot hide it."""
+    import subprocess
+
+    cmd = [sys.executable, __file__, "--probe", method, "--images", str(images), "--steps", "3",
+           "--prompt-len", str(args.prompt_len), "--arch", args.arch, "--device", "cpu"]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    # Large blocks straight from mmap, so freed memory leaves RSS and growth is real usage.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    ap.add_argument("--arch", default="ViT-B-32", help="open_clip architecture (random init)")
+    ap.add_argument("--images", type=int, default=16, help="images in case 2")
+    ap.add_argument("--steps", type=int, default=20, help="steps per problem in each case")
+    ap.add_argument("--prompt-len", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of case 1 (fastest kept)")
+    ap.add_argument("--precision", default="auto", help="pez's --precision (the paper loop is fp32)")
+    ap.add_argument("--compile", action="store_true", help="also torch.compile pez's text tower")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--json", type=Path, help="write the results here as JSON")
+    ap.add_argument("--probe", choices=["paper", "pez"], help=argparse.SUPPRESS)  # internal: memory probe
+    args = ap.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    # Two copies of the same random model: pez may cast its text tower to bf16, the paper
+    # loop runs in fp32.
+    loaded = build_model(args.arch, device)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        size = loaded.clip.visual.image_size
+        size = size[0] if isinstance(size, (tuple, list)) else size
+        pixels = torch.randn(args.images, 3, size, size, generator=g).to(device)
+        feats = torch.nn.functional.normalize(loaded.clip.encode_image(pixels).float(), dim=-1)
+    loaded.clip.visual = None  # only the text tower is needed from here on (both loops)
+    targets = [feats[i : i + 1] for i in range(args.images)]
+    settings = Settings(model=loaded.name, device=str(device), prompt_len=args.prompt_len, steps=args.steps,
+                        precision=args.precision, compile=args.compile)
+    pez = Pez(settings, model=loaded)
+    loaded = build_model(args.arch, device)  # fresh fp32 copy for the paper loop
+    loaded.clip.visual = None
+
+    if args.probe:  # one loop in this fresh process; print its peak RSS growth
+        if args.probe == "paper":
+            _, mb = time_reference(loaded, targets, args.steps, args.prompt_len, device, warm=False)
+        else:
+            _, mb = time_pez(pez, targets, args.steps, device, warm=False)
+        print(mb)
+        return None
+
+    rows = {}
+    # Case 1 alternates the two loops for --rounds rounds and keeps each one's fastest round,
+    # so a noisy neighbour on a shared machine slows both alike or neither.
+    ref1 = pez1 = float("inf")
+    for _ in range(args.rounds):
+        seconds, ref1_mem = time_reference(loaded, targets[:1], args.steps, args.prompt_len, device)
+        ref1 = min(ref1, seconds)
+        seconds, pez1_mem = time_pez(pez, targets[:1], args.steps, device)
+        pez1 = min(pez1, seconds)
+    rows["single"] = dict(reference_ms_per_step=1000 * ref1 / args.steps, pez_ms_per_step=1000 * pez1 / args.steps,
+                          ratio=ref1 / pez1, reference_peak_mb=ref1_mem, pez_peak_mb=pez1_mem)
+    refn, refn_mem = time_reference(loaded, targets, args.steps, args.prompt_len, device)
+    pezn, pezn_mem = time_pez(pez, targets, args.steps, device)
+    rows["batch"] = dict(images=args.images, reference_seconds=refn, pez_seconds=pezn, ratio=refn / pezn,
+                         reference_images_per_minute=60 * args.images / refn, pez_images_per_minute=60 * args.images / pezn,
+                         reference_peak_mb=refn_mem, pez_peak_mb=pezn_mem)
+
+    if device.type == "cpu":  # RSS high-water marks need a fresh process per measurement
+        ref1_mem = probe_memory("paper", 1, args)
+        pez1_mem = probe_memory("pez", 1, args)
+        refn_mem = probe_memory("paper", args.images, args)
+        pezn_mem = probe_memory("pez", args.images, args)
+        for key, value in (("reference_peak_mb", ref1_mem), ("pez_peak_mb", pez1_mem)):
+            rows["single"][key] = value
+        for key, value in (("reference_peak_mb", refn_mem), ("pez_peak_mb", pezn_mem)):
+            rows["batch"][key] = value
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    meta = dict(rounds=args.rounds, arch=args.arch, device=str(device), gpu=gpu, cpu=platform.processor() or platform.machine(),
+                threads=torch.get_num_threads(), torch=torch.__version__, steps=args.steps, prompt_len=args.prompt_len,
+                precision=args.precision, pez_autocast=str(pez.model.text.amp_dtype), compile=args.compile)
+    mem_kind = "peak allocated MB" if device.type == "cuda" else "RSS growth MB"
+    lines = [
+        f"pez vs the paper's loop: {args.arch} (random init), prompt_len {args.prompt_len}, {args.steps} steps, "
+        f"device {device}{' (' + gpu + ')' if gpu else ''}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "",
+        f"| case | paper loop | pez | ratio |",
+        f"| --- | ---: | ---: | ---: |",
+        f"| 1. one image: ms per step | {rows['single']['reference_ms_per_step']:.1f} | {rows['single']['pez_ms_per_step']:.1f} | {rows['single']['ratio']:.1f}x |",
+        f"| 2. {args.images} images, own prompt each: seconds | {refn:.2f} | {pezn:.2f} | {rows['batch']['ratio']:.1f}x |",
+        f"| 2. images per minute ({args.steps} steps each) | {rows['batch']['reference_images_per_minute']:.1f} | {rows['batch']['pez_images_per_minute']:.1f} | |",
+        f"| 3. case 1 {mem_kind} | {ref1_mem:.0f} | {pez1_mem:.0f} | |",
+        f"| 3. case 2 {mem_kind} | {refn_mem:.0f} | {pezn_mem:.0f} | |",
+    ]
+    print("\n".join(lines))
+    if args.json:
+        args.json.write_text(json.dumps({"meta": meta, **rows}, indent=2))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
