@@ -5,6 +5,7 @@ Ctrl-C exits 130 after printing the best prompt found so far; usage mistakes exi
 """
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 import json
@@ -173,6 +174,7 @@ class Reporter:
         self._progress = None
         self._task = None
         self._last = 0.0
+        self.label = ""
 
     @contextlib.contextmanager
     def status(self, message: str) -> Iterator[None]:
@@ -186,6 +188,7 @@ class Reporter:
 
     @contextlib.contextmanager
     def bar(self, total: int, label: str) -> Iterator["Reporter"]:
+        self.label = label
         if self.mode != "rich":
             yield self
             return
@@ -220,7 +223,7 @@ class Reporter:
         if self.mode == "rich" and self._progress is not None:
             self._progress.update(self._task, completed=step, info=info)
         elif self.mode == "plain":
-            self.console.print(f"step {step}/{total}  {info}", markup=False, soft_wrap=True)
+            self.console.print(f"{self.label} {int(step)}/{total}  {info}", markup=False, soft_wrap=True)
 
     def note(self, message: str) -> None:
         if self.mode:
@@ -263,7 +266,7 @@ def run_single(common: Common, settings, targets_fn: Callable[[Any], Any], input
     interrupted = False
     loop_start = time.monotonic()
     try:
-        with reporter.bar(settings.steps, "pez") as bar:
+        with reporter.bar(settings.steps, "step") as bar:
             for step in opt.run():
                 if bar.due(step == settings.steps):
                     best = opt.best()[0]
@@ -401,6 +404,154 @@ def _distill_text(text: Optional[str], file: Optional[Path]) -> str:
     if not text:
         raise PezError("the text to distill is empty")
     return text
+
+
+EXIT_PARTIAL = 3  # batch: some images failed; the others were written
+
+
+@app.command()
+@with_common_options
+def batch(
+    inputs: Annotated[list[str], typer.Argument(help=IMAGES_HELP, metavar="INPUT...")],
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Result file (JSONL or CSV), appended and resumable; - for stdout.", show_default=False)] = None,
+    fmt: Annotated[Optional[str], typer.Option("--format", help="jsonl or csv (default: from --out's extension, else jsonl).", show_default=False)] = None,
+    recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Descend into sub-folders of folder inputs.")] = False,
+    batch_images: Annotated[Optional[int], typer.Option("--batch-images", help="Images optimized together (default: 64 on CUDA, else 16).", show_default=False)] = None,
+    sidecar: Annotated[bool, typer.Option("--sidecar", help="Also write the prompt to a caption file next to each image.")] = False,
+    sidecar_ext: Annotated[str, typer.Option("--sidecar-ext", help="Caption file extension.")] = ".txt",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing caption files and PNG copies.")] = False,
+    png_metadata: Annotated[Optional[Path], typer.Option("--png-metadata", help="Write a PNG copy of each image with the prompt in its metadata into DIR.", metavar="DIR", file_okay=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Redo images already in --out.")] = False,
+    shard: Annotated[Optional[str], typer.Option("--shard", help="Only this part of the inputs, K/N (1 <= K <= N), split by path hash.", metavar="K/N")] = None,
+    common: Common = None,
+) -> None:
+    """One prompt PER IMAGE for many images: resumable, shardable, written as it goes."""
+    with user_errors():
+        _batch(inputs, out, fmt, recursive, batch_images, sidecar, sidecar_ext, overwrite, png_metadata, force, shard, common)
+
+
+def _batch(inputs, out, fmt, recursive, batch_images, sidecar, sidecar_ext, overwrite, png_metadata, force, shard, common):
+    from pez_cli import batch as jobs
+    from pez_cli.api import Pez
+    from pez_cli.images import collect_paths
+
+    settings = resolve_settings(common)
+    if out is None and not sidecar and png_metadata is None:
+        raise PezError("nothing to write: give --out FILE, --sidecar or --png-metadata DIR")
+    if batch_images is not None and batch_images < 1:
+        raise PezError(f"--batch-images must be at least 1, got {batch_images}")
+    part = jobs.parse_shard(shard) if shard else None
+    fmt = jobs.format_for(out if out != "-" else None, fmt)
+    paths = collect_paths(inputs, sys.stdin, recursive=recursive, missing_ok=True)
+    record = jobs.settings_record(settings)
+    sid = jobs.settings_id(record)
+    done: dict = {}
+    if out and out != "-":
+        done = {jobs.row_key(r): r for r in jobs.read_rows(Path(out).expanduser(), fmt)}
+    skip_existing = None
+    if sidecar and not out and not overwrite:  # without a result file, a caption file marks an image done
+        skip_existing = lambda p: jobs.sidecar_path(p, sidecar_ext).exists()  # noqa: E731
+    todo, summary = jobs.plan(paths, part, done, sid, force, skip_existing)
+
+    reporter = Reporter(progress_mode(common))
+    writer = jobs.ResultWriter(out, fmt) if out else None
+    try:
+        if todo:
+            _run_batch_job(jobs, Pez, settings, todo, summary, writer, record, sid, batch_images,
+                           sidecar, sidecar_ext, overwrite, png_metadata, reporter)
+    finally:
+        if writer is not None:
+            writer.close()
+    if not common.quiet:
+        err_console().print(_batch_summary(summary, part), markup=False, soft_wrap=True)
+    if common.json and out != "-":
+        emit_json({"summary": {**dataclasses.asdict(summary), "failures": summary.failures}, "out": out,
+                   "shard": str(part) if part else None, "settings_id": sid})
+    if summary.interrupted:
+        raise typer.Exit(EXIT_INTERRUPTED)
+    if summary.failures:
+        raise typer.Exit(EXIT_PARTIAL)
+
+
+def _run_batch_job(jobs, Pez, settings, todo, summary, writer, record, sid, batch_images,
+                   sidecar, sidecar_ext, overwrite, png_metadata, reporter):
+    def on_error(item):
+        summary.failed += 1
+        if writer is not None:
+            writer.write(jobs.error_row(item, settings.model, record, sid))
+        reporter.note(f"failed: {item.error}")
+
+    def emit(item, result, seconds):
+        if writer is not None:
+            writer.write(jobs.result_row(item, result, settings.model, record, sid, seconds))
+        if sidecar and not jobs.write_sidecar(item.path, sidecar_ext, result.prompt, overwrite):
+            summary.sidecars_kept += 1
+        if png_metadata is not None:
+            details = {"prompt": result.prompt, "similarity": round(result.similarity, 6), "model": settings.model, "settings_id": sid}
+            jobs.write_png_copy(item.path, png_metadata, result.prompt, details, item.sha256, overwrite)
+        summary.done += 1
+
+    try:
+        with reporter.status(f"Loading {settings.model} ..."):
+            pez = Pez(settings)
+        with reporter.status(f"Encoding {len(todo)} images ..."):
+            good, feats = jobs.encode_pending(pez, todo, on_error)
+            pez.release_image_tower()
+        group = batch_images or jobs.default_group_size(pez.device)
+        started = time.monotonic()
+        with reporter.bar(len(good), "images") as bar:
+            def on_step(first, step, steps):
+                if bar.due():
+                    size = min(group, len(good) - first)
+                    position = first + size * step / steps
+                    rate = 60 * position / max(time.monotonic() - started, 1e-9)
+                    bar.update(position, len(good), f"{rate:.1f} img/min  group step {step}/{steps}")
+
+            for _ in jobs.run_batch(pez, good, feats, group, emit, on_step):
+                pass
+    except KeyboardInterrupt:
+        summary.interrupted = True
+
+
+def _batch_summary(s, part) -> str:
+    where = f" (shard {part})" if part else ""
+    text = f"pez batch{where}: {s.total} images, {s.done} done, {s.skipped} already done, {s.failed} failed"
+    if s.failed_before:
+        text += f" ({s.failed_before} failed in an earlier run)"
+    if s.sidecars_kept:
+        text += f"; {s.sidecars_kept} existing caption files kept (use --overwrite)"
+    if s.interrupted:
+        text += "; interrupted: run the same command again to resume"
+    return text
+
+
+@app.command()
+def merge(
+    files: Annotated[list[Path], typer.Argument(help="Result files written by `pez batch` (e.g. one per shard).", metavar="FILE...", dir_okay=False)],
+    out: Annotated[str, typer.Option("--out", "-o", help="Merged file; - for stdout.")] = "-",
+    fmt: Annotated[Optional[str], typer.Option("--format", help="jsonl or csv (default: from --out's extension, else jsonl).", show_default=False)] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists.")] = False,
+) -> None:
+    """Combine batch result files: one row per image and settings, sorted by path."""
+    with user_errors():
+        from pez_cli import batch as jobs
+
+        for f in files:
+            if not f.is_file():
+                raise PezError(f"no such result file: {f}")
+        rows = jobs.merge_rows(jobs.read_rows(f, jobs.format_for(str(f), None)) for f in files)
+        if out != "-":
+            target = Path(out).expanduser()
+            if target.exists() and not overwrite:
+                raise PezError(f"{out} already exists (use --overwrite to replace it)")
+            if target.exists():
+                target.unlink()
+        writer = jobs.ResultWriter(out, jobs.format_for(out if out != "-" else None, fmt))
+        try:
+            for row in rows:
+                writer.write(row)
+        finally:
+            writer.close()
 
 
 @app.command()

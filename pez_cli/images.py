@@ -33,9 +33,11 @@ def folder_images(folder: Path, recursive: bool = False) -> list[Path]:
 
 
 def collect_paths(
-    inputs: Sequence[str], stdin: TextIO | None = None, recursive: bool = False
+    inputs: Sequence[str], stdin: TextIO | None = None, recursive: bool = False, missing_ok: bool = False
 ) -> list[Path]:
-    """Expand files, folders and '-' (paths on stdin, one per line) into image paths."""
+    """Expand files, folders and '-' (paths on stdin, one per line) into image paths.
+
+    missing_ok keeps paths that do not exist (batch jobs turn them into error rows)."""
     paths: list[Path] = []
     for item in _expand_stdin(inputs, stdin):
         path = Path(item).expanduser()
@@ -49,6 +51,8 @@ def collect_paths(
             paths.append(path)
         elif path.exists():
             raise InputError(f"not a file or folder: {item}")
+        elif missing_ok:
+            paths.append(path)
         else:
             raise InputError(f"no such file or folder: {item}")
     if not paths:

@@ -1,0 +1,236 @@
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from conftest import make_image
+from pez_cli import batch as jobs
+from pez_cli.cli import app
+from pez_cli.optimize import PromptOptimizer
+
+runner = CliRunner()
+FAST = ["--steps", "4", "--prompt-len", "3", "--device", "cpu", "--batch-images", "3"]
+COLORS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (30, 200, 200), (200, 30, 200), (90, 90, 90)]
+
+
+def run(*args, input=None):
+    return runner.invoke(app, [str(a) for a in args], input=input)
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    d = tmp_path / "photos"
+    d.mkdir()
+    for i, color in enumerate(COLORS):
+        make_image(d / f"img{i}.png", color, size=(36 + i, 30))
+    return d
+
+
+def rows_of(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_one_prompt_per_image_matching_invert_alone(tiny_model, folder, tmp_path):
+    out = tmp_path / "out.jsonl"
+    result = run("batch", folder, "--out", out, "--model", tiny_model, *FAST, "--seed", "3")
+    assert result.exit_code == 0, result.stderr
+    rows = rows_of(out)
+    assert [r["path"] for r in rows] == [str(p) for p in sorted(folder.glob("*.png"))]
+    assert all(r["error"] is None and r["prompt"] and len(r["token_ids"]) == 3 for r in rows)
+    assert len({r["prompt"] for r in rows}) > 1  # different images, different prompts
+    for row in rows[:4]:  # the batched path gives what `pez invert` gives for the image alone
+        alone = json.loads(run("invert", row["path"], "--model", tiny_model, "--steps", "4", "--prompt-len", "3",
+                               "--device", "cpu", "--seed", "3", "--json").stdout)
+        assert alone["token_ids"] == row["token_ids"] and alone["prompt"] == row["prompt"]
+    row = rows[0]
+    assert row["sha256"] == jobs.file_sha256(Path(row["path"]))
+    assert row["model"] == tiny_model and row["settings"]["steps"] == 4 and row["settings"]["seed"] == 3
+    assert isinstance(row["similarity"], float) and isinstance(row["round_trip"], bool) and row["seconds"] >= 0
+    assert "7 images, 7 done, 0 already done, 0 failed" in result.stderr
+
+
+def test_rerun_skips_done_images_and_force_redoes(tiny_model, folder, tmp_path):
+    out = tmp_path / "out.jsonl"
+    assert run("batch", folder, "-o", out, "--model", tiny_model, *FAST).exit_code == 0
+    again = run("batch", folder, "-o", out, "--model", tiny_model, *FAST)
+    assert again.exit_code == 0 and "0 done, 7 already done" in again.stderr
+    assert len(rows_of(out)) == 7
+    # Other settings are other results: they are computed and appended.
+    other = run("batch", folder, "-o", out, "--model", tiny_model, *FAST, "--seed", "1")
+    assert "7 done" in other.stderr and len(rows_of(out)) == 14
+    # A changed file is redone.
+    make_image(folder / "img0.png", (1, 2, 3))
+    changed = run("batch", folder, "-o", out, "--model", tiny_model, *FAST)
+    assert "1 done, 6 already done" in changed.stderr
+    forced = run("batch", folder, "-o", out, "--model", tiny_model, *FAST, "--force")
+    assert "7 done" in forced.stderr and len(rows_of(out)) == 22
+
+
+def test_torn_last_line_is_repaired(tiny_model, folder, tmp_path):
+    out = tmp_path / "out.jsonl"
+    assert run("batch", folder, "-o", out, "--model", tiny_model, *FAST).exit_code == 0
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text("".join(lines[:-1]) + lines[-1][: len(lines[-1]) // 2])  # killed mid-write
+    result = run("batch", folder, "-o", out, "--model", tiny_model, *FAST)
+    assert result.exit_code == 0 and "1 done, 6 already done" in result.stderr
+    rows = rows_of(out)  # every line parses again
+    assert sorted(r["path"] for r in rows) == sorted(str(p) for p in folder.glob("*.png"))
+
+
+@pytest.mark.slow
+def test_sigkill_mid_job_then_resume(tiny_model, tmp_path):
+    """A real kill -9 in the middle: the file stays valid and the rerun completes each image once."""
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(10):
+        make_image(folder / f"p{i:02d}.png", (20 * i, 255 - 20 * i, 120), size=(32 + i, 32))
+    out = tmp_path / "out.jsonl"
+    cmd = [sys.executable, "-m", "pez_cli", "batch", str(folder), "--out", str(out), "--model", tiny_model,
+           "--steps", "150", "--prompt-len", "3", "--device", "cpu", "--batch-images", "2", "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            if out.exists() and len(out.read_text().splitlines()) >= 3:
+                break
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    first = [json.loads(l) for l in out.read_text().splitlines() if l.endswith("}")]
+    assert 3 <= len(first) < 10
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    rows = rows_of(out)
+    paths = [r["path"] for r in rows]
+    assert sorted(paths) == sorted(str(p) for p in folder.glob("*.png"))
+    assert len(paths) == len(set(paths)) == 10
+    assert rows[: len(first)] == first  # nothing written before the kill was lost or changed
+
+
+def test_shards_partition_the_inputs_and_merge(tiny_model, folder, tmp_path):
+    outs = []
+    for k in (1, 2, 3):
+        out = tmp_path / f"shard{k}.jsonl"
+        result = run("batch", folder, "-o", out, "--model", tiny_model, *FAST, "--shard", f"{k}/3")
+        assert result.exit_code == 0, result.stderr
+        assert f"(shard {k}/3)" in result.stderr
+        outs.append(out)
+    parts = [{r["path"] for r in rows_of(o)} if o.exists() else set() for o in outs]
+    everything = {str(p) for p in folder.glob("*.png")}
+    assert set().union(*parts) == everything
+    assert sum(len(p) for p in parts) == len(everything)  # no overlap
+    merged = tmp_path / "all.jsonl"
+    result = run("merge", *[o for o in outs if o.exists()], "--out", merged)
+    assert result.exit_code == 0, result.stderr
+    assert [r["path"] for r in rows_of(merged)] == sorted(everything)
+    assert run("merge", outs[0], "--out", merged).exit_code == 1  # exists: no silent overwrite
+    # Same partition whatever order the inputs come in.
+    shard = jobs.Shard(2, 3)
+    assert {p for p in everything if shard.owns(p)} == parts[1]
+
+
+def test_bad_images_become_error_rows_and_exit_3(tiny_model, folder, tmp_path):
+    (folder / "broken.png").write_bytes((folder / "img1.png").read_bytes()[:60])
+    (folder / "notes.png").write_text("not an image")
+    listing = "\n".join([str(folder / "img0.png"), str(folder / "broken.png"), str(folder / "notes.png"),
+                         str(folder / "missing.png")]) + "\n"
+    out = tmp_path / "out.jsonl"
+    result = run("batch", "-", "-o", out, "--model", tiny_model, *FAST, input=listing)
+    assert result.exit_code == 3, result.stderr
+    assert "4 images, 1 done, 0 already done, 3 failed" in result.stderr
+    rows = {Path(r["path"]).name: r for r in rows_of(out)}
+    assert rows["img0.png"]["error"] is None
+    assert "truncated" in rows["broken.png"]["error"]
+    assert "not an image" in rows["notes.png"]["error"]
+    assert "missing.png" in rows["missing.png"]["error"] and rows["missing.png"]["sha256"] is None
+    again = run("batch", "-", "-o", out, "--model", tiny_model, *FAST, input=listing)
+    assert again.exit_code == 3 and "failed in an earlier run" in again.stderr
+
+
+def test_csv_output_quotes_prompts(tiny_model, folder, tmp_path):
+    out = tmp_path / "out.csv"
+    result = run("batch", folder, "-o", out, "--model", tiny_model, *FAST)
+    assert result.exit_code == 0, result.stderr
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 7 and rows[0]["path"].endswith("img0.png") and rows[0]["prompt"]
+    # Prompts with commas, quotes and non-ASCII survive the CSV round trip.
+    tricky = {"path": 'a "quoted", path.png', "sha256": "ab", "prompt": 'red, "big" cat, déjà vu', "similarity": 0.5,
+              "round_trip": False, "token_ids": [1, 2], "model": "m", "settings_id": "s", "seconds": 1.0,
+              "error": None, "settings": {"steps": 3}}
+    w = jobs.ResultWriter(str(tmp_path / "t.csv"), "csv")
+    w.write(tricky)
+    w.close()
+    [back] = jobs.read_rows(tmp_path / "t.csv", "csv")
+    assert back == tricky
+    again = run("batch", folder, "-o", out, "--model", tiny_model, *FAST)
+    assert "7 already done" in again.stderr  # CSV files resume too
+
+
+def test_sidecars_and_png_metadata(tiny_model, folder, tmp_path):
+    (folder / "img1.txt").write_text("my own caption\n")
+    before = {p.name: p.read_bytes() for p in folder.glob("*.png")}
+    meta = tmp_path / "meta"
+    result = run("batch", folder, "-o", tmp_path / "o.jsonl", "--sidecar", "--png-metadata", meta, "--model", tiny_model, *FAST, "--json")
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)["summary"]
+    assert summary["done"] == 7 and summary["sidecars_kept"] == 1
+    assert (folder / "img1.txt").read_text() == "my own caption\n"  # not overwritten
+    caption = (folder / "img0.txt").read_text().strip()
+    assert caption
+    with Image.open(meta / "img0.png") as im:
+        assert im.text["parameters"] == caption
+        assert json.loads(im.text["pez"])["source_sha256"] == jobs.file_sha256(folder / "img0.png")
+    assert {p.name: p.read_bytes() for p in folder.glob("*.png")} == before  # originals untouched
+    # Sidecars mark images done when there is no result file; --overwrite replaces them.
+    again = run("batch", folder, "--sidecar", "--model", tiny_model, *FAST)
+    assert "0 done, 7 already done" in again.stderr
+    forced = run("batch", folder, "--sidecar", "--overwrite", "--model", tiny_model, *FAST)
+    assert "7 done" in forced.stderr and (folder / "img1.txt").read_text() != "my own caption\n"
+
+
+def test_stdout_output_and_usage_errors(tiny_model, folder):
+    result = run("batch", folder, "--out", "-", "--model", tiny_model, *FAST, "--quiet")
+    assert result.exit_code == 0
+    rows = [json.loads(l) for l in result.stdout.splitlines()]
+    assert len(rows) == 7 and result.stderr == ""
+    nothing = run("batch", folder, "--model", tiny_model)
+    assert nothing.exit_code == 1 and "nothing to write" in nothing.stderr
+    bad = run("batch", folder, "-o", "x.jsonl", "--shard", "4/3", "--model", tiny_model)
+    assert bad.exit_code == 1 and "1 <= K <= N" in bad.stderr
+    bad = run("batch", folder, "-o", "x.jsonl", "--format", "xml", "--model", tiny_model)
+    assert bad.exit_code == 1 and "--format must be one of jsonl, csv" in bad.stderr
+
+
+def test_ctrl_c_keeps_finished_groups_and_resumes(tiny_model, folder, tmp_path, monkeypatch):
+    out = tmp_path / "out.jsonl"
+    calls = {"n": 0}
+    original = PromptOptimizer.step
+
+    def step(self):
+        calls["n"] += 1
+        if calls["n"] == 6:  # second group (3 images each, 4 steps), second step
+            raise KeyboardInterrupt
+        original(self)
+
+    monkeypatch.setattr(PromptOptimizer, "step", step)
+    result = run("batch", folder, "-o", out, "--model", tiny_model, *FAST)
+    assert result.exit_code == 130
+    assert "3 done" in result.stderr and "run the same command again to resume" in result.stderr
+    assert len(rows_of(out)) == 3
+    monkeypatch.setattr(PromptOptimizer, "step", original)
+    rest = run("batch", folder, "-o", out, "--model", tiny_model, *FAST)
+    assert rest.exit_code == 0 and "4 done, 3 already done" in rest.stderr
+    assert len(rows_of(out)) == 7
