@@ -101,27 +101,29 @@ COMMON_OPTIONS: list[tuple[str, Any, Any]] = [
 ]
 
 
-def with_common_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Add the shared options to a command; the command receives them as `common`."""
-    sig = inspect.signature(func)
-    own = [p for p in sig.parameters.values() if p.name != "common"]
-    extra = [
-        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=ann)
-        for name, ann, default in COMMON_OPTIONS
-    ]
+def with_options(options: list[tuple[str, Any, Any]], into: str, build: Callable[..., Any]):
+    """Add a group of options to a command; the command receives them built into `into`."""
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        sig = inspect.signature(func)
+        own = [p for p in sig.parameters.values() if p.name != into]
+        extra = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=d, annotation=a) for n, a, d in options]
 
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        common = Common(**{name: kwargs.pop(name) for name, _, _ in COMMON_OPTIONS})
-        return func(*args, common=common, **kwargs)
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            group = build(**{n: kwargs.pop(n) for n, _, _ in options})
+            return func(*args, **{into: group}, **kwargs)
 
-    wrapper.__signature__ = sig.replace(parameters=own + extra)  # type: ignore[attr-defined]
-    wrapper.__annotations__ = {
-        **{k: v for k, v in func.__annotations__.items() if k != "common"},
-        **{name: ann for name, ann, _ in COMMON_OPTIONS},
-    }
-    return wrapper
+        wrapper.__signature__ = sig.replace(parameters=own + extra)  # type: ignore[attr-defined]
+        wrapper.__annotations__ = {
+            **{k: v for k, v in func.__annotations__.items() if k != into},
+            **{n: a for n, a, _ in options},
+        }
+        return wrapper
 
+    return decorate
+
+
+with_common_options = with_options(COMMON_OPTIONS, "common", Common)
 
 # ---------------------------------------------------------------------------------------
 # Talking to the user
@@ -252,8 +254,15 @@ def resolve_settings(common: Common, prompt_len_default: Optional[int] = None):
     return resolved.settings
 
 
-def run_single(common: Common, settings, targets_fn: Callable[[Any], Any], inputs: dict[str, Any], extra: Callable[[str], dict[str, Any]] | None = None, lines: Callable[[str], list[str]] | None = None) -> None:
-    """Load the model, build one problem's targets, optimize with progress, print the result."""
+def run_single(
+    common: Common, settings, targets_fn: Callable[[Any], Any], inputs: dict[str, Any],
+    extra: Callable[[str], dict[str, Any]] | None = None, lines: Callable[[str], list[str]] | None = None,
+    after: Callable[[str, "Reporter"], dict[str, Any]] | None = None,
+) -> None:
+    """Load the model, build one problem's targets, optimize with progress, print the result.
+
+    `after(prompt, reporter)` runs once the optimizing model is freed (rendering) and adds
+    its keys to the output."""
     from pez_cli.api import Pez
 
     reporter = Reporter(progress_mode(common))
@@ -278,9 +287,13 @@ def run_single(common: Common, settings, targets_fn: Callable[[Any], Any], input
     if not results:
         fail("interrupted before the first step; no prompt yet", EXIT_INTERRUPTED)
     result = results[0]
+    device = pez.device
+    del pez, opt  # free the optimizing model before anything else is loaded
     if interrupted:
         reporter.note(f"Interrupted after {result.steps_done} steps; best prompt so far:")
     more = extra(result.prompt) if extra else {}
+    if after is not None and not interrupted:
+        more.update(after(result.prompt, reporter))
     if common.json:
         emit_json({
             "prompt": result.prompt,
@@ -290,7 +303,7 @@ def run_single(common: Common, settings, targets_fn: Callable[[Any], Any], input
             "optimized_similarity": _finite(result.optimized_similarity),
             **more,
             "model": settings.model,
-            "device": str(pez.device),
+            "device": str(device),
             "steps": settings.steps,
             "steps_done": result.steps_done,
             "best_step": result.best_step,
@@ -319,16 +332,102 @@ def run_single(common: Common, settings, targets_fn: Callable[[Any], Any], input
         raise typer.Exit(EXIT_INTERRUPTED)
 
 
-def image_job(images: list[str], common: Common, extra=None, lines=None) -> None:
+def image_job(images: list[str], common: Common, rargs: "RenderArgs", extra=None, lines=None,
+              render_text: Callable[[str], str] | None = None) -> None:
     from pez_cli.images import collect_paths, load_images
 
     settings = resolve_settings(common)
+    options = rargs.options(settings) if rargs.render else None  # validate before the long part
     paths = collect_paths(images, sys.stdin)
     pil = load_images(paths)
+
+    def after(prompt: str, reporter: Reporter) -> dict[str, Any]:
+        text = render_text(prompt) if render_text else prompt
+        return render_and_judge(settings, rargs, options, text, pil, reporter)
+
     run_single(
         common, settings, lambda pez: pez.image_features(pil),
         {"images": [str(p) for p in paths]}, extra=extra, lines=lines,
+        after=after if rargs.render else None,
     )
+
+
+# ---------------------------------------------------------------------------------------
+# Rendering
+# ---------------------------------------------------------------------------------------
+
+@dataclass
+class RenderArgs:
+    render: bool
+    sd_model: Optional[str]
+    renders: int
+    sd_steps: int
+    guidance: float
+    negative_prompt: str
+    size: Optional[int]
+    out: Path
+    cpu_offload: bool
+    attention_slicing: bool
+    judge_model: Optional[str] = None
+
+    def options(self, settings):
+        from pez_cli.render import RenderOptions, sd_model_for
+
+        return RenderOptions(
+            sd_model=self.sd_model or settings.sd_model or sd_model_for(settings.model),
+            images=self.renders, seed=settings.seed, steps=self.sd_steps, guidance=self.guidance,
+            negative_prompt=self.negative_prompt, size=self.size, cpu_offload=self.cpu_offload,
+            attention_slicing=self.attention_slicing,
+        ).validate()
+
+
+RENDER_OPTIONS: list[tuple[str, Any, Any]] = [
+    ("sd_model", Annotated[Optional[str], typer.Option("--sd-model", help="Stable Diffusion: a hub id or a local diffusers folder (default: the preset's, or the one matching --model).", show_default=False)], None),
+    ("renders", Annotated[int, typer.Option("--images", help="Renders per prompt.")], 4),
+    ("sd_steps", Annotated[int, typer.Option("--sd-steps", help="Denoising steps per render.")], 25),
+    ("guidance", Annotated[float, typer.Option("--guidance", help="Classifier-free guidance scale.")], 9.0),
+    ("negative_prompt", Annotated[str, typer.Option("--negative-prompt", help="What the renders should not show.")], ""),
+    ("size", Annotated[Optional[int], typer.Option("--size", help="Render width and height in pixels (default: the model's native size: 512, SDXL 1024).", show_default=False)], None),
+    ("out", Annotated[Path, typer.Option("--out", "-o", help="Folder for renders and contact sheets.", file_okay=False)], Path("pez-out")),
+    ("cpu_offload", Annotated[bool, typer.Option("--cpu-offload", help="Keep SD parts on the CPU until they run (small GPUs).")], False),
+    ("attention_slicing", Annotated[bool, typer.Option("--attention-slicing", help="Compute attention in slices: less memory, slower.")], False),
+]
+RENDER_AFTER_OPTIONS: list[tuple[str, Any, Any]] = [
+    ("render", Annotated[bool, typer.Option("--render", help="Render the prompt with Stable Diffusion, score it and write a contact sheet.")], False),
+    ("judge_model", Annotated[Optional[str], typer.Option("--judge-model", help="CLIP that scores renders against the originals (default: one other than --model).", show_default=False)], None),
+] + RENDER_OPTIONS
+
+
+def render_and_judge(settings, rargs: RenderArgs, options, prompt: str, originals, reporter: Reporter) -> dict[str, Any]:
+    """Render `prompt`, score renders against the originals, write PNGs and a contact sheet."""
+    from pez_cli.models import pick_device
+    from pez_cli.render import Renderer, contact_sheet, default_judge, judge, save_renders, slug
+
+    device = pick_device(settings.device)
+    images, paths, sd_model = render_images(options, prompt, rargs.out, reporter, device)
+    judge_model = rargs.judge_model or default_judge(settings.model)
+    with reporter.status(f"Scoring renders with {judge_model} ..."):
+        scores = judge(judge_model, originals, images, device)
+    sheet = contact_sheet(originals, images, prompt, scores)
+    sheet_path = rargs.out / f"{slug(prompt)}-seed{options.seed}-sheet.png"
+    sheet.save(sheet_path)
+    reporter.note(f"renders: {', '.join(str(p) for p in paths)}")
+    reporter.note(f"contact sheet: {sheet_path}")
+    reporter.note(f"render similarity {scores['mean']:.4f} (judge {judge_model})")
+    return {"rendered_prompt": prompt, "sd_model": sd_model, "renders": [str(p) for p in paths],
+            "contact_sheet": str(sheet_path), "render_similarity": scores}
+
+
+def render_images(options, prompt: str, out: Path, reporter: Reporter, device):
+    from pez_cli.render import Renderer, save_renders
+
+    with reporter.status(f"Loading {options.sd_model} ..."):
+        renderer = Renderer(options, device)
+    with reporter.bar(options.steps * options.images, "render") as bar:
+        images = renderer.render(prompt, on_step=lambda n, total: bar.due(n == total) and bar.update(n, total, ""))
+    paths = save_renders(renderer, prompt, images, out)
+    renderer.close()
+    return images, paths, options.sd_model
 
 
 # ---------------------------------------------------------------------------------------
@@ -340,34 +439,42 @@ IMAGES_HELP = "Image files, folders (their images, sorted) or - (paths on stdin,
 
 @app.command()
 @with_common_options
+@with_options(RENDER_AFTER_OPTIONS, "rargs", RenderArgs)
 def invert(
     images: Annotated[list[str], typer.Argument(help=IMAGES_HELP, metavar="IMAGE...")],
     common: Common = None,
+    rargs: RenderArgs = None,
 ) -> None:
     """Learn ONE prompt shared by all the given images (the paper's prompt inversion)."""
     with user_errors():
-        image_job(images, common)
+        image_job(images, common, rargs)
 
 
 @app.command()
 @with_common_options
+@with_options(RENDER_AFTER_OPTIONS, "rargs", RenderArgs)
 def style(
     images: Annotated[list[str], typer.Argument(help="Images of one style: " + IMAGES_HELP, metavar="DIR|IMAGE...")],
     template: Annotated[Optional[str], typer.Option("--template", "-t", help='Also print this template filled with the prompt, e.g. "a tiger in the style of {}".')] = None,
+    subject: Annotated[Optional[str], typer.Option("--subject", help='With --render: render "SUBJECT in the style of {prompt}" (when no --template).')] = None,
     common: Common = None,
+    rargs: RenderArgs = None,
 ) -> None:
     """Learn a prompt for the style shared by several images; optionally fill a template."""
     with user_errors():
         if template is not None and "{}" not in template:
             raise PezError(f"--template must contain {{}} where the style prompt goes, got {template!r}")
+        if template is None and subject:
+            template = f"{subject} in the style of {{}}"
 
         def fill(prompt: str) -> str:
-            return template.replace("{}", prompt)
+            return template.replace("{}", prompt) if template else prompt
 
         image_job(
-            images, common,
+            images, common, rargs,
             extra=(lambda p: {"template": template, "styled": fill(p)}) if template else None,
             lines=(lambda p: [p, fill(p)]) if template else None,
+            render_text=fill,
         )
 
 
@@ -554,6 +661,53 @@ def merge(
             writer.close()
 
 
+RENDER_COMMAND_OPTIONS = [o for o in COMMON_OPTIONS if o[0] in ("model", "preset", "config", "seed", "device", "json", "quiet", "progress")]
+
+
+@dataclass
+class RenderCommon:
+    model: Optional[str]
+    preset: Optional[str]
+    config: Optional[Path]
+    seed: Optional[int]
+    device: Optional[str]
+    json: bool
+    quiet: bool
+    progress: Optional[bool]
+
+
+@app.command()
+@with_options(RENDER_COMMAND_OPTIONS, "common", RenderCommon)
+@with_options(RENDER_OPTIONS, "rargs", lambda **kw: RenderArgs(render=True, **kw))
+def render(
+    prompt: Annotated[str, typer.Argument(help="The prompt to render.", show_default=False)],
+    common: RenderCommon = None,
+    rargs: RenderArgs = None,
+) -> None:
+    """Render a prompt with Stable Diffusion; PNGs carry the prompt in their metadata."""
+    with user_errors():
+        from pez_cli.config import resolve
+
+        flags = {"model": common.model, "seed": common.seed, "device": common.device}
+        settings = resolve(common.preset, common.config, flags).settings
+        options = rargs.options(settings)
+        if not prompt.strip():
+            raise PezError("the prompt to render is empty")
+        started = time.monotonic()
+        reporter = Reporter(progress_mode(common))
+        from pez_cli.models import pick_device
+
+        images, paths, sd_model = render_images(options, prompt, rargs.out, reporter, pick_device(settings.device))
+        if common.json:
+            emit_json({"prompt": prompt, "sd_model": sd_model, "renders": [str(p) for p in paths],
+                       "seed": options.seed, "sd_steps": options.steps, "guidance": options.guidance,
+                       "negative_prompt": options.negative_prompt, "size": images[0].width,
+                       "seconds": round(time.monotonic() - started, 3)})
+        else:
+            for p in paths:
+                sys.stdout.write(f"{p}\n")
+
+
 @app.command()
 def models(
     json_out: Annotated[bool, typer.Option("--json", help="Print a JSON list instead of a table.")] = False,
@@ -562,9 +716,11 @@ def models(
     with user_errors():
         from pez_cli.config import Settings, preset_info, preset_names
 
+        from pez_cli.render import sd_model_for
+
         defaults = Settings()
         rows = [{
-            "name": "(defaults)", "model": defaults.model, "sd_model": defaults.sd_model,
+            "name": "(defaults)", "model": defaults.model, "sd_model": defaults.sd_model or sd_model_for(defaults.model),
             "prompt_len": defaults.prompt_len, "steps": defaults.steps,
             "description": "used when no --preset is given",
         }]
@@ -573,7 +729,7 @@ def models(
             rows.append({
                 "name": name,
                 "model": info.get("model", defaults.model),
-                "sd_model": info.get("sd_model", defaults.sd_model),
+                "sd_model": info.get("sd_model") or sd_model_for(info.get("model", defaults.model)),
                 "prompt_len": info.get("prompt_len", defaults.prompt_len),
                 "steps": info.get("steps", defaults.steps),
                 "description": info.get("description", ""),

@@ -1,0 +1,173 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from conftest import make_image
+from pez_cli import render as rendering
+from pez_cli.cli import app
+from tiny import save_tiny_clip
+from tiny_sd import save_tiny_sd
+
+runner = CliRunner()
+RENDER = ["--images", "2", "--sd-steps", "2", "--size", "32"]
+
+
+def run(*args, input=None):
+    return runner.invoke(app, [str(a) for a in args], input=input)
+
+
+@pytest.fixture(scope="session")
+def sd_dir(tmp_path_factory):
+    return save_tiny_sd(tmp_path_factory.mktemp("sd") / "tiny-sd")
+
+
+@pytest.fixture(scope="session")
+def judge_model(tmp_path_factory):
+    return f"local-dir:{save_tiny_clip(tmp_path_factory.mktemp('judge') / 'judge', seed=1)}"
+
+
+def test_render_writes_pngs_with_their_parameters(sd_dir, tmp_path):
+    out = tmp_path / "out"
+    result = run("render", 'a red, "fluffy" cat', "--sd-model", sd_dir, *RENDER, "--out", out, "--negative-prompt", "blurry")
+    assert result.exit_code == 0, result.stderr
+    paths = result.stdout.splitlines()
+    assert len(paths) == 2 and all(p.startswith(str(out)) for p in paths)
+    for i, path in enumerate(paths):
+        with Image.open(path) as im:
+            assert im.size == (32, 32)
+            params = im.text["parameters"].splitlines()
+            details = json.loads(im.text["pez"])
+        assert params[0] == 'a red, "fluffy" cat'
+        assert params[1] == "Negative prompt: blurry"
+        assert f"Steps: 2" in params[2] and f"Seed: {i}" in params[2] and "Size: 32x32" in params[2] and "CFG scale: 9" in params[2]
+        assert details["prompt"] == 'a red, "fluffy" cat' and details["sd_model"] == str(sd_dir)
+    data = json.loads(run("render", "a dog", "--sd-model", sd_dir, *RENDER, "--out", out, "--json").stdout)
+    assert len(data["renders"]) == 2 and data["size"] == 32 and data["sd_steps"] == 2
+
+
+def test_render_is_deterministic_for_a_seed(sd_dir, tmp_path):
+    def pixels(seed):
+        result = run("render", "a boat", "--sd-model", sd_dir, *RENDER, "--out", tmp_path, "--seed", seed)
+        assert result.exit_code == 0, result.stderr
+        return [Image.open(p).tobytes() for p in result.stdout.splitlines()]
+
+    first, again, other = pixels(5), pixels(5), pixels(6)
+    assert first == again
+    assert first[0] != first[1]  # render i uses seed + i
+    assert other[0] == first[1]  # seed 6 is the second render of seed 5
+    assert len(list(tmp_path.glob("*.png"))) == 6  # nothing overwritten
+
+
+def test_invert_render_scores_and_contact_sheet(tiny_model, sd_dir, judge_model, tmp_path):
+    originals = []
+    for name, color in (("red.png", (220, 20, 20)), ("blue.png", (20, 20, 220))):
+        Image.new("RGB", (48, 48), color).save(tmp_path / name)
+        originals.append(tmp_path / name)
+    out = tmp_path / "out"
+    result = run("invert", *originals, "--model", tiny_model, "--steps", "3", "--prompt-len", "3", "--render",
+                 "--sd-model", sd_dir, "--images", "3", "--sd-steps", "2", "--size", "32",
+                 "--judge-model", judge_model, "--out", out, "--json")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    scores = data["render_similarity"]
+    assert -1.0 <= scores["mean"] <= 1.0 and scores["judge_model"] == judge_model
+    assert len(scores["per_render"]) == 3 and len(scores["per_original"]) == 2
+    assert scores["mean"] == pytest.approx(sum(scores["per_render"]) / 3, abs=1e-5)
+    assert data["rendered_prompt"] == data["prompt"] and len(data["renders"]) == 3
+    sheet = Image.open(data["contact_sheet"])
+    tile, gap = rendering.TILE, rendering.GAP
+    assert sheet.width == gap + 3 * (tile + gap)
+    top = gap + rendering.TEXT_LINE
+    assert sheet.getpixel((gap + tile // 2, top + tile // 2)) == (220, 20, 20)  # first original
+    assert sheet.getpixel((2 * gap + tile + tile // 2, top + tile // 2)) == (20, 20, 220)  # second original
+    render0 = Image.open(data["renders"][0]).convert("RGB").resize((tile, tile))
+    row2 = gap + rendering.TEXT_LINE + tile + gap + rendering.TEXT_LINE
+    got = sheet.getpixel((gap + tile // 2, row2 + tile // 2))
+    want = render0.getpixel((tile // 2, tile // 2))
+    assert max(abs(a - b) for a, b in zip(got, want)) < 40  # the first render sits in the second row
+
+
+def test_style_render_uses_the_subject(tiny_model, sd_dir, judge_model, tmp_path):
+    img = make_image(tmp_path / "s.png", (30, 160, 60))
+    result = run("style", img, "--model", tiny_model, "--steps", "3", "--prompt-len", "3", "--render", "--subject", "a tiger",
+                 "--sd-model", sd_dir, *RENDER, "--judge-model", judge_model, "--out", tmp_path / "o", "--json")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["rendered_prompt"] == f"a tiger in the style of {data['prompt']}" == data["styled"]
+    assert Image.open(data["contact_sheet"]).width == rendering.GAP + 2 * (rendering.TILE + rendering.GAP)
+
+
+def test_contact_sheet_layout():
+    red, blue, green = (Image.new("RGB", (10, 20), c) for c in ((255, 0, 0), (0, 0, 255), (0, 255, 0)))
+    scores = {"judge_model": "j", "mean": 0.5, "per_render": [0.1, 0.2, 0.3], "per_original": [0.4, 0.6]}
+    sheet = rendering.contact_sheet([red, blue], [green] * 3, "a prompt", scores)
+    t, g, line = rendering.TILE, rendering.GAP, rendering.TEXT_LINE
+    assert sheet.width == g + 3 * (t + g)
+    top, second = g + line, g + line + t + g + line
+    assert sheet.getpixel((g + t // 2, top + t // 2)) == (255, 0, 0)
+    assert sheet.getpixel((2 * g + t + t // 2, top + t // 2)) == (0, 0, 255)
+    assert sheet.getpixel((3 * g + 2 * t + t // 2, top + t // 2)) == (255, 255, 255)  # no third original
+    for col in range(3):
+        assert sheet.getpixel((g + col * (t + g) + t // 2, second + t // 2)) == (0, 255, 0)
+
+
+@pytest.mark.parametrize("args,pattern", [
+    (["--images", "0"], "--images must be at least 1"),
+    (["--size", "30"], "--size must be a multiple of 8"),
+    (["--sd-steps", "0"], "--sd-steps must be at least 1"),
+])
+def test_bad_render_options(sd_dir, tmp_path, args, pattern):
+    result = run("render", "x", "--sd-model", sd_dir, "--out", tmp_path, *args)
+    assert result.exit_code == 1 and pattern in result.stderr
+
+
+def test_render_errors_are_one_line(sd_dir, tmp_path, monkeypatch):
+    result = run("render", "x", "--sd-model", "nobody/no-such-model", "--out", tmp_path)
+    assert result.exit_code == 1 and "Traceback" not in result.stderr
+    assert "could not load Stable Diffusion model 'nobody/no-such-model'" in result.stderr and "--sd-model PATH" in result.stderr
+    (tmp_path / "empty").mkdir()
+    result = run("render", "x", "--sd-model", tmp_path / "empty", "--out", tmp_path)
+    assert result.exit_code == 1 and "not a diffusers folder" in result.stderr
+
+    def oom(self, *a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+
+    from diffusers import StableDiffusionPipeline
+
+    monkeypatch.setattr(StableDiffusionPipeline, "__call__", oom)
+    result = run("render", "x", "--sd-model", sd_dir, *RENDER, "--out", tmp_path)
+    assert result.exit_code == 1 and "out of memory while rendering; try --cpu-offload" in result.stderr
+
+
+def test_missing_diffusers_gives_the_pip_command(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers -> ImportError
+    result = run("render", "x", "--sd-model", tmp_path, "--out", tmp_path)
+    assert result.exit_code == 1
+    assert "rendering needs diffusers and transformers: pip install 'diffusers>=0.30'" in result.stderr
+
+
+def test_invert_without_render_does_not_import_diffusers(tiny_model, tmp_path):
+    img = make_image(tmp_path / "i.png")
+    code = ("import sys\nfrom pez_cli.cli import app\n"
+            f"sys.argv = ['pez', 'invert', {str(img)!r}, '--model', {tiny_model!r}, '--steps', '2', '--prompt-len', '2']\n"
+            "try:\n    app()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "print('diffusers' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_presets_list_their_sd_model():
+    rows = {r["name"]: r for r in json.loads(run("models", "--json").stdout)}
+    assert rows["sd15"]["sd_model"] == rendering.SD15
+    assert rows["sd2"]["sd_model"] == rendering.SD21_BASE
+    assert rows["sdxl"]["sd_model"] == rendering.SDXL
+    assert rows["(defaults)"]["sd_model"] == rendering.SD21_BASE
+    assert rendering.sd_model_for("ViT-L-14/openai") == rendering.SD15
+    assert rendering.default_judge("ViT-H-14/laion2b_s32b_b79k") != "ViT-H-14/laion2b_s32b_b79k"
+    assert rendering.default_judge("ViT-L-14/openai") != "ViT-L-14/openai"
