@@ -219,8 +219,8 @@ def main(argv=None):
         f"pez vs the paper's loop: {args.arch} (random init), prompt_len {args.prompt_len}, {args.steps} steps, "
         f"device {device}{' (' + gpu + ')' if gpu else ''}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "",
-        f"| case | paper loop | pez | ratio |",
-        f"| --- | ---: | ---: | ---: |",
+        "| case | paper loop | pez | ratio |",
+        "| --- | ---: | ---: | ---: |",
         f"| 1. one image: ms per step | {rows['single']['reference_ms_per_step']:.1f} | {rows['single']['pez_ms_per_step']:.1f} | {rows['single']['ratio']:.1f}x |",
         f"| 2. {args.images} images, own prompt each: seconds | {refn:.2f} | {pezn:.2f} | {rows['batch']['ratio']:.1f}x |",
         f"| 2. images per minute ({args.steps} steps each) | {rows['batch']['reference_images_per_minute']:.1f} | {rows['batch']['pez_images_per_minute']:.1f} | |",

@@ -401,10 +401,10 @@ RENDER_AFTER_OPTIONS: list[tuple[str, Any, Any]] = [
 def render_and_judge(settings, rargs: RenderArgs, options, prompt: str, originals, reporter: Reporter) -> dict[str, Any]:
     """Render `prompt`, score renders against the originals, write PNGs and a contact sheet."""
     from pez_cli.models import pick_device
-    from pez_cli.render import Renderer, contact_sheet, default_judge, judge, save_renders, slug
+    from pez_cli.render import contact_sheet, default_judge, judge, slug
 
     device = pick_device(settings.device)
-    images, paths, sd_model = render_images(options, prompt, rargs.out, reporter, device)
+    images, paths = render_images(options, prompt, rargs.out, reporter, device)
     judge_model = rargs.judge_model or default_judge(settings.model)
     with reporter.status(f"Scoring renders with {judge_model} ..."):
         scores = judge(judge_model, originals, images, device)
@@ -414,7 +414,7 @@ def render_and_judge(settings, rargs: RenderArgs, options, prompt: str, original
     reporter.note(f"renders: {', '.join(str(p) for p in paths)}")
     reporter.note(f"contact sheet: {sheet_path}")
     reporter.note(f"render similarity {scores['mean']:.4f} (judge {judge_model})")
-    return {"rendered_prompt": prompt, "sd_model": sd_model, "renders": [str(p) for p in paths],
+    return {"rendered_prompt": prompt, "sd_model": options.sd_model, "renders": [str(p) for p in paths],
             "contact_sheet": str(sheet_path), "render_similarity": scores}
 
 
@@ -427,7 +427,7 @@ def render_images(options, prompt: str, out: Path, reporter: Reporter, device):
         images = renderer.render(prompt, on_step=lambda n, total: bar.due(n == total) and bar.update(n, total, ""))
     paths = save_renders(renderer, prompt, images, out)
     renderer.close()
-    return images, paths, options.sd_model
+    return images, paths
 
 
 # ---------------------------------------------------------------------------------------
@@ -693,13 +693,13 @@ def render(
         options = rargs.options(settings)
         if not prompt.strip():
             raise PezError("the prompt to render is empty")
-        started = time.monotonic()
-        reporter = Reporter(progress_mode(common))
         from pez_cli.models import pick_device
 
-        images, paths, sd_model = render_images(options, prompt, rargs.out, reporter, pick_device(settings.device))
+        started = time.monotonic()
+        reporter = Reporter(progress_mode(common))
+        images, paths = render_images(options, prompt, rargs.out, reporter, pick_device(settings.device))
         if common.json:
-            emit_json({"prompt": prompt, "sd_model": sd_model, "renders": [str(p) for p in paths],
+            emit_json({"prompt": prompt, "sd_model": options.sd_model, "renders": [str(p) for p in paths],
                        "seed": options.seed, "sd_steps": options.steps, "guidance": options.guidance,
                        "negative_prompt": options.negative_prompt, "size": images[0].width,
                        "seconds": round(time.monotonic() - started, 3)})

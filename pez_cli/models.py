@@ -139,7 +139,7 @@ class TextTower(nn.Module):
             if seq[-1] != self.end_id:
                 raise ValueError("sequence must end with the end-of-text id")
             by_len.setdefault(len(seq), []).append(i)
-        for length, rows in by_len.items():
+        for rows in by_len.values():
             ids = torch.tensor([list(sequences[i]) for i in rows], device=device)
             feats = self.forward(self.token_embedding(ids))
             out[torch.tensor(rows, device=device)] = F.normalize(feats.float(), dim=-1)
@@ -312,7 +312,6 @@ def wrap_model(name: str, model: nn.Module, tokenizer: Any, preprocess: Any, dev
 
 def export_model(name: str, folder: Path) -> Path:
     """Save a loadable model as a `local-dir:` folder (config JSON + safetensors weights)."""
-    import open_clip
     from open_clip.factory import get_model_config
     from safetensors.torch import save_file
 

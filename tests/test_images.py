@@ -1,5 +1,4 @@
 import io
-import sys
 
 import pytest
 from PIL import Image
