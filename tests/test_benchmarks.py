@@ -22,3 +22,24 @@ def test_speed_benchmark_smoke(tmp_path):
     assert data["batch"]["images"] == 2 and data["meta"]["prompt_len"] == 4
     for key in ("reference_ms_per_step", "pez_ms_per_step", "ratio", "reference_peak_mb", "pez_peak_mb"):
         assert data["single"][key] >= 0
+
+
+@pytest.mark.slow
+def test_quality_benchmark_smoke(tmp_path):
+    """A tiny world model and a few scenes: the quality benchmark runs end to end."""
+    out = tmp_path / "quality.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--quick", "--scenes", "2", "--cache", str(tmp_path),
+           "--world-steps", "20", "--world-width", "32", "--world-layers", "1", "--world-batch", "16",
+           "--steps-scale", "0.05", "--text-steps", "3", "--json", str(out)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr
+    assert "| paper loop | 16 | 5 |" in run.stdout  # 100 steps scaled by 0.05
+    data = json.loads(out.read_text())
+    names = [r["name"] for r in data["rows"]]
+    assert names == ["paper loop", "pez, paper loop's wall time", "pez", "pez, prompt_len 8", "pez, restarts 4"]
+    for row in data["rows"]:
+        assert -1 <= row["similarity"] <= 1 and 0 <= row["recall"] <= 1 and 0 <= row["round_trip"] <= 1
+    assert [k["secret"] for k in data["known_targets"]] and all(-1 <= k["similarity"] <= 1 for k in data["known_targets"])
+    assert 0 <= data["world"]["heldout_top1"] <= 1
+    # The cached world model is reused, not trained again.
+    assert len(list(tmp_path.glob("world-*"))) == 1

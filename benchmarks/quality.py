@@ -1,0 +1,226 @@
+"""Offline quality benchmark: does pez recover what is in the image?
+
+    python benchmarks/quality.py                 # full run (trains the world model once, ~30 min)
+    python benchmarks/quality.py --quick         # a few minutes, once the world model is cached
+    python benchmarks/quality.py --json quality.json
+
+Part 1, the synthetic world (benchmarks/world.py): a tiny CLIP trained on drawn scenes with
+exact captions. pez inverts held-out scenes, one prompt per scene, and for each configuration
+we report:
+  similarity  mean CLIP cosine of the printed prompt (re-tokenized, encoded) to its image
+  recall      share of the scene's colour and shape words that appear in the prompt as words
+  round trip  share of prompts that re-tokenize to the optimized ids
+  s/image     wall seconds per image
+The true caption's similarity is the ceiling. Configurations: the paper's loop
+(pez_cli/reference.py, as in the speed benchmark) vs pez at equal steps; pez at the paper
+loop's wall time (as many steps as fit); prompt_len 8/16/32; steps 100/300/1000; restarts 1/4; --ascii-only.
+
+Part 2, known targets: a randomly initialised ViT-B-32, target = the text features of a secret
+prompt; the similarity `pez distill` (default prompt_len 8) reaches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import world  # noqa: E402
+
+from pez_cli.api import Pez  # noqa: E402
+from pez_cli.config import Settings  # noqa: E402
+from pez_cli.models import load_model, wrap_model  # noqa: E402
+from pez_cli.reference import paper_loop  # noqa: E402
+
+SECRETS = ["a photo of a red car", "an oil painting of a lighthouse at night", "two dogs playing in the snow",
+           "a bowl of ramen with chopsticks"]
+HELDOUT_SEED = 20_000
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    prompt_len: int = 16
+    steps: int = 300
+    restarts: int = 1
+    ascii_only: bool = False
+    paper: bool = False  # run the paper's loop instead of pez
+
+
+@dataclass
+class Row:
+    name: str
+    prompt_len: int
+    steps: int
+    restarts: int
+    ascii_only: bool
+    similarity: float
+    recall: float
+    round_trip: float
+    seconds_per_image: float
+    examples: list
+
+
+def words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z]+", text.lower()))
+
+
+def recall(prompt: str, scene: world.Scene) -> float:
+    wanted = scene.colors + scene.shape_words
+    found = words(prompt)
+    return sum(w in found for w in wanted) / len(wanted)
+
+
+def run_config(cfg: Config, loaded, scenes, feats, seed: int) -> Row:
+    settings = Settings(model=loaded.name, device="cpu", prompt_len=cfg.prompt_len, steps=cfg.steps,
+                        restarts=cfg.restarts, ascii_only=cfg.ascii_only, seed=seed)
+    pez = Pez(settings, model=loaded)
+    targets = [feats[i:i + 1] for i in range(len(scenes))]
+    start = time.perf_counter()
+    if cfg.paper:
+        prompts, ids = [], []
+        for t in targets:
+            res = paper_loop(loaded.text, loaded.tokenizer, t, prompt_len=cfg.prompt_len, steps=cfg.steps,
+                             restarts=cfg.restarts, seed=seed)
+            ids.append(res.best_ids)
+            prompts.append(pez.vocab.decode(res.best_ids))
+        seconds = time.perf_counter() - start
+        round_trips = [pez.vocab.round_trips(p, i) for p, i in zip(prompts, ids)]
+        printed = loaded.encode_texts(prompts)
+        sims = [float(printed[i] @ feats[i]) for i in range(len(scenes))]
+    else:
+        results = pez.solve(targets)
+        seconds = time.perf_counter() - start
+        prompts = [r.prompt for r in results]
+        round_trips = [r.round_trip for r in results]
+        sims = [r.similarity for r in results]
+    n = len(scenes)
+    return Row(cfg.name, cfg.prompt_len, cfg.steps, cfg.restarts, cfg.ascii_only,
+               similarity=sum(sims) / n, recall=sum(recall(p, s) for p, s in zip(prompts, scenes)) / n,
+               round_trip=sum(round_trips) / n, seconds_per_image=seconds / n,
+               examples=[{"caption": s.caption, "prompt": p} for s, p in list(zip(scenes, prompts))[:3]])
+
+
+def known_targets(arch: str, steps: int, seed: int, prompt_len: int = 8) -> list[dict]:
+    """`pez distill` with its default prompt length on each secret (solved as one batch, which
+    gives each secret exactly what it gets alone)."""
+    import open_clip
+
+    torch.manual_seed(seed)
+    model = open_clip.create_model(arch, pretrained=None)
+    loaded = wrap_model(f"{arch} (random init)", model, open_clip.get_tokenizer(arch), None, torch.device("cpu"))
+    loaded.release_image_tower()
+    pez = Pez(Settings(model=loaded.name, device="cpu", prompt_len=prompt_len, steps=steps, seed=seed), model=loaded)
+    start = time.perf_counter()
+    results = pez.solve([pez.text_features([s]) for s in SECRETS])
+    seconds = (time.perf_counter() - start) / len(SECRETS)
+    return [{"secret": secret, "tokens": len(loaded.tokenizer.encode(secret)), "prompt_len": prompt_len, "steps": steps,
+             "prompt": r.prompt, "similarity": round(r.similarity, 4), "optimized_similarity": round(r.optimized_similarity, 4),
+             "seconds": round(seconds, 1)} for secret, r in zip(SECRETS, results)]
+
+
+def configurations(quick: bool) -> list[Config]:
+    if quick:
+        return [Config("paper loop", steps=100, paper=True), Config("pez", steps=100),
+                Config("pez, prompt_len 8", prompt_len=8, steps=100), Config("pez, restarts 4", steps=100, restarts=4)]
+    return [
+        Config("paper loop", paper=True),
+        Config("pez"),
+        Config("pez, prompt_len 8", prompt_len=8),
+        Config("pez, prompt_len 32", prompt_len=32),
+        Config("pez, fewer steps", steps=100),
+        Config("pez, more steps", steps=1000),
+        Config("pez, restarts 4", restarts=4),
+        Config("pez, --ascii-only", ascii_only=True),
+    ]
+
+
+def table(rows: list[Row], ceiling: float) -> str:
+    lines = ["| configuration | len | steps | restarts | similarity | recall | round trip | s/image |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        lines.append(f"| {r.name} | {r.prompt_len} | {r.steps} | {r.restarts} | {r.similarity:.3f} | "
+                     f"{r.recall:.2f} | {r.round_trip:.2f} | {r.seconds_per_image:.2f} |")
+    lines.append(f"| true caption (ceiling) | | | | {ceiling:.3f} | 1.00 | | |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="6 scenes, 100 steps, fewer configurations")
+    ap.add_argument("--scenes", type=int, help="held-out scenes to invert (default 32, quick 6)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", type=Path, help="write all results here")
+    ap.add_argument("--cache", type=Path, default=world.DEFAULT_CACHE, help="where the world model is cached")
+    ap.add_argument("--world-steps", type=int, default=1500)
+    ap.add_argument("--world-width", type=int, default=128)
+    ap.add_argument("--world-layers", type=int, default=3)
+    ap.add_argument("--world-batch", type=int, default=128)
+    ap.add_argument("--text-arch", default="ViT-B-32", help="architecture for the known-target table")
+    ap.add_argument("--text-steps", type=int, help="steps for the known-target table (default 300, quick 50)")
+    ap.add_argument("--steps-scale", type=float, default=1.0, help=argparse.SUPPRESS)  # tests: shrink every step count
+    args = ap.parse_args(argv)
+    scenes_n = args.scenes or (6 if args.quick else 32)
+    text_steps = args.text_steps or (50 if args.quick else 300)
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+
+    started = time.perf_counter()
+    folder, report = world.world_model(args.world_steps, args.world_batch, args.seed, args.world_width,
+                                       args.world_layers, args.cache, log=log)
+    log(f"world model: local-dir:{folder} (held-out top-1 {report.heldout_top1:.2f} over {report.heldout})")
+    loaded = load_model(f"local-dir:{folder}", torch.device("cpu"))
+    scenes = world.scenes(HELDOUT_SEED + args.seed, scenes_n)
+    feats = loaded.encode_images([world.draw(s) for s in scenes])
+    captions = loaded.encode_texts([s.caption for s in scenes])
+    ceiling = float((captions * feats).sum(-1).mean())
+    loaded.release_image_tower()
+
+    rows: list[Row] = []
+    for cfg in configurations(args.quick):
+        cfg = replace(cfg, steps=max(1, int(cfg.steps * args.steps_scale)))
+        log(f"running: {cfg.name}")
+        rows.append(run_config(cfg, loaded, scenes, feats, args.seed))
+        if cfg.paper:  # pez given the paper loop's wall time (per image): as many steps as fit
+            probe_steps = max(1, cfg.steps // 10)
+            probe = run_config(replace(cfg, name="probe", paper=False, steps=probe_steps), loaded, scenes, feats, args.seed)
+            steps = max(1, int(min(20 * cfg.steps, rows[-1].seconds_per_image * probe_steps / probe.seconds_per_image)))
+            log(f"running: pez at the paper loop's wall time ({steps} steps)")
+            rows.append(run_config(replace(cfg, name="pez, paper loop's wall time", paper=False, steps=steps),
+                                   loaded, scenes, feats, args.seed))
+    log("running: known targets")
+    known = known_targets(args.text_arch, max(1, int(text_steps * args.steps_scale)), args.seed)
+
+    out = [
+        f"Quality on the synthetic world: {scenes_n} held-out scenes, world model top-1 {report.heldout_top1:.2f} "
+        f"(width {report.width}, {report.layers}+{report.layers} layers, {report.steps} training steps)",
+        "",
+        table(rows, ceiling),
+        "",
+        f"Known targets: random {args.text_arch}, target = text features of a secret prompt, `pez distill` (prompt_len 8)",
+        "",
+        "| secret | tokens | steps | similarity | optimized ids | prompt |",
+        "| --- | ---: | ---: | ---: | ---: | --- |",
+    ] + [f"| {k['secret']} | {k['tokens']} | {k['steps']} | {k['similarity']:.3f} | {k['optimized_similarity']:.3f} | {k['prompt']} |"
+         for k in known]
+    out.append("")
+    out.append(f"total {time.perf_counter() - started:.0f} s")
+    print("\n".join(out))
+    if args.json:
+        args.json.write_text(json.dumps({
+            "world": asdict(report), "world_model": f"local-dir:{folder}", "scenes": scenes_n, "ceiling": ceiling,
+            "rows": [asdict(r) for r in rows], "known_targets": known,
+        }, indent=2))
+    return rows, known
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,267 @@
+"""A synthetic world whose every picture has an exact caption, and a tiny CLIP trained on it.
+
+    python benchmarks/world.py                 # train (or reuse) the world model, print its report
+    python benchmarks/world.py --steps 200 --width 64 --cache /tmp/w   # a smaller one
+
+Scenes are drawn procedurally: one or two shapes (circle, square, triangle, star, diamond,
+cross), each with a colour and a size, at a position, on a coloured background, captioned
+e.g. "a large red circle on the left on a blue background". Each scene also carries its
+structured facts, so a recovered prompt can be checked word by word.
+
+The CLIP is an open_clip architecture built from a JSON config with the real 49408-token
+vocabulary and tokenizer, trained contrastively on freshly drawn scenes (deterministic from
+a seed). Captions are short, so the text tower is trained on the first TEXT_POSITIONS
+positions only (the causal tower makes this exact for captions that fit). The result is saved
+as an open_clip `local-dir:` folder that pez loads like any other model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+COLORS = {
+    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 220, 40),
+    "purple": (140, 60, 190), "orange": (245, 140, 30), "white": (245, 245, 245), "black": (20, 20, 20),
+}
+SHAPES = ("circle", "square", "triangle", "star", "diamond", "cross")
+SIZES = {"small": 0.16, "large": 0.3}  # radius as a share of the image side
+ONE_POSITIONS = {"on the left": (0.3, 0.5), "on the right": (0.7, 0.5), "at the top": (0.5, 0.3),
+                 "at the bottom": (0.5, 0.7), "in the center": (0.5, 0.5)}
+IMAGE_SIZE = 64
+TEXT_POSITIONS = 32  # captions are at most ~24 tokens; the tower is trained on this many
+MEAN = STD = (0.5, 0.5, 0.5)
+
+
+@dataclass
+class Scene:
+    caption: str
+    background: str
+    shapes: list[dict] = field(default_factory=list)  # each: shape, color, size, position
+
+    @property
+    def colors(self) -> list[str]:
+        return [s["color"] for s in self.shapes] + [self.background]
+
+    @property
+    def shape_words(self) -> list[str]:
+        return [s["shape"] for s in self.shapes]
+
+
+def random_scene(rng: random.Random) -> Scene:
+    background = rng.choice(list(COLORS))
+    count = rng.choice((1, 1, 2))
+    palette = [c for c in COLORS if c != background]
+    if count == 1:
+        positions = [rng.choice(list(ONE_POSITIONS))]
+    else:
+        positions = ["on the left", "on the right"]
+    shapes = [{"shape": rng.choice(SHAPES), "color": rng.choice(palette), "size": rng.choice(list(SIZES)),
+               "position": pos} for pos in positions]
+    parts = [f"a {s['size']} {s['color']} {s['shape']} {s['position']}" for s in shapes]
+    caption = " and ".join(parts) + f" on a {background} background"
+    return Scene(caption, background, shapes)
+
+
+def _polygon(kind: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
+    if kind == "triangle":
+        return [(cx + r * math.cos(a), cy + r * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
+    if kind == "diamond":
+        return [(cx, cy - r), (cx + r * 0.75, cy), (cx, cy + r), (cx - r * 0.75, cy)]
+    if kind == "star":
+        pts = []
+        for i in range(10):
+            rad = r if i % 2 == 0 else r * 0.45
+            a = -math.pi / 2 + i * math.pi / 5
+            pts.append((cx + rad * math.cos(a), cy + rad * math.sin(a)))
+        return pts
+    if kind == "cross":
+        w = r * 0.35
+        return [(cx - w, cy - r), (cx + w, cy - r), (cx + w, cy - w), (cx + r, cy - w), (cx + r, cy + w),
+                (cx + w, cy + w), (cx + w, cy + r), (cx - w, cy + r), (cx - w, cy + w), (cx - r, cy + w),
+                (cx - r, cy - w), (cx - w, cy - w)]
+    raise ValueError(kind)
+
+
+def draw(scene: Scene, size: int = IMAGE_SIZE, jitter: random.Random | None = None) -> Image.Image:
+    """Render a scene; `jitter` (training only) moves shapes and sizes a little."""
+    img = Image.new("RGB", (size, size), COLORS[scene.background])
+    d = ImageDraw.Draw(img)
+    for s in scene.shapes:
+        fx, fy = ONE_POSITIONS[s["position"]]
+        r = SIZES[s["size"]] * size * (len(scene.shapes) == 1 and 1.0 or 0.8)
+        if jitter is not None:
+            fx += jitter.uniform(-0.05, 0.05)
+            fy += jitter.uniform(-0.05, 0.05)
+            r *= jitter.uniform(0.9, 1.1)
+        cx, cy = fx * size, fy * size
+        color = COLORS[s["color"]]
+        if s["shape"] == "circle":
+            d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
+        elif s["shape"] == "square":
+            q = r * 0.85
+            d.rectangle([cx - q, cy - q, cx + q, cy + q], fill=color)
+        else:
+            d.polygon(_polygon(s["shape"], cx, cy, r), fill=color)
+    return img
+
+
+def scenes(seed: int, n: int) -> list[Scene]:
+    rng = random.Random(seed)
+    return [random_scene(rng) for _ in range(n)]
+
+
+# -- the model -----------------------------------------------------------------------------
+def model_config(width: int = 128, layers: int = 3, heads: int = 4) -> dict:
+    return {
+        "embed_dim": width,
+        "vision_cfg": {"image_size": IMAGE_SIZE, "layers": layers, "width": width, "patch_size": 8,
+                       "head_width": width // heads},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": width, "heads": heads, "layers": layers},
+    }
+
+
+def to_pixels(images: list[Image.Image]) -> torch.Tensor:
+    data = torch.stack([torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(IMAGE_SIZE, IMAGE_SIZE, 3)
+                        for im in images]).permute(0, 3, 1, 2).float() / 255.0
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(STD).view(1, 3, 1, 1)
+    return (data - mean) / std
+
+
+def encode_captions(model, tokens: torch.Tensor) -> torch.Tensor:
+    """Text features from the first TEXT_POSITIONS positions, pooled at the end token."""
+    ids = tokens[:, :TEXT_POSITIONS]
+    x = model.token_embedding(ids) + model.positional_embedding[:TEXT_POSITIONS]
+    x = model.transformer(x, attn_mask=model.attn_mask[:TEXT_POSITIONS, :TEXT_POSITIONS])
+    x = model.ln_final(x)
+    x = x[torch.arange(x.shape[0]), ids.argmax(dim=-1)]
+    return x @ model.text_projection
+
+
+@dataclass
+class WorldReport:
+    steps: int
+    batch: int
+    seed: int
+    width: int
+    layers: int
+    final_loss: float
+    heldout_top1: float  # image -> caption retrieval over a held-out batch of `heldout`
+    heldout: int
+    seconds: float
+    losses: list[float] = field(default_factory=list)  # every 50 steps
+
+
+def heldout_top1(model, tokenizer, n: int = 128, seed: int = 10_000) -> float:
+    batch = scenes(seed, n)
+    with torch.no_grad():
+        img = F.normalize(model.encode_image(to_pixels([draw(s) for s in batch])), dim=-1)
+        txt = F.normalize(encode_captions(model, tokenizer([s.caption for s in batch])), dim=-1)
+    best = (img @ txt.T).argmax(dim=1).tolist()
+    return sum(batch[i].caption == batch[j].caption for i, j in enumerate(best)) / n
+
+
+def train(steps: int, batch: int, seed: int, width: int, layers: int, lr: float = 1e-3, log=None):
+    import open_clip
+
+    torch.manual_seed(seed)
+    cfg = model_config(width, layers)
+    model = open_clip.model.CLIP(**cfg)
+    tokenizer = open_clip.get_tokenizer("ViT-B-32")  # the real BPE vocabulary, 77 context
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    rng = random.Random(seed)
+    losses = []
+    start = time.monotonic()
+    model.train()
+    for step in range(steps):
+        batch_scenes = [random_scene(rng) for _ in range(batch)]
+        pixels = to_pixels([draw(s, jitter=rng) for s in batch_scenes])
+        tokens = tokenizer([s.caption for s in batch_scenes])
+        img = F.normalize(model.encode_image(pixels), dim=-1)
+        txt = F.normalize(encode_captions(model, tokens), dim=-1)
+        logits = model.logit_scale.exp() * img @ txt.T
+        # Scenes with the same caption are positives of each other.
+        same = torch.tensor([[a.caption == b.caption for b in batch_scenes] for a in batch_scenes], dtype=torch.float)
+        target = same / same.sum(1, keepdim=True)
+        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        if step % 50 == 0 or step == steps - 1:
+            losses.append(round(float(loss), 4))
+            if log:
+                log(f"step {step}/{steps} loss {float(loss):.4f} ({time.monotonic() - start:.0f}s)")
+    model.eval()
+    top1 = heldout_top1(model, tokenizer)
+    report = WorldReport(steps, batch, seed, width, layers, losses[-1], top1, 128, time.monotonic() - start, losses)
+    return model, cfg, report
+
+
+def cache_key(steps, batch, seed, width, layers) -> str:
+    text = json.dumps({"v": 1, "steps": steps, "batch": batch, "seed": seed, "width": width, "layers": layers,
+                       "image": IMAGE_SIZE, "positions": TEXT_POSITIONS})
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+DEFAULT_CACHE = Path.home() / ".cache" / "pez-bench"
+
+
+def world_model(steps=1500, batch=128, seed=0, width=128, layers=3, cache: Path = DEFAULT_CACHE, log=None):
+    """The trained world model's `local-dir:` folder and report, trained once and cached."""
+    from safetensors.torch import save_file
+
+    folder = Path(cache) / f"world-{cache_key(steps, batch, seed, width, layers)}"
+    report_path = folder / "world.json"
+    if report_path.is_file():
+        return folder, WorldReport(**json.loads(report_path.read_text()))
+    model, cfg, report = train(steps, batch, seed, width, layers, log=log)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"model_cfg": cfg, "preprocess_cfg": {"mean": list(MEAN), "std": list(STD)}}
+    (folder / "open_clip_config.json").write_text(json.dumps(config, indent=2))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    report_path.write_text(json.dumps(asdict(report), indent=2))  # written last: marks the cache complete
+    return folder, report
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--width", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=3)
+    ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    ap.add_argument("--samples", type=Path, help="also write a few example scenes (PNG + captions) here")
+    args = ap.parse_args(argv)
+    folder, report = world_model(args.steps, args.batch, args.seed, args.width, args.layers, args.cache,
+                                 log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(json.dumps({"model": f"local-dir:{folder}", **{k: v for k, v in asdict(report).items() if k != "losses"}}, indent=2))
+    if args.samples:
+        args.samples.mkdir(parents=True, exist_ok=True)
+        for i, s in enumerate(scenes(10_000, 8)):
+            draw(s).resize((256, 256), Image.NEAREST).save(args.samples / f"scene{i}.png")
+            (args.samples / f"scene{i}.txt").write_text(s.caption + "\n")
+
+
+if __name__ == "__main__":
+    main()
