@@ -2,6 +2,7 @@
 
     python benchmarks/speed.py                    # CPU defaults: 16 images, prompt_len 16
     python benchmarks/speed.py --device cuda --images 64 --json speed.json
+    python benchmarks/speed.py --device cuda --images 64 --variants fp32,bf16,fp16,bf16+compile
 
 Model: a randomly initialised open_clip ViT-B-32 (its JSON config, no weights needed: speed
 does not depend on the weights). Targets: image features of random images.
@@ -50,8 +51,9 @@ def build_model(arch: str, device: torch.device):
 class PeakMemory:
     """Peak memory during a block: GPU allocator peak, or sampled RSS growth on the CPU."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, resident_mb: float = 0.0):
         self.device = device
+        self.resident_mb = resident_mb  # GPU: memory the loop owns from before it starts (weights, caches)
         self.peak_mb = 0.0
 
     @staticmethod
@@ -80,7 +82,7 @@ class PeakMemory:
     def __exit__(self, *exc):
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-            self.peak_mb = torch.cuda.max_memory_allocated() / 2**20
+            self.peak_mb = (torch.cuda.max_memory_allocated() - self.start) / 2**20 + self.resident_mb
         else:
             self.running = False
             self.thread.join()
@@ -93,12 +95,12 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_reference(loaded, targets_list, steps, prompt_len, device, warm=True):
+def time_reference(loaded, targets_list, steps, prompt_len, device, warm=True, resident_mb=0.0):
     """Paper loop, problems one after another. Returns (seconds, peak MB)."""
     kw = dict(prompt_len=prompt_len, steps=steps, lr=0.1, weight_decay=0.1, restarts=1, batch_size=1, seed=0)
     if warm:
         paper_loop(loaded.clip, loaded.tokenizer, targets_list[0], **{**kw, "steps": 2})
-    with PeakMemory(device) as mem:
+    with PeakMemory(device, resident_mb) as mem:
         sync(device)
         start = time.perf_counter()
         for targets in targets_list:
@@ -108,14 +110,14 @@ def time_reference(loaded, targets_list, steps, prompt_len, device, warm=True):
     return seconds, mem.peak_mb
 
 
-def time_pez(pez, targets_list, steps, device, warm=True):
+def time_pez(pez, targets_list, steps, device, warm=True, resident_mb=0.0):
     """pez, all problems in one batch. Returns (seconds, peak MB)."""
     if warm:
         opt = pez.optimizer(targets_list)
         for _ in range(2):
             opt.step()
         del opt
-    with PeakMemory(device) as mem:
+    with PeakMemory(device, resident_mb) as mem:
         sync(device)
         start = time.perf_counter()
         opt = pez.optimizer(targets_list)
@@ -152,6 +154,7 @@ def main(argv=None):
     ap.add_argument("--precision", default="auto", help="pez's --precision (the paper loop is fp32)")
     ap.add_argument("--compile", action="store_true", help="also torch.compile pez's text tower")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--variants", default="", help="also time pez's case 2 with these, e.g. fp32,bf16,fp16,bf16+compile")
     ap.add_argument("--json", type=Path, help="write the results here as JSON")
     ap.add_argument("--probe", choices=["paper", "pez"], help=argparse.SUPPRESS)  # internal: memory probe
     args = ap.parse_args(argv)
@@ -159,8 +162,13 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
+
+    def allocated_mb() -> float:
+        return torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
+
     # Two copies of the same random model: pez may cast its text tower to bf16, the paper
-    # loop runs in fp32.
+    # loop runs in fp32. On a GPU, what each keeps allocated between steps (text tower
+    # weights, pez's vocabulary copy) is counted into its peak.
     loaded = build_model(args.arch, device)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -168,13 +176,24 @@ def main(argv=None):
         size = size[0] if isinstance(size, (tuple, list)) else size
         pixels = torch.randn(args.images, 3, size, size, generator=g).to(device)
         feats = torch.nn.functional.normalize(loaded.clip.encode_image(pixels).float(), dim=-1)
+        del pixels
     loaded.clip.visual = None  # only the text tower is needed from here on (both loops)
     targets = [feats[i : i + 1] for i in range(args.images)]
-    settings = Settings(model=loaded.name, device=str(device), prompt_len=args.prompt_len, steps=args.steps,
-                        precision=args.precision, compile=args.compile)
-    pez = Pez(settings, model=loaded)
-    loaded = build_model(args.arch, device)  # fresh fp32 copy for the paper loop
-    loaded.clip.visual = None
+
+    def make_pez(precision: str, compile_: bool) -> tuple[Pez, float]:
+        before = allocated_mb()
+        model = build_model(args.arch, device)
+        model.clip.visual = None
+        settings = Settings(model=model.name, device=str(device), prompt_len=args.prompt_len, steps=args.steps,
+                            precision=precision, compile=compile_)
+        engine = Pez(settings, model=model)
+        return engine, allocated_mb() - before
+
+    pez, pez_resident = make_pez(args.precision, args.compile)
+    # The paper loop runs on the fp32 model that made the targets, now without its image tower.
+    ref_resident = sum(t.numel() * t.element_size() for t in (*loaded.clip.parameters(), *loaded.clip.buffers())) / 2**20
+    if device.type != "cuda":
+        pez_resident = ref_resident = 0.0
 
     if args.probe:  # one loop in this fresh process; print its peak RSS growth
         if args.probe == "paper":
@@ -189,14 +208,15 @@ def main(argv=None):
     # so a noisy neighbour on a shared machine slows both alike or neither.
     ref1 = pez1 = float("inf")
     for _ in range(args.rounds):
-        seconds, ref1_mem = time_reference(loaded, targets[:1], args.steps, args.prompt_len, device)
+        seconds, ref1_mem = time_reference(loaded, targets[:1], args.steps, args.prompt_len, device, resident_mb=ref_resident)
         ref1 = min(ref1, seconds)
-        seconds, pez1_mem = time_pez(pez, targets[:1], args.steps, device)
+        seconds, pez1_mem = time_pez(pez, targets[:1], args.steps, device, resident_mb=pez_resident)
         pez1 = min(pez1, seconds)
     rows["single"] = dict(reference_ms_per_step=1000 * ref1 / args.steps, pez_ms_per_step=1000 * pez1 / args.steps,
                           ratio=ref1 / pez1, reference_peak_mb=ref1_mem, pez_peak_mb=pez1_mem)
-    refn, refn_mem = time_reference(loaded, targets, args.steps, args.prompt_len, device)
-    pezn, pezn_mem = time_pez(pez, targets, args.steps, device)
+    refn, refn_mem = time_reference(loaded, targets, args.steps, args.prompt_len, device, resident_mb=ref_resident)
+    pezn, pezn_mem = time_pez(pez, targets, args.steps, device, resident_mb=pez_resident)
+    main_autocast = str(pez.model.text.amp_dtype)
     rows["batch"] = dict(images=args.images, reference_seconds=refn, pez_seconds=pezn, ratio=refn / pezn,
                          reference_images_per_minute=60 * args.images / refn, pez_images_per_minute=60 * args.images / pezn,
                          reference_peak_mb=refn_mem, pez_peak_mb=pezn_mem)
@@ -210,10 +230,31 @@ def main(argv=None):
             rows["single"][key] = value
         for key, value in (("reference_peak_mb", refn_mem), ("pez_peak_mb", pezn_mem)):
             rows["batch"][key] = value
+    # Other precisions / compile for pez, case 2 only, against the same paper-loop time.
+    variants = []
+    for spec in filter(None, (args.variants or "").split(",")):
+        precision, _, extra = spec.partition("+")
+        if extra not in ("", "compile"):
+            ap.error(f"--variants: unknown option {extra!r} in {spec!r} (use PRECISION or PRECISION+compile)")
+        del pez  # free the previous engine first
+        pez, resident = make_pez(precision, extra == "compile")
+        compile_start = time.perf_counter()
+        opt = pez.optimizer(targets)
+        for _ in range(2):  # warm-up (compiles with +compile)
+            opt.step()
+        sync(device)
+        warmup = time.perf_counter() - compile_start
+        del opt
+        seconds, mem = time_pez(pez, targets, args.steps, device, warm=False, resident_mb=resident)
+        variants.append(dict(variant=spec, autocast=str(pez.model.text.amp_dtype), seconds=seconds, ratio=refn / seconds,
+                             ms_per_step=1000 * seconds / args.steps, warmup_seconds=warmup,
+                             peak_mb=mem if device.type == "cuda" else None))  # RSS needs a fresh process
+    rows["variants"] = variants
+
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     meta = dict(rounds=args.rounds, arch=args.arch, device=str(device), gpu=gpu, cpu=platform.processor() or platform.machine(),
                 threads=torch.get_num_threads(), torch=torch.__version__, steps=args.steps, prompt_len=args.prompt_len,
-                precision=args.precision, pez_autocast=str(pez.model.text.amp_dtype), compile=args.compile)
+                precision=args.precision, pez_autocast=main_autocast, compile=args.compile)
     mem_kind = "peak allocated MB" if device.type == "cuda" else "RSS growth MB"
     lines = [
         f"pez vs the paper's loop: {args.arch} (random init), prompt_len {args.prompt_len}, {args.steps} steps, "
@@ -227,6 +268,12 @@ def main(argv=None):
         f"| 3. case 1 {mem_kind} | {ref1_mem:.0f} | {pez1_mem:.0f} | |",
         f"| 3. case 2 {mem_kind} | {refn_mem:.0f} | {pezn_mem:.0f} | |",
     ]
+    if variants:
+        lines += ["", f"pez variants, case 2 ({args.images} images, {args.steps} steps), against the same paper loop:", "",
+                  f"| pez variant | seconds | ms per step | {mem_kind} | warm-up s | ratio |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {v['variant']} | {v['seconds']:.3f} | {v['ms_per_step']:.2f} | {'-' if v['peak_mb'] is None else format(v['peak_mb'], '.0f')} | {v['warmup_seconds']:.1f} "
+                  f"| {v['ratio']:.1f}x |" for v in variants]
     print("\n".join(lines))
     if args.json:
         args.json.write_text(json.dumps({"meta": meta, **rows}, indent=2))

@@ -1,0 +1,219 @@
+"""Checks of pez's CUDA paths that CI (CPU only) cannot reach, in one run on a GPU machine.
+
+    python benchmarks/gpu_check.py --json gpu_check.json
+
+Builds a tiny random CLIP and a tiny Stable Diffusion pipeline (no downloads) and checks:
+  - equivalence on the GPU: the fast path and the paper loop (float64) choose the same token
+    ids at every step, and batched problems match each problem alone;
+  - `pez invert` on cuda with each --precision and with --compile: runs, finite similarity,
+    the same prompt twice for the same seed;
+  - `pez batch` on cuda: rows for every image, and how many prompts equal `pez invert`'s for
+    that image alone;
+  - `pez render` and `pez invert --render` on cuda with the tiny pipeline.
+Each check prints one line (ok / FAIL and details); the exit code is 1 if any failed.
+`--device cpu` runs the same checks here, to test the script itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from pez_cli.api import Pez  # noqa: E402
+from pez_cli.config import Settings  # noqa: E402
+from pez_cli.models import load_model  # noqa: E402
+from pez_cli.reference import paper_loop  # noqa: E402
+
+RESULTS: list[dict] = []
+
+
+def check(fn):
+    @functools.wraps(fn)
+    def run(*args):
+        start = time.perf_counter()
+        try:
+            detail = fn(*args)
+            ok = True
+        except Exception as exc:  # a check script reports every failure and goes on
+            detail = f"{type(exc).__name__}: {exc}"
+            traceback.print_exc()
+            ok = False
+        row = dict(check=fn.__name__, ok=ok, seconds=round(time.perf_counter() - start, 1), detail=detail)
+        RESULTS.append(row)
+        print(f"{'ok  ' if ok else 'FAIL'} {fn.__name__} ({row['seconds']} s): {json.dumps(detail)}", flush=True)
+
+    return run
+
+
+def pez_cmd(*args) -> dict:
+    """Run `python -m pez_cli ...` and parse its JSON output."""
+    cmd = [sys.executable, "-m", "pez_cli", *map(str, args), "--json", "--quiet"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    if proc.returncode != 0:
+        raise RuntimeError(f"exit {proc.returncode}: {proc.stderr.strip()[-500:]}")
+    return json.loads(proc.stdout)
+
+
+def step_ids(pez, problems):
+    opt = pez.optimizer(problems)
+    out = [[] for _ in problems]
+    for _ in opt.run():
+        ids = opt.last_ids.view(len(problems), opt.restarts, opt.length)
+        for p in range(len(problems)):
+            out[p].append(ids[p].tolist())
+    return out
+
+
+@check
+def equivalence_float64(tiny: Path, device: str):
+    model = load_model(f"local-dir:{tiny}", torch.device(device))
+    model.clip.double()
+    model.text.double()
+    found = {}
+    for n, bs, restarts in [(1, 1, 1), (4, 1, 1), (3, 2, 2)]:
+        settings = Settings(model=f"local-dir:{tiny}", device=device, steps=50, prompt_len=6, batch_size=bs,
+                            restarts=restarts, seed=11, precision="fp32")
+        pez = Pez(settings, model=model)
+        g = torch.Generator().manual_seed(n)
+        targets = torch.nn.functional.normalize(torch.randn(n, pez.model.text.output_dim, generator=g, dtype=torch.float64), dim=-1)
+        [ours] = step_ids(pez, [targets.to(device)])
+        ref = paper_loop(model.clip, model.tokenizer, targets.to(device), prompt_len=6, steps=50, lr=0.1, weight_decay=0.1,
+                         restarts=restarts, batch_size=bs, seed=11, allowed_ids=pez.vocab.allowed_ids, record=True)
+        same = sum(a == b for a, b in zip(ours, ref.step_ids))
+        found[f"targets{n}-bs{bs}-r{restarts}"] = f"{same}/50 steps identical"
+        if same != 50:
+            raise AssertionError(found)
+    problems = [torch.nn.functional.normalize(torch.randn(k, pez.model.text.output_dim, dtype=torch.float64), dim=-1).to(device)
+                for k in (1, 3, 2)]
+    batched = step_ids(pez, problems)
+    alone = [step_ids(pez, [t])[0] for t in problems]
+    found["batched==alone"] = all(b == a for b, a in zip(batched, alone))
+    if not found["batched==alone"]:
+        raise AssertionError(found)
+    return found
+
+
+@check
+def fp32_steps_matching_paper_loop(tiny: Path, device: str):
+    """Informational: in fp32 (TF32 off) how many of 50 steps match the paper loop exactly."""
+    model = load_model(f"local-dir:{tiny}", torch.device(device))
+    settings = Settings(model=f"local-dir:{tiny}", device=device, steps=50, prompt_len=6, seed=11, precision="fp32")
+    pez = Pez(settings, model=model)
+    targets = torch.nn.functional.normalize(torch.randn(1, pez.model.text.output_dim, generator=torch.Generator().manual_seed(1)), dim=-1)
+    [ours] = step_ids(pez, [targets.to(device)])
+    ref = paper_loop(model.clip, model.tokenizer, targets.to(device), prompt_len=6, steps=50, lr=0.1, weight_decay=0.1,
+                     restarts=1, batch_size=1, seed=11, allowed_ids=pez.vocab.allowed_ids, record=True)
+    first = next((i for i, (a, b) in enumerate(zip(ours, ref.step_ids)) if a != b), None)
+    return {"identical_steps": sum(a == b for a, b in zip(ours, ref.step_ids)), "first_difference": first}
+
+
+@check
+def invert_precisions(tiny: Path, device: str):
+    image = ROOT / "samples" / "astronaut.png"
+    out = {}
+    precisions = ["fp32", "bf16", "fp16", "auto"] if device == "cuda" else ["fp32", "bf16"]
+    for precision in precisions:
+        base = ["invert", image, "--model", f"local-dir:{tiny}", "--device", device, "--steps", 60, "--prompt-len", 6,
+                "--precision", precision, "--seed", 3]
+        a, b = pez_cmd(*base), pez_cmd(*base)
+        if a["prompt"] != b["prompt"]:
+            raise AssertionError(f"{precision}: not deterministic: {a['prompt']!r} vs {b['prompt']!r}")
+        if not (math.isfinite(a["similarity"]) and -1 <= a["similarity"] <= 1):
+            raise AssertionError(f"{precision}: similarity {a['similarity']}")
+        out[precision] = dict(prompt=a["prompt"], similarity=round(a["similarity"], 4), seconds=round(a["seconds"], 2))
+    return out
+
+
+@check
+def invert_compile(tiny: Path, device: str):
+    image = ROOT / "samples" / "astronaut.png"
+    base = ["invert", image, "--model", f"local-dir:{tiny}", "--device", device, "--steps", 60, "--prompt-len", 6,
+            "--precision", "fp32", "--seed", 3]
+    plain, compiled = pez_cmd(*base), pez_cmd(*base, "--compile")
+    if not math.isfinite(compiled["similarity"]):
+        raise AssertionError(compiled)
+    return dict(plain=plain["prompt"], compiled=compiled["prompt"], same=plain["prompt"] == compiled["prompt"],
+                plain_seconds=round(plain["seconds"], 2), compiled_seconds=round(compiled["seconds"], 2))
+
+
+@check
+def batch_matches_invert(tiny: Path, device: str, work: Path):
+    images = sorted((ROOT / "samples").glob("*.[pj][np]g"))
+    common = ["--model", f"local-dir:{tiny}", "--device", device, "--steps", 40, "--prompt-len", 5, "--precision", "fp32",
+              "--seed", 2]
+    out = work / "batch.jsonl"
+    cmd = [sys.executable, "-m", "pez_cli", "batch", *map(str, images), "--out", str(out), *map(str, common), "--quiet"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-500:])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    if len(rows) != len(images) or any("error" in r and r["error"] for r in rows):
+        raise AssertionError(rows)
+    by_path = {Path(r["path"]).name: r["prompt"] for r in rows}
+    same = sum(pez_cmd("invert", im, *common)["prompt"] == by_path[im.name] for im in images)
+    return {"images": len(images), "batch_prompt_equals_invert_alone": same}
+
+
+@check
+def render_on_device(tiny: Path, device: str, work: Path):
+    from tiny_sd import save_tiny_sd
+
+    sd = save_tiny_sd(work / "tiny-sd")
+    rendered = pez_cmd("render", "a red circle", "--sd-model", sd, "--device", device, "--images", 2, "--sd-steps", 3,
+                       "--size", 64, "--out", work / "renders")
+    again = pez_cmd("render", "a red circle", "--sd-model", sd, "--device", device, "--images", 2, "--sd-steps", 3,
+                    "--size", 64, "--out", work / "renders2")
+    from PIL import Image
+
+    first = [Image.open(p).tobytes() for p in rendered["renders"]]
+    second = [Image.open(p).tobytes() for p in again["renders"]]
+    inv = pez_cmd("invert", ROOT / "samples" / "coffee.png", "--model", f"local-dir:{tiny}", "--device", device,
+                  "--steps", 20, "--prompt-len", 4, "--render", "--sd-model", sd, "--judge-model", f"local-dir:{tiny}",
+                  "--images", 2, "--sd-steps", 3, "--size", 64, "--out", work / "inv")
+    sim = inv["render_similarity"]
+    return dict(renders=len(rendered["renders"]), deterministic=first == second, render_similarity=sim.get("mean", sim)
+                if isinstance(sim, dict) else sim, sheet=Path(inv.get("contact_sheet", "")).name)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--only", help="run only the checks whose names contain this")
+    args = ap.parse_args()
+    from tiny import save_tiny_clip
+
+    if args.device == "cuda":
+        print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        tiny = save_tiny_clip(work / "tiny")
+        for fn, extra in [(equivalence_float64, ()), (fp32_steps_matching_paper_loop, ()), (invert_precisions, ()),
+                          (invert_compile, ()), (batch_matches_invert, (work,)), (render_on_device, (work,))]:
+            if not args.only or any(part in fn.__name__ for part in args.only.split(",")):
+                fn(tiny, args.device, *extra)
+    if args.json:
+        args.json.write_text(json.dumps(RESULTS, indent=2))
+    failed = [r["check"] for r in RESULTS if not r["ok"]]
+    print(f"{len(RESULTS) - len(failed)}/{len(RESULTS)} checks ok" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
