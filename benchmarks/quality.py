@@ -54,6 +54,9 @@ class Config:
     restarts: int = 1
     ascii_only: bool = False
     paper: bool = False  # run the paper's loop instead of pez
+    # Rows read off the same run at earlier steps, (steps, name): with one target per scene
+    # nothing is sampled, so a run passes through exactly the states a shorter run ends in.
+    snapshots: tuple[tuple[int, str], ...] = ()
 
 
 @dataclass
@@ -80,11 +83,20 @@ def recall(prompt: str, scene: world.Scene) -> float:
     return sum(w in found for w in wanted) / len(wanted)
 
 
-def run_config(cfg: Config, loaded, scenes, feats, seed: int) -> Row:
+def run_config(cfg: Config, loaded, scenes, feats, seed: int) -> list[Row]:
+    """Rows for `cfg`: its snapshots (in step order), then the full run."""
     settings = Settings(model=loaded.name, device="cpu", prompt_len=cfg.prompt_len, steps=cfg.steps,
                         restarts=cfg.restarts, ascii_only=cfg.ascii_only, seed=seed)
     pez = Pez(settings, model=loaded)
     targets = [feats[i:i + 1] for i in range(len(scenes))]
+    n = len(scenes)
+
+    def row(name: str, steps: int, prompts: list[str], sims: list[float], round_trips: list[bool], seconds: float) -> Row:
+        return Row(name, cfg.prompt_len, steps, cfg.restarts, cfg.ascii_only,
+                   similarity=sum(sims) / n, recall=sum(recall(p, s) for p, s in zip(prompts, scenes)) / n,
+                   round_trip=sum(round_trips) / n, seconds_per_image=seconds / n,
+                   examples=[{"caption": s.caption, "prompt": p} for s, p in list(zip(scenes, prompts))[:3]])
+
     start = time.perf_counter()
     if cfg.paper:
         prompts, ids = [], []
@@ -96,18 +108,23 @@ def run_config(cfg: Config, loaded, scenes, feats, seed: int) -> Row:
         seconds = time.perf_counter() - start
         round_trips = [pez.vocab.round_trips(p, i) for p, i in zip(prompts, ids)]
         printed = loaded.encode_texts(prompts)
-        sims = [float(printed[i] @ feats[i]) for i in range(len(scenes))]
-    else:
-        results = pez.solve(targets)
-        seconds = time.perf_counter() - start
-        prompts = [r.prompt for r in results]
-        round_trips = [r.round_trip for r in results]
-        sims = [r.similarity for r in results]
-    n = len(scenes)
-    return Row(cfg.name, cfg.prompt_len, cfg.steps, cfg.restarts, cfg.ascii_only,
-               similarity=sum(sims) / n, recall=sum(recall(p, s) for p, s in zip(prompts, scenes)) / n,
-               round_trip=sum(round_trips) / n, seconds_per_image=seconds / n,
-               examples=[{"caption": s.caption, "prompt": p} for s, p in list(zip(scenes, prompts))[:3]])
+        sims = [float(printed[i] @ feats[i]) for i in range(n)]
+        return [row(cfg.name, cfg.steps, prompts, sims, round_trips, seconds)]
+
+    rows = []
+    snapshots = dict(cfg.snapshots)
+    paused = 0.0  # time spent scoring snapshots, not charged to later rows
+    opt = pez.optimizer(targets)
+    for done in opt.run():
+        if done in snapshots or done == cfg.steps:
+            at = time.perf_counter()
+            results = pez.finish(opt, targets)
+            seconds = time.perf_counter() - start - paused
+            rows.append(row(snapshots.get(done, cfg.name), done, [r.prompt for r in results],
+                            [r.similarity for r in results], [r.round_trip for r in results], seconds))
+            if done != cfg.steps:
+                paused += time.perf_counter() - at
+    return rows
 
 
 def known_targets(arch: str, steps: int, seed: int, prompt_len: int = 8) -> list[dict]:
@@ -134,11 +151,9 @@ def configurations(quick: bool) -> list[Config]:
                 Config("pez, prompt_len 8", prompt_len=8, steps=100), Config("pez, restarts 4", steps=100, restarts=4)]
     return [
         Config("paper loop", paper=True),
-        Config("pez"),
+        Config("pez, more steps", steps=1000, snapshots=((100, "pez, fewer steps"), (300, "pez"))),
         Config("pez, prompt_len 8", prompt_len=8),
         Config("pez, prompt_len 32", prompt_len=32),
-        Config("pez, fewer steps", steps=100),
-        Config("pez, more steps", steps=1000),
         Config("pez, restarts 4", restarts=4),
         Config("pez, --ascii-only", ascii_only=True),
     ]
@@ -186,16 +201,18 @@ def main(argv=None):
 
     rows: list[Row] = []
     for cfg in configurations(args.quick):
-        cfg = replace(cfg, steps=max(1, int(cfg.steps * args.steps_scale)))
+        scale = lambda k: max(1, int(k * args.steps_scale))  # noqa: E731
+        cfg = replace(cfg, steps=scale(cfg.steps),
+                      snapshots=tuple((scale(k), name) for k, name in cfg.snapshots if scale(k) < scale(cfg.steps)))
         log(f"running: {cfg.name}")
-        rows.append(run_config(cfg, loaded, scenes, feats, args.seed))
+        rows += run_config(cfg, loaded, scenes, feats, args.seed)
         if cfg.paper:  # pez given the paper loop's wall time (per image): as many steps as fit
             probe_steps = max(1, cfg.steps // 10)
-            probe = run_config(replace(cfg, name="probe", paper=False, steps=probe_steps), loaded, scenes, feats, args.seed)
+            [probe] = run_config(replace(cfg, name="probe", paper=False, steps=probe_steps), loaded, scenes, feats, args.seed)
             steps = max(1, int(min(20 * cfg.steps, rows[-1].seconds_per_image * probe_steps / probe.seconds_per_image)))
             log(f"running: pez at the paper loop's wall time ({steps} steps)")
-            rows.append(run_config(replace(cfg, name="pez, paper loop's wall time", paper=False, steps=steps),
-                                   loaded, scenes, feats, args.seed))
+            rows += run_config(replace(cfg, name="pez, paper loop's wall time", paper=False, steps=steps),
+                               loaded, scenes, feats, args.seed)
     log("running: known targets")
     known = known_targets(args.text_arch, max(1, int(text_steps * args.steps_scale)), args.seed)
 

@@ -43,3 +43,26 @@ def test_quality_benchmark_smoke(tmp_path):
     assert 0 <= data["world"]["heldout_top1"] <= 1
     # The cached world model is reused, not trained again.
     assert len(list(tmp_path.glob("world-*"))) == 1
+
+
+def test_quality_snapshot_rows_equal_shorter_runs(tiny_dir):
+    """The quality benchmark reads its 100- and 300-step rows off the 1000-step run; that is
+    only honest if a snapshot equals a run stopped there."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import quality
+    import world
+
+    from pez_cli.models import load_model
+
+    loaded = load_model(f"local-dir:{tiny_dir}", torch.device("cpu"))
+    scenes = world.scenes(7, 3)
+    feats = torch.nn.functional.normalize(torch.randn(3, loaded.text.output_dim, generator=torch.Generator().manual_seed(0)), dim=-1)
+    long = quality.run_config(quality.Config("long", prompt_len=4, steps=30, snapshots=((8, "short"),)), loaded, scenes, feats, 1)
+    [short] = quality.run_config(quality.Config("short", prompt_len=4, steps=8), loaded, scenes, feats, 1)
+    assert [(r.name, r.steps) for r in long] == [("short", 8), ("long", 30)]
+    assert long[0].examples == short.examples
+    assert long[0].similarity == short.similarity and long[0].round_trip == short.round_trip
+    # The run went on past the snapshot and changed its prompts.
+    assert long[1].examples != long[0].examples
