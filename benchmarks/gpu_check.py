@@ -29,6 +29,7 @@ import traceback
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -38,7 +39,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from pez_cli.api import Pez  # noqa: E402
 from pez_cli.config import Settings  # noqa: E402
 from pez_cli.models import load_model  # noqa: E402
-from pez_cli.reference import paper_loop  # noqa: E402
+from test_equivalence import _pez_step_ids, _reference, _targets  # noqa: E402
 
 RESULTS: list[dict] = []
 
@@ -61,19 +62,22 @@ def check(fn):
     return run
 
 
-def pez_cmd(*args) -> dict:
-    """Run `python -m pez_cli ...` and parse its JSON output."""
-    cmd = [sys.executable, "-m", "pez_cli", *map(str, args), "--json", "--quiet"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+def pez_run(*args) -> subprocess.CompletedProcess:
+    """Run `python -m pez_cli ...`; a non-zero exit raises with the end of its stderr."""
+    proc = subprocess.run([sys.executable, "-m", "pez_cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
     if proc.returncode != 0:
         raise RuntimeError(f"exit {proc.returncode}: {proc.stderr.strip()[-500:]}")
-    return json.loads(proc.stdout)
+    return proc
+
+
+def pez_cmd(*args) -> dict:
+    """Run `python -m pez_cli ... --json --quiet` and parse its JSON output."""
+    return json.loads(pez_run(*args, "--json", "--quiet").stdout)
 
 
 def step_ids(pez, problems):
-    """Ids chosen at every step, per problem (the equivalence tests' helper)."""
-    from test_equivalence import _pez_step_ids
-
+    """Ids chosen at every step, per problem."""
     return _pez_step_ids(pez, problems)[0]
 
 
@@ -87,17 +91,13 @@ def equivalence_float64(tiny: Path, device: str):
         settings = Settings(model=f"local-dir:{tiny}", device=device, steps=50, prompt_len=6, batch_size=bs,
                             restarts=restarts, seed=11, precision="fp32")
         pez = Pez(settings, model=model)
-        g = torch.Generator().manual_seed(n)
-        targets = torch.nn.functional.normalize(torch.randn(n, pez.model.text.output_dim, generator=g, dtype=torch.float64), dim=-1)
-        [ours] = step_ids(pez, [targets.to(device)])
-        ref = paper_loop(model.clip, model.tokenizer, targets.to(device), prompt_len=6, steps=50, lr=0.1, weight_decay=0.1,
-                         restarts=restarts, batch_size=bs, seed=11, allowed_ids=pez.vocab.allowed_ids, record=True)
-        same = sum(a == b for a, b in zip(ours, ref.step_ids))
+        targets = _targets(pez, n, seed=n).to(device)
+        [ours] = step_ids(pez, [targets])
+        same = sum(a == b for a, b in zip(ours, _reference(pez, targets).step_ids))
         found[f"targets{n}-bs{bs}-r{restarts}"] = f"{same}/50 steps identical"
         if same != 50:
             raise AssertionError(found)
-    problems = [torch.nn.functional.normalize(torch.randn(k, pez.model.text.output_dim, dtype=torch.float64), dim=-1).to(device)
-                for k in (1, 3, 2)]
+    problems = [_targets(pez, k, seed=10 + k).to(device) for k in (1, 3, 2)]
     batched = step_ids(pez, problems)
     alone = [step_ids(pez, [t])[0] for t in problems]
     found["batched==alone"] = all(b == a for b, a in zip(batched, alone))
@@ -112,12 +112,11 @@ def fp32_steps_matching_paper_loop(tiny: Path, device: str):
     model = load_model(f"local-dir:{tiny}", torch.device(device))
     settings = Settings(model=f"local-dir:{tiny}", device=device, steps=50, prompt_len=6, seed=11, precision="fp32")
     pez = Pez(settings, model=model)
-    targets = torch.nn.functional.normalize(torch.randn(1, pez.model.text.output_dim, generator=torch.Generator().manual_seed(1)), dim=-1)
-    [ours] = step_ids(pez, [targets.to(device)])
-    ref = paper_loop(model.clip, model.tokenizer, targets.to(device), prompt_len=6, steps=50, lr=0.1, weight_decay=0.1,
-                     restarts=1, batch_size=1, seed=11, allowed_ids=pez.vocab.allowed_ids, record=True)
-    first = next((i for i, (a, b) in enumerate(zip(ours, ref.step_ids)) if a != b), None)
-    return {"identical_steps": sum(a == b for a, b in zip(ours, ref.step_ids)), "first_difference": first}
+    targets = _targets(pez, 1, seed=1).float().to(device)
+    [ours] = step_ids(pez, [targets])
+    ref = _reference(pez, targets).step_ids
+    first = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), None)
+    return {"identical_steps": sum(a == b for a, b in zip(ours, ref)), "first_difference": first}
 
 
 @check
@@ -155,10 +154,7 @@ def batch_matches_invert(tiny: Path, device: str, work: Path):
     common = ["--model", f"local-dir:{tiny}", "--device", device, "--steps", 40, "--prompt-len", 5, "--precision", "fp32",
               "--seed", 2]
     out = work / "batch.jsonl"
-    cmd = [sys.executable, "-m", "pez_cli", "batch", *map(str, images), "--out", str(out), *map(str, common), "--quiet"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
-    if proc.returncode != 0:
-        raise RuntimeError(proc.stderr[-500:])
+    pez_run("batch", *images, "--out", out, *common, "--quiet")
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     if len(rows) != len(images) or any("error" in r and r["error"] for r in rows):
         raise AssertionError(rows)
@@ -172,20 +168,14 @@ def render_on_device(tiny: Path, device: str, work: Path):
     from tiny_sd import save_tiny_sd
 
     sd = save_tiny_sd(work / "tiny-sd")
-    rendered = pez_cmd("render", "a red circle", "--sd-model", sd, "--device", device, "--images", 2, "--sd-steps", 3,
-                       "--size", 64, "--out", work / "renders")
-    again = pez_cmd("render", "a red circle", "--sd-model", sd, "--device", device, "--images", 2, "--sd-steps", 3,
-                    "--size", 64, "--out", work / "renders2")
-    from PIL import Image
-
-    first = [Image.open(p).tobytes() for p in rendered["renders"]]
-    second = [Image.open(p).tobytes() for p in again["renders"]]
+    first, second = ([Image.open(p).tobytes() for p in pez_cmd(
+        "render", "a red circle", "--sd-model", sd, "--device", device, "--images", 2, "--sd-steps", 3, "--size", 64,
+        "--out", work / f"renders{i}")["renders"]] for i in (1, 2))
     inv = pez_cmd("invert", ROOT / "samples" / "coffee.png", "--model", f"local-dir:{tiny}", "--device", device,
                   "--steps", 20, "--prompt-len", 4, "--render", "--sd-model", sd, "--judge-model", f"local-dir:{tiny}",
                   "--images", 2, "--sd-steps", 3, "--size", 64, "--out", work / "inv")
-    sim = inv["render_similarity"]
-    return dict(renders=len(rendered["renders"]), deterministic=first == second, render_similarity=sim.get("mean", sim)
-                if isinstance(sim, dict) else sim, sheet=Path(inv.get("contact_sheet", "")).name)
+    return dict(renders=len(first), deterministic=first == second, render_similarity=inv["render_similarity"]["mean"],
+                sheet=Path(inv["contact_sheet"]).name)
 
 
 def main():

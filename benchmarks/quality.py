@@ -35,10 +35,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import world  # noqa: E402
+from speed import build_model  # noqa: E402
 
 from pez_cli.api import Pez  # noqa: E402
 from pez_cli.config import Settings  # noqa: E402
-from pez_cli.models import load_model, wrap_model  # noqa: E402
+from pez_cli.models import load_model  # noqa: E402
 from pez_cli.reference import paper_loop  # noqa: E402
 
 SECRETS = ["a photo of a red car", "an oil painting of a lighthouse at night", "two dogs playing in the snow",
@@ -130,11 +131,7 @@ def run_config(cfg: Config, loaded, scenes, feats, seed: int) -> list[Row]:
 def known_targets(arch: str, steps: int, seed: int, prompt_len: int = 8) -> list[dict]:
     """`pez distill` with its default prompt length on each secret (solved as one batch, which
     gives each secret exactly what it gets alone)."""
-    import open_clip
-
-    torch.manual_seed(seed)
-    model = open_clip.create_model(arch, pretrained=None)
-    loaded = wrap_model(f"{arch} (random init)", model, open_clip.get_tokenizer(arch), None, torch.device("cpu"))
+    loaded = build_model(arch, torch.device("cpu"), seed)  # the speed benchmark's random model
     loaded.release_image_tower()
     pez = Pez(Settings(model=loaded.name, device="cpu", prompt_len=prompt_len, steps=steps, seed=seed), model=loaded)
     start = time.perf_counter()

@@ -39,10 +39,11 @@ from pez_cli.models import pick_device, wrap_model  # noqa: E402
 from pez_cli.reference import paper_loop  # noqa: E402
 
 
-def build_model(arch: str, device: torch.device):
+def build_model(arch: str, device: torch.device, seed: int = 0):
+    """A randomly initialised open_clip model (the same weights for the same seed)."""
     import open_clip
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = open_clip.create_model(arch, pretrained=None, device=device)
     tokenizer = open_clip.get_tokenizer(arch)
     return wrap_model(f"{arch} (random init)", model, tokenizer, None, device)
@@ -110,13 +111,20 @@ def time_reference(loaded, targets_list, steps, prompt_len, device, warm=True, r
     return seconds, mem.peak_mb
 
 
+def warm_up(pez, targets_list, device) -> float:
+    """Two steps on a throw-away optimizer (compiles with --compile); returns their seconds."""
+    start = time.perf_counter()
+    opt = pez.optimizer(targets_list)
+    for _ in range(2):
+        opt.step()
+    sync(device)
+    return time.perf_counter() - start
+
+
 def time_pez(pez, targets_list, steps, device, warm=True, resident_mb=0.0):
     """pez, all problems in one batch. Returns (seconds, peak MB)."""
     if warm:
-        opt = pez.optimizer(targets_list)
-        for _ in range(2):
-            opt.step()
-        del opt
+        warm_up(pez, targets_list, device)
     with PeakMemory(device, resident_mb) as mem:
         sync(device)
         start = time.perf_counter()
@@ -158,6 +166,10 @@ def main(argv=None):
     ap.add_argument("--json", type=Path, help="write the results here as JSON")
     ap.add_argument("--probe", choices=["paper", "pez"], help=argparse.SUPPRESS)  # internal: memory probe
     args = ap.parse_args(argv)
+    variant_specs = [v for v in args.variants.split(",") if v]
+    for spec in variant_specs:  # checked before anything slow runs
+        if spec.partition("+")[2] not in ("", "compile"):
+            ap.error(f"--variants: unknown option {spec.partition('+')[2]!r} in {spec!r} (use PRECISION or PRECISION+compile)")
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -232,19 +244,11 @@ def main(argv=None):
             rows["batch"][key] = value
     # Other precisions / compile for pez, case 2 only, against the same paper-loop time.
     variants = []
-    for spec in filter(None, (args.variants or "").split(",")):
+    for spec in variant_specs:
         precision, _, extra = spec.partition("+")
-        if extra not in ("", "compile"):
-            ap.error(f"--variants: unknown option {extra!r} in {spec!r} (use PRECISION or PRECISION+compile)")
         del pez  # free the previous engine first
         pez, resident = make_pez(precision, extra == "compile")
-        compile_start = time.perf_counter()
-        opt = pez.optimizer(targets)
-        for _ in range(2):  # warm-up (compiles with +compile)
-            opt.step()
-        sync(device)
-        warmup = time.perf_counter() - compile_start
-        del opt
+        warmup = warm_up(pez, targets, device)
         seconds, mem = time_pez(pez, targets, args.steps, device, warm=False, resident_mb=resident)
         variants.append(dict(variant=spec, autocast=str(pez.model.text.amp_dtype), seconds=seconds, ratio=refn / seconds,
                              ms_per_step=1000 * seconds / args.steps, warmup_seconds=warmup,

@@ -228,17 +228,14 @@ DEFAULT_CACHE = Path.home() / ".cache" / "pez-bench"
 
 def world_model(steps=1500, batch=128, seed=0, width=128, layers=3, cache: Path = DEFAULT_CACHE, log=None):
     """The trained world model's `local-dir:` folder and report, trained once and cached."""
-    from safetensors.torch import save_file
+    from pez_cli.models import save_local_dir
 
     folder = Path(cache) / f"world-{cache_key(steps, batch, seed, width, layers)}"
     report_path = folder / "world.json"
     if report_path.is_file():
         return folder, WorldReport(**json.loads(report_path.read_text()))
     model, cfg, report = train(steps, batch, seed, width, layers, log=log)
-    folder.mkdir(parents=True, exist_ok=True)
-    config = {"model_cfg": cfg, "preprocess_cfg": {"mean": list(MEAN), "std": list(STD)}}
-    (folder / "open_clip_config.json").write_text(json.dumps(config, indent=2))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    save_local_dir(model, cfg, {"mean": list(MEAN), "std": list(STD)}, folder)
     report_path.write_text(json.dumps(asdict(report), indent=2))  # written last: marks the cache complete
     return folder, report
 

@@ -313,7 +313,6 @@ def wrap_model(name: str, model: nn.Module, tokenizer: Any, preprocess: Any, dev
 def export_model(name: str, folder: Path) -> Path:
     """Save a loadable model as a `local-dir:` folder (config JSON + safetensors weights)."""
     from open_clip.factory import get_model_config
-    from safetensors.torch import save_file
 
     folder = Path(folder).expanduser()
     if folder.exists() and any(folder.iterdir()):
@@ -327,10 +326,18 @@ def export_model(name: str, folder: Path) -> Path:
         model_cfg["quick_gelu"] = True
     preprocess_cfg = dict(getattr(loaded.clip.visual, "preprocess_cfg", {}) or {})
     preprocess_cfg.pop("size", None)  # follows the architecture's image size
-    config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
+    return save_local_dir(loaded.clip, model_cfg, preprocess_cfg, folder)
+
+
+def save_local_dir(model: nn.Module, model_cfg: dict, preprocess_cfg: dict, folder: Path) -> Path:
+    """Write an open_clip model in the `local-dir:` layout: config JSON + safetensors weights."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
     (folder / "open_clip_config.json").write_text(json.dumps(config, indent=2, default=list))
-    state = {k: v.detach().contiguous() for k, v in loaded.clip.state_dict().items()}
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(folder / "open_clip_model.safetensors"))
     return folder
 

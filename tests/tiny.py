@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -18,13 +17,10 @@ TINY_CFG = {
 def save_tiny_clip(folder: Path, seed: int = 0, cfg: dict | None = None) -> Path:
     """Build a random CLIP from `cfg` and save it in open_clip's local-dir layout."""
     import open_clip
-    from safetensors.torch import save_file
+
+    from pez_cli.models import save_local_dir
 
     cfg = cfg or TINY_CFG
     torch.manual_seed(seed)
     model = open_clip.model.CLIP(**cfg)
-    folder.mkdir(parents=True, exist_ok=True)
-    config = {"model_cfg": cfg, "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}}
-    (folder / "open_clip_config.json").write_text(json.dumps(config))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
-    return folder
+    return save_local_dir(model, cfg, {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}, folder)
