@@ -56,6 +56,11 @@ class Pez:
             ascii_only=settings.ascii_only,
         )
         self.model.text.set_precision(resolve_precision(settings.precision, self.device))
+        # fp32 on the CPU: oneDNN products with packed weights (exact up to rounding order);
+        # torch.compile makes its own kernels, so it gets the plain modules.
+        pack = self.device.type == "cpu" and not settings.compile
+        self.model.text.pack_weights(pack)
+        self.vocab.pack(pack, rows_hint=self.model.context_length)
 
     # -- targets ---------------------------------------------------------------------------
     def image_features(self, images: Sequence[Image.Image | str | Path]) -> torch.Tensor:

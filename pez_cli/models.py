@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pez_cli.errors import ConfigError, ModelError
+from pez_cli.kernels import PackedWeight, pack_modules, packed_nbytes, unpack_modules, use_packed
 
 OFFLINE_HINT = (
     "to run offline, point --model at a local copy: local-dir:/path/to/folder "
@@ -98,12 +99,36 @@ class TextTower(nn.Module):
         self.context_length = int(self.positional_embedding.shape[0])
         self.width = int(self.token_embedding.weight.shape[1])
         self.amp_dtype: torch.dtype | None = None  # set by set_precision
+        self.packed_projection: PackedWeight | None = None  # set by pack_weights
 
     def set_precision(self, dtype: torch.dtype | None) -> None:
         """Keep the weights in `dtype` (None: as loaded) and run forward under autocast."""
         if dtype is not None:
+            self.pack_weights(False)  # packed copies would keep the old values
             self.to(dtype)
         self.amp_dtype = dtype
+
+    def pack_weights(self, enable: bool = True) -> int:
+        """Use (or stop using) oneDNN-packed fp32 CPU products in the transformer (see kernels.py).
+
+        Only frozen fp32 CPU layers are packed; a packed layer falls back to the ordinary
+        product for any other input. Returns the number of layers swapped or restored.
+        """
+        if not enable:
+            self.packed_projection = None
+            return unpack_modules(self.transformer)
+        if self.amp_dtype is not None:
+            return 0
+        swapped = pack_modules(self.transformer, rows_hint=self.context_length)
+        proj = self.text_projection
+        if swapped and isinstance(proj, nn.Parameter) and not proj.requires_grad and proj.dtype == torch.float32 and proj.device.type == "cpu":
+            self.packed_projection = PackedWeight(proj.t(), rows_hint=self.context_length)  # x @ proj
+        return swapped
+
+    def packed_bytes(self) -> int:
+        """Memory held by the packed copies that pack_weights made."""
+        extra = self.packed_projection.nbytes if self.packed_projection is not None else 0
+        return packed_nbytes(self.transformer) + extra
 
     @property
     def output_dim(self) -> int:
@@ -128,6 +153,8 @@ class TextTower(nn.Module):
         proj = self.text_projection
         if proj is None:
             return x
+        if self.packed_projection is not None and use_packed(x, proj):
+            return self.packed_projection.apply(x, None)
         return proj(x) if isinstance(proj, nn.Linear) else x @ proj  # (B, D)
 
     def encode_ids(self, sequences: Sequence[Sequence[int]]) -> torch.Tensor:

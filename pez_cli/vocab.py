@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from pez_cli.errors import ConfigError
+from pez_cli.kernels import PackedMatrix, packing_available
 
 # Vocabulary rows scored per matmul in the projection; bounds the (chunk, rows) score block.
-VOCAB_CHUNK = 4096
+VOCAB_CHUNK = 8192
 
 
 def token_text(tokenizer: Any, token_id: int) -> str:
@@ -78,6 +79,27 @@ class Vocabulary:
         weight = embedding_weight.detach()
         self.embeddings = weight if weight.dtype == torch.float64 else weight.float()  # (V, W)
         self.normalized = F.normalize(self.embeddings[self.allowed_ids], dim=-1)  # (A, W)
+        self.packed: list[PackedMatrix] = []  # oneDNN-packed chunks of `normalized` (see pack)
+
+    def pack(self, enable: bool, rows_hint: int) -> bool:
+        """Score fp32 CPU projections with oneDNN-packed vocabulary chunks (same ids, faster).
+
+        Costs one more copy of the normalized vocabulary. Returns whether packing is on.
+        """
+        normalized = self.normalized
+        usable = enable and packing_available() and normalized.dtype == torch.float32 and normalized.device.type == "cpu"
+        if not usable:
+            self.packed = []
+        elif not self.packed:
+            self.packed = [
+                PackedMatrix(self.normalized[start:start + VOCAB_CHUNK], rows_hint)
+                for start in range(0, self.size, VOCAB_CHUNK)
+            ]
+        return bool(self.packed)
+
+    def packed_bytes(self) -> int:
+        """Memory held by the packed vocabulary chunks."""
+        return sum(chunk.nbytes for chunk in self.packed)
 
     @property
     def size(self) -> int:
@@ -88,12 +110,16 @@ class Vocabulary:
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """Ids of the nearest allowed tokens by cosine similarity: (..., W) -> (...)."""
-        queries = F.normalize(x.reshape(-1, x.shape[-1]).to(self.normalized.dtype), dim=-1).T  # (W, R)
+        queries = F.normalize(x.reshape(-1, x.shape[-1]).to(self.normalized.dtype), dim=-1)  # (R, W)
+        packed = self.packed if queries.dtype == torch.float32 and queries.device.type == "cpu" else []
         best = idx = None
-        # Vocabulary rows in chunks: each (chunk, R) score block stays in cache, and the
-        # tall (chunk, W) @ (W, R) product is the fast GEMM orientation for few queries.
-        for start in range(0, self.size, VOCAB_CHUNK):
-            score, arg = (self.normalized[start:start + VOCAB_CHUNK] @ queries).max(dim=0)  # (R,)
+        # Vocabulary rows in chunks: each score block stays in cache. Unpacked, the tall
+        # (chunk, W) @ (W, R) product is the fast GEMM orientation for few queries.
+        for n, start in enumerate(range(0, self.size, VOCAB_CHUNK)):
+            if packed:
+                score, arg = packed[n].product(queries).max(dim=1)  # (R,)
+            else:
+                score, arg = (self.normalized[start:start + VOCAB_CHUNK] @ queries.T).max(dim=0)  # (R,)
             if best is None:
                 best, idx = score, arg
             else:

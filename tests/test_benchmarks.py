@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from pez_cli.kernels import packing_available
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -22,6 +24,9 @@ def test_speed_benchmark_smoke(tmp_path):
     assert data["batch"]["images"] == 2 and data["meta"]["prompt_len"] == 4
     for key in ("reference_ms_per_step", "pez_ms_per_step", "ratio", "reference_peak_mb", "pez_peak_mb"):
         assert data["single"][key] >= 0
+    if packing_available():  # ViT-B-32's text tower: 12 blocks of 4 * 512^2 + 2 * 512 * 2048 weights, packed twice
+        assert data["packed_mb"] > 2 * 12 * (4 * 512 * 512 + 2 * 512 * 2048) * 4 / 2**20
+        assert "| 3. packed weight copies" in run.stdout
 
 
 @pytest.mark.slow
