@@ -56,11 +56,7 @@ class Pez:
             ascii_only=settings.ascii_only,
         )
         self.model.text.set_precision(resolve_precision(settings.precision, self.device))
-        # fp32 on the CPU: oneDNN products with packed weights (exact up to rounding order);
-        # torch.compile makes its own kernels, so it gets the plain modules.
-        pack = self.device.type == "cpu" and not settings.compile
-        self.model.text.pack_weights(pack)
-        self.vocab.pack(pack, rows_hint=self.model.context_length)
+        self.packed: bool | None = None  # oneDNN-packed CPU products; decided by pack_kernels
 
     # -- targets ---------------------------------------------------------------------------
     def image_features(self, images: Sequence[Image.Image | str | Path]) -> torch.Tensor:
@@ -77,8 +73,25 @@ class Pez:
         self.model.release_image_tower()
 
     # -- optimization ----------------------------------------------------------------------
+    def pack_kernels(self, enable: bool | None = None) -> bool:
+        """fp32 on the CPU: oneDNN products on weights packed once (kernels.py); returns whether on.
+
+        Exact up to rounding order. By default (enable=None) decided on the first optimizer,
+        after image targets are computed and the image tower can be gone, so the packed copies
+        do not add to the memory peak of loading: on for the CPU, off with --compile
+        (torch.compile makes its own kernels). True or False forces it on or off.
+        """
+        if enable is None:
+            if self.packed is not None:
+                return self.packed
+            enable = self.device.type == "cpu" and not self.settings.compile
+        self.model.text.pack_weights(enable)
+        self.packed = self.vocab.pack(enable, rows_hint=self.model.context_length)
+        return self.packed
+
     def optimizer(self, targets: Sequence[torch.Tensor]) -> PromptOptimizer:
         """A PEZ optimizer for independent problems, one (n_i, D) target tensor each."""
+        self.pack_kernels()
         tok = self.model.tokenizer
         return PromptOptimizer(
             self.model.text, self.vocab, targets, self.settings, tok.sot_token_id, tok.eot_token_id

@@ -83,20 +83,25 @@ def test_packed_engine_chooses_the_same_tokens_as_the_plain_one(tiny_dir):
     settings = Settings(model=f"local-dir:{tiny_dir}", device="cpu", prompt_len=6, restarts=2, steps=40, seed=3)
     packed = Pez(settings)
     plain = Pez(settings)
-    plain.model.text.pack_weights(False)
-    plain.vocab.pack(False, rows_hint=plain.model.context_length)
-    assert _packed_modules(packed.model) and packed.vocab.packed
-    assert not _packed_modules(plain.model) and not plain.vocab.packed
+    assert packed.packed is None and not _packed_modules(packed.model)  # decided by the first optimizer
+    assert plain.pack_kernels(False) is False
     target = torch.nn.functional.normalize(torch.randn(1, packed.model.text.output_dim, generator=torch.Generator().manual_seed(4)), dim=-1)
     ours, theirs = _step_ids(packed, target, 40), _step_ids(plain, target, 40)
+    assert packed.packed is True and _packed_modules(packed.model) and packed.vocab.packed
+    assert not _packed_modules(plain.model) and not plain.vocab.packed
     assert ours == theirs
     assert ours[0] != ours[-1]
 
 
 def test_packed_projection_picks_the_same_ids(tiny_dir):
     pez = Pez(Settings(model=f"local-dir:{tiny_dir}", device="cpu"))
-    assert pez.vocab.packed
+    assert pez.pack_kernels() and pez.vocab.packed
     queries = torch.randn(64, pez.model.text.width, generator=torch.Generator().manual_seed(5))
     packed_ids = pez.vocab.project(queries)
-    pez.vocab.pack(False, rows_hint=pez.model.context_length)
+    assert pez.pack_kernels(False) is False and not pez.vocab.packed
     assert torch.equal(pez.vocab.project(queries), packed_ids)
+
+
+def test_compile_gets_the_plain_modules(tiny_dir):
+    pez = Pez(Settings(model=f"local-dir:{tiny_dir}", device="cpu", compile=True))
+    assert pez.pack_kernels() is False and not _packed_modules(pez.model)
