@@ -231,7 +231,7 @@ def main(argv=None):
     pezn, pezn_mem = time_pez(pez, targets, args.steps, device, resident_mb=pez_resident)
     main_autocast = str(pez.model.text.amp_dtype)
     # On the CPU pez packs the text tower's weights and the vocabulary once per model
-    # (kernels.py); that memory is held from load time on, outside the loops measured above.
+    # (kernels.py, in make_pez), so that memory is held outside the loops measured above.
     packed_mb = (pez.model.text.packed_bytes() + pez.vocab.packed_bytes()) / 2**20
     rows["packed_mb"] = packed_mb
     rows["batch"] = dict(images=args.images, reference_seconds=refn, pez_seconds=pezn, ratio=refn / pezn,

@@ -32,6 +32,16 @@ def packing_available() -> bool:
     )
 
 
+def packable(tensor: torch.Tensor) -> bool:
+    """Whether a constant can be packed: a frozen fp32 CPU tensor, with oneDNN available."""
+    return (
+        not tensor.requires_grad
+        and tensor.dtype == torch.float32
+        and tensor.device.type == "cpu"
+        and packing_available()
+    )
+
+
 def _pack(weight: torch.Tensor, rows_hint: int) -> torch.Tensor:
     """weight (out, in) in oneDNN's blocked layout for products with about rows_hint rows."""
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), rows_hint)
@@ -172,9 +182,7 @@ def pack_modules(root: nn.Module, rows_hint: int) -> int:
 
     def frozen_fp32_cpu(module: nn.Module) -> bool:
         params = list(module.parameters())
-        return bool(params) and all(
-            not p.requires_grad and p.dtype == torch.float32 and p.device.type == "cpu" for p in params
-        )
+        return bool(params) and all(packable(p) for p in params)
 
     swapped = 0
     for parent in list(root.modules()):

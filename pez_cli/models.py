@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pez_cli.errors import ConfigError, ModelError
-from pez_cli.kernels import PackedWeight, pack_modules, packed_nbytes, unpack_modules, use_packed
+from pez_cli.kernels import PackedWeight, pack_modules, packable, packed_nbytes, unpack_modules, use_packed
 
 OFFLINE_HINT = (
     "to run offline, point --model at a local copy: local-dir:/path/to/folder "
@@ -121,7 +121,7 @@ class TextTower(nn.Module):
             return 0
         swapped = pack_modules(self.transformer, rows_hint=self.context_length)
         proj = self.text_projection
-        if swapped and isinstance(proj, nn.Parameter) and not proj.requires_grad and proj.dtype == torch.float32 and proj.device.type == "cpu":
+        if swapped and self.packed_projection is None and isinstance(proj, nn.Parameter) and packable(proj):
             self.packed_projection = PackedWeight(proj.t(), rows_hint=self.context_length)  # x @ proj
         return swapped
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from pez_cli.errors import ConfigError
-from pez_cli.kernels import PackedMatrix, packing_available
+from pez_cli.kernels import PackedMatrix, packable
 
 # Vocabulary rows scored per matmul in the projection; bounds the (chunk, rows) score block.
 VOCAB_CHUNK = 8192
@@ -86,9 +86,7 @@ class Vocabulary:
 
         Costs one more copy of the normalized vocabulary. Returns whether packing is on.
         """
-        normalized = self.normalized
-        usable = enable and packing_available() and normalized.dtype == torch.float32 and normalized.device.type == "cpu"
-        if not usable:
+        if not (enable and packable(self.normalized)):
             self.packed = []
         elif not self.packed:
             self.packed = [
