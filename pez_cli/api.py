@@ -78,13 +78,14 @@ class Pez:
 
         Exact up to rounding order. By default (enable=None) decided on the first optimizer,
         after image targets are computed and the image tower can be gone, so the packed copies
-        do not add to the memory peak of loading: on for the CPU, off with --compile
-        (torch.compile makes its own kernels). True or False forces it on or off.
+        do not add to the memory peak of loading: on for the CPU unless settings.pack_weights
+        is False, off with --compile (torch.compile makes its own kernels). True or False
+        forces it on or off.
         """
         if enable is None:
             if self.packed is not None:
                 return self.packed
-            enable = self.device.type == "cpu" and not self.settings.compile
+            enable = self.device.type == "cpu" and self.settings.pack_weights and not self.settings.compile
         self.model.text.pack_weights(enable)
         self.packed = self.vocab.pack(enable, rows_hint=self.model.context_length)
         return self.packed

@@ -28,7 +28,7 @@ FORMATS = ("jsonl", "csv")
 CSV_FIELDS = ("path", "sha256", "prompt", "similarity", "round_trip", "token_ids", "model",
               "settings_id", "seconds", "error", "settings")
 # Settings that do not change which prompt an image gets.
-NOT_IN_RESULT = ("device", "compile", "sd_model")
+NOT_IN_RESULT = ("device", "compile", "pack_weights", "sd_model")
 # Images decoded and encoded by the image tower at a time.
 ENCODE_CHUNK = 32
 HASH_BLOCK = 1 << 20

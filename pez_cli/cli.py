@@ -65,6 +65,7 @@ class Common:
     negative: Optional[bool]
     precision: Optional[str]
     compile: Optional[bool]
+    pack_weights: Optional[bool]
     json: bool
     quiet: bool
     progress: Optional[bool]
@@ -73,6 +74,7 @@ class Common:
         names = (
             "model", "prompt_len", "steps", "lr", "weight_decay", "restarts", "batch_size",
             "seed", "device", "block", "ascii_only", "negative", "precision", "compile",
+            "pack_weights",
         )
         return {n: getattr(self, n) for n in names}
 
@@ -95,6 +97,7 @@ COMMON_OPTIONS: list[tuple[str, Any, Any]] = [
     ("negative", Annotated[Optional[bool], typer.Option("--negative/--no-negative", help="Find the prompt LEAST like the target (negative loss weight).", show_default=False)], None),
     ("precision", Annotated[Optional[str], typer.Option("--precision", help="fp32, bf16, fp16 or auto (bf16 autocast on GPUs that support it). (default: auto)", show_default=False)], None),
     ("compile", Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the text tower (useful on CUDA for long runs).", show_default=False)], None),
+    ("pack_weights", Annotated[Optional[bool], typer.Option("--pack-weights/--no-pack-weights", help="CPU: packed weight copies for faster steps; --no-pack-weights saves their memory. (default: on)", show_default=False)], None),
     ("json", Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of the prompt.")], False),
     ("quiet", Annotated[bool, typer.Option("--quiet", "-q", help="No progress or status on stderr.")], False),
     ("progress", Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Force progress on stderr on or off (default: on when stderr is a terminal).", show_default=False)], None),

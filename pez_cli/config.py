@@ -58,6 +58,10 @@ class Settings:
     precision: str = "auto"
     # torch.compile the text tower (CUDA only; pays a one-off compile time).
     compile: bool = False
+    # fp32 on the CPU: run the text tower and the vocabulary search on copies of their weights
+    # packed once for oneDNN (about 1.7x faster steps; the copies cost about the size of the
+    # text tower plus the vocabulary). False keeps memory to the model alone.
+    pack_weights: bool = True
 
     def validate(self) -> "Settings":
         """Check ranges that do not need the model (prompt_len's upper bound does)."""

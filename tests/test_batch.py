@@ -63,6 +63,9 @@ def test_rerun_skips_done_images_and_force_redoes(tiny_model, folder, tmp_path):
     again = run("batch", folder, "-o", out, "--model", tiny_model, *FAST)
     assert again.exit_code == 0 and "0 done, 7 already done" in again.stderr
     assert len(rows_of(out)) == 7
+    # Settings that do not change the prompt (packed CPU weights) do not redo anything.
+    unpacked = run("batch", folder, "-o", out, "--model", tiny_model, *FAST, "--no-pack-weights")
+    assert unpacked.exit_code == 0 and "0 done, 7 already done" in unpacked.stderr
     # Other settings are other results: they are computed and appended.
     other = run("batch", folder, "-o", out, "--model", tiny_model, *FAST, "--seed", "1")
     assert "7 done" in other.stderr and len(rows_of(out)) == 14

@@ -105,3 +105,31 @@ def test_packed_projection_picks_the_same_ids(tiny_dir):
 def test_compile_gets_the_plain_modules(tiny_dir):
     pez = Pez(Settings(model=f"local-dir:{tiny_dir}", device="cpu", compile=True))
     assert pez.pack_kernels() is False and not _packed_modules(pez.model)
+
+
+@pytest.mark.parametrize(
+    "extra, config, expect",
+    [([], None, True), (["--no-pack-weights"], None, False), ([], "pack_weights = false\n", False),
+     (["--pack-weights"], "pack_weights = false\n", True)],
+)
+def test_pack_weights_setting_reaches_the_engine(tiny_model, images, tmp_path, monkeypatch, extra, config, expect):
+    from typer.testing import CliRunner
+
+    from pez_cli.cli import app
+
+    decided = []
+    original = Pez.pack_kernels
+
+    def spy(self, enable=None):
+        on = original(self, enable)
+        decided.append((on, bool(self.model.text.packed_bytes()), bool(self.vocab.packed)))
+        return on
+
+    monkeypatch.setattr(Pez, "pack_kernels", spy)
+    args = ["invert", str(images[0]), "--model", tiny_model, "--steps", "3", "--prompt-len", "4", "--device", "cpu", *extra]
+    if config is not None:
+        (tmp_path / "c.toml").write_text(config)
+        args += ["--config", str(tmp_path / "c.toml")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.stderr
+    assert decided and all(d == (expect, expect, expect) for d in decided)
