@@ -68,6 +68,7 @@ class _PackedLinearFn(torch.autograd.Function):
 
 
 def use_packed(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a product of x with a packed copy of `weight` applies: fp32 CPU, no autocast."""
     return (
         x.device.type == "cpu"
         and x.dtype == torch.float32

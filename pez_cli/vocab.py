@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from pez_cli.errors import ConfigError
-from pez_cli.kernels import PackedMatrix, packable
+from pez_cli.kernels import PackedMatrix, packable, use_packed
 
 # Vocabulary rows scored per matmul in the projection; bounds the (chunk, rows) score block.
 VOCAB_CHUNK = 8192
@@ -109,7 +109,7 @@ class Vocabulary:
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """Ids of the nearest allowed tokens by cosine similarity: (..., W) -> (...)."""
         queries = F.normalize(x.reshape(-1, x.shape[-1]).to(self.normalized.dtype), dim=-1)  # (R, W)
-        packed = self.packed if queries.dtype == torch.float32 and queries.device.type == "cpu" else []
+        packed = self.packed if use_packed(queries, self.normalized) else []
         best = idx = None
         # Vocabulary rows in chunks: each score block stays in cache. Unpacked, the tall
         # (chunk, W) @ (W, R) product is the fast GEMM orientation for few queries.
