@@ -121,7 +121,7 @@ class TextTower(nn.Module):
             return 0
         swapped = pack_modules(self.transformer, rows_hint=self.context_length)
         proj = self.text_projection
-        if swapped and self.packed_projection is None and isinstance(proj, nn.Parameter) and packable(proj):
+        if swapped and isinstance(proj, nn.Parameter) and packable(proj):  # packed with the layers, once
             self.packed_projection = PackedWeight(proj.t(), rows_hint=self.context_length)  # x @ proj
         return swapped
 

@@ -133,3 +133,14 @@ def test_pack_weights_setting_reaches_the_engine(tiny_model, images, tmp_path, m
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.stderr
     assert decided and all(d == (expect, expect, expect) for d in decided)
+
+
+def test_projection_is_packed_once_per_model(tiny_dir):
+    first = Pez(Settings(model=f"local-dir:{tiny_dir}", device="cpu"))
+    assert first.pack_kernels()
+    text = first.model.text
+    projection = text.packed_projection
+    assert projection is not None
+    assert text.pack_weights(True) == 0 and text.packed_projection is projection  # nothing left to pack
+    assert Pez(first.settings, model=first.model).pack_kernels() and text.packed_projection is projection
+    assert text.pack_weights(False) > 0 and text.packed_projection is None
