@@ -16,13 +16,16 @@ inputs outside autocast, and the ordinary product otherwise.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 
+@functools.cache
 def packing_available() -> bool:
-    """Whether this torch build has oneDNN and its packed-linear operators."""
+    """Whether this torch build has oneDNN and its packed-linear operators (asked once per process)."""
     ops = getattr(torch.ops, "mkldnn", None)
     return bool(
         torch.backends.mkldnn.is_available()
