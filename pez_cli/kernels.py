@@ -182,14 +182,14 @@ def pack_modules(root: nn.Module, rows_hint: int) -> int:
     number swapped (0 when oneDNN is unavailable: packable() says no to every parameter).
     """
 
-    def frozen_fp32_cpu(module: nn.Module) -> bool:
+    def all_packable(module: nn.Module) -> bool:
         params = list(module.parameters())
         return bool(params) and all(packable(p) for p in params)
 
     swapped = 0
     for parent in list(root.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, (PackedLinear, PackedSelfAttention)) or not frozen_fp32_cpu(child):
+            if isinstance(child, (PackedLinear, PackedSelfAttention)) or not all_packable(child):
                 continue
             if type(child) is nn.Linear:
                 setattr(parent, name, PackedLinear(child, rows_hint))
