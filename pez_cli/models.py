@@ -274,16 +274,89 @@ class LoadedModel:
             torch.cuda.empty_cache()
 
 
-def _load_tokenizer(open_name: str, name: str):
+# text_cfg keys that make open_clip build a Hugging Face tokenizer or text model. Those load
+# files (and, with trust_remote_code, Python code) from the model folder or the Hub, and PEZ
+# needs CLIP's own BPE vocabulary anyway, so such configs are refused before anything loads.
+HF_TEXT_KEYS = ("hf_tokenizer_name", "hf_model_name", "hf_model_pretrained", "hf_proj_type", "hf_pooler_type", "tokenizer_mode")
+# tokenizer_kwargs that open_clip's BPE tokenizer may take from a config (plain data).
+TOKENIZER_KWARGS = ("clean",)
+CONFIG_FILE = "open_clip_config.json"
+
+
+def _has_key(tree: Any, key: str) -> bool:
+    if isinstance(tree, dict):
+        return key in tree or any(_has_key(v, key) for v in tree.values())
+    if isinstance(tree, list):
+        return any(_has_key(v, key) for v in tree)
+    return False
+
+
+def _read_config_file(path: str, name: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"model {name!r}: cannot read {CONFIG_FILE} ({e})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_cfg"), dict):
+        raise ModelError(f"model {name!r}: {CONFIG_FILE} has no model_cfg object")
+    return config["model_cfg"]
+
+
+def model_config(name: str) -> dict[str, Any]:
+    """The architecture config (model_cfg) of a model name, read by pez itself: the folder's
+    or the Hub repository's open_clip_config.json (only that file), or open_clip's built-in."""
     import open_clip
 
-    tokenizer = open_clip.get_tokenizer(open_name)
-    needed = ("encode", "decode", "sot_token_id", "eot_token_id", "decoder", "byte_decoder")
-    if not all(hasattr(tokenizer, a) for a in needed):
-        raise ModelError(
-            f"model {name!r} uses {type(tokenizer).__name__}; pez needs CLIP's BPE tokenizer"
-        )
-    return tokenizer
+    schema, ident, tag = split_model_name(name)
+    if schema == "local-dir":
+        return _read_config_file(os.path.join(os.path.expanduser(ident), CONFIG_FILE), name)
+    if schema == "hf-hub":
+        from huggingface_hub import hf_hub_download
+
+        try:
+            path = hf_hub_download(repo_id=ident, filename=CONFIG_FILE)
+        except Exception as e:
+            raise ModelError(f"could not load model {name!r} from the Hugging Face Hub ({_first_line(e)}); {OFFLINE_HINT}") from None
+        return _read_config_file(path, name)
+    cfg = open_clip.get_model_config(ident)
+    if cfg is None:
+        raise ModelError(_unknown(ident, open_clip.list_models(), "architecture"))
+    return cfg
+
+
+def check_model_config(cfg: dict[str, Any], name: str) -> dict[str, Any]:
+    """Refuse configs that would make open_clip load a non-CLIP tokenizer or text model (and
+    possibly run code shipped with the model). Returns the BPE tokenizer's keyword arguments."""
+    if _has_key(cfg, "trust_remote_code"):
+        raise ModelError(f"model {name!r} asks to run code from its files (trust_remote_code); pez never does")
+    text = cfg.get("text_cfg") or {}
+    if not isinstance(text, dict):
+        raise ModelError(f"model {name!r}: text_cfg must be an object")
+    hf = [k for k in HF_TEXT_KEYS if text.get(k)]
+    if hf:
+        raise ModelError(f"model {name!r} uses a Hugging Face text tower or tokenizer ({hf[0]}); pez needs CLIP's BPE tokenizer")
+    if (cfg.get("vision_cfg") or {}).get("timm_model_pretrained"):
+        raise ModelError(f"model {name!r} would download separate timm image weights (timm_model_pretrained); pez does not")
+    if "multimodal_cfg" in cfg:
+        raise ModelError("text towers with an appended class token (CoCa) are not supported")
+    kwargs = text.get("tokenizer_kwargs") or {}
+    extra = [k for k in kwargs if k not in TOKENIZER_KWARGS]
+    if not isinstance(kwargs, dict) or extra:
+        raise ModelError(f"model {name!r}: unsupported tokenizer_kwargs {extra or kwargs!r}")
+    return dict(kwargs)
+
+
+def bpe_tokenizer(cfg: dict[str, Any], name: str):
+    """open_clip's BPE tokenizer (its bundled vocabulary), built by pez from a checked config."""
+    from open_clip.tokenizer import DEFAULT_CONTEXT_LENGTH, SimpleTokenizer
+
+    kwargs = check_model_config(cfg, name)
+    context = (cfg.get("text_cfg") or {}).get("context_length", DEFAULT_CONTEXT_LENGTH)
+    return SimpleTokenizer(context_length=context, **kwargs)
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 def load_model(name: str, device: torch.device) -> LoadedModel:
@@ -291,6 +364,8 @@ def load_model(name: str, device: torch.device) -> LoadedModel:
     import open_clip
 
     check_model_name(name)
+    cfg = model_config(name)
+    tokenizer = bpe_tokenizer(cfg, name)  # refuses foreign tokenizers before anything is built
     schema, ident, tag = split_model_name(name)
     quick_gelu = False
     if schema == "local-dir":
@@ -307,17 +382,17 @@ def load_model(name: str, device: torch.device) -> LoadedModel:
             quick_gelu = bool(open_clip.get_pretrained_cfg(ident, tag).get("quick_gelu", False))
             _ensure_downloaded(name, ident, tag)
     try:
+        # weights_only: a .bin/.pth checkpoint is unpickled without running any code in it.
         model, _, preprocess = open_clip.create_model_and_transforms(
-            open_name, pretrained=pretrained, device=device, force_quick_gelu=quick_gelu
+            open_name, pretrained=pretrained, device=device, force_quick_gelu=quick_gelu, weights_only=True
         )
     except ModelError:
         raise
     except Exception as e:  # open_clip wraps download and parse failures in many types
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        first = _first_line(e)
         if schema == "hf-hub":
             raise ModelError(f"could not load model {name!r} from the Hugging Face Hub ({first}); {OFFLINE_HINT}") from None
         raise ModelError(f"could not load model {name!r}: {first}") from None
-    tokenizer = _load_tokenizer(open_name, name)
     loaded = wrap_model(name, model, tokenizer, preprocess, device)
     loaded.info.update(open_name=open_name, quick_gelu=quick_gelu)
     return loaded
@@ -378,7 +453,7 @@ def _ensure_downloaded(name: str, arch: str, tag: str) -> None:
     try:
         path = download_pretrained(cfg)
     except Exception as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        first = _first_line(e)
         raise ModelError(f"could not download weights for {name!r} ({first}); {OFFLINE_HINT}") from None
     if not path:
         raise ModelError(f"could not download weights for {name!r}; {OFFLINE_HINT}")

@@ -72,7 +72,8 @@ def test_quickgelu_weights_get_quickgelu(monkeypatch):
 
     seen = []
 
-    def fake_create(name, pretrained=None, device=None, force_quick_gelu=False):
+    def fake_create(name, pretrained=None, device=None, force_quick_gelu=False, weights_only=False):
+        assert weights_only is True  # set by pez, not left to a library default
         seen.append((name, pretrained, force_quick_gelu))
         raise RuntimeError("stop here")
 
