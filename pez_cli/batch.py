@@ -7,6 +7,7 @@ The job loop itself lives in `run_batch`, which reports through callbacks and ne
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -87,13 +88,49 @@ def row_key(row: dict[str, Any]) -> tuple[str, str | None, str]:
 
 # -- result files --------------------------------------------------------------------------
 def format_for(path: str | None, fmt: str | None) -> str:
+    """The format to write: an existing result file's own (read from its content), else
+    --format, else csv for a .csv name and jsonl for anything else."""
+    if fmt and fmt not in FORMATS:
+        raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    existing = sniff_format(Path(path).expanduser()) if path and path != "-" else None
+    if existing:
+        if fmt and fmt != existing:
+            raise ConfigError(f"{path} is a {existing} result file; --format {fmt} would mix formats in it")
+        return existing
     if fmt:
-        if fmt not in FORMATS:
-            raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
         return fmt
     if path and path.lower().endswith(".csv"):
         return "csv"
     return "jsonl"
+
+
+JSONL_START = b'{"path": '  # every JSONL row pez writes starts so (path is its first key)
+CSV_HEADER = ",".join(CSV_FIELDS).encode()
+SNIFF_LINES = 20
+
+
+def sniff_format(path: Path) -> str | None:
+    """The format of an existing result file, read from its content: 'jsonl' or 'csv', None
+    when it is missing or empty. Anything that is not a pez result file is a ConfigError: pez
+    appends only to its own results, never to (or "repairs") a user's other file."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+    except FileNotFoundError:
+        return None
+    except IsADirectoryError:
+        raise ConfigError(f"result file is a folder: {path}") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read result file {path}: {e.strerror or e}") from None
+    if not head.strip():
+        return None
+    lines = head.split(b"\n")[:SNIFF_LINES]
+    if lines[0].rstrip(b"\r") == CSV_HEADER or (len(lines) == 1 and CSV_HEADER.startswith(lines[0])):
+        return "csv"
+    for line in lines:
+        if line.startswith(JSONL_START) or (line is lines[-1] and line and JSONL_START.startswith(line)):
+            return "jsonl"
+    raise ConfigError(f"{path} holds something that is not a pez result file; pez only appends to its own results")
 
 
 def _csv_row(row: dict[str, Any]) -> dict[str, Any]:
@@ -154,6 +191,9 @@ class ResultWriter:
             self.path = Path(path).expanduser()
             if self.path.is_dir():
                 raise ConfigError(f"--out is a folder, not a file: {path}")
+            existing = sniff_format(self.path)  # refuses a file that is not a pez result
+            if existing and existing != fmt:
+                raise ConfigError(f"{path} is a {existing} result file, not {fmt}")
             self.path.parent.mkdir(parents=True, exist_ok=True)
             repair_torn_line(self.path)
             needs_header = not self.path.exists() or self.path.stat().st_size == 0
@@ -210,36 +250,118 @@ def merge_rows(groups: Iterable[Sequence[dict[str, Any]]]) -> list[dict[str, Any
 
 
 # -- other outputs -------------------------------------------------------------------------
+def check_sidecar_ext(ext: str) -> str:
+    """A caption file extension, with its dot: never empty, never a path, never an image type."""
+    from pez_cli.images import IMAGE_SUFFIXES
+
+    norm = ext if ext.startswith(".") else "." + ext
+    if not norm.strip(".") or any(c in norm for c in "/\\\0") or norm != norm.strip():
+        raise ConfigError(f"--sidecar-ext must be a file extension such as .txt, got {ext!r}")
+    if norm.lower() in IMAGE_SUFFIXES:
+        raise ConfigError(f"--sidecar-ext {ext!r} is an image type: captions would replace images")
+    return norm
+
+
+def location(path: Path) -> str:
+    """Where a name points, for comparing paths given differently: its folder resolved, its own
+    name kept (a link at that name is that name; writes replace links, never follow them)."""
+    path = Path(os.path.abspath(path))
+    return os.path.join(os.path.realpath(path.parent), path.name)
+
+
+def protected_locations(paths: Iterable[Path], out: str | None) -> set[str]:
+    """Files a side output must never replace: every input (as named and as resolved) and --out."""
+    found: set[str] = set()
+    for p in paths:
+        found.add(location(p))
+        found.add(os.path.realpath(p))
+    if out and out != "-":
+        found.add(location(Path(out).expanduser()))
+    return found
+
+
+def caption_conflicts(paths: Sequence[Path], ext: str, protected: set[str]) -> dict[str, str]:
+    """Inputs whose caption file would land on an input or on the --out file, or would be
+    shared with another image (a.png and a.jpg -> a.txt): {location of the image: reason}."""
+    owners: dict[str, set[str]] = {}
+    for p in paths:
+        owners.setdefault(location(sidecar_path(p, ext)), set()).add(os.path.realpath(p))
+    conflicts: dict[str, str] = {}
+    for p in paths:
+        caption = sidecar_path(p, ext)
+        where = location(caption)
+        if where in protected:
+            conflicts[location(p)] = f"caption file {caption} would replace an input or the --out file"
+        elif len(owners[where]) > 1:
+            conflicts[location(p)] = f"caption file {caption} would be shared by {len(owners[where])} images; rename one of them"
+    return conflicts
+
+
 def sidecar_path(image: Path, ext: str) -> Path:
     ext = ext if ext.startswith(".") else "." + ext
     return image.with_suffix(ext)
 
 
+def atomic_write(target: Path, data: bytes) -> None:
+    """Write a file whole or not at all: a new file beside it, fsynced, renamed over the target
+    (a symlink there is replaced, never followed), then the folder fsynced."""
+    folder = target.parent
+    tmp = folder / f".{target.name}.{os.getpid()}.{time.monotonic_ns()}.pez-tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_folder(folder)
+
+
+def fsync_folder(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def write_sidecar(image: Path, ext: str, prompt: str, overwrite: bool) -> bool:
     """Write the caption file next to the image; False if one exists and overwrite is off."""
     target = sidecar_path(image, ext)
-    if target.exists() and not overwrite:
+    if os.path.lexists(target) and not overwrite:
         return False
-    target.write_text(prompt + "\n", encoding="utf-8")
+    atomic_write(target, (prompt + "\n").encode("utf-8"))
     return True
 
 
-def write_png_copy(image: Path, folder: Path, prompt: str, details: dict[str, Any], sha: str, overwrite: bool) -> Path | None:
+def write_png_copy(image: Path, folder: Path, prompt: str, details: dict[str, Any], sha: str, overwrite: bool,
+                   protected: set[str] = frozenset()) -> Path | None:
     """A PNG copy of the image with the prompt in its text metadata (the `parameters` key that
-    Stable Diffusion UIs read). The original is never touched, nor a copy of another image
-    that has the same name; returns None when the copy exists and overwrite is off."""
+    Stable Diffusion UIs read). Never lands on an input (the original included) nor on a copy
+    of another image that has the same name; returns None when the copy exists and overwrite
+    is off."""
     from pez_cli.images import load_image
 
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"{image.stem}.png"
-    if target.resolve() == image.resolve() or (target.exists() and _png_sha(target) != sha):
+    taken = location(target) in protected or os.path.realpath(target) == os.path.realpath(image)
+    if taken or (os.path.lexists(target) and _png_sha(target) != sha):
         target = folder / f"{image.stem}-{sha[:8]}.png"
-    if target.exists() and not overwrite:
+        if location(target) in protected:
+            raise InputError(f"PNG copy {target} would replace an input")
+    if os.path.lexists(target) and not overwrite:
         return None
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", prompt)
     info.add_text("pez", json.dumps({**details, "source_sha256": sha}, ensure_ascii=False))
-    load_image(image).save(target, pnginfo=info)
+    buffer = io.BytesIO()
+    load_image(image).save(buffer, format="PNG", pnginfo=info)
+    atomic_write(target, buffer.getvalue())
     return target
 
 
@@ -282,8 +404,10 @@ def plan(
     sid: str,
     force: bool,
     skip_existing: Callable[[Path], bool] | None = None,
+    conflicts: dict[str, str] | None = None,
 ) -> tuple[list[Pending], Summary]:
-    """Select this shard's images and drop those already done with these settings."""
+    """Select this shard's images and drop those already done with these settings. Images
+    in `conflicts` ({location: reason}, see caption_conflicts) become errors, not work."""
     summary = Summary()
     todo: list[Pending] = []
     for path in paths:
@@ -303,7 +427,7 @@ def plan(
                 if previous is not None and previous.get("error"):
                     summary.failed_before += 1
                 continue
-        todo.append(Pending(path, key, sha))
+        todo.append(Pending(path, key, sha, (conflicts or {}).get(location(path))))
     return todo, summary
 
 

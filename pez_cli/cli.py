@@ -10,6 +10,7 @@ import functools
 import inspect
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -551,8 +552,12 @@ def _batch(inputs, out, fmt, recursive, batch_images, sidecar, sidecar_ext, over
     if batch_images is not None and batch_images < 1:
         raise PezError(f"--batch-images must be at least 1, got {batch_images}")
     part = jobs.parse_shard(shard) if shard else None
+    if sidecar:
+        sidecar_ext = jobs.check_sidecar_ext(sidecar_ext)
     fmt = jobs.format_for(out if out != "-" else None, fmt)
     paths = collect_paths(inputs, sys.stdin, recursive=recursive, missing_ok=True)
+    protected = jobs.protected_locations(paths, out)
+    conflicts = jobs.caption_conflicts(paths, sidecar_ext, protected) if sidecar else {}
     record = jobs.settings_record(settings)
     sid = jobs.settings_id(record)
     done: dict = {}
@@ -560,15 +565,15 @@ def _batch(inputs, out, fmt, recursive, batch_images, sidecar, sidecar_ext, over
         done = {jobs.row_key(r): r for r in jobs.read_rows(Path(out).expanduser(), fmt)}
     skip_existing = None
     if sidecar and not out and not overwrite:  # without a result file, a caption file marks an image done
-        skip_existing = lambda p: jobs.sidecar_path(p, sidecar_ext).exists()  # noqa: E731
-    todo, summary = jobs.plan(paths, part, done, sid, force, skip_existing)
+        skip_existing = lambda p: os.path.lexists(jobs.sidecar_path(p, sidecar_ext))  # noqa: E731
+    todo, summary = jobs.plan(paths, part, done, sid, force, skip_existing, conflicts)
 
     reporter = Reporter(progress_mode(common))
     writer = jobs.ResultWriter(out, fmt) if out else None
     try:
         if todo:
             _run_batch_job(jobs, Pez, settings, todo, summary, writer, record, sid, batch_images,
-                           sidecar, sidecar_ext, overwrite, png_metadata, reporter)
+                           sidecar, sidecar_ext, overwrite, png_metadata, protected, reporter)
     finally:
         if writer is not None:
             writer.close()
@@ -584,7 +589,7 @@ def _batch(inputs, out, fmt, recursive, batch_images, sidecar, sidecar_ext, over
 
 
 def _run_batch_job(jobs, Pez, settings, todo, summary, writer, record, sid, batch_images,
-                   sidecar, sidecar_ext, overwrite, png_metadata, reporter):
+                   sidecar, sidecar_ext, overwrite, png_metadata, protected, reporter):
     def on_error(item):
         summary.failed += 1
         if writer is not None:
@@ -598,7 +603,7 @@ def _run_batch_job(jobs, Pez, settings, todo, summary, writer, record, sid, batc
             summary.sidecars_kept += 1
         if png_metadata is not None:
             details = {"prompt": result.prompt, "similarity": round(result.similarity, 6), "model": settings.model, "settings_id": sid}
-            jobs.write_png_copy(item.path, png_metadata, result.prompt, details, item.sha256, overwrite)
+            jobs.write_png_copy(item.path, png_metadata, result.prompt, details, item.sha256, overwrite, protected)
         summary.done += 1
 
     try:
