@@ -4,7 +4,7 @@
     python benchmarks/batch.py --groups 8,16,32 --json batch.json
 
 Both sides use the code paths of the commands: `pez invert` is `Pez.solve` on one image's
-features; `pez batch` is `pez_cli.batch.run_batch` over groups of --batch-images images. The
+features; `pez batch` is `pez_cli.batch.solve_in_groups` over groups of --batch-images images. The
 model is loaded once for both (which favours the one-by-one side: the real command also
 loads the model for every image). Images: random pixels through a randomly initialised
 ViT-B-32 (weights do not change speed). Prints images per minute and the ratio.
@@ -14,21 +14,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from speed import build_model  # noqa: E402
-
-from pez_cli.api import Pez  # noqa: E402
-from pez_cli.batch import run_batch  # noqa: E402
-from pez_cli.config import Settings  # noqa: E402
-from pez_cli.models import pick_device  # noqa: E402
+from pez_cli.api import Pez
+from pez_cli.batch import solve_in_groups
+from pez_cli.config import Settings
+from pez_cli.models import pick_device
+from speed import build_model
 
 
 def main(argv=None):
@@ -65,11 +60,6 @@ def main(argv=None):
     sync()
     one_by_one = time.perf_counter() - start
 
-    class Item:
-        def __init__(self, i):
-            self.key = str(i)
-
-    items = [Item(i) for i in range(args.images)]
     rows = {"one_by_one": {"seconds": one_by_one, "images_per_minute": 60 * args.images / one_by_one}}
     lines = [
         f"pez batch vs pez invert one image at a time: {args.images} images, {args.arch} (random init), "
@@ -82,7 +72,7 @@ def main(argv=None):
     for group in [int(x) for x in args.groups.split(",") if x]:
         sync()
         start = time.perf_counter()
-        for _ in run_batch(pez, items, feats, group, emit=lambda *a: None):
+        for _ in solve_in_groups(pez, feats, group):
             pass
         sync()
         seconds = time.perf_counter() - start

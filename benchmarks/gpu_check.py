@@ -32,14 +32,13 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from pez_cli.api import Pez  # noqa: E402
 from pez_cli.config import Settings  # noqa: E402
 from pez_cli.models import load_model  # noqa: E402
-from test_equivalence import _pez_step_ids, _reference, _targets  # noqa: E402
+from pez_cli.reference import paper_reference, pez_step_ids  # noqa: E402
+from pez_cli.testing import random_targets, save_tiny_clip, save_tiny_sd  # noqa: E402
 
 RESULTS: list[dict] = []
 
@@ -78,7 +77,11 @@ def pez_cmd(*args) -> dict:
 
 def step_ids(pez, problems):
     """Ids chosen at every step, per problem."""
-    return _pez_step_ids(pez, problems)[0]
+    return pez_step_ids(pez, problems)[0]
+
+
+def targets_for(pez, n, seed, device):
+    return random_targets(n, pez.model.text.output_dim, seed, torch.float64).to(device)
 
 
 @check
@@ -91,13 +94,13 @@ def equivalence_float64(tiny: Path, device: str):
         settings = Settings(model=f"local-dir:{tiny}", device=device, steps=50, prompt_len=6, batch_size=bs,
                             restarts=restarts, seed=11, precision="fp32")
         pez = Pez(settings, model=model)
-        targets = _targets(pez, n, seed=n).to(device)
+        targets = targets_for(pez, n, n, device)
         [ours] = step_ids(pez, [targets])
-        same = sum(a == b for a, b in zip(ours, _reference(pez, targets).step_ids))
+        same = sum(a == b for a, b in zip(ours, paper_reference(pez, targets).step_ids))
         found[f"targets{n}-bs{bs}-r{restarts}"] = f"{same}/50 steps identical"
         if same != 50:
             raise AssertionError(found)
-    problems = [_targets(pez, k, seed=10 + k).to(device) for k in (1, 3, 2)]
+    problems = [targets_for(pez, k, 10 + k, device) for k in (1, 3, 2)]
     batched = step_ids(pez, problems)
     alone = [step_ids(pez, [t])[0] for t in problems]
     found["batched==alone"] = all(b == a for b, a in zip(batched, alone))
@@ -112,9 +115,9 @@ def fp32_steps_matching_paper_loop(tiny: Path, device: str):
     model = load_model(f"local-dir:{tiny}", torch.device(device))
     settings = Settings(model=f"local-dir:{tiny}", device=device, steps=50, prompt_len=6, seed=11, precision="fp32")
     pez = Pez(settings, model=model)
-    targets = _targets(pez, 1, seed=1).float().to(device)
+    targets = targets_for(pez, 1, 1, device).float()
     [ours] = step_ids(pez, [targets])
-    ref = _reference(pez, targets).step_ids
+    ref = paper_reference(pez, targets).step_ids
     first = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), None)
     return {"identical_steps": sum(a == b for a, b in zip(ours, ref)), "first_difference": first}
 
@@ -165,8 +168,6 @@ def batch_matches_invert(tiny: Path, device: str, work: Path):
 
 @check
 def render_on_device(tiny: Path, device: str, work: Path):
-    from tiny_sd import save_tiny_sd
-
     sd = save_tiny_sd(work / "tiny-sd")
     first, second = ([Image.open(p).tobytes() for p in pez_cmd(
         "render", "a red circle", "--sd-model", sd, "--device", device, "--images", 2, "--sd-steps", 3, "--size", 64,
@@ -184,7 +185,6 @@ def main():
     ap.add_argument("--json", type=Path)
     ap.add_argument("--only", help="run only the checks whose names contain this")
     args = ap.parse_args()
-    from tiny import save_tiny_clip
 
     if args.device == "cuda":
         print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)

@@ -31,16 +31,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import world  # noqa: E402
-from speed import build_model  # noqa: E402
-
-from pez_cli.api import Pez  # noqa: E402
-from pez_cli.config import Settings  # noqa: E402
-from pez_cli.models import load_model  # noqa: E402
-from pez_cli.reference import paper_loop  # noqa: E402
+import world
+from pez_cli.api import Pez
+from pez_cli.config import Settings
+from pez_cli.models import load_model
+from pez_cli.reference import paper_loop
+from speed import build_model
 
 SECRETS = ["a photo of a red car", "an oil painting of a lighthouse at night", "two dogs playing in the snow",
            "a bowl of ramen with chopsticks"]
@@ -114,17 +110,20 @@ def run_config(cfg: Config, loaded, scenes, feats, seed: int) -> list[Row]:
 
     rows = []
     snapshots = dict(cfg.snapshots)
-    paused = 0.0  # time spent scoring snapshots, not charged to later rows
-    opt = pez.optimizer(targets)
-    for done in opt.run():
-        if done in snapshots or done == cfg.steps:
+    paused = [0.0]  # time spent scoring snapshots, not charged to later rows
+
+    def add(name: str, steps: int, results, seconds: float) -> None:
+        rows.append(row(name, steps, [r.prompt for r in results], [r.similarity for r in results],
+                        [r.round_trip for r in results], seconds))
+
+    def snapshot(progress) -> None:
+        if progress.step in snapshots:
             at = time.perf_counter()
-            results = pez.finish(opt, targets)
-            seconds = time.perf_counter() - start - paused
-            rows.append(row(snapshots.get(done, cfg.name), done, [r.prompt for r in results],
-                            [r.similarity for r in results], [r.round_trip for r in results], seconds))
-            if done != cfg.steps:
-                paused += time.perf_counter() - at
+            add(snapshots[progress.step], progress.step, progress.results(), at - start - paused[0])
+            paused[0] += time.perf_counter() - at
+
+    results = pez.solve(targets, on_progress=snapshot if snapshots else None)
+    add(cfg.name, cfg.steps, results, time.perf_counter() - start - paused[0])
     return rows
 
 

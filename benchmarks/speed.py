@@ -31,12 +31,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from pez_cli.api import Pez  # noqa: E402
-from pez_cli.config import Settings  # noqa: E402
-from pez_cli.models import pick_device, wrap_model  # noqa: E402
-from pez_cli.reference import paper_loop  # noqa: E402
+from pez_cli import packing
+from pez_cli.api import Pez
+from pez_cli.config import Settings
+from pez_cli.models import pick_device, wrap_model
+from pez_cli.reference import paper_loop
 
 
 def build_model(arch: str, device: torch.device, seed: int = 0):
@@ -112,11 +111,9 @@ def time_reference(loaded, targets_list, steps, prompt_len, device, warm=True, r
 
 
 def warm_up(pez, targets_list, device) -> float:
-    """Two steps on a throw-away optimizer (compiles with --compile); returns their seconds."""
+    """A two-step run (compiles with --compile); returns its seconds."""
     start = time.perf_counter()
-    opt = pez.optimizer(targets_list)
-    for _ in range(2):
-        opt.step()
+    pez.solve(targets_list, steps=2)
     sync(device)
     return time.perf_counter() - start
 
@@ -128,10 +125,7 @@ def time_pez(pez, targets_list, steps, device, warm=True, resident_mb=0.0):
     with PeakMemory(device, resident_mb) as mem:
         sync(device)
         start = time.perf_counter()
-        opt = pez.optimizer(targets_list)
-        for _ in opt.run():
-            pass
-        opt.best()
+        pez.solve(targets_list)  # the loop, then the printed prompts encoded and scored
         sync(device)
         seconds = time.perf_counter() - start
     return seconds, mem.peak_mb
@@ -199,7 +193,7 @@ def main(argv=None):
         settings = Settings(model=model.name, device=str(device), prompt_len=args.prompt_len, steps=args.steps,
                             precision=precision, compile=compile_)
         engine = Pez(settings, model=model)
-        engine.pack_kernels()  # once per model (CPU), not part of a loop; reported separately
+        engine.pack_weights()  # once per model (CPU), not part of a loop; reported separately
         return engine, allocated_mb() - before
 
     pez, pez_resident = make_pez(args.precision, args.compile)
@@ -231,8 +225,8 @@ def main(argv=None):
     pezn, pezn_mem = time_pez(pez, targets, args.steps, device, resident_mb=pez_resident)
     main_autocast = str(pez.model.text.amp_dtype)
     # On the CPU pez packs the text tower's weights and the vocabulary once per model
-    # (kernels.py, in make_pez), so that memory is held outside the loops measured above.
-    packed_mb = (pez.model.text.packed_bytes() + pez.vocab.packed_bytes()) / 2**20
+    # (packing.py, in make_pez), so that memory is held outside the loops measured above.
+    packed_mb = packing.packed_bytes(pez.model.text, pez.vocab) / 2**20
     rows["packed_mb"] = packed_mb
     rows["batch"] = dict(images=args.images, reference_seconds=refn, pez_seconds=pezn, ratio=refn / pezn,
                          reference_images_per_minute=60 * args.images / refn, pez_images_per_minute=60 * args.images / pezn,
@@ -271,9 +265,11 @@ def main(argv=None):
         "",
         "| case | paper loop | pez | ratio |",
         "| --- | ---: | ---: | ---: |",
-        f"| 1. one image: ms per step | {rows['single']['reference_ms_per_step']:.1f} | {rows['single']['pez_ms_per_step']:.1f} | {rows['single']['ratio']:.1f}x |",
+        f"| 1. one image: ms per step | {rows['single']['reference_ms_per_step']:.1f} | "
+        f"{rows['single']['pez_ms_per_step']:.1f} | {rows['single']['ratio']:.1f}x |",
         f"| 2. {args.images} images, own prompt each: seconds | {refn:.2f} | {pezn:.2f} | {rows['batch']['ratio']:.1f}x |",
-        f"| 2. images per minute ({args.steps} steps each) | {rows['batch']['reference_images_per_minute']:.1f} | {rows['batch']['pez_images_per_minute']:.1f} | |",
+        f"| 2. images per minute ({args.steps} steps each) | {rows['batch']['reference_images_per_minute']:.1f} | "
+        f"{rows['batch']['pez_images_per_minute']:.1f} | |",
         f"| 3. case 1 {mem_kind} | {ref1_mem:.0f} | {pez1_mem:.0f} | |",
         f"| 3. case 2 {mem_kind} | {refn_mem:.0f} | {pezn_mem:.0f} | |",
     ]
@@ -283,7 +279,8 @@ def main(argv=None):
         lines += ["", f"pez variants, case 2 ({args.images} images, {args.steps} steps), against the same paper loop:", "",
                   f"| pez variant | seconds | ms per step | {mem_kind} | warm-up s | ratio |",
                   "| --- | ---: | ---: | ---: | ---: | ---: |"]
-        lines += [f"| {v['variant']} | {v['seconds']:.3f} | {v['ms_per_step']:.2f} | {'-' if v['peak_mb'] is None else format(v['peak_mb'], '.0f')} | {v['warmup_seconds']:.1f} "
+        lines += [f"| {v['variant']} | {v['seconds']:.3f} | {v['ms_per_step']:.2f} | "
+                  f"{'-' if v['peak_mb'] is None else format(v['peak_mb'], '.0f')} | {v['warmup_seconds']:.1f} "
                   f"| {v['ratio']:.1f}x |" for v in variants]
     print("\n".join(lines))
     if args.json:

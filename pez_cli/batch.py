@@ -1,35 +1,25 @@
-"""Batch jobs: one prompt per image, written as soon as each image finishes.
+"""Batch jobs: one prompt per image, written as soon as each group of images finishes.
 
-Pieces: deterministic sharding, the settings that identify a result, result files
-(JSONL or CSV) that can be resumed after any crash, and the sidecar / PNG-metadata outputs.
-The job loop itself lives in `run_batch`, which reports through callbacks and never prints.
+A `BatchJob` plans (shard, skip what `--out` already holds with the same file hash and
+settings, refuse side outputs that would land on a user's file) and runs images a group at a
+time through `Pez.solve`. It reports through callbacks and never prints.
 """
 
 from __future__ import annotations
 
-import contextlib
-import csv
-import dataclasses
 import hashlib
-import io
-import json
 import os
-import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence, TextIO
+from typing import Any, Callable, Iterable, Sequence
 
-from PIL import Image, PngImagePlugin
+from pez_cli.config import Settings, settings_id
+from pez_cli.errors import ConfigError, InputError, Interrupted
+from pez_cli.files import atomic_write, location
+from pez_cli.images import IMAGE_SUFFIXES, load_image, png_bytes
+from pez_cli.results import ResultWriter, format_for, read_rows, row_key
 
-from pez_cli.config import Settings
-from pez_cli.errors import ConfigError, InputError
-
-FORMATS = ("jsonl", "csv")
-CSV_FIELDS = ("path", "sha256", "prompt", "similarity", "round_trip", "token_ids", "model",
-              "settings_id", "seconds", "error", "settings")
-# Settings that do not change which prompt an image gets.
-NOT_IN_RESULT = ("device", "compile", "pack_weights", "sd_model")
 # Images decoded and encoded by the image tower at a time.
 ENCODE_CHUNK = 32
 HASH_BLOCK = 1 << 20
@@ -60,20 +50,6 @@ def parse_shard(text: str) -> Shard:
     return Shard(k, n)
 
 
-# -- identity of a result ------------------------------------------------------------------
-def settings_record(settings: Settings) -> dict[str, Any]:
-    """The settings that decide an image's prompt, as stored in every row."""
-    record = dataclasses.asdict(settings)
-    for name in NOT_IN_RESULT:
-        record.pop(name, None)
-    return record
-
-
-def settings_id(record: dict[str, Any]) -> str:
-    canonical = json.dumps(record, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
-
-
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -82,178 +58,9 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def row_key(row: dict[str, Any]) -> tuple[str, str | None, str]:
-    return (str(row.get("path")), row.get("sha256") or None, str(row.get("settings_id")))
-
-
-# -- result files --------------------------------------------------------------------------
-def format_for(path: str | None, fmt: str | None) -> str:
-    """The format to write: an existing result file's own (read from its content), else
-    --format, else csv for a .csv name and jsonl for anything else."""
-    if fmt and fmt not in FORMATS:
-        raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    existing = sniff_format(Path(path).expanduser()) if path and path != "-" else None
-    if existing:
-        if fmt and fmt != existing:
-            raise ConfigError(f"{path} is a {existing} result file; --format {fmt} would mix formats in it")
-        return existing
-    if fmt:
-        return fmt
-    if path and path.lower().endswith(".csv"):
-        return "csv"
-    return "jsonl"
-
-
-JSONL_START = b'{"path": '  # every JSONL row pez writes starts so (path is its first key)
-CSV_HEADER = ",".join(CSV_FIELDS).encode()
-SNIFF_LINES = 20
-
-
-def sniff_format(path: Path) -> str | None:
-    """The format of an existing result file, read from its content: 'jsonl' or 'csv', None
-    when it is missing or empty. Anything that is not a pez result file is a ConfigError: pez
-    appends only to its own results, never to (or "repairs") a user's other file."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(1 << 16)
-    except FileNotFoundError:
-        return None
-    except IsADirectoryError:
-        raise ConfigError(f"result file is a folder: {path}") from None
-    except OSError as e:
-        raise ConfigError(f"cannot read result file {path}: {e.strerror or e}") from None
-    if not head.strip():
-        return None
-    lines = head.split(b"\n")[:SNIFF_LINES]
-    if lines[0].rstrip(b"\r") == CSV_HEADER or (len(lines) == 1 and CSV_HEADER.startswith(lines[0])):
-        return "csv"
-    for line in lines:
-        if line.startswith(JSONL_START) or (line is lines[-1] and line and JSONL_START.startswith(line)):
-            return "jsonl"
-    raise ConfigError(f"{path} holds something that is not a pez result file; pez only appends to its own results")
-
-
-def _csv_row(row: dict[str, Any]) -> dict[str, Any]:
-    out = {k: row.get(k) for k in CSV_FIELDS}
-    if isinstance(out["token_ids"], list):
-        out["token_ids"] = " ".join(str(i) for i in out["token_ids"])
-    if isinstance(out["settings"], dict):
-        out["settings"] = json.dumps(out["settings"], sort_keys=True)
-    return {k: "" if v is None else v for k, v in out.items()}
-
-
-def _from_csv(row: dict[str, str]) -> dict[str, Any]:
-    out: dict[str, Any] = {k: (v if v != "" else None) for k, v in row.items()}
-    if out.get("similarity") is not None:
-        out["similarity"] = float(out["similarity"])
-    if out.get("seconds") is not None:
-        out["seconds"] = float(out["seconds"])
-    if out.get("round_trip") is not None:
-        out["round_trip"] = out["round_trip"] == "True"
-    if out.get("token_ids") is not None:
-        out["token_ids"] = [int(t) for t in out["token_ids"].split()]
-    if out.get("settings") is not None:
-        out["settings"] = json.loads(out["settings"])
-    return out
-
-
-def read_rows(path: Path, fmt: str) -> list[dict[str, Any]]:
-    """Rows of a result file; a torn last line (the process was killed mid-write) is ignored."""
-    if not path.exists():
-        return []
-    text = path.read_text(encoding="utf-8")
-    if text and not text.endswith("\n"):
-        text = text[: text.rfind("\n") + 1]
-    if fmt == "csv":
-        return [_from_csv(r) for r in csv.DictReader(io.StringIO(text))]
-    rows = []
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a damaged line; the image it belonged to will be redone
-    return rows
-
-
-class ResultWriter:
-    """Appends rows to a JSONL or CSV file (or stdout), flushed and fsynced one by one."""
-
-    def __init__(self, path: str, fmt: str, stdout: TextIO | None = None):
-        self.fmt = fmt
-        self.to_stdout = path == "-"
-        if self.to_stdout:
-            self.file = stdout or sys.stdout
-            self.path = None
-            needs_header = True
-        else:
-            self.path = Path(path).expanduser()
-            if self.path.is_dir():
-                raise ConfigError(f"--out is a folder, not a file: {path}")
-            existing = sniff_format(self.path)  # refuses a file that is not a pez result
-            if existing and existing != fmt:
-                raise ConfigError(f"{path} is a {existing} result file, not {fmt}")
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            repair_torn_line(self.path)
-            needs_header = not self.path.exists() or self.path.stat().st_size == 0
-            self.file = open(self.path, "a", encoding="utf-8", newline="")
-        self.csv = None
-        if fmt == "csv":
-            self.csv = csv.DictWriter(self.file, fieldnames=CSV_FIELDS, lineterminator="\n")
-            if needs_header:
-                self.csv.writeheader()
-                self._flush()
-
-    def write(self, row: dict[str, Any]) -> None:
-        if self.csv is not None:
-            self.csv.writerow(_csv_row(row))
-        else:
-            self.file.write(json.dumps(row, ensure_ascii=False) + "\n")
-        self._flush()
-
-    def _flush(self) -> None:
-        self.file.flush()
-        if not self.to_stdout:
-            os.fsync(self.file.fileno())
-
-    def close(self) -> None:
-        if not self.to_stdout:
-            self.file.close()
-
-
-def repair_torn_line(path: Path) -> bool:
-    """Cut a partial last line left by a killed writer. Returns whether anything was cut."""
-    if not path.exists() or path.stat().st_size == 0:
-        return False
-    with open(path, "rb+") as f:
-        f.seek(-1, os.SEEK_END)
-        if f.read(1) == b"\n":
-            return False
-        f.seek(0)
-        data = f.read()
-        f.seek(data.rfind(b"\n") + 1)
-        f.truncate()
-    return True
-
-
-def merge_rows(groups: Iterable[Sequence[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Combine shard outputs: one row per (path, hash, settings), a success over an error."""
-    merged: dict[tuple, dict[str, Any]] = {}
-    for rows in groups:
-        for row in rows:
-            key = row_key(row)
-            old = merged.get(key)
-            if old is None or (old.get("error") and not row.get("error")):
-                merged[key] = row
-    return sorted(merged.values(), key=lambda r: (str(r.get("path")), str(r.get("settings_id"))))
-
-
-# -- other outputs -------------------------------------------------------------------------
+# -- side outputs: caption files and PNG copies --------------------------------------------
 def check_sidecar_ext(ext: str) -> str:
     """A caption file extension, with its dot: never empty, never a path, never an image type."""
-    from pez_cli.images import IMAGE_SUFFIXES
-
     norm = ext if ext.startswith(".") else "." + ext
     if not norm.strip(".") or any(c in norm for c in "/\\\0") or norm != norm.strip():
         raise ConfigError(f"--sidecar-ext must be a file extension such as .txt, got {ext!r}")
@@ -262,11 +69,8 @@ def check_sidecar_ext(ext: str) -> str:
     return norm
 
 
-def location(path: Path) -> str:
-    """Where a name points, for comparing paths given differently: its folder resolved, its own
-    name kept (a link at that name is that name; writes replace links, never follow them)."""
-    path = Path(os.path.abspath(path))
-    return os.path.join(os.path.realpath(path.parent), path.name)
+def sidecar_path(image: Path, ext: str) -> Path:
+    return image.with_suffix(ext)
 
 
 def protected_locations(paths: Iterable[Path], out: str | None) -> set[str]:
@@ -297,39 +101,6 @@ def caption_conflicts(paths: Sequence[Path], ext: str, protected: set[str]) -> d
     return conflicts
 
 
-def sidecar_path(image: Path, ext: str) -> Path:
-    ext = ext if ext.startswith(".") else "." + ext
-    return image.with_suffix(ext)
-
-
-def atomic_write(target: Path, data: bytes) -> None:
-    """Write a file whole or not at all: a new file beside it, fsynced, renamed over the target
-    (a symlink there is replaced, never followed), then the folder fsynced."""
-    folder = target.parent
-    tmp = folder / f".{target.name}.{os.getpid()}.{time.monotonic_ns()}.pez-tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_folder(folder)
-
-
-def fsync_folder(folder: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def write_sidecar(image: Path, ext: str, prompt: str, overwrite: bool) -> bool:
     """Write the caption file next to the image; False if one exists and overwrite is off."""
     target = sidecar_path(image, ext)
@@ -341,12 +112,9 @@ def write_sidecar(image: Path, ext: str, prompt: str, overwrite: bool) -> bool:
 
 def write_png_copy(image: Path, folder: Path, prompt: str, details: dict[str, Any], sha: str, overwrite: bool,
                    protected: set[str] = frozenset()) -> Path | None:
-    """A PNG copy of the image with the prompt in its text metadata (the `parameters` key that
-    Stable Diffusion UIs read). Never lands on an input (the original included) nor on a copy
-    of another image that has the same name; returns None when the copy exists and overwrite
-    is off."""
-    from pez_cli.images import load_image
-
+    """A PNG copy of the image with the prompt in its text metadata. Never lands on an input
+    (the original included) nor on a copy of another image that has the same name; returns
+    None when the copy exists and overwrite is off."""
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"{image.stem}.png"
     taken = location(target) in protected or os.path.realpath(target) == os.path.realpath(image)
@@ -356,20 +124,19 @@ def write_png_copy(image: Path, folder: Path, prompt: str, details: dict[str, An
             raise InputError(f"PNG copy {target} would replace an input")
     if os.path.lexists(target) and not overwrite:
         return None
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", prompt)
-    info.add_text("pez", json.dumps({**details, "source_sha256": sha}, ensure_ascii=False))
-    buffer = io.BytesIO()
-    load_image(image).save(buffer, format="PNG", pnginfo=info)
-    atomic_write(target, buffer.getvalue())
+    atomic_write(target, png_bytes(load_image(image), prompt, {**details, "source_sha256": sha}))
     return target
 
 
 def _png_sha(path: Path) -> str | None:
+    import json
+
+    from PIL import Image
+
     try:
         with Image.open(path) as im:
             return json.loads(im.text.get("pez", "{}")).get("source_sha256")
-    except Exception:
+    except Exception:  # anything unreadable is not one of pez's copies
         return None
 
 
@@ -397,119 +164,183 @@ class Summary:
         return self.failed + self.failed_before
 
 
-def plan(
-    paths: Sequence[Path],
-    shard: Shard | None,
-    done: dict[tuple, dict[str, Any]],
-    sid: str,
-    force: bool,
-    skip_existing: Callable[[Path], bool] | None = None,
-    conflicts: dict[str, str] | None = None,
-) -> tuple[list[Pending], Summary]:
-    """Select this shard's images and drop those already done with these settings. Images
-    in `conflicts` ({location: reason}, see caption_conflicts) become errors, not work."""
-    summary = Summary()
-    todo: list[Pending] = []
-    for path in paths:
-        key = str(path)
-        if shard is not None and not shard.owns(key):
-            continue
-        summary.total += 1
-        try:
-            sha = file_sha256(path)
-        except OSError as e:
-            todo.append(Pending(path, key, None, f"cannot read {key}: {e.strerror or e}"))
-            continue
-        if not force:
-            previous = done.get((key, sha, sid))
-            if previous is not None or (skip_existing is not None and skip_existing(path)):
-                summary.skipped += 1
-                if previous is not None and previous.get("error"):
-                    summary.failed_before += 1
-                continue
-        todo.append(Pending(path, key, sha, (conflicts or {}).get(location(path))))
-    return todo, summary
-
-
-def encode_pending(pez, todo: Sequence[Pending], on_error: Callable[[Pending], None]) -> tuple[list[Pending], Any]:
-    """Decode and encode images in chunks; unreadable ones go to on_error. Returns the good
-    items and their features (N, D)."""
-    import torch
-
-    from pez_cli.images import load_image
-
-    good: list[Pending] = []
-    feats = []
-    for start in range(0, len(todo), ENCODE_CHUNK):
-        images = []
-        for item in todo[start:start + ENCODE_CHUNK]:
-            if item.error is None:
-                try:
-                    images.append(load_image(item.path))
-                    good.append(item)
-                    continue
-                except InputError as e:
-                    item.error = str(e)
-            on_error(item)
-        if images:
-            feats.append(pez.image_features(images))
-    if not feats:
-        return good, None
-    return good, torch.cat(feats)
-
-
-def run_batch(
-    pez,
-    items: Sequence[Pending],
-    features,
-    group_size: int,
-    emit: Callable[[Pending, Any, float], None],
-    on_step: Callable[[int, int, int], None] | None = None,
-) -> Iterator[int]:
-    """Optimize items `group_size` at a time through the batched engine. Each finished group
-    is handed to `emit(item, result, seconds)` image by image; yields images done so far."""
-    done = 0
-    for start in range(0, len(items), group_size):
-        group = items[start:start + group_size]
-        targets = [features[start + i:start + i + 1] for i in range(len(group))]
-        began = time.monotonic()
-        opt = pez.optimizer(targets)
-        for step in opt.run():
-            if on_step is not None:
-                on_step(start, step, opt.steps)
-        results = pez.finish(opt, targets)
-        seconds = (time.monotonic() - began) / len(group)
-        for item, result in zip(group, results):
-            emit(item, result, seconds)
-        done += len(group)
-        yield done
-
-
 def default_group_size(device) -> int:
     """Images optimized together: enough to fill a GPU; on a CPU, 16 gets most of the batching
     gain (benchmarks/batch.py) while rows still arrive every few minutes."""
     return {"cuda": 64}.get(device.type, 16)
 
 
-def result_row(item: Pending, result, model: str, record: dict[str, Any], sid: str, seconds: float) -> dict[str, Any]:
-    return {
-        "path": item.key,
-        "sha256": item.sha256,
-        "prompt": result.prompt,
-        "similarity": round(float(result.similarity), 6),
-        "round_trip": result.round_trip,
-        "token_ids": result.token_ids,
-        "model": model,
-        "settings_id": sid,
-        "seconds": round(seconds, 3),
-        "error": None,
-        "settings": record,
-    }
+def solve_in_groups(pez, features, size: int, on_progress: Callable[[float, int, int, int], None] | None = None):
+    """One prompt per row of features (N, D), `size` images per Pez.solve. Yields (index of
+    the group's first image, its results, seconds per image) as each group finishes."""
+    total = 0 if features is None else len(features)
+    for start in range(0, total, size):
+        n = min(size, total - start)
+
+        def progress(p, start=start, n=n):
+            if on_progress is not None:
+                on_progress(start + n * p.step / p.steps, total, p.step, p.steps)
+
+        began = time.monotonic()
+        results = pez.solve([features[start + i:start + i + 1] for i in range(n)], "image", on_progress=progress)
+        yield start, results, (time.monotonic() - began) / n
 
 
-def error_row(item: Pending, model: str, record: dict[str, Any], sid: str) -> dict[str, Any]:
-    return {
-        "path": item.key, "sha256": item.sha256, "prompt": None, "similarity": None, "round_trip": None,
-        "token_ids": None, "model": model, "settings_id": sid, "seconds": None,
-        "error": item.error, "settings": record,
-    }
+@dataclass
+class BatchJob:
+    """One prompt per image for many images. Validated on construction, before any model loads."""
+
+    settings: Settings
+    out: str | None = None  # result file (JSONL or CSV), appended and resumable; "-": stdout
+    fmt: str | None = None  # jsonl or csv; default: the existing file's, else from out's name
+    sidecar_ext: str | None = None  # write a caption file with this extension next to each image
+    png_dir: Path | None = None  # write a PNG copy with the prompt in its metadata here
+    overwrite: bool = False  # replace existing caption files and PNG copies
+    force: bool = False  # redo images that --out already holds
+    shard: Shard | None = None  # only this part of the inputs
+    group_size: int | None = None  # images optimized together; None: default_group_size(device)
+    identity: dict[str, Any] = field(init=False)  # the settings stored with every row
+    sid: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.settings = self.settings.for_target("image").validate()
+        if self.out is None and self.sidecar_ext is None and self.png_dir is None:
+            raise ConfigError("nothing to write: give --out FILE, --sidecar or --png-metadata DIR")
+        if self.group_size is not None and self.group_size < 1:
+            raise ConfigError(f"--batch-images must be at least 1, got {self.group_size}")
+        if self.sidecar_ext is not None:
+            self.sidecar_ext = check_sidecar_ext(self.sidecar_ext)
+        self.fmt = format_for(self.out, self.fmt)
+        self.identity = self.settings.identity()
+        self.sid = settings_id(self.identity)
+
+    def plan(self, paths: Sequence[Path]) -> tuple[list[Pending], Summary, set[str]]:
+        """This shard's images minus those done with these settings; images whose caption would
+        hit another file become errors. Also returns the locations side outputs must avoid."""
+        done = {}
+        if self.out and self.out != "-":
+            done = {row_key(r): r for r in read_rows(Path(self.out).expanduser(), self.fmt)}
+        protected = protected_locations(paths, self.out)
+        conflicts = caption_conflicts(paths, self.sidecar_ext, protected) if self.sidecar_ext else {}
+        # Without a result file, an existing caption file marks an image done.
+        skip_caption = self.sidecar_ext is not None and not self.out and not self.overwrite
+        summary, todo = Summary(), []
+        for path in paths:
+            key = str(path)
+            if self.shard is not None and not self.shard.owns(key):
+                continue
+            summary.total += 1
+            try:
+                sha = file_sha256(path)
+            except OSError as e:
+                todo.append(Pending(path, key, None, f"cannot read {key}: {e.strerror or e}"))
+                continue
+            previous = done.get((key, sha, self.sid))
+            if not self.force and (previous is not None or (skip_caption and os.path.lexists(sidecar_path(path, self.sidecar_ext)))):
+                summary.skipped += 1
+                summary.failed_before += bool(previous is not None and previous.get("error"))
+                continue
+            todo.append(Pending(path, key, sha, conflicts.get(location(path))))
+        return todo, summary, protected
+
+    def run(
+        self,
+        paths: Sequence[Path],
+        pez=None,
+        on_status: Callable[[str], None] = lambda message: None,
+        on_progress: Callable[[float, int, int, int], None] | None = None,
+        on_failure: Callable[[Pending], None] = lambda item: None,
+    ) -> Summary:
+        """Plan and run. on_progress(images done, images to do, step, steps) comes every step;
+        on_failure(item) for each image that becomes an error row. Ctrl-C keeps every finished
+        group and returns a summary marked interrupted."""
+        todo, summary, protected = self.plan(paths)
+        writer = ResultWriter(self.out, self.fmt) if self.out else None
+        try:
+            if todo:
+                _Run(self, summary, writer, protected, on_failure).run(todo, pez, on_status, on_progress)
+        except (KeyboardInterrupt, Interrupted):
+            summary.interrupted = True
+        finally:
+            if writer is not None:
+                writer.close()
+        return summary
+
+
+@dataclass
+class _Run:
+    """One run of a job: writes rows and side outputs as groups finish."""
+
+    job: BatchJob
+    summary: Summary
+    writer: ResultWriter | None
+    protected: set[str]
+    on_failure: Callable[[Pending], None]
+
+    def run(self, todo: list[Pending], pez, on_status, on_progress) -> None:
+        from pez_cli.api import Pez
+
+        if pez is None:
+            on_status(f"Loading {self.job.settings.model} ...")
+            pez = Pez(self.job.settings, keep_image_tower=False)
+        on_status(f"Encoding {len(todo)} images ...")
+        good, feats = self.encode(pez, todo)
+        size = self.job.group_size or default_group_size(pez.device)
+        for start, results, seconds in solve_in_groups(pez, feats, size, on_progress):
+            if results[0].interrupted:  # unfinished prompts are not results
+                self.summary.interrupted = True
+                return
+            for item, result in zip(good[start:start + size], results):
+                self.emit(item, result, seconds)
+
+    def encode(self, pez, todo: Sequence[Pending]):
+        """Decode and encode images in chunks; unreadable ones fail. Returns the good items and
+        their features (N, D)."""
+        import torch
+
+        good, feats = [], []
+        for start in range(0, len(todo), ENCODE_CHUNK):
+            images = []
+            for item in todo[start:start + ENCODE_CHUNK]:
+                if item.error is None:
+                    try:
+                        images.append(load_image(item.path))
+                        good.append(item)
+                        continue
+                    except InputError as e:
+                        item.error = str(e)
+                self.fail(item)
+            if images:
+                feats.append(pez.image_features(images))
+        return good, (torch.cat(feats) if feats else None)
+
+    def fail(self, item: Pending) -> None:
+        self.summary.failed += 1
+        if self.writer is not None:
+            self.writer.write(error_row(item, self.job.identity, self.job.sid))
+        self.on_failure(item)
+
+    def emit(self, item: Pending, result, seconds: float) -> None:
+        """Side outputs first, each written whole, then the row that marks the image done."""
+        job = self.job
+        if job.sidecar_ext and not write_sidecar(item.path, job.sidecar_ext, result.prompt, job.overwrite):
+            self.summary.sidecars_kept += 1
+        if job.png_dir is not None:
+            details = {"prompt": result.prompt, "similarity": round(result.similarity, 6), "model": job.settings.model,
+                       "settings_id": job.sid}
+            write_png_copy(item.path, job.png_dir, result.prompt, details, item.sha256, job.overwrite, self.protected)
+        if self.writer is not None:
+            self.writer.write(result_row(item, result, seconds))
+        self.summary.done += 1
+
+
+def result_row(item: Pending, result, seconds: float) -> dict[str, Any]:
+    return {"path": item.key, "sha256": item.sha256, **result.to_dict(), "seconds": round(seconds, 3), "error": None}
+
+
+def error_row(item: Pending, identity: dict[str, Any], sid: str) -> dict[str, Any]:
+    from pez_cli.api import PromptResult
+
+    empty = dict.fromkeys(PromptResult.KEYS)
+    empty.update(model=identity["model"], settings_id=sid, settings=identity)
+    return {"path": item.key, "sha256": item.sha256, **empty, "seconds": None, "error": item.error}

@@ -1,14 +1,21 @@
-"""One typed settings object, TOML presets and config files, and their precedence.
+"""Settings: every field declared once, with its default, help, flag, range and whether it
+identifies a result; TOML presets and config files; their precedence.
 
 Precedence, highest first: command-line flag > --config FILE > --preset NAME > defaults.
+The CLI's options, their help, TOML keys, validation and the settings stored with every
+result are all derived from the declarations below: a new setting is one `setting(...)`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
+import json
+import math
+import re
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -19,78 +26,126 @@ else:  # pragma: no cover - exercised only on Python 3.10
 
 from pez_cli.errors import ConfigError
 
-DEVICES = ("auto", "cpu", "cuda", "mps")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# Largest seed torch's generators take.
+MAX_SEED = 2**64 - 1
+# prompt_len when neither a flag, a config file nor a preset sets one, by kind of target.
+PROMPT_LEN_DEFAULTS = {"image": 16, "text": 8}
+
+
+def setting(default: Any = None, *, help: str, flag: bool = True, flag_name: str | None = None, short: str | None = None,
+            envvar: str | None = None, identifies: bool = True, minimum: float | None = None, above: float | None = None,
+            maximum: float | None = None, choices: tuple[str, ...] = (), nonempty: bool = False,
+            metavar: str | None = None, shown_default: str | None = None) -> Any:
+    """Declare a setting (a dataclass field with its CLI and validation metadata).
+
+    flag: has a CLI option, named flag_name (default --field-name) with an optional short form;
+    identifies: stored with (and identifying) a result; minimum/maximum: inclusive bounds;
+    above: exclusive lower bound; choices: allowed values; shown_default: the default as help
+    shows it (default: the value itself)."""
+    meta = dict(help=help, flag=flag, flag_name=flag_name, short=short, envvar=envvar, identifies=identifies,
+                minimum=minimum, above=above, maximum=maximum, choices=choices, nonempty=nonempty,
+                metavar=metavar, shown_default=shown_default)
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def check_fields(obj: Any) -> None:
+    """Validate every field of a dataclass declared with setting(): types, ranges, choices.
+    Messages name the field, or its flag for fields with a flag_name."""
+    for f in fields(obj):
+        _check_value(f, getattr(obj, f.name))
 
 
 @dataclass
 class Settings:
     """Everything that decides what PEZ computes. Defaults follow the paper (Wen et al. 2023)."""
 
-    # CLIP that scores prompts: "arch/tag" (open_clip pretrained name), "hf-hub:org/repo"
-    # or "local-dir:/path" (a folder with open_clip_config.json and weights). Paper: ViT-H-14.
-    model: str = "ViT-H-14/laion2b_s32b_b79k"
-    # Stable Diffusion model that matches this CLIP, used by `--render` (hub id or local folder).
-    sd_model: str | None = None
-    # Number of tokens in the learned prompt. Paper: 16.
-    prompt_len: int = 16
-    # Optimization steps. Paper: 3000; quality plateaus long before, so pez defaults to 1000.
-    steps: int = 1000
-    # AdamW learning rate on the continuous prompt embeddings. Paper: 0.1.
-    lr: float = 0.1
-    # AdamW weight decay. Paper: 0.1.
-    weight_decay: float = 0.1
-    # Independent initialisations optimized in parallel; the best one wins (paper: prompt_bs 1).
-    restarts: int = 1
-    # Targets (images) sampled per step when there are more than this many. Paper: 1.
-    batch_size: int = 1
-    # Seed for the initial prompt and the target sampling.
-    seed: int = 0
-    # auto picks cuda, then mps, then cpu.
-    device: str = "auto"
-    # Never choose a token whose text contains one of these words (case-insensitive).
-    block: list[str] = field(default_factory=list)
-    # Only choose tokens made of printable ASCII characters.
-    ascii_only: bool = False
-    # The paper's negative loss weight: find the prompt *least* like the target.
-    negative: bool = False
-    # Text-tower arithmetic: auto is bf16 autocast on GPUs that support it, else fp32.
-    precision: str = "auto"
-    # torch.compile the text tower (CUDA only; pays a one-off compile time).
-    compile: bool = False
-    # fp32 on the CPU: run the text tower and the vocabulary search on copies of their weights
-    # packed once for oneDNN (about 1.7x faster steps; the copies cost about the size of the
-    # text tower plus the vocabulary). False keeps memory to the model alone.
-    pack_weights: bool = True
+    model: str = setting(  # paper: ViT-H-14
+        "ViT-H-14/laion2b_s32b_b79k", short="-m", envvar="PEZ_MODEL", nonempty=True,
+        help="CLIP model: ARCH/TAG (open_clip pretrained), hf-hub:ORG/REPO or local-dir:PATH.")
+    sd_model: str | None = setting(  # used by --render; `render` has its own --sd-model flag
+        None, flag=False, identifies=False,
+        help="Stable Diffusion for --render: a hub id or a local diffusers folder.")
+    prompt_len: int | None = setting(  # paper: 16; None: PROMPT_LEN_DEFAULTS by kind of target
+        None, minimum=1, shown_default="16; distill: 8", help="Tokens in the prompt.")
+    steps: int = setting(  # paper: 3000; quality plateaus long before
+        1000, minimum=1, help="Optimization steps.")
+    lr: float = setting(0.1, above=0, help="AdamW learning rate.")  # paper: 0.1
+    weight_decay: float = setting(0.1, minimum=0, help="AdamW weight decay.")  # paper: 0.1
+    restarts: int = setting(  # paper: prompt_bs 1
+        1, minimum=1, help="Parallel random initialisations; the best wins (paper: prompt_bs).")
+    batch_size: int = setting(1, minimum=1, help="Targets sampled per step when there are more.")  # paper: 1
+    seed: int = setting(0, minimum=0, maximum=MAX_SEED, help="Random seed.")
+    device: str = setting(
+        "auto", envvar="PEZ_DEVICE", identifies=False, choices=("auto", "cpu", "cuda", "mps"),
+        help="auto, cpu, cuda or mps; auto picks cuda, then mps, then cpu.")
+    block: list[str] = setting(
+        [], metavar="WORD", shown_default="none", help="Never choose a token containing WORD (repeatable).")
+    ascii_only: bool = setting(False, help="Only choose tokens of printable ASCII.")
+    negative: bool = setting(False, help="Find the prompt LEAST like the target (negative loss weight).")
+    precision: str = setting(
+        "auto", choices=("auto", "fp32", "bf16", "fp16"),
+        help="fp32, bf16, fp16 or auto (bf16 autocast on GPUs that support it).")
+    compile: bool = setting(
+        False, identifies=False, help="torch.compile the text tower (useful on CUDA for long runs).")
+    pack_weights: bool = setting(  # costs about the text tower's size plus the vocabulary
+        True, identifies=False,
+        help="CPU: packed weight copies for faster steps; --no-pack-weights saves their memory.")
 
     def validate(self) -> "Settings":
-        """Check ranges that do not need the model (prompt_len's upper bound does)."""
-        if self.prompt_len < 1:
-            raise ConfigError(f"prompt_len must be at least 1, got {self.prompt_len}")
-        if self.steps < 1:
-            raise ConfigError(f"steps must be at least 1, got {self.steps}")
-        if not self.lr > 0:
-            raise ConfigError(f"lr must be greater than 0, got {self.lr}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"weight_decay must be 0 or more, got {self.weight_decay}")
-        if self.restarts < 1:
-            raise ConfigError(f"restarts must be at least 1, got {self.restarts}")
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size must be at least 1, got {self.batch_size}")
-        if self.device not in DEVICES:
-            raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(
-                f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
-            )
-        if not self.model:
-            raise ConfigError("model must not be empty")
+        """Check values against the declarations (prompt_len's upper bound needs the model)."""
+        check_fields(self)
         return self
+
+    def for_target(self, kind: str) -> "Settings":
+        """These settings with the defaults that depend on the target filled in ('image' or 'text')."""
+        if self.prompt_len is not None:
+            return self
+        return dataclasses.replace(self, prompt_len=PROMPT_LEN_DEFAULTS[kind])
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that decide the prompt, as stored with every result."""
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self) if f.metadata["identifies"]}
+
+
+def settings_id(identity: Mapping[str, Any]) -> str:
+    """A short hash of a result's identifying settings."""
+    canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def _check_value(f: dataclasses.Field, value: Any) -> None:
+    meta = f.metadata
+    name = meta["flag_name"] or f.name
+    if value is None:
+        if f.default is not None:
+            raise ConfigError(f"{name} must be set")
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value}")
+    if meta["choices"] and value not in meta["choices"]:
+        raise ConfigError(f"{name} must be one of {', '.join(meta['choices'])}, got {value!r}")
+    if meta["above"] is not None and not value > meta["above"]:
+        raise ConfigError(f"{name} must be greater than {meta['above']:g}, got {value}")
+    minimum = meta["minimum"]
+    if minimum is not None and value < minimum:
+        bound = "0 or more" if minimum == 0 else f"at least {minimum:g}"
+        raise ConfigError(f"{name} must be {bound}, got {value}")
+    if meta["maximum"] is not None and value > meta["maximum"]:
+        raise ConfigError(f"{name} must be at most {meta['maximum']}, got {value}")
+    if meta["nonempty"] and not str(value).strip():
+        raise ConfigError(f"{name} must not be empty")
 
 
 SETTING_NAMES = tuple(f.name for f in fields(Settings))
 # Keys a TOML file may carry besides the settings themselves.
 METADATA_KEYS = ("description",)
+PRESET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
 
 def _configs_dir() -> Path:
@@ -106,29 +161,19 @@ def preset_names() -> list[str]:
 
 
 def preset_path(name: str) -> Path:
-    path = _configs_dir() / f"{name}.toml"
-    if not path.is_file():
-        names = preset_names()
+    names = preset_names()
+    if not PRESET_NAME.fullmatch(name) or name not in names:
         close = difflib.get_close_matches(name, names, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise ConfigError(f"unknown preset {name!r}{hint}; available: {', '.join(names)}")
-    return path
+    return _configs_dir() / f"{name}.toml"
 
 
 def read_toml(path: Path) -> dict[str, Any]:
-    """Read a settings file; unknown keys and wrong types are errors naming the key."""
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except IsADirectoryError:
-        raise ConfigError(f"config file is a directory: {path}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
-    types = {f.name: f.type for f in fields(Settings)}
+    """Read a settings file; unknown keys, wrong types and bad values are errors naming the key."""
     out: dict[str, Any] = {}
-    for key, value in data.items():
+    types = {f.name: f for f in fields(Settings)}
+    for key, value in _load_toml(path).items():
         if key in METADATA_KEYS:
             continue
         name = key.replace("-", "_")
@@ -136,36 +181,52 @@ def read_toml(path: Path) -> dict[str, Any]:
             close = difflib.get_close_matches(name, SETTING_NAMES, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"unknown setting {key!r} in {path}{hint}")
-        out[name] = _check_type(name, value, types[name], path)
+        out[name] = _check_type(types[name], value, path)
     return out
 
 
-def _check_type(name: str, value: Any, type_name: str, path: Path) -> Any:
-    bad = ConfigError(f"setting {name!r} in {path} has the wrong type: {value!r}")
-    if type_name == "bool":
-        if not isinstance(value, bool):
-            raise bad
-    elif type_name == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad
-    elif type_name == "float":
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad
-        value = float(value)
-    elif type_name == "list[str]":
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise bad
-    elif type_name in ("str", "str | None"):
-        if not isinstance(value, str):
-            raise bad
+def _load_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file is a directory: {path}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+
+
+def _check_type(f: dataclasses.Field, value: Any, path: Path) -> Any:
+    bad = ConfigError(f"setting {f.name!r} in {path} has the wrong type: {value!r}")
+    kind = f.type.replace(" | None", "")
+    if kind == "bool":
+        ok = isinstance(value, bool)
+    elif kind == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind == "float":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif kind == "list[str]":
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        raise bad
+    try:
+        _check_value(f, value)
+    except ConfigError as e:
+        raise ConfigError(f"{e} (in {path})") from None
     return value
 
 
 def preset_info(name: str) -> dict[str, Any]:
     """The raw content of a preset file, description included (for `pez models`)."""
-    path = preset_path(name)
-    with open(path, "rb") as f:
-        return tomllib.load(f)
+    return _load_toml(preset_path(name))
 
 
 @dataclass
@@ -182,7 +243,7 @@ def resolve(
     flags: Mapping[str, Any] | None = None,
 ) -> Resolved:
     """Merge defaults < preset < config file < flags (flags whose value is None are unset)."""
-    values = dataclasses.asdict(Settings())
+    values = {f.name: getattr(Settings(), f.name) for f in fields(Settings)}
     sources = {name: "default" for name in values}
     layers: list[tuple[str, Mapping[str, Any]]] = []
     if preset:
@@ -197,6 +258,21 @@ def resolve(
                 raise ConfigError(f"unknown setting {name!r}")
             if source == "flag" and isinstance(value, (list, tuple)) and not value:
                 continue  # an empty repeatable flag means "not given"
-            values[name] = list(value) if isinstance(value, tuple) else value
+            values[name] = _plain(value)
             sources[name] = source
     return Resolved(Settings(**values).validate(), sources)
+
+
+def presets_overview() -> list[dict[str, Any]]:
+    """The defaults and each preset: CLIP model, Stable Diffusion model, length, steps."""
+    from pez_cli.render import sd_model_for_settings
+
+    rows = []
+    for name in [None, *preset_names()]:
+        settings = resolve(preset=name).settings.for_target("image")
+        rows.append({
+            "name": name or "(defaults)", "model": settings.model, "sd_model": sd_model_for_settings(settings),
+            "prompt_len": settings.prompt_len, "steps": settings.steps,
+            "description": preset_info(name).get("description", "") if name else "used when no --preset is given",
+        })
+    return rows

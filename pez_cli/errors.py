@@ -1,4 +1,4 @@
-"""Exceptions that carry a message meant for the user.
+"""Exceptions that carry a message meant for the user, and the helpers that make them.
 
 The core raises these; only the CLI turns them into one line on stderr and an exit code.
 """
@@ -26,3 +26,23 @@ class ModelError(PezError):
 
 class RenderError(PezError):
     """Stable Diffusion rendering failed in a way the user can act on."""
+
+
+class Interrupted(PezError):
+    """Ctrl-C before there was anything to keep."""
+
+    exit_code = 130
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message, or its type name when it has none."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """torch.OutOfMemoryError (CUDA), MemoryError, or torch's CPU allocator failing."""
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and ("out of memory" in text or "not enough memory" in text)

@@ -1,13 +1,15 @@
-"""Reading and validating image inputs: files, folders and path lists on stdin."""
+"""Images in and out: files, folders and path lists on stdin, decoding, and PNGs with prompts."""
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import warnings
 from pathlib import Path
-from typing import Iterable, Sequence, TextIO
+from typing import Any, Iterable, Sequence, TextIO
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from pez_cli.errors import InputError
 
@@ -128,3 +130,14 @@ def load_image(path: Path | str) -> Image.Image:
 
 def load_images(paths: Sequence[Path]) -> list[Image.Image]:
     return [load_image(p) for p in paths]
+
+
+def png_bytes(image: Image.Image, parameters: str, details: dict[str, Any]) -> bytes:
+    """A PNG of `image` carrying the prompt the way Stable Diffusion UIs read it back (text key
+    `parameters`) and pez's own details as JSON (text key `pez`)."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", parameters)
+    info.add_text("pez", json.dumps(details, ensure_ascii=False))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pez_cli.errors import ConfigError, ModelError
-from pez_cli.kernels import PackedWeight, pack_modules, packable, packed_nbytes, unpack_modules, use_packed
+from pez_cli import packing
+from pez_cli.errors import ConfigError, ModelError, first_line
 
 OFFLINE_HINT = (
     "to run offline, point --model at a local copy: local-dir:/path/to/folder "
@@ -85,7 +85,7 @@ class TextTower(nn.Module):
         if getattr(src, "attn_mask", None) is None or pool not in ("argmax", "eos"):
             raise ModelError(
                 "this model's text tower is not causal with end-token pooling, "
-                "which PEZ on pez requires (OpenAI/OpenCLIP CLIP models are)"
+                "which PEZ requires (OpenAI and OpenCLIP CLIP models are)"
             )
         if getattr(src, "cls_emb", None) is not None:
             raise ModelError("text towers with an appended class token (CoCa) are not supported")
@@ -99,36 +99,14 @@ class TextTower(nn.Module):
         self.context_length = int(self.positional_embedding.shape[0])
         self.width = int(self.token_embedding.weight.shape[1])
         self.amp_dtype: torch.dtype | None = None  # set by set_precision
-        self.packed_projection: PackedWeight | None = None  # set by pack_weights
+        self.packed_projection: packing.PackedWeight | None = None  # set by packing.apply
 
     def set_precision(self, dtype: torch.dtype | None) -> None:
         """Keep the weights in `dtype` (None: as loaded) and run forward under autocast."""
         if dtype is not None:
-            self.pack_weights(False)  # packed copies would keep the old values
+            packing.unpack_tower(self)  # packed copies would keep the old values
             self.to(dtype)
         self.amp_dtype = dtype
-
-    def pack_weights(self, enable: bool = True) -> int:
-        """Use (or stop using) oneDNN-packed fp32 CPU products in the transformer (see kernels.py).
-
-        Only frozen fp32 CPU layers are packed; a packed layer falls back to the ordinary
-        product for any other input. Returns the number of layers swapped or restored.
-        """
-        if not enable:
-            self.packed_projection = None
-            return unpack_modules(self.transformer)
-        if self.amp_dtype is not None:
-            return 0
-        swapped = pack_modules(self.transformer, rows_hint=self.context_length)
-        proj = self.text_projection
-        if swapped and isinstance(proj, nn.Parameter) and packable(proj):  # packed with the layers, once
-            self.packed_projection = PackedWeight(proj.t(), rows_hint=self.context_length)  # x @ proj
-        return swapped
-
-    def packed_bytes(self) -> int:
-        """Memory held by the packed copies that pack_weights made."""
-        extra = self.packed_projection.nbytes if self.packed_projection is not None else 0
-        return packed_nbytes(self.transformer) + extra
 
     @property
     def output_dim(self) -> int:
@@ -153,7 +131,7 @@ class TextTower(nn.Module):
         proj = self.text_projection
         if proj is None:
             return x
-        if self.packed_projection is not None and use_packed(x, proj):
+        if self.packed_projection is not None and packing.use_packed(x, proj):
             return self.packed_projection.apply(x, None)
         return proj(x) if isinstance(proj, nn.Linear) else x @ proj  # (B, D)
 
@@ -316,7 +294,7 @@ def model_config(name: str) -> dict[str, Any]:
         try:
             path = hf_hub_download(repo_id=ident, filename=CONFIG_FILE)
         except Exception as e:
-            raise ModelError(f"could not load model {name!r} from the Hugging Face Hub ({_first_line(e)}); {OFFLINE_HINT}") from None
+            raise ModelError(f"could not load model {name!r} from the Hugging Face Hub ({first_line(e)}); {OFFLINE_HINT}") from None
         return _read_config_file(path, name)
     cfg = open_clip.get_model_config(ident)
     if cfg is None:
@@ -355,10 +333,6 @@ def bpe_tokenizer(cfg: dict[str, Any], name: str):
     return SimpleTokenizer(context_length=context, **kwargs)
 
 
-def _first_line(e: BaseException) -> str:
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
-
-
 def load_model(name: str, device: torch.device) -> LoadedModel:
     """Load an open_clip model by pez's model name; errors become ModelError with a hint."""
     import open_clip
@@ -389,7 +363,7 @@ def load_model(name: str, device: torch.device) -> LoadedModel:
     except ModelError:
         raise
     except Exception as e:  # open_clip wraps download and parse failures in many types
-        first = _first_line(e)
+        first = first_line(e)
         if schema == "hf-hub":
             raise ModelError(f"could not load model {name!r} from the Hugging Face Hub ({first}); {OFFLINE_HINT}") from None
         raise ModelError(f"could not load model {name!r}: {first}") from None
@@ -453,7 +427,7 @@ def _ensure_downloaded(name: str, arch: str, tag: str) -> None:
     try:
         path = download_pretrained(cfg)
     except Exception as e:
-        first = _first_line(e)
+        first = first_line(e)
         raise ModelError(f"could not download weights for {name!r} ({first}); {OFFLINE_HINT}") from None
     if not path:
         raise ModelError(f"could not download weights for {name!r}; {OFFLINE_HINT}")

@@ -18,7 +18,7 @@ sampled, so the paper's second (no-grad) pass over all targets computes nothing 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +39,18 @@ def check_prompt_len(prompt_len: int, context_length: int) -> None:
         raise ConfigError(f"prompt_len must be between 1 and {limit} for this model, got {prompt_len}")
 
 
+def pad_targets(targets: Sequence[torch.Tensor], device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Targets padded to (problems, n_max, D), and weights (problems, n_max) that average over
+    each problem's real targets (zero on the padding)."""
+    n_max = max(int(t.shape[0]) for t in targets)
+    padded = torch.zeros(len(targets), n_max, targets[0].shape[1], device=device, dtype=dtype)
+    weights = torch.zeros(len(targets), n_max, device=device, dtype=dtype)
+    for p, t in enumerate(targets):
+        padded[p, : t.shape[0]] = t.to(device=device, dtype=dtype)
+        weights[p, : t.shape[0]] = 1.0 / t.shape[0]
+    return padded, weights
+
+
 @dataclass
 class Best:
     """The best prompt one problem has seen so far."""
@@ -49,9 +61,10 @@ class Best:
 
 
 class PromptOptimizer:
-    """PEZ for several independent problems at once.
+    """PEZ for several independent problems at once; `step()` advances all of them.
 
-    targets: one (n_i, D) tensor of normalized target features per problem.
+    targets: one (n_i, D) tensor of normalized target features per problem. settings: with
+    prompt_len filled in (Settings.for_target). The loop that drives it is Pez.solve.
     """
 
     def __init__(
@@ -79,14 +92,8 @@ class PromptOptimizer:
         self.amp_dtype = tower.amp_dtype
         self.loss_scale = FP16_LOSS_SCALE if self.amp_dtype == torch.float16 else 1.0
 
-        # Targets padded to (problems, n_max, D); `all_weights` averages over the real ones.
         self.counts = [int(t.shape[0]) for t in targets]
-        n_max = max(self.counts)
-        self.targets = torch.zeros(problems, n_max, targets[0].shape[1], device=device, dtype=dtype)
-        self.all_weights = torch.zeros(problems, n_max, device=device, dtype=dtype)
-        for p, t in enumerate(targets):
-            self.targets[p, : t.shape[0]] = t.to(device=device, dtype=dtype)
-            self.all_weights[p, : t.shape[0]] = 1.0 / t.shape[0]
+        self.targets, self.all_weights = pad_targets(targets, device, dtype)  # (P, n_max, D), (P, n_max)
         self.sampled = [n > settings.batch_size for n in self.counts]
 
         # One CPU generator per problem, each seeded alike: a problem's random stream (its
@@ -152,12 +159,6 @@ class PromptOptimizer:
             self.best_score = torch.where(better, score, self.best_score)
             self.best_ids = torch.where(better[:, None], chosen, self.best_ids)
             self.best_step = torch.where(better, torch.full_like(self.best_step, self.step_count), self.best_step)
-
-    def run(self) -> Iterator[int]:
-        """Run the remaining steps, yielding the number of steps done after each one."""
-        while self.step_count < self.steps:
-            self.step()
-            yield self.step_count
 
     def best(self) -> list[Best]:
         """Each problem's best prompt so far (empty ids before the first step)."""

@@ -144,3 +144,26 @@ def paper_loop(
 
     result.best_ids, result.best_similarity = best_ids, best_sim
     return result
+
+
+def pez_step_ids(pez, problems: list[torch.Tensor]) -> tuple[list[list[list[list[int]]]], list]:
+    """The ids pez's engine chose at every step, per problem ([problem][step] -> (restarts, L)
+    ids), and its results: what the equivalence checks compare with `paper_reference`."""
+    per_problem: list[list] = [[] for _ in problems]
+
+    def record(progress) -> None:
+        ids = progress.last_ids.view(len(problems), pez.settings.restarts, -1)
+        for k in range(len(problems)):
+            per_problem[k].append(ids[k].tolist())
+
+    return per_problem, pez.solve(problems, on_progress=record)
+
+
+def paper_reference(pez, targets: torch.Tensor, **kw) -> ReferenceResult:
+    """The paper's loop on one problem with a Pez's model, settings and allowed tokens."""
+    s = pez.settings.for_target("image")
+    return paper_loop(
+        pez.model.clip, pez.model.tokenizer, targets, prompt_len=s.prompt_len, steps=s.steps, lr=s.lr,
+        weight_decay=s.weight_decay, restarts=s.restarts, batch_size=s.batch_size, seed=s.seed,
+        allowed_ids=pez.vocab.allowed_ids, record=True, **kw,
+    )

@@ -6,18 +6,22 @@ similarity between renders and originals with a CLIP that did not do the optimiz
 
 from __future__ import annotations
 
-import json
+import io
 import re
 import textwrap
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-import torch
-from PIL import Image, ImageDraw, ImageFont, ImageOps, PngImagePlugin
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from pez_cli.errors import ModelError, RenderError
+from pez_cli.config import MAX_SEED, check_fields, setting
+from pez_cli.errors import ConfigError, ModelError, RenderError, first_line, is_out_of_memory
+from pez_cli.images import png_bytes
+
+if TYPE_CHECKING:  # torch is imported when rendering, not for the CLI's option declarations
+    import torch
 
 DIFFUSERS_PIP = "pip install 'diffusers>=0.30' 'transformers>=4.40' accelerate"
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -46,26 +50,44 @@ def default_judge(clip_model: str) -> str:
 
 @dataclass
 class RenderOptions:
-    sd_model: str
-    images: int = 4  # renders per prompt
-    seed: int = 0  # render i uses seed + i
-    steps: int = 25  # denoising steps
-    guidance: float = 9.0  # classifier-free guidance scale (the paper's 9)
-    negative_prompt: str = ""
-    size: int | None = None  # None: the model's native size (512 for SD 1.5/2.1-base, 1024 for SDXL)
-    cpu_offload: bool = False  # move submodules to the GPU only while they run (small GPUs)
-    attention_slicing: bool = False  # compute attention in slices (less memory, slower)
+    """How to render; the CLI's render options are generated from these declarations."""
+
+    sd_model: str | None = setting(
+        None, flag_name="--sd-model", identifies=False, shown_default="the preset's, or the one matching --model",
+        help="Stable Diffusion: a hub id or a local diffusers folder.")
+    images: int = setting(4, flag_name="--images", minimum=1, help="Renders per prompt.")
+    seed: int | None = setting(  # None: the settings' seed; render i uses seed + i
+        None, flag=False, minimum=0, maximum=MAX_SEED, help="First render's seed.")
+    steps: int = setting(25, flag_name="--sd-steps", minimum=1, maximum=1000, help="Denoising steps per render.")
+    guidance: float = setting(  # the paper's 9
+        9.0, flag_name="--guidance", minimum=0, maximum=100, help="Classifier-free guidance scale.")
+    negative_prompt: str = setting("", flag_name="--negative-prompt", shown_default="none",
+                                   help="What the renders should not show.")
+    size: int | None = setting(  # None: the model's native size (512 for SD 1.5/2.1-base, 1024 for SDXL)
+        None, flag_name="--size", minimum=8, maximum=4096, shown_default="the model's native size: 512, SDXL 1024",
+        help="Render width and height in pixels, a multiple of 8.")
+    out_dir: Path = setting(Path("pez-out"), flag_name="--out", short="-o", help="Folder for renders and contact sheets.")
+    cpu_offload: bool = setting(False, flag_name="--cpu-offload", help="Keep SD parts on the CPU until they run (small GPUs).")
+    attention_slicing: bool = setting(False, flag_name="--attention-slicing", help="Compute attention in slices: less memory, slower.")
 
     def validate(self) -> "RenderOptions":
-        if self.images < 1:
-            raise RenderError(f"--images must be at least 1, got {self.images}")
-        if self.steps < 1:
-            raise RenderError(f"--sd-steps must be at least 1, got {self.steps}")
-        if self.guidance < 0:
-            raise RenderError(f"--guidance must be 0 or more, got {self.guidance}")
-        if self.size is not None and (self.size < 8 or self.size % 8):
+        try:
+            check_fields(self)
+        except ConfigError as e:
+            raise RenderError(str(e)) from None
+        if self.size is not None and self.size % 8:
             raise RenderError(f"--size must be a multiple of 8 (at least 8), got {self.size}")
         return self
+
+    def for_settings(self, settings) -> "RenderOptions":
+        """These options with what comes from the settings filled in (SD model, seed), validated."""
+        return replace(self, sd_model=self.sd_model or sd_model_for_settings(settings),
+                       seed=settings.seed if self.seed is None else self.seed).validate()
+
+
+def sd_model_for_settings(settings) -> str:
+    """The settings' Stable Diffusion model, else the one whose text encoder matches the CLIP."""
+    return settings.sd_model or sd_model_for(settings.model)
 
 
 def _diffusers():
@@ -81,10 +103,6 @@ def _diffusers():
     return diffusers
 
 
-def _is_oom(e: BaseException) -> bool:
-    return type(e).__name__ == "OutOfMemoryError" or "out of memory" in str(e).lower()
-
-
 OOM_HINT = "out of memory while rendering; try --cpu-offload, --attention-slicing or a smaller --size"
 
 
@@ -92,6 +110,8 @@ class Renderer:
     """A text-to-image pipeline (SD 1.x, 2.x or XL, chosen by the model's own config)."""
 
     def __init__(self, options: RenderOptions, device: torch.device):
+        import torch
+
         diffusers = _diffusers()
         self.options = options.validate()
         self.device = device
@@ -111,11 +131,10 @@ class Renderer:
                 warnings.simplefilter("ignore", FutureWarning)  # torch_dtype's rename to dtype
                 self.pipe = diffusers.AutoPipelineForText2Image.from_pretrained(source, torch_dtype=dtype)
         except Exception as e:
-            if _is_oom(e):
+            if is_out_of_memory(e):
                 raise RenderError(OOM_HINT) from None
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise RenderError(
-                f"could not load Stable Diffusion model {options.sd_model!r} ({first}); to run offline, pass "
+                f"could not load Stable Diffusion model {options.sd_model!r} ({first_line(e)}); to run offline, pass "
                 "--sd-model PATH with a folder saved by diffusers' save_pretrained"
             ) from None
         if getattr(self.pipe, "safety_checker", None) is not None:
@@ -136,6 +155,8 @@ class Renderer:
 
     def render(self, prompt: str, on_step: Callable[[int, int], None] | None = None) -> list[Image.Image]:
         """`images` renders of `prompt`, render i from seed + i (deterministic on one device)."""
+        import torch
+
         o = self.options
         size = o.size or self.native_size
         gen_device = "cpu" if self.device.type == "mps" else self.device
@@ -159,7 +180,7 @@ class Renderer:
                 )
                 out.extend(result.images)
         except Exception as e:
-            if _is_oom(e):
+            if is_out_of_memory(e):
                 raise RenderError(OOM_HINT) from None
             raise
         return out
@@ -177,6 +198,8 @@ class Renderer:
     def close(self) -> None:
         self.pipe = None
         if self.device.type == "cuda":
+            import torch
+
             torch.cuda.empty_cache()
 
 
@@ -185,27 +208,32 @@ def slug(text: str, limit: int = 40) -> str:
     return s[:limit].strip("-") or "prompt"
 
 
-def save_renders(renderer: Renderer, prompt: str, images: Sequence[Image.Image], out_dir: Path, extra: dict[str, Any] | None = None) -> list[Path]:
+def save_renders(renderer: Renderer, prompt: str, images: Sequence[Image.Image], out_dir: Path,
+                 extra: dict[str, Any] | None = None) -> list[Path]:
     """PNG files with the prompt and settings in their text metadata; never overwrites."""
     out_dir.mkdir(parents=True, exist_ok=True)
     o = renderer.options
     paths = []
     for i, image in enumerate(images):
         seed = o.seed + i
-        base = f"{slug(prompt)}-seed{seed}"
-        path = out_dir / f"{base}.png"
-        n = 1
-        while path.exists():
-            path = out_dir / f"{base}-{n}.png"
-            n += 1
-        info = PngImagePlugin.PngInfo()
-        info.add_text("parameters", renderer.parameters_text(prompt, seed, image.width))
-        info.add_text("pez", json.dumps({"prompt": prompt, "seed": seed, "sd_model": o.sd_model, "steps": o.steps,
-                                         "guidance": o.guidance, "negative_prompt": o.negative_prompt, **(extra or {})},
-                                        ensure_ascii=False))
-        image.save(path, pnginfo=info)
-        paths.append(path)
+        details = {"prompt": prompt, "seed": seed, "sd_model": o.sd_model, "steps": o.steps, "guidance": o.guidance,
+                   "negative_prompt": o.negative_prompt, **(extra or {})}
+        data = png_bytes(image, renderer.parameters_text(prompt, seed, image.width), details)
+        paths.append(write_new(out_dir, f"{slug(prompt)}-seed{seed}", ".png", data))
     return paths
+
+
+def write_new(folder: Path, base: str, suffix: str, data: bytes) -> Path:
+    """Write `data` to folder/base.suffix, or base-1.suffix, base-2.suffix ... whichever is new."""
+    n = 0
+    while True:
+        path = folder / f"{base}{f'-{n}' if n else ''}{suffix}"
+        try:
+            with open(path, "xb") as f:
+                f.write(data)
+            return path
+        except FileExistsError:
+            n += 1
 
 
 def judge(judge_model: str, originals: Sequence[Image.Image], renders: Sequence[Image.Image], device: torch.device) -> dict[str, Any]:
@@ -275,3 +303,31 @@ def contact_sheet(
         draw.text((GAP, y), line, fill=(0, 0, 0), font=font)
         y += TEXT_LINE
     return sheet
+
+
+def render_prompt(options: RenderOptions, prompt: str, device: torch.device,
+                  on_status: Callable[[str], None] = lambda m: None,
+                  on_step: Callable[[int, int], None] | None = None) -> tuple[list[Image.Image], list[Path]]:
+    """Render a prompt and save the PNGs into options.out_dir. Returns the images and paths."""
+    on_status(f"Loading {options.sd_model} ...")
+    renderer = Renderer(options, device)
+    try:
+        images = renderer.render(prompt, on_step=on_step)
+        return images, save_renders(renderer, prompt, images, options.out_dir)
+    finally:
+        renderer.close()
+
+
+def render_and_judge(options: RenderOptions, prompt: str, originals: Sequence[Image.Image], device: torch.device,
+                     judge_model: str, on_status: Callable[[str], None] = lambda m: None,
+                     on_step: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Render `prompt`, score the renders against the originals with a judge CLIP, write the
+    PNGs and a contact sheet (never over an earlier one). Returns what to report."""
+    images, paths = render_prompt(options, prompt, device, on_status, on_step)
+    on_status(f"Scoring renders with {judge_model} ...")
+    scores = judge(judge_model, originals, images, device)
+    buffer = io.BytesIO()
+    contact_sheet(originals, images, prompt, scores).save(buffer, format="PNG")
+    sheet = write_new(options.out_dir, f"{slug(prompt)}-seed{options.seed}-sheet", ".png", buffer.getvalue())
+    return {"rendered_prompt": prompt, "sd_model": options.sd_model, "renders": [str(p) for p in paths],
+            "contact_sheet": str(sheet), "render_similarity": scores}

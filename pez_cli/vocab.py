@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from pez_cli.errors import ConfigError
-from pez_cli.kernels import PackedMatrix, packable, use_packed
+from pez_cli.packing import PackedMatrix, use_packed
 
 # Vocabulary rows scored per matmul in the projection; bounds the (chunk, rows) score block.
 VOCAB_CHUNK = 8192
@@ -79,32 +79,15 @@ class Vocabulary:
         weight = embedding_weight.detach()
         self.embeddings = weight if weight.dtype == torch.float64 else weight.float()  # (V, W)
         self.normalized = F.normalize(self.embeddings[self.allowed_ids], dim=-1)  # (A, W)
-        self.packed: list[PackedMatrix] = []  # oneDNN-packed chunks of `normalized` (see pack)
+        self.packed: list[PackedMatrix] = []  # oneDNN-packed chunks(), set by packing.apply
 
-    def pack(self, enable: bool, rows_hint: int) -> bool:
-        """Score fp32 CPU projections with oneDNN-packed vocabulary chunks (same ids, faster).
-
-        Costs one more copy of the normalized vocabulary. Returns whether packing is on.
-        """
-        if not (enable and packable(self.normalized)):
-            self.packed = []
-        elif not self.packed:
-            self.packed = [
-                PackedMatrix(self.normalized[start:start + VOCAB_CHUNK], rows_hint)
-                for start in range(0, self.size, VOCAB_CHUNK)
-            ]
-        return bool(self.packed)
-
-    def packed_bytes(self) -> int:
-        """Memory held by the packed vocabulary chunks."""
-        return sum(chunk.nbytes for chunk in self.packed)
+    def chunks(self) -> list[torch.Tensor]:
+        """`normalized` in blocks of VOCAB_CHUNK rows, the unit the projection scores at once."""
+        return [self.normalized[start:start + VOCAB_CHUNK] for start in range(0, self.size, VOCAB_CHUNK)]
 
     @property
     def size(self) -> int:
         return int(self.allowed_ids.numel())
-
-    def is_allowed(self, token_id: int) -> bool:
-        return bool((self.allowed_ids == token_id).any())
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """Ids of the nearest allowed tokens by cosine similarity: (..., W) -> (...)."""
@@ -113,11 +96,12 @@ class Vocabulary:
         best = idx = None
         # Vocabulary rows in chunks: each score block stays in cache. Unpacked, the tall
         # (chunk, W) @ (W, R) product is the fast GEMM orientation for few queries.
-        for n, start in enumerate(range(0, self.size, VOCAB_CHUNK)):
+        for n, chunk in enumerate(self.chunks()):
+            start = n * VOCAB_CHUNK
             if packed:
                 score, arg = packed[n].product(queries).max(dim=1)  # (R,)
             else:
-                score, arg = (self.normalized[start:start + VOCAB_CHUNK] @ queries.T).max(dim=0)  # (R,)
+                score, arg = (chunk @ queries.T).max(dim=0)  # (R,)
             if best is None:
                 best, idx = score, arg
             else:

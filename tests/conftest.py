@@ -1,15 +1,12 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from tiny import save_tiny_clip  # noqa: E402
+from helpers import make_image
+from pez_cli.testing import save_tiny_clip
 
 # Set before anything imports huggingface_hub, which reads it once at import time.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -37,14 +34,14 @@ def tiny_model(tiny_dir) -> str:
     return f"local-dir:{tiny_dir}"
 
 
-def make_image(path: Path, color=(200, 30, 30), size=(40, 30), mode="RGB") -> Path:
-    img = Image.new("RGB", size, color)
-    for x in range(size[0] // 2):
-        img.putpixel((x, x % size[1]), (255 - color[0], 255 - color[1], 255 - color[2]))
-    if mode != "RGB":
-        img = img.convert(mode)
-    img.save(path)
-    return path
+@pytest.fixture
+def load_tiny(tiny_model):
+    """Load a fresh copy of the tiny CLIP on the CPU (tests may change its dtype or packing)."""
+    import torch
+
+    from pez_cli.models import load_model
+
+    return lambda: load_model(tiny_model, torch.device("cpu"))
 
 
 @pytest.fixture

@@ -9,20 +9,14 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from typer.testing import CliRunner
 
-from conftest import make_image
+from helpers import make_image, rows_of, run
 from pez_cli import batch as jobs
-from pez_cli.cli import app
+from pez_cli import results
 from pez_cli.optimize import PromptOptimizer
 
-runner = CliRunner()
 FAST = ["--steps", "4", "--prompt-len", "3", "--device", "cpu", "--batch-images", "3"]
 COLORS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (30, 200, 200), (200, 30, 200), (90, 90, 90)]
-
-
-def run(*args, input=None):
-    return runner.invoke(app, [str(a) for a in args], input=input)
 
 
 @pytest.fixture
@@ -32,10 +26,6 @@ def folder(tmp_path) -> Path:
     for i, color in enumerate(COLORS):
         make_image(d / f"img{i}.png", color, size=(36 + i, 30))
     return d
-
-
-def rows_of(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def test_one_prompt_per_image_matching_invert_alone(tiny_model, folder, tmp_path):
@@ -111,7 +101,7 @@ def test_sigkill_mid_job_then_resume(tiny_model, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    first = [json.loads(l) for l in out.read_text().splitlines() if l.endswith("}")]
+    first = [json.loads(line) for line in out.read_text().splitlines() if line.endswith("}")]
     assert 3 <= len(first) < 10
     rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr
@@ -172,10 +162,10 @@ def test_csv_output_quotes_prompts(tiny_model, folder, tmp_path):
     tricky = {"path": 'a "quoted", path.png', "sha256": "ab", "prompt": 'red, "big" cat, déjà vu', "similarity": 0.5,
               "round_trip": False, "token_ids": [1, 2], "model": "m", "settings_id": "s", "seconds": 1.0,
               "error": None, "settings": {"steps": 3}}
-    w = jobs.ResultWriter(str(tmp_path / "t.csv"), "csv")
+    w = results.ResultWriter(str(tmp_path / "t.csv"), "csv")
     w.write(tricky)
     w.close()
-    [back] = jobs.read_rows(tmp_path / "t.csv", "csv")
+    [back] = results.read_rows(tmp_path / "t.csv")
     assert back == tricky
     again = run("batch", folder, "-o", out, "--model", tiny_model, *FAST)
     assert "7 already done" in again.stderr  # CSV files resume too
@@ -206,7 +196,7 @@ def test_sidecars_and_png_metadata(tiny_model, folder, tmp_path):
 def test_stdout_output_and_usage_errors(tiny_model, folder):
     result = run("batch", folder, "--out", "-", "--model", tiny_model, *FAST, "--quiet")
     assert result.exit_code == 0
-    rows = [json.loads(l) for l in result.stdout.splitlines()]
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(rows) == 7 and result.stderr == ""
     nothing = run("batch", folder, "--model", tiny_model)
     assert nothing.exit_code == 1 and "nothing to write" in nothing.stderr

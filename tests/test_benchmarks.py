@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pez_cli.kernels import packing_available
+from pez_cli import packing
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -24,7 +24,7 @@ def test_speed_benchmark_smoke(tmp_path):
     assert data["batch"]["images"] == 2 and data["meta"]["prompt_len"] == 4
     for key in ("reference_ms_per_step", "pez_ms_per_step", "ratio", "reference_peak_mb", "pez_peak_mb"):
         assert data["single"][key] >= 0
-    if packing_available():  # ViT-B-32's text tower: 12 blocks of 4 * 512^2 + 2 * 512 * 2048 weights, packed twice
+    if packing.available():  # ViT-B-32's text tower: 12 blocks of 4 * 512^2 + 2 * 512 * 2048 weights, packed twice
         assert data["packed_mb"] > 2 * 12 * (4 * 512 * 512 + 2 * 512 * 2048) * 4 / 2**20
         assert "| 3. packed weight copies" in run.stdout
 
@@ -50,20 +50,17 @@ def test_quality_benchmark_smoke(tmp_path):
     assert len(list(tmp_path.glob("world-*"))) == 1
 
 
-def test_quality_snapshot_rows_equal_shorter_runs(tiny_dir):
+def test_quality_snapshot_rows_equal_shorter_runs(load_tiny, monkeypatch):
     """The quality benchmark reads its 100- and 300-step rows off the 1000-step run; that is
     only honest if a snapshot equals a run stopped there."""
-    import torch
-
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import quality
     import world
+    from pez_cli.testing import random_targets
 
-    from pez_cli.models import load_model
-
-    loaded = load_model(f"local-dir:{tiny_dir}", torch.device("cpu"))
+    loaded = load_tiny()
     scenes = world.scenes(7, 3)
-    feats = torch.nn.functional.normalize(torch.randn(3, loaded.text.output_dim, generator=torch.Generator().manual_seed(0)), dim=-1)
+    feats = random_targets(3, loaded.text.output_dim, seed=0)
     long = quality.run_config(quality.Config("long", prompt_len=4, steps=30, snapshots=((8, "short"),)), loaded, scenes, feats, 1)
     [short] = quality.run_config(quality.Config("short", prompt_len=4, steps=8), loaded, scenes, feats, 1)
     assert [(r.name, r.steps) for r in long] == [("short", 8), ("long", 30)]

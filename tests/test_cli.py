@@ -6,29 +6,11 @@ import subprocess
 import sys
 
 import pytest
-from typer.testing import CliRunner
 
-from pez_cli.cli import app
+from helpers import assert_one_line_error, run
 from pez_cli.optimize import PromptOptimizer
 
-runner = CliRunner()
 FAST = ["--steps", "5", "--prompt-len", "4", "--device", "cpu"]
-
-
-def run(*args, input=None, env=None):
-    return runner.invoke(app, [str(a) for a in args], input=input, env=env)
-
-
-def assert_one_line_error(result, code, pattern):
-    import re
-
-    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("Error: ")
-    assert re.search(pattern, lines[0]), lines[0]
-    assert "Traceback" not in result.stderr
-    assert result.stdout == ""
 
 
 def test_invert_prints_only_the_prompt(tiny_model, images):
@@ -103,7 +85,7 @@ def test_models_lists_presets():
     assert result.exit_code == 0
     for name, model in [("paper", "ViT-H-14/laion2b_s32b_b79k"), ("sd15", "ViT-L-14/openai"),
                         ("sd2", "ViT-H-14/laion2b_s32b_b79k"), ("sdxl", "ViT-bigG-14/laion2b_s39b_b160k"), ("fast", "ViT-B-32")]:
-        line = next(l for l in result.stdout.splitlines() if l.split()[0] == name)
+        line = next(row for row in result.stdout.splitlines() if row.split()[0] == name)
         assert model in line
     rows = json.loads(run("models", "--json").stdout)
     assert {r["name"] for r in rows} >= {"paper", "sd15", "sd2", "sdxl", "fast", "(defaults)"}
@@ -153,8 +135,10 @@ def test_bad_inputs_are_one_line_errors(tiny_model, images, tmp_path):
 
 
 def test_bad_models_are_one_line_errors(images, tmp_path):
-    assert_one_line_error(run("invert", images[0], "--model", "ViT-B-32/opena"), 1, r"unknown model 'ViT-B-32/opena'; close matches: .*ViT-B-32/openai")
-    assert_one_line_error(run("invert", images[0], "--model", "ViT-B-32/openai"), 1, r"could not download weights for 'ViT-B-32/openai'.*local-dir:")
+    assert_one_line_error(run("invert", images[0], "--model", "ViT-B-32/opena"), 1,
+                          r"unknown model 'ViT-B-32/opena'; close matches: .*ViT-B-32/openai")
+    assert_one_line_error(run("invert", images[0], "--model", "ViT-B-32/openai"), 1,
+                          r"could not download weights for 'ViT-B-32/openai'.*local-dir:")
     assert_one_line_error(run("invert", images[0], "--model", f"local-dir:{tmp_path / 'x'}"), 1, r"model folder not found")
 
 

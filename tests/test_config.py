@@ -18,7 +18,7 @@ def test_every_shipped_config_parses_and_validates():
 
 
 def test_paper_preset_is_the_papers_hyperparameters():
-    s = resolve(preset="paper").settings
+    s = resolve(preset="paper").settings.for_target("image")
     assert (s.prompt_len, s.steps, s.lr, s.weight_decay, s.restarts, s.batch_size) == (16, 3000, 0.1, 0.1, 1, 1)
     assert s.model == "ViT-H-14/laion2b_s32b_b79k"
 
@@ -30,7 +30,8 @@ def test_preset_models():
 
 
 def test_defaults_are_paper_except_steps():
-    s = Settings()
+    s = Settings().for_target("image")
+    assert Settings().for_target("text").prompt_len == 8  # distill's own default
     assert s.model == "ViT-H-14/laion2b_s32b_b79k"
     assert (s.prompt_len, s.steps, s.lr, s.weight_decay, s.restarts, s.batch_size) == (16, 1000, 0.1, 0.1, 1, 1)
     assert s.device == "auto"

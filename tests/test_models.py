@@ -8,9 +8,9 @@ from pez_cli.errors import ModelError
 from pez_cli.models import check_model_name, load_model
 
 
-@pytest.fixture(scope="module")
-def loaded(tiny_dir):
-    return load_model(f"local-dir:{tiny_dir}", torch.device("cpu"))
+@pytest.fixture
+def loaded(load_tiny):
+    return load_tiny()
 
 
 def test_text_tower_on_embeddings_reproduces_encode_text(loaded):
@@ -33,8 +33,8 @@ def test_context_length_comes_from_the_model(loaded):
     assert loaded.context_length == loaded.text.positional_embedding.shape[0] == 77
 
 
-def test_release_image_tower_frees_it(tiny_dir):
-    model = load_model(f"local-dir:{tiny_dir}", torch.device("cpu"))
+def test_release_image_tower_frees_it(load_tiny):
+    model = load_tiny()
     visual = weakref.ref(model.clip.visual)
     model.release_image_tower()
     gc.collect()

@@ -8,14 +8,12 @@ from pez_cli.errors import ConfigError
 SECRET = "a red cat sitting"
 
 
-@pytest.fixture(scope="module")
-def pez_factory(tiny_dir):
-    from pez_cli.models import load_model
-
-    model = load_model(f"local-dir:{tiny_dir}", torch.device("cpu"))
+@pytest.fixture
+def pez_factory(tiny_model, load_tiny):
+    model = load_tiny()
 
     def make(**kw):
-        kw.setdefault("model", f"local-dir:{tiny_dir}")
+        kw.setdefault("model", tiny_model)
         kw.setdefault("device", "cpu")
         return Pez(Settings(**kw), model=model)
 
@@ -47,15 +45,45 @@ def test_known_target_is_recovered(pez_factory):
 def test_best_prompt_is_kept_not_the_last(pez_factory):
     pez = pez_factory(prompt_len=4, steps=40)
     target = pez.text_features([SECRET])
-    opt = pez.optimizer([target])
     history = []
-    for _ in opt.run():
-        history.append(float(opt.best_score[0]))
+    [result] = pez.solve([target], on_progress=lambda p: history.append(p.best()[0].similarity))
+    assert len(history) == 40
     assert all(b >= a for a, b in zip(history, history[1:]))
-    best = opt.best()[0]
-    assert best.similarity == pytest.approx(max(history))
+    assert history[-1] > history[0]
+    assert result.optimized_similarity == pytest.approx(max(history))
     # The reported score is the score of the reported ids.
-    assert _score(pez, best.token_ids, target) == pytest.approx(best.similarity, abs=1e-5)
+    assert _score(pez, result.token_ids, target) == pytest.approx(result.optimized_similarity, abs=1e-5)
+
+
+def test_progress_every_n_steps_and_early_results(pez_factory):
+    pez = pez_factory(prompt_len=4, steps=25)
+    target = pez.text_features([SECRET])
+    seen, snapshot = [], {}
+
+    def on_progress(p):
+        seen.append(p.step)
+        if p.step == 10:
+            [snapshot["r"]] = p.results()
+
+    [final] = pez.solve([target], on_progress=on_progress, every=10)
+    assert seen == [10, 20, 25]  # every 10 steps and after the last
+    [short] = pez.solve([target], steps=10)
+    assert snapshot["r"].token_ids == short.token_ids and snapshot["r"].steps_done == short.steps_done == 10
+    assert final.steps_done == 25
+
+
+def test_ctrl_c_returns_the_best_so_far(pez_factory):
+    pez = pez_factory(prompt_len=4, steps=100)
+    target = pez.text_features([SECRET])
+
+    def stop_at_7(p):
+        if p.step == 7:
+            raise KeyboardInterrupt
+
+    [result] = pez.solve([target], on_progress=stop_at_7)
+    assert result.interrupted and result.steps_done == 7 and result.prompt
+    [whole] = pez.solve([target], steps=7)
+    assert whole.token_ids == result.token_ids and not whole.interrupted
 
 
 def test_same_seed_same_prompt_other_seed_differs(pez_factory):
@@ -71,7 +99,7 @@ def test_negative_finds_a_prompt_unlike_the_target(pez_factory):
     neg = pez_factory(prompt_len=4, steps=60, negative=True).distill(SECRET)
     start = pez_factory(prompt_len=4, steps=60)
     target = start.text_features([SECRET])
-    initial_ids = start.vocab.project(start.optimizer([target]).prompt)[0].tolist()
+    initial_ids = start.vocab.random_ids((1, 4), torch.Generator().manual_seed(0))[0].tolist()  # seed 0's first prompt
     initial = _score(start, initial_ids, target)
     assert neg.optimized_similarity < initial < pos.optimized_similarity
     assert neg.optimized_similarity < pos.optimized_similarity - 0.3
@@ -88,15 +116,20 @@ def test_blocked_and_non_ascii_tokens_are_never_chosen(pez_factory):
 def test_several_targets_with_sampling(pez_factory):
     pez = pez_factory(prompt_len=4, steps=30, batch_size=1)
     targets = pez.text_features(["a red cat", "a blue dog", "a green bird"])
-    opt = pez.optimizer([targets])
-    assert opt.sampled == [True]
-    for _ in opt.run():
-        pass
-    [result] = pez.finish(opt, [targets])
+    sampled = []
+    [result] = pez.solve([targets], on_progress=lambda p: sampled.append(p._optimizer.sampled))
+    assert sampled[0] == [True]
     ids = result.token_ids
     tok = pez.model.tokenizer
     feats = pez.model.text.encode_ids([[tok.sot_token_id, *ids, tok.eot_token_id]])
     assert float((targets @ feats[0]).mean()) == pytest.approx(result.optimized_similarity, abs=1e-5)
+
+
+def test_distill_defaults_to_8_tokens_and_images_to_16(pez_factory):
+    pez = pez_factory(steps=1)
+    assert len(pez.distill(SECRET).token_ids) == 8
+    assert len(pez.solve([pez.text_features([SECRET])], "image")[0].token_ids) == 16
+    assert len(pez_factory(steps=1, prompt_len=5).distill(SECRET).token_ids) == 5
 
 
 def test_prompt_len_must_fit_the_context(pez_factory):
@@ -105,16 +138,14 @@ def test_prompt_len_must_fit_the_context(pez_factory):
     assert pez_factory(prompt_len=75, steps=1).distill("x").token_ids.__len__() == 75
 
 
-def test_bf16_precision_keeps_weights_in_bf16_and_prompts_in_fp32(tiny_dir):
-    from pez_cli.models import load_model
-
-    model = load_model(f"local-dir:{tiny_dir}", torch.device("cpu"))
-    pez = Pez(Settings(model=f"local-dir:{tiny_dir}", device="cpu", precision="bf16", prompt_len=4, steps=20), model=model)
+def test_bf16_precision_keeps_weights_in_bf16_and_prompts_in_fp32(tiny_model, load_tiny):
+    model = load_tiny()
+    pez = Pez(Settings(model=tiny_model, device="cpu", precision="bf16", prompt_len=4, steps=20), model=model)
     assert model.text.transformer.resblocks[0].mlp.c_fc.weight.dtype == torch.bfloat16
     assert pez.vocab.embeddings.dtype == torch.float32
-    opt = pez.optimizer([pez.text_features([SECRET])])
-    assert opt.prompt.dtype == torch.float32
-    result = pez.distill(SECRET)
+    dtypes = []
+    result = pez.distill(SECRET, on_progress=lambda p: dtypes.append(p._optimizer.prompt.dtype))
+    assert set(dtypes) == {torch.float32}
     assert 0.0 < result.optimized_similarity <= 1.0
 
 

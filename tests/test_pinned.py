@@ -4,10 +4,9 @@
 import json
 
 import pytest
-from typer.testing import CliRunner
 
-from conftest import make_image
-from pez_cli.cli import app
+from helpers import make_image
+from helpers import run as invoke
 
 FAST = ["--steps", "20", "--device", "cpu", "--json"]
 PINNED = {
@@ -20,7 +19,7 @@ PINNED = {
 
 
 def run(*args):
-    result = CliRunner().invoke(app, [str(a) for a in args])
+    result = invoke(*args)
     assert result.exit_code == 0, result.stderr
     return json.loads(result.stdout)
 

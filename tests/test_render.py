@@ -5,20 +5,12 @@ import sys
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
-from conftest import make_image
+from helpers import make_image, run
 from pez_cli import render as rendering
-from pez_cli.cli import app
-from tiny import save_tiny_clip
-from tiny_sd import save_tiny_sd
+from pez_cli.testing import save_tiny_clip, save_tiny_sd
 
-runner = CliRunner()
 RENDER = ["--images", "2", "--sd-steps", "2", "--size", "32"]
-
-
-def run(*args, input=None):
-    return runner.invoke(app, [str(a) for a in args], input=input)
 
 
 @pytest.fixture(scope="session")

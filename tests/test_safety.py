@@ -8,25 +8,11 @@ import pickle
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from conftest import make_image
-from pez_cli.cli import app
-from tiny import TINY_CFG, save_tiny_clip
+from helpers import assert_one_line_error, make_image, run
+from pez_cli.testing import TINY_CFG, save_tiny_clip
 
-runner = CliRunner()
 FAST = ["--steps", "2", "--prompt-len", "2", "--device", "cpu"]
-
-
-def run(*args, input=None):
-    return runner.invoke(app, [str(a) for a in args], input=input)
-
-
-def one_line_error(result, code, text):
-    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: ") and text in lines[0], result.stderr
-    assert "Traceback" not in result.stderr
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -48,7 +34,7 @@ def photos(tmp_path) -> Path:
 def test_caption_extension_that_would_replace_images_is_refused(tiny_model, photos, ext, text):
     before = snapshot(photos)
     result = run("batch", photos, "--sidecar", "--sidecar-ext", ext, "--overwrite", "--model", tiny_model, *FAST)
-    one_line_error(result, 1, text)
+    assert_one_line_error(result, 1, text)
     assert snapshot(photos) == before
 
 
@@ -106,13 +92,13 @@ def test_png_copies_never_replace_an_input(tiny_model, photos):
 def test_an_out_file_that_is_not_a_pez_result_is_refused_untouched(tiny_model, photos, tmp_path, content):
     notes = tmp_path / "notes.txt"
     notes.write_bytes(content)
-    one_line_error(run("batch", photos, "--out", notes, "--model", tiny_model, *FAST), 1, "not a pez result file")
+    assert_one_line_error(run("batch", photos, "--out", notes, "--model", tiny_model, *FAST), 1, "not a pez result file")
     assert notes.read_bytes() == content
 
 
 def test_an_input_image_as_out_is_refused(tiny_model, photos):
     before = snapshot(photos)
-    one_line_error(run("batch", photos, "--out", photos / "a.png", "--model", tiny_model, *FAST), 1, "not a pez result file")
+    assert_one_line_error(run("batch", photos, "--out", photos / "a.png", "--model", tiny_model, *FAST), 1, "not a pez result file")
     assert snapshot(photos) == before
 
 
@@ -129,11 +115,11 @@ def test_a_tokenizer_that_needs_remote_code_is_refused_before_it_runs(tmp_path, 
     folder = save_tiny_clip(tmp_path / "evil", cfg=cfg)
     (folder / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": ["tokenization_evil.Evil", None]}}))
     (folder / "tokenization_evil.py").write_text(_marker_code(marker))
-    one_line_error(run("invert", photos / "a.png", "--model", f"local-dir:{folder}", *FAST), 1, "trust_remote_code")
+    assert_one_line_error(run("invert", photos / "a.png", "--model", f"local-dir:{folder}", *FAST), 1, "trust_remote_code")
     assert not marker.exists()
     del cfg["text_cfg"]["tokenizer_kwargs"]  # a Hugging Face tokenizer without remote code is refused too
     folder2 = save_tiny_clip(tmp_path / "hf", cfg=cfg)
-    one_line_error(run("invert", photos / "a.png", "--model", f"local-dir:{folder2}", *FAST), 1, "CLIP's BPE tokenizer")
+    assert_one_line_error(run("invert", photos / "a.png", "--model", f"local-dir:{folder2}", *FAST), 1, "CLIP's BPE tokenizer")
 
 
 class _Payload:
@@ -153,7 +139,7 @@ def test_pickled_weights_cannot_run_code(tmp_path, photos):
     (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CFG}))
     torch.save({"state_dict": _Payload(marker)}, folder / "open_clip_pytorch_model.bin", pickle_protocol=pickle.HIGHEST_PROTOCOL)
     result = run("invert", photos / "a.png", "--model", f"local-dir:{folder}", *FAST)
-    one_line_error(result, 1, "could not load model")
+    assert_one_line_error(result, 1, "could not load model")
     assert not marker.exists()
 
 
@@ -168,5 +154,5 @@ def test_pez_reads_and_checks_the_config_before_open_clip(monkeypatch, tmp_path,
     cfg["text_cfg"]["hf_model_name"] = "bert-base-uncased"
     folder = save_tiny_clip(tmp_path / "hfmodel", cfg=TINY_CFG)
     (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
-    one_line_error(run("invert", photos / "a.png", "--model", f"local-dir:{folder}", *FAST), 1, "hf_model_name")
+    assert_one_line_error(run("invert", photos / "a.png", "--model", f"local-dir:{folder}", *FAST), 1, "hf_model_name")
     assert called == []

@@ -2,13 +2,12 @@ import pytest
 import torch
 
 from pez_cli.errors import ConfigError
-from pez_cli.models import load_model
 from pez_cli.vocab import Vocabulary, pad_id
 
 
-@pytest.fixture(scope="module")
-def model(tiny_dir):
-    return load_model(f"local-dir:{tiny_dir}", torch.device("cpu"))
+@pytest.fixture
+def model(load_tiny):
+    return load_tiny()
 
 
 def test_special_and_padding_tokens_are_never_allowed(model):

@@ -1,7 +1,8 @@
-"""A tiny Stable Diffusion pipeline built from configs (no downloads), saved with save_pretrained.
+"""Tiny randomly initialised models for tests and device checks: no downloads, no weights.
 
-The tokenizer is a transformers CLIPTokenizer made from open_clip's bundled BPE vocabulary,
-the same vocabulary real Stable Diffusion text encoders use.
+A CLIP built from an open_clip JSON config and saved as a `local-dir:` folder, and a Stable
+Diffusion pipeline built from configs with a tokenizer made from open_clip's bundled BPE
+vocabulary (the vocabulary real Stable Diffusion text encoders use).
 """
 
 from __future__ import annotations
@@ -11,6 +12,31 @@ import json
 from pathlib import Path
 
 import torch
+
+# Few layers, small width, the real 49408-token vocabulary and 77-token context.
+TINY_CFG = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+def save_tiny_clip(folder: Path, seed: int = 0, cfg: dict | None = None) -> Path:
+    """Build a random CLIP from `cfg` and save it in open_clip's local-dir layout."""
+    import open_clip
+
+    from pez_cli.models import save_local_dir
+
+    cfg = cfg or TINY_CFG
+    torch.manual_seed(seed)
+    model = open_clip.model.CLIP(**cfg)
+    return save_local_dir(model, cfg, {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}, folder)
+
+
+def random_targets(n: int, dim: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """n random unit vectors (n, dim), the same for the same seed."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.normalize(torch.randn(n, dim, generator=g, dtype=dtype), dim=-1)
 
 
 def clip_tokenizer_files(folder: Path) -> tuple[Path, Path]:
@@ -32,6 +58,7 @@ def clip_tokenizer_files(folder: Path) -> tuple[Path, Path]:
 
 
 def save_tiny_sd(folder: Path, seed: int = 0) -> Path:
+    """A tiny Stable Diffusion 1.x pipeline from configs, saved with save_pretrained."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -45,13 +72,15 @@ def save_tiny_sd(folder: Path, seed: int = 0) -> Path:
         block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=32,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"), up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
     )
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
-    ))
     vocab_file, merges_file = clip_tokenizer_files(folder.parent / f"{folder.name}-tokenizer-src")
     tokenizer = CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=77, pad_token="<|endoftext|>")
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=tokenizer.model_max_length, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    ))
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder)

@@ -1,0 +1,339 @@
+"""The commands: parse, one library call, print. Models and torch are imported only when a
+command runs, so `pez --help` stays fast."""
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+
+from pez_cli import __version__
+from pez_cli.cli.display import (
+    EXIT_INTERRUPTED,
+    EXIT_PARTIAL,
+    Reporter,
+    emit_json,
+    emit_lines,
+    handles_errors,
+    log_to_stderr,
+    progress_mode,
+)
+from pez_cli.cli.options import (
+    OUTPUT_OPTIONS,
+    SETTING_OPTIONS,
+    SOURCE_OPTIONS,
+    Common,
+    cli_options,
+    options_for,
+    with_common_options,
+    with_options,
+)
+from pez_cli.errors import PezError
+from pez_cli.render import RenderOptions
+
+app = typer.Typer(
+    name="pez",
+    help="Turn images into hard text prompts with PEZ (Hard Prompts Made Easy) on CLIP.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+IMAGES_HELP = "Image files, folders (their images, sorted) or - (paths on stdin, one per line)."
+MODEL_HELP = "CLIP model: ARCH/TAG (open_clip pretrained), hf-hub:ORG/REPO or local-dir:PATH."
+
+
+@dataclass
+class RenderAfter:
+    """invert/style --render: render the prompt, judge the renders, write a contact sheet."""
+
+    on: bool
+    judge_model: Optional[str]
+    options: RenderOptions
+
+
+RENDER_OPTIONS = options_for(RenderOptions, unset_none=False, prefix="render_")
+with_render_after = with_options(
+    cli_options(
+        ("render", Annotated[bool, typer.Option("--render", help="Render the prompt with Stable Diffusion, score it and write a contact sheet.")], False),
+        ("judge_model", Annotated[Optional[str], typer.Option("--judge-model", show_default=False,
+                                                              help="CLIP that scores renders against the originals (default: one other than --model).")], None),
+    ) + RENDER_OPTIONS,
+    "after", lambda render, judge_model, **kw: RenderAfter(render, judge_model, RenderOptions(**kw)),
+)
+
+
+def step_progress(reporter: Reporter) -> Callable[[Any], None]:
+    """Progress for one optimization: the best prompt so far, decoded only when drawn."""
+    def update(p) -> None:
+        if reporter.due(p.step == p.steps):
+            best = p.best()[0]
+            reporter.progress("step", p.step, p.steps, f"best {best.similarity:.4f}  {p.best_prompts()[0]}")
+
+    return update
+
+
+def optimize_and_print(common: Common, kind: str, targets_of: Callable[[Any], Any], inputs: dict[str, Any],
+                       after: RenderAfter | None = None, originals: list | None = None,
+                       template: str | None = None) -> None:
+    """Load the model, optimize one problem with progress, print the result, then render."""
+    from pez_cli.api import Pez
+
+    settings = common.settings()
+    options = after.options.for_settings(settings) if after and after.on else None  # validated before the long part
+    log_to_stderr(common.verbose)
+    started = time.monotonic()
+    with Reporter(progress_mode(common.quiet, common.progress)) as reporter:
+        reporter.stage(f"Loading {settings.model} ...")
+        pez = Pez(settings, keep_image_tower=False)
+        targets = targets_of(pez)
+        loop = time.monotonic()
+        [result] = pez.solve([targets], kind, on_progress=step_progress(reporter))
+        data = {**result.to_dict(flat=True), "device": str(pez.device), **inputs,
+                "seconds": round(time.monotonic() - loop, 3), "total_seconds": round(time.monotonic() - started, 3)}
+        del pez, targets  # free the optimizing model before anything else is loaded
+    fill = (lambda p: template.replace("{}", p)) if template else None
+    if fill:
+        data.update(template=template, styled=fill(result.prompt))
+    if result.interrupted:
+        reporter.note(f"Interrupted after {result.steps_done} steps; best prompt so far:")
+    if not common.json:  # printed before any rendering, so a failed render loses nothing
+        emit_lines([result.prompt] + ([data["styled"]] if fill else []))
+        if not result.interrupted:
+            note = "" if result.round_trip else " (re-tokenizes differently from the optimized ids)"
+            reporter.note(f"similarity {result.similarity:.4f}{note}")
+    if result.interrupted:
+        if common.json:
+            emit_json(data)
+        raise typer.Exit(EXIT_INTERRUPTED)
+    try:
+        if options is not None:
+            with Reporter(progress_mode(common.quiet, common.progress)) as reporter:
+                data.update(render_after(settings, after, options, fill(result.prompt) if fill else result.prompt,
+                                         originals, reporter))
+    finally:
+        if common.json:
+            emit_json(data)
+
+
+def render_after(settings, after: RenderAfter, options: RenderOptions, text: str, originals, reporter: Reporter) -> dict:
+    from pez_cli.models import pick_device
+    from pez_cli.render import default_judge, render_and_judge
+
+    judge_model = after.judge_model or default_judge(settings.model)
+    done = render_and_judge(options, text, originals, pick_device(settings.device), judge_model,
+                            reporter.stage, reporter.steps("render"))
+    reporter.note(f"renders: {', '.join(done['renders'])}")
+    reporter.note(f"contact sheet: {done['contact_sheet']}")
+    reporter.note(f"render similarity {done['render_similarity']['mean']:.4f} (judge {judge_model})")
+    return done
+
+
+def image_job(images: list[str], common: Common, after: RenderAfter, template: str | None = None) -> None:
+    from pez_cli.images import collect_paths, load_images
+
+    paths = collect_paths(images, sys.stdin)
+    pil = load_images(paths)
+    optimize_and_print(common, "image", lambda pez: pez.image_features(pil), {"images": [str(p) for p in paths]},
+                       after, pil, template)
+
+
+@app.command()
+@handles_errors
+@with_render_after
+@with_common_options
+def invert(
+    images: Annotated[list[str], typer.Argument(help=IMAGES_HELP, metavar="IMAGE...")],
+    common: Common = None,
+    after: RenderAfter = None,
+) -> None:
+    """Learn ONE prompt shared by all the given images (the paper's prompt inversion)."""
+    image_job(images, common, after)
+
+
+@app.command()
+@handles_errors
+@with_render_after
+@with_common_options
+def style(
+    images: Annotated[list[str], typer.Argument(help="Images of one style: " + IMAGES_HELP, metavar="DIR|IMAGE...")],
+    template: Annotated[Optional[str], typer.Option("--template", "-t", help='Also print this template filled with the prompt, e.g. "a tiger in the style of {}".')] = None,
+    subject: Annotated[Optional[str], typer.Option("--subject", help='With --render: render "SUBJECT in the style of {prompt}" (when no --template).')] = None,
+    common: Common = None,
+    after: RenderAfter = None,
+) -> None:
+    """Learn a prompt for the style shared by several images; optionally fill a template."""
+    if template is not None and "{}" not in template:
+        raise PezError(f"--template must contain {{}} where the style prompt goes, got {template!r}")
+    if template is None and subject:
+        template = f"{subject} in the style of {{}}"
+    image_job(images, common, after, template)
+
+
+@app.command()
+@handles_errors
+@with_common_options
+def distill(
+    text: Annotated[Optional[str], typer.Argument(help="The (long) prompt to distill.", show_default=False)] = None,
+    file: Annotated[Optional[Path], typer.Option("--file", "-f", help="Read the text from this file (- for stdin).", dir_okay=False, allow_dash=True)] = None,
+    common: Common = None,
+) -> None:
+    """Find a short prompt (default 8 tokens) that CLIP places near TEXT."""
+    from pez_cli.inputs import read_text
+
+    text = read_text(text, file, sys.stdin)
+    optimize_and_print(common, "text", lambda pez: pez.text_features([text]), {"text": text})
+
+
+@app.command()
+@handles_errors
+@with_common_options
+def batch(
+    inputs: Annotated[list[str], typer.Argument(help=IMAGES_HELP, metavar="INPUT...")],
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Result file (JSONL or CSV), appended and resumable; - for stdout.", show_default=False)] = None,
+    fmt: Annotated[Optional[str], typer.Option("--format", help="jsonl or csv (default: an existing --out's own, else from its extension, else jsonl).", show_default=False)] = None,
+    recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Descend into sub-folders of folder inputs.")] = False,
+    batch_images: Annotated[Optional[int], typer.Option("--batch-images", help="Images optimized together (default: 64 on CUDA, else 16).", show_default=False)] = None,
+    sidecar: Annotated[bool, typer.Option("--sidecar", help="Also write the prompt to a caption file next to each image.")] = False,
+    sidecar_ext: Annotated[str, typer.Option("--sidecar-ext", help="Caption file extension.")] = ".txt",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing caption files and PNG copies.")] = False,
+    png_metadata: Annotated[Optional[Path], typer.Option("--png-metadata", help="Write a PNG copy of each image with the prompt in its metadata into DIR.", metavar="DIR", file_okay=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Redo images already in --out.")] = False,
+    shard: Annotated[Optional[str], typer.Option("--shard", help="Only this part of the inputs, K/N (1 <= K <= N), split by path hash.", metavar="K/N")] = None,
+    common: Common = None,
+) -> None:
+    """One prompt PER IMAGE for many images: resumable, shardable, written as it goes."""
+    from pez_cli.batch import BatchJob, parse_shard
+    from pez_cli.images import collect_paths
+
+    job = BatchJob(common.settings(), out=out, fmt=fmt, sidecar_ext=sidecar_ext if sidecar else None,
+                   png_dir=png_metadata, overwrite=overwrite, force=force,
+                   shard=parse_shard(shard) if shard is not None else None, group_size=batch_images)
+    paths = collect_paths(inputs, sys.stdin, recursive=recursive, missing_ok=True)
+    log_to_stderr(common.verbose)
+    started = time.monotonic()
+    with Reporter(progress_mode(common.quiet, common.progress)) as reporter:
+        def progress(done: float, total: int, step: int, steps: int) -> None:
+            if reporter.due():
+                rate = 60 * done / max(time.monotonic() - started, 1e-9)
+                reporter.progress("images", done, total, f"{rate:.1f} img/min  group step {step}/{steps}")
+
+        summary = job.run(paths, on_status=reporter.stage, on_progress=progress,
+                          on_failure=lambda item: reporter.note(f"failed: {item.error}"))
+    if not common.quiet:
+        sys.stderr.write(batch_summary(summary, job.shard) + "\n")
+    if common.json and out != "-":
+        emit_json({"summary": {**summary.__dict__, "failures": summary.failures}, "out": out,
+                   "shard": str(job.shard) if job.shard else None, "settings_id": job.sid})
+    if summary.interrupted:
+        raise typer.Exit(EXIT_INTERRUPTED)
+    if summary.failures:
+        raise typer.Exit(EXIT_PARTIAL)
+
+
+def batch_summary(s, shard) -> str:
+    where = f" (shard {shard})" if shard else ""
+    text = f"pez batch{where}: {s.total} images, {s.done} done, {s.skipped} already done, {s.failed} failed"
+    if s.failed_before:
+        text += f" ({s.failed_before} failed in an earlier run)"
+    if s.sidecars_kept:
+        text += f"; {s.sidecars_kept} existing caption files kept (use --overwrite)"
+    if s.interrupted:
+        text += "; interrupted: run the same command again to resume"
+    return text
+
+
+@app.command()
+@handles_errors
+def merge(
+    files: Annotated[list[Path], typer.Argument(help="Result files written by `pez batch` (e.g. one per shard).", metavar="FILE...", dir_okay=False)],
+    out: Annotated[str, typer.Option("--out", "-o", help="Merged file; - for stdout.")] = "-",
+    fmt: Annotated[Optional[str], typer.Option("--format", help="jsonl or csv (default: from --out's extension, else jsonl).", show_default=False)] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists.")] = False,
+) -> None:
+    """Combine batch result files: one row per image and settings, sorted by path."""
+    from pez_cli.results import merge_files
+
+    merge_files(files, out, fmt, overwrite)
+
+
+RENDER_SETTINGS = [o for o in SETTING_OPTIONS if o.field in ("model", "seed", "device")]
+
+
+@app.command()
+@handles_errors
+@with_options(SOURCE_OPTIONS + RENDER_SETTINGS + OUTPUT_OPTIONS, "common", Common.build)
+@with_options(RENDER_OPTIONS, "options", RenderOptions)
+def render(
+    prompt: Annotated[str, typer.Argument(help="The prompt to render.", show_default=False)],
+    common: Common = None,
+    options: RenderOptions = None,
+) -> None:
+    """Render a prompt with Stable Diffusion; PNGs carry the prompt in their metadata."""
+    from pez_cli.models import pick_device
+    from pez_cli.render import render_prompt
+
+    settings = common.settings()
+    options = options.for_settings(settings)
+    if not prompt.strip():
+        raise PezError("the prompt to render is empty")
+    started = time.monotonic()
+    with Reporter(progress_mode(common.quiet, common.progress)) as reporter:
+        images, paths = render_prompt(options, prompt, pick_device(settings.device), reporter.stage, reporter.steps("render"))
+    if common.json:
+        emit_json({"prompt": prompt, "sd_model": options.sd_model, "renders": [str(p) for p in paths],
+                   "seed": options.seed, "sd_steps": options.steps, "guidance": options.guidance,
+                   "negative_prompt": options.negative_prompt, "size": images[0].width,
+                   "seconds": round(time.monotonic() - started, 3)})
+    else:
+        emit_lines([str(p) for p in paths])
+
+
+@app.command()
+@handles_errors
+def models(
+    json_out: Annotated[bool, typer.Option("--json", help="Print a JSON list instead of a table.")] = False,
+) -> None:
+    """List the presets with their CLIP model and Stable Diffusion model."""
+    from pez_cli.config import presets_overview
+
+    rows = presets_overview()
+    if json_out:
+        emit_json(rows)
+        return
+    header = ("PRESET", "CLIP MODEL", "SD MODEL", "LEN", "STEPS", "DESCRIPTION")
+    table = [header] + [(r["name"], r["model"], r["sd_model"], str(r["prompt_len"]), str(r["steps"]), r["description"])
+                        for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
+    emit_lines(["  ".join([c.ljust(w) for c, w in zip(row, widths)] + [row[-1]]).rstrip() for row in table])
+
+
+@app.command()
+@handles_errors
+def export(
+    model: Annotated[str, typer.Argument(help=MODEL_HELP, show_default=False)],
+    folder: Annotated[Path, typer.Argument(help="Where to write it (new or empty folder).", file_okay=False)],
+) -> None:
+    """Save a CLIP model as a local-dir: folder, to copy to a machine without network."""
+    from pez_cli.models import export_model
+
+    with Reporter("rich" if sys.stderr.isatty() else "") as reporter:
+        reporter.stage(f"Exporting {model} ...")
+        out = export_model(model, folder)
+    emit_lines([f"local-dir:{out}"])
+
+
+def _version(value: bool) -> None:
+    if value:
+        emit_lines([f"pez {__version__}"])
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    """pez: recover the prompt behind an image with PEZ (Wen et al., NeurIPS 2023)."""

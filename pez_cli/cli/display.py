@@ -1,0 +1,173 @@
+"""Talking to the user: one-line errors and exit codes, progress on stderr, JSON on stdout."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import sys
+import time
+from typing import Any, Callable, Iterator
+
+import typer
+
+from pez_cli.errors import PezError, is_out_of_memory
+
+EXIT_ERROR = 1
+EXIT_PARTIAL = 3  # batch: some images failed; the others were written
+EXIT_INTERRUPTED = 130
+
+# Shortest interval between two progress redraws (the best prompt is decoded for each).
+PROGRESS_INTERVAL_S = 0.25
+# Plain (non-terminal) progress lines, when forced with --progress, come at most this often.
+PLAIN_PROGRESS_INTERVAL_S = 5.0
+
+
+def fail(message: str, code: int = EXIT_ERROR) -> None:
+    sys.stderr.write(f"Error: {message}\n")
+    sys.stderr.flush()
+    raise typer.Exit(code)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn library errors into one line on stderr and an exit code."""
+    try:
+        yield
+    except PezError as e:
+        fail(str(e), e.exit_code)
+    except KeyboardInterrupt:
+        fail("interrupted", EXIT_INTERRUPTED)
+    except Exception as e:
+        if is_out_of_memory(e):
+            fail("out of memory; try a smaller model, fewer --restarts or a shorter --prompt-len")
+        raise
+
+
+def handles_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a command (its option groups' construction included) inside user_errors()."""
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with user_errors():
+            return func(*args, **kwargs)
+
+    return wrapper
+
+
+def emit_json(obj: Any) -> None:
+    """One strict JSON value on stdout (NaN and infinity are refused, never written)."""
+    sys.stdout.write(json.dumps(obj, ensure_ascii=False, allow_nan=False) + "\n")
+    sys.stdout.flush()
+
+
+def emit_lines(lines: list[str]) -> None:
+    for line in lines:
+        sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def progress_mode(quiet: bool, progress: bool | None) -> str:
+    """'rich' on a terminal, 'plain' when forced off a terminal, '' when quiet."""
+    if quiet or progress is False:
+        return ""
+    if sys.stderr.isatty():
+        return "rich"
+    return "plain" if progress else ""
+
+
+def log_to_stderr(verbose: bool) -> None:
+    """--verbose: the library's INFO notes (e.g. a fallback it took) on stderr, once each."""
+    logger = logging.getLogger("pez")
+    if verbose and not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("note: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
+class Reporter:
+    """Progress on stderr: a spinner or a bar on a terminal, or occasional plain lines.
+
+    Used as a context manager around a library call that reports through callbacks; text from
+    the user (paths, prompts) is never read as rich markup."""
+
+    def __init__(self, mode: str):
+        from rich.console import Console
+
+        self.mode = mode
+        self.console = Console(stderr=True, highlight=False) if mode else None
+        self._status = None
+        self._bar = None
+        self._task = None
+        self._label = ""
+        self._last = 0.0
+
+    def __enter__(self) -> "Reporter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop()
+
+    def _stop(self) -> None:
+        if self._status is not None:
+            self._status.stop()
+            self._status = None
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+    def stage(self, message: str) -> None:
+        """What is happening now ("Loading ..."): a spinner, or a plain line."""
+        from rich.text import Text
+
+        if self.mode == "plain":
+            self.console.print(message, markup=False, soft_wrap=True)
+        elif self.mode == "rich":
+            self._stop()
+            self._status = self.console.status(Text(message))
+            self._status.start()
+
+    def due(self, final: bool = False) -> bool:
+        """Whether a progress update is worth drawing now (they cost a device sync)."""
+        if not self.mode:
+            return False
+        interval = PROGRESS_INTERVAL_S if self.mode == "rich" else PLAIN_PROGRESS_INTERVAL_S
+        now = time.monotonic()
+        if final or now - self._last >= interval:
+            self._last = now
+            return True
+        return False
+
+    def progress(self, label: str, done: float, total: int, info: str = "") -> None:
+        if self.mode == "plain":
+            self.console.print(f"{label} {int(done)}/{total}  {info}", markup=False, soft_wrap=True)
+        elif self.mode == "rich":
+            if self._bar is None or label != self._label:
+                self._start_bar(label)
+            self._bar.update(self._task, completed=done, total=total, info=info)
+
+    def _start_bar(self, label: str) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self._stop()
+        self._label = label
+        self._bar = Progress(
+            TextColumn(label, markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TimeRemainingColumn(), TextColumn("{task.fields[info]}", markup=False),
+            console=self.console, transient=True,
+        )
+        self._bar.start()
+        self._task = self._bar.add_task(label, total=None, info="")
+
+    def steps(self, label: str) -> Callable[[int, int], None]:
+        """A callback for (done, total) step counts, drawn when due."""
+        def update(done: int, total: int) -> None:
+            if self.due(done == total):
+                self.progress(label, done, total)
+
+        return update
+
+    def note(self, message: str) -> None:
+        if self.mode:
+            self.console.print(message, markup=False, soft_wrap=True)

@@ -1,0 +1,32 @@
+"""Text inputs: the prompt to distill, from an argument, a file or stdin."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TextIO
+
+from pez_cli.errors import InputError
+
+
+def read_text(text: str | None, file: Path | None, stdin: TextIO | None = None) -> str:
+    """TEXT or the content of FILE ('-': stdin), whitespace collapsed; never empty."""
+    if text is not None and file is not None:
+        raise InputError("give TEXT or --file, not both")
+    if file is not None:
+        if str(file) == "-":
+            if stdin is None:
+                raise InputError("--file - was given but there is no stdin to read")
+            text = stdin.read()
+        else:
+            try:
+                text = Path(file).read_text(encoding="utf-8")
+            except FileNotFoundError:
+                raise InputError(f"no such file: {file}") from None
+            except (OSError, UnicodeDecodeError) as e:
+                raise InputError(f"cannot read text file {file}: {e}") from None
+    if text is None:
+        raise InputError("nothing to distill: give TEXT or --file")
+    text = " ".join(text.split())
+    if not text:
+        raise InputError("the text to distill is empty")
+    return text

@@ -1,0 +1,45 @@
+"""What the test files share: running the CLI, checking one-line errors, making images."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from PIL import Image
+from typer.testing import CliRunner
+
+from pez_cli.cli import app
+
+runner = CliRunner()
+
+
+def run(*args, input=None, env=None):
+    """Invoke `pez ARGS...` in-process; every argument is turned into a string."""
+    return runner.invoke(app, [str(a) for a in args], input=input, env=env)
+
+
+def assert_one_line_error(result, code, pattern):
+    """Exit `code`, nothing on stdout, and exactly one `Error: ...` line matching `pattern`."""
+    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("Error: ")
+    assert re.search(pattern, lines[0]), lines[0]
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+
+
+def make_image(path: Path, color=(200, 30, 30), size=(40, 30), mode="RGB") -> Path:
+    img = Image.new("RGB", size, color)
+    for x in range(size[0] // 2):
+        img.putpixel((x, x % size[1]), (255 - color[0], 255 - color[1], 255 - color[2]))
+    if mode != "RGB":
+        img = img.convert(mode)
+    img.save(path)
+    return path
+
+
+def rows_of(path: Path) -> list[dict]:
+    """The rows of a JSONL result file."""
+    return [json.loads(line) for line in path.read_text().splitlines()]
