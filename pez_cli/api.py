@@ -24,7 +24,7 @@ from pez_cli import packing
 from pez_cli.config import Settings, settings_id
 from pez_cli.errors import Interrupted
 from pez_cli.images import load_image
-from pez_cli.models import LoadedModel, load_model, pick_device, resolve_precision
+from pez_cli.models import LoadedModel, load_model, pick_device, precision_name, resolve_precision
 from pez_cli.optimize import Best, PromptOptimizer, check_prompt_len
 from pez_cli.vocab import Vocabulary
 
@@ -103,8 +103,10 @@ class Pez:
     """
 
     def __init__(self, settings: Settings, model: LoadedModel | None = None, keep_image_tower: bool = True):
-        self.settings = settings.validate()
+        settings.validate()
         self.device = model.device if model is not None else pick_device(settings.device)
+        # Results record the arithmetic that made them: the precision `auto` resolves to here.
+        self.settings = settings = dataclasses.replace(settings, precision=precision_name(settings.precision, self.device))
         self.model = model if model is not None else load_model(settings.model, self.device)
         if settings.prompt_len is not None:
             check_prompt_len(settings.prompt_len, self.model.context_length)

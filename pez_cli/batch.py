@@ -10,15 +10,15 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from pez_cli.config import Settings, settings_id
-from pez_cli.errors import ConfigError, InputError, Interrupted
+from pez_cli.errors import ConfigError, InputError, Interrupted, first_line
 from pez_cli.files import atomic_write, location
 from pez_cli.images import IMAGE_SUFFIXES, load_image, png_bytes
-from pez_cli.results import ResultWriter, format_for, read_rows, row_key
+from pez_cli.results import ResultWriter, format_for, latest, read_entries
 
 # Images decoded and encoded by the image tower at a time.
 ENCODE_CHUNK = 32
@@ -36,7 +36,7 @@ class Shard:
 
     def owns(self, key: str) -> bool:
         """Whether this shard owns an input, by a hash of its path as given (stable everywhere)."""
-        digest = hashlib.sha256(key.encode("utf-8")).digest()
+        digest = hashlib.sha256(os.fsencode(key)).digest()  # the name's bytes, UTF-8 or not
         return int.from_bytes(digest[:8], "big") % self.count == self.index - 1
 
 
@@ -118,7 +118,7 @@ def write_png_copy(image: Path, folder: Path, prompt: str, details: dict[str, An
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"{image.stem}.png"
     taken = location(target) in protected or os.path.realpath(target) == os.path.realpath(image)
-    if taken or (os.path.lexists(target) and _png_sha(target) != sha):
+    if taken or (os.path.lexists(target) and _png_details(target).get("source_sha256") != sha):
         target = folder / f"{image.stem}-{sha[:8]}.png"
         if location(target) in protected:
             raise InputError(f"PNG copy {target} would replace an input")
@@ -128,16 +128,27 @@ def write_png_copy(image: Path, folder: Path, prompt: str, details: dict[str, An
     return target
 
 
-def _png_sha(path: Path) -> str | None:
+def png_copy_of(image: Path, folder: Path, sha: str, sid: str) -> Path | None:
+    """The PNG copy pez wrote of this image content with these settings, if there is one."""
+    for target in (folder / f"{image.stem}.png", folder / f"{image.stem}-{sha[:8]}.png"):
+        details = _png_details(target)
+        if details.get("source_sha256") == sha and details.get("settings_id") == sid:
+            return target
+    return None
+
+
+def _png_details(path: Path) -> dict[str, Any]:
+    """The `pez` text of a PNG pez wrote; {} for anything else."""
     import json
 
     from PIL import Image
 
     try:
         with Image.open(path) as im:
-            return json.loads(im.text.get("pez", "{}")).get("source_sha256")
-    except Exception:  # anything unreadable is not one of pez's copies
-        return None
+            details = json.loads(im.text.get("pez", "{}"))
+    except Exception:  # missing, unreadable or not a PNG: not one of pez's copies
+        return {}
+    return details if isinstance(details, dict) else {}
 
 
 # -- the job -------------------------------------------------------------------------------
@@ -151,17 +162,19 @@ class Pending:
 
 @dataclass
 class Summary:
-    total: int = 0  # images selected (after sharding)
-    skipped: int = 0  # already in the output with the same hash and settings
+    total: int = 0  # images selected (after sharding, duplicates removed)
+    skipped: int = 0  # already done with the same file hash and settings
     done: int = 0  # prompts written by this run
     failed: int = 0  # error rows written by this run
-    failed_before: int = 0  # skipped images whose recorded row is an error
-    sidecars_kept: int = 0  # existing sidecar files left alone (no --overwrite)
+    duplicates: int = 0  # inputs that name a file already given (done once)
+    unreadable: int = 0  # damaged lines in --out, skipped (their images are done again)
+    restored: int = 0  # caption files or PNG copies written from earlier rows, without optimizing
+    sidecars_kept: int = 0  # existing caption files left alone (no --overwrite)
     interrupted: bool = False
 
     @property
     def failures(self) -> int:
-        return self.failed + self.failed_before
+        return self.failed
 
 
 def default_group_size(device) -> int:
@@ -187,6 +200,14 @@ def solve_in_groups(pez, features, size: int, on_progress: Callable[[float, int,
 
 
 @dataclass
+class Plan:
+    todo: list[Pending]  # images to optimize (or to record as errors)
+    restore: list[tuple[Pending, dict[str, Any]]]  # done images whose side outputs are missing, with their row
+    protected: set[str]  # locations no side output may replace
+    summary: Summary
+
+
+@dataclass
 class BatchJob:
     """One prompt per image for many images. Validated on construction, before any model loads."""
 
@@ -203,7 +224,11 @@ class BatchJob:
     sid: str = field(init=False)
 
     def __post_init__(self) -> None:
-        self.settings = self.settings.for_target("image").validate()
+        from pez_cli.models import pick_device, precision_name
+
+        settings = self.settings.for_target("image").validate()
+        # The arithmetic decides the prompt, so rows record the precision `auto` resolves to here.
+        self.settings = replace(settings, precision=precision_name(settings.precision, pick_device(settings.device)))
         if self.out is None and self.sidecar_ext is None and self.png_dir is None:
             raise ConfigError("nothing to write: give --out FILE, --sidecar or --png-metadata DIR")
         if self.group_size is not None and self.group_size < 1:
@@ -214,34 +239,48 @@ class BatchJob:
         self.identity = self.settings.identity()
         self.sid = settings_id(self.identity)
 
-    def plan(self, paths: Sequence[Path]) -> tuple[list[Pending], Summary, set[str]]:
-        """This shard's images minus those done with these settings; images whose caption would
-        hit another file become errors. Also returns the locations side outputs must avoid."""
-        done = {}
-        if self.out and self.out != "-":
-            done = {row_key(r): r for r in read_rows(Path(self.out).expanduser(), self.fmt)}
+    def plan(self, paths: Sequence[Path], rows: Iterable[dict[str, Any]] = ()) -> Plan:
+        """This shard's images, each file once, minus those `rows` (of --out) hold a prompt
+        for with these settings; images whose caption would hit another file become errors."""
+        done = latest(rows)
         protected = protected_locations(paths, self.out)
         conflicts = caption_conflicts(paths, self.sidecar_ext, protected) if self.sidecar_ext else {}
-        # Without a result file, an existing caption file marks an image done.
-        skip_caption = self.sidecar_ext is not None and not self.out and not self.overwrite
-        summary, todo = Summary(), []
+        plan = Plan([], [], protected, Summary())
+        seen: set[str] = set()
         for path in paths:
             key = str(path)
             if self.shard is not None and not self.shard.owns(key):
                 continue
-            summary.total += 1
+            if key in seen or os.path.realpath(path) in seen:
+                plan.summary.duplicates += 1
+                continue
+            seen.update((key, os.path.realpath(path)))
+            plan.summary.total += 1
             try:
                 sha = file_sha256(path)
             except OSError as e:
-                todo.append(Pending(path, key, None, f"cannot read {key}: {e.strerror or e}"))
+                plan.todo.append(Pending(path, key, None, f"cannot read {key}: {e.strerror or e}"))
                 continue
-            previous = done.get((key, sha, self.sid))
-            if not self.force and (previous is not None or (skip_caption and os.path.lexists(sidecar_path(path, self.sidecar_ext)))):
-                summary.skipped += 1
-                summary.failed_before += bool(previous is not None and previous.get("error"))
-                continue
-            todo.append(Pending(path, key, sha, conflicts.get(location(path))))
-        return todo, summary, protected
+            item = Pending(path, key, sha, conflicts.get(location(path)))
+            previous = None if self.force else done.get((key, sha, self.sid))
+            if previous is not None and not previous.get("error"):
+                plan.summary.skipped += 1
+                if item.error is None and self._missing_outputs(item):
+                    plan.restore.append((item, previous))
+            elif not self.force and self.out is None and item.error is None and not self._missing_outputs(item):
+                plan.summary.skipped += 1  # without a result file, existing side outputs mark an image done
+            else:
+                plan.todo.append(item)
+        return plan
+
+    def _missing_outputs(self, item: Pending) -> bool:
+        """Whether a side output of this job is missing for the image (existing ones count, as
+        they are kept without --overwrite; with it, nothing counts as done without a row)."""
+        if self.overwrite:
+            return True
+        if self.sidecar_ext and not os.path.lexists(sidecar_path(item.path, self.sidecar_ext)):
+            return True
+        return self.png_dir is not None and png_copy_of(item.path, self.png_dir, item.sha256, self.sid) is None
 
     def run(
         self,
@@ -253,23 +292,32 @@ class BatchJob:
     ) -> Summary:
         """Plan and run. on_progress(images done, images to do, step, steps) comes every step;
         on_failure(item) for each image that becomes an error row. Ctrl-C keeps every finished
-        group and returns a summary marked interrupted."""
-        todo, summary, protected = self.plan(paths)
+        group and returns a summary marked interrupted. --out is locked for the whole run."""
         writer = ResultWriter(self.out, self.fmt) if self.out else None
+        summary = Summary()
         try:
-            if todo:
-                _Run(self, summary, writer, protected, on_failure).run(todo, pez, on_status, on_progress)
+            entries = read_entries(writer.path)[0] if writer is not None and writer.path is not None else []
+            plan = self.plan(paths, (e.row for e in entries if e.row is not None))
+            summary = plan.summary
+            summary.unreadable = sum(e.row is None for e in entries)
+            job = _Run(self, summary, writer, plan.protected, on_failure)
+            job.restore(plan.restore)
+            if plan.todo:
+                job.run(plan.todo, pez, on_status, on_progress)
         except (KeyboardInterrupt, Interrupted):
             summary.interrupted = True
         finally:
             if writer is not None:
-                writer.close()
+                try:
+                    writer.compact()
+                finally:
+                    writer.close()
         return summary
 
 
 @dataclass
 class _Run:
-    """One run of a job: writes rows and side outputs as groups finish."""
+    """One run of a job: writes side outputs and rows as groups finish."""
 
     job: BatchJob
     summary: Summary
@@ -291,11 +339,13 @@ class _Run:
                 self.summary.interrupted = True
                 return
             for item, result in zip(good[start:start + size], results):
-                self.emit(item, result, seconds)
+                if self.side_outputs(item, result.prompt, result.similarity) and self.writer is not None:
+                    self.writer.write(result_row(item, result, seconds))
+                self.summary.done += item.error is None
 
     def encode(self, pez, todo: Sequence[Pending]):
-        """Decode and encode images in chunks; unreadable ones fail. Returns the good items and
-        their features (N, D)."""
+        """Decode and encode images in chunks; any image that fails becomes an error row.
+        Returns the good items and their features (N, D)."""
         import torch
 
         good, feats = [], []
@@ -309,29 +359,41 @@ class _Run:
                         continue
                     except InputError as e:
                         item.error = str(e)
+                    except Exception as e:  # one image never aborts the job
+                        item.error = f"cannot read image {item.key}: {first_line(e)}"
                 self.fail(item)
             if images:
                 feats.append(pez.image_features(images))
         return good, (torch.cat(feats) if feats else None)
+
+    def side_outputs(self, item: Pending, prompt: str, similarity: float | None) -> bool:
+        """Caption and PNG copy, each written whole, before the row that marks the image done.
+        A failure becomes the image's error row; returns whether all went well."""
+        job = self.job
+        try:
+            if job.sidecar_ext and not write_sidecar(item.path, job.sidecar_ext, prompt, job.overwrite):
+                self.summary.sidecars_kept += 1
+            if job.png_dir is not None:
+                details = {"prompt": prompt, "similarity": similarity, "model": job.settings.model, "settings_id": job.sid}
+                write_png_copy(item.path, job.png_dir, prompt, details, item.sha256, job.overwrite, self.protected)
+        except (OSError, InputError) as e:
+            item.error = f"cannot write the caption or PNG copy of {item.key}: {getattr(e, 'strerror', None) or e}"
+            self.fail(item)
+            return False
+        return True
+
+    def restore(self, done: list[tuple[Pending, dict[str, Any]]]) -> None:
+        """Side outputs for images already done (e.g. --sidecar added to a finished job), from
+        their rows: nothing is optimized again."""
+        for item, row in done:
+            if self.side_outputs(item, row["prompt"], row.get("similarity")):
+                self.summary.restored += 1
 
     def fail(self, item: Pending) -> None:
         self.summary.failed += 1
         if self.writer is not None:
             self.writer.write(error_row(item, self.job.identity, self.job.sid))
         self.on_failure(item)
-
-    def emit(self, item: Pending, result, seconds: float) -> None:
-        """Side outputs first, each written whole, then the row that marks the image done."""
-        job = self.job
-        if job.sidecar_ext and not write_sidecar(item.path, job.sidecar_ext, result.prompt, job.overwrite):
-            self.summary.sidecars_kept += 1
-        if job.png_dir is not None:
-            details = {"prompt": result.prompt, "similarity": round(result.similarity, 6), "model": job.settings.model,
-                       "settings_id": job.sid}
-            write_png_copy(item.path, job.png_dir, result.prompt, details, item.sha256, job.overwrite, self.protected)
-        if self.writer is not None:
-            self.writer.write(result_row(item, result, seconds))
-        self.summary.done += 1
 
 
 def result_row(item: Pending, result, seconds: float) -> dict[str, Any]:

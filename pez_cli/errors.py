@@ -45,4 +45,5 @@ def is_out_of_memory(e: BaseException) -> bool:
     if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
         return True
     text = str(e).lower()
-    return isinstance(e, RuntimeError) and ("out of memory" in text or "not enough memory" in text)
+    return isinstance(e, RuntimeError) and any(
+        phrase in text for phrase in ("out of memory", "not enough memory", "can't allocate memory"))

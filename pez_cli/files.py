@@ -1,22 +1,33 @@
-"""Writing files without ever losing or damaging one: atomic replacement and path identity."""
+"""Writing files without ever losing or damaging one: whole-or-nothing replacement, and path
+identity for telling whether two names are one file."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-import time
 from pathlib import Path
+from typing import IO, Iterator
 
 
-def atomic_write(target: Path, data: bytes) -> None:
-    """Write a file whole or not at all: a new file beside it, fsynced, renamed over the target
-    (a symlink there is replaced, never followed), then the folder fsynced."""
+def temp_path(target: Path) -> Path:
+    """Where a replacement of `target` is written first: a hidden name beside it, the same for
+    every run, so one killed mid-write leaves at most one, removed by the next write."""
+    return target.parent / f".{target.name}.pez-tmp"
+
+
+@contextlib.contextmanager
+def replacing(target: Path, mode: str = "wb", **kwargs) -> Iterator[IO]:
+    """Write a new version of `target`: yields a file beside it that, when the block ends
+    without error, is fsynced and renamed over the target (a symlink there is replaced, never
+    followed), with the folder fsynced after. On error the target is left as it was."""
     target = Path(target)
-    tmp = target.parent / f".{target.name}.{os.getpid()}.{time.monotonic_ns()}.pez-tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    tmp = temp_path(target)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)  # a stale one from a killed run (never followed if it is a link)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        with open(fd, mode, **kwargs) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
@@ -25,6 +36,12 @@ def atomic_write(target: Path, data: bytes) -> None:
             os.unlink(tmp)
         raise
     fsync_folder(target.parent)
+
+
+def atomic_write(target: Path, data: bytes) -> None:
+    """Write a file whole or not at all (see replacing)."""
+    with replacing(target) as f:
+        f.write(data)
 
 
 def fsync_folder(folder: Path) -> None:

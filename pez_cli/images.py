@@ -16,6 +16,9 @@ from pez_cli.errors import InputError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # Transparent pixels are shown on white, as image viewers and browsers do.
 BACKGROUND = (255, 255, 255)
+# Images wider than this many times their height (or the reverse) are refused: CLIP sees a
+# centre square, and resizing a 1 x 6,000,000 strip's short side to 224 px needs terabytes.
+MAX_ASPECT = 50
 
 
 def is_image_name(path: Path) -> bool:
@@ -23,25 +26,28 @@ def is_image_name(path: Path) -> bool:
 
 
 def folder_images(folder: Path, recursive: bool = False) -> list[Path]:
-    """The images in a folder, sorted by path; hidden files and folders are skipped."""
+    """The regular image files in a folder, sorted by path; hidden files and folders, and
+    anything that is not a regular file (a FIFO named x.png would block), are skipped."""
     found: list[Path] = []
     if recursive:
         for root, dirs, files in os.walk(folder):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             found.extend(Path(root) / f for f in files if is_image_name(Path(f)))
     else:
-        found = [p for p in folder.iterdir() if p.is_file() and is_image_name(p)]
-    return sorted(found)
+        found = [p for p in folder.iterdir() if is_image_name(p)]
+    return sorted(p for p in found if os.path.isfile(p))
 
 
 def collect_paths(
-    inputs: Sequence[str], stdin: TextIO | None = None, recursive: bool = False, missing_ok: bool = False
+    inputs: Sequence[str], stdin: TextIO | None = None, recursive: bool = False, missing_ok: bool = False,
+    null: bool = False,
 ) -> list[Path]:
-    """Expand files, folders and '-' (paths on stdin, one per line) into image paths.
+    """Expand files, folders and '-' (paths on stdin, one per line, or NUL-separated with
+    null=True, as `find -print0` writes them) into image paths.
 
     missing_ok keeps paths that do not exist (batch jobs turn them into error rows)."""
     paths: list[Path] = []
-    for item in _expand_stdin(inputs, stdin):
+    for item in _expand_stdin(inputs, stdin, null):
         path = Path(item).expanduser()
         if path.is_dir():
             images = folder_images(path, recursive)
@@ -52,7 +58,7 @@ def collect_paths(
         elif path.is_file():
             paths.append(path)
         elif path.exists():
-            raise InputError(f"not a file or folder: {item}")
+            raise InputError(f"not a regular file or folder: {item}")
         elif missing_ok:
             paths.append(path)
         else:
@@ -62,7 +68,7 @@ def collect_paths(
     return paths
 
 
-def _expand_stdin(inputs: Sequence[str], stdin: TextIO | None) -> Iterable[str]:
+def _expand_stdin(inputs: Sequence[str], stdin: TextIO | None, null: bool) -> Iterable[str]:
     read_stdin = False
     for item in inputs:
         if item == "-":
@@ -71,12 +77,22 @@ def _expand_stdin(inputs: Sequence[str], stdin: TextIO | None) -> Iterable[str]:
             read_stdin = True
             if stdin is None:
                 raise InputError("'-' was given but there is no stdin to read paths from")
-            for line in stdin:
-                line = line.strip()
-                if line:
-                    yield line
+            yield from stdin_paths(stdin, null)
         else:
             yield item
+
+
+def stdin_paths(stdin: TextIO, null: bool = False) -> list[str]:
+    """Paths listed on stdin, exactly as named: one per line (a CRLF ending is removed, other
+    spaces kept) or NUL-separated; bytes that are not UTF-8 are kept the way os.fsdecode
+    keeps them, so the file opens."""
+    buffer = getattr(stdin, "buffer", None)
+    raw = buffer.read() if buffer is not None else stdin.read().encode("utf-8", "surrogateescape")
+    if null:
+        names = raw.split(b"\0")
+    else:
+        names = [line[:-1] if line.endswith(b"\r") else line for line in raw.split(b"\n")]
+    return [os.fsdecode(name) for name in names if name]
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -86,12 +102,13 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
         mode = image.mode
-    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        # 16-bit grayscale: map 0..65535 onto 0..255 instead of clipping at 255.
-        extrema = image.getextrema()
-        high = extrema[1] if isinstance(extrema, tuple) else 255
-        scale = 1 / 257 if (mode.startswith("I;16") or high > 255) else 1.0
-        image = image.convert("I").point(lambda v: v * scale).convert("L")
+    if mode.startswith("I;16") or mode == "I":
+        # 16-bit grayscale, either byte order: map 0..65535 onto 0..255 instead of clipping.
+        import numpy as np
+
+        values = np.asarray(image).astype(np.float64)
+        scale = 1 / 257 if (mode.startswith("I;16") or values.max(initial=0) > 255) else 1.0
+        image = Image.fromarray(np.clip(np.rint(values * scale), 0, 255).astype(np.uint8), "L")
         mode = "L"
     if mode == "F":
         high = image.getextrema()[1]
@@ -113,6 +130,10 @@ def load_image(path: Path | str) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
+                width, height = im.size
+                if max(width, height) > MAX_ASPECT * max(min(width, height), 1):
+                    raise InputError(f"image {path} is {width} x {height} pixels: more than {MAX_ASPECT} times "
+                                     "wider than high (or higher than wide)")
                 im.load()
                 return to_rgb(im)
     except FileNotFoundError:

@@ -7,6 +7,7 @@ and runs them on a sequence of embeddings instead of token ids.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import gc
 import json
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pez_cli import packing
+from pez_cli import hub, packing
 from pez_cli.errors import ConfigError, ModelError, first_line
 
 OFFLINE_HINT = (
@@ -62,6 +63,12 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     if precision == "fp16" and device.type == "cpu":
         raise ConfigError("precision 'fp16' is not supported on the CPU; use fp32 or bf16")
     return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+def precision_name(precision: str, device: torch.device) -> str:
+    """What --precision resolves to on this device: fp32, bf16 or fp16."""
+    names = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    return names[resolve_precision(precision, device)]
 
 
 class TextTower(nn.Module):
@@ -280,9 +287,10 @@ def _read_config_file(path: str, name: str) -> dict[str, Any]:
     return config["model_cfg"]
 
 
-def model_config(name: str) -> dict[str, Any]:
+def model_config(name: str, offline: bool = False) -> dict[str, Any]:
     """The architecture config (model_cfg) of a model name, read by pez itself: the folder's
-    or the Hub repository's open_clip_config.json (only that file), or open_clip's built-in."""
+    or the Hub repository's open_clip_config.json (only that file), or open_clip's built-in.
+    offline: the Hub was found out of reach (the error says so)."""
     import open_clip
 
     schema, ident, tag = split_model_name(name)
@@ -294,7 +302,8 @@ def model_config(name: str) -> dict[str, Any]:
         try:
             path = hf_hub_download(repo_id=ident, filename=CONFIG_FILE)
         except Exception as e:
-            raise ModelError(f"could not load model {name!r} from the Hugging Face Hub ({first_line(e)}); {OFFLINE_HINT}") from None
+            raise ModelError(f"could not load model {name!r} from the Hugging Face Hub "
+                             f"({hub.unreachable_note(offline)}{first_line(e)}); {OFFLINE_HINT}") from None
         return _read_config_file(path, name)
     cfg = open_clip.get_model_config(ident)
     if cfg is None:
@@ -335,41 +344,50 @@ def bpe_tokenizer(cfg: dict[str, Any], name: str):
 
 def load_model(name: str, device: torch.device) -> LoadedModel:
     """Load an open_clip model by pez's model name; errors become ModelError with a hint."""
+    check_model_name(name)
+    schema, ident, tag = split_model_name(name)
+    from_hub = schema == "hf-hub" or (schema is None and not os.path.isfile(os.path.expanduser(tag or "")))
+    with hub.session() if from_hub else contextlib.nullcontext(False) as offline:
+        cfg = model_config(name, offline)
+        tokenizer = bpe_tokenizer(cfg, name)  # refuses foreign tokenizers before anything is built
+        open_name, pretrained, quick_gelu = _open_clip_source(name, offline)
+        model, preprocess = _create(name, open_name, pretrained, quick_gelu, device, offline)
+    loaded = wrap_model(name, model, tokenizer, preprocess, device)
+    loaded.info.update(open_name=open_name, quick_gelu=quick_gelu)
+    return loaded
+
+
+def _open_clip_source(name: str, offline: bool) -> tuple[str, str | None, bool]:
+    """open_clip's model name, its `pretrained` argument and whether the weights need QuickGELU;
+    pretrained tags are downloaded (or found cached) here, so a failure gets pez's hint."""
     import open_clip
 
-    check_model_name(name)
-    cfg = model_config(name)
-    tokenizer = bpe_tokenizer(cfg, name)  # refuses foreign tokenizers before anything is built
     schema, ident, tag = split_model_name(name)
-    quick_gelu = False
     if schema == "local-dir":
-        ident = os.path.expanduser(ident)
-        open_name, pretrained = f"local-dir:{ident}", None
-    elif schema == "hf-hub":
-        open_name, pretrained = name, None
-    else:
-        open_name, pretrained = ident, tag
-        if tag is not None and os.path.isfile(os.path.expanduser(tag)):
-            pretrained = os.path.expanduser(tag)
-        else:
-            # Weights trained with QuickGELU (OpenAI's) need it even under the plain arch name.
-            quick_gelu = bool(open_clip.get_pretrained_cfg(ident, tag).get("quick_gelu", False))
-            _ensure_downloaded(name, ident, tag)
+        return f"local-dir:{os.path.expanduser(ident)}", None, False
+    if schema == "hf-hub":
+        return name, None, False
+    if tag is not None and os.path.isfile(os.path.expanduser(tag)):
+        return ident, os.path.expanduser(tag), False
+    _ensure_downloaded(name, ident, tag, offline)
+    # Weights trained with QuickGELU (OpenAI's) need it even under the plain arch name.
+    return ident, tag, bool(open_clip.get_pretrained_cfg(ident, tag).get("quick_gelu", False))
+
+
+def _create(name: str, open_name: str, pretrained: str | None, quick_gelu: bool, device: torch.device, offline: bool):
+    import open_clip
+
     try:
         # weights_only: a .bin/.pth checkpoint is unpickled without running any code in it.
         model, _, preprocess = open_clip.create_model_and_transforms(
             open_name, pretrained=pretrained, device=device, force_quick_gelu=quick_gelu, weights_only=True
         )
-    except ModelError:
-        raise
     except Exception as e:  # open_clip wraps download and parse failures in many types
-        first = first_line(e)
-        if schema == "hf-hub":
-            raise ModelError(f"could not load model {name!r} from the Hugging Face Hub ({first}); {OFFLINE_HINT}") from None
-        raise ModelError(f"could not load model {name!r}: {first}") from None
-    loaded = wrap_model(name, model, tokenizer, preprocess, device)
-    loaded.info.update(open_name=open_name, quick_gelu=quick_gelu)
-    return loaded
+        if open_name.startswith("hf-hub:"):
+            raise ModelError(f"could not load model {name!r} from the Hugging Face Hub "
+                             f"({hub.unreachable_note(offline)}{first_line(e)}); {OFFLINE_HINT}") from None
+        raise ModelError(f"could not load model {name!r}: {first_line(e)}") from None
+    return model, preprocess
 
 
 def wrap_model(name: str, model: nn.Module, tokenizer: Any, preprocess: Any, device: torch.device) -> LoadedModel:
@@ -418,7 +436,7 @@ def save_local_dir(model: nn.Module, model_cfg: dict, preprocess_cfg: dict, fold
     return folder
 
 
-def _ensure_downloaded(name: str, arch: str, tag: str) -> None:
+def _ensure_downloaded(name: str, arch: str, tag: str, offline: bool = False) -> None:
     """Fetch (or find cached) weights first so a failure gets pez's offline hint."""
     import open_clip
     from open_clip.pretrained import download_pretrained
@@ -427,7 +445,7 @@ def _ensure_downloaded(name: str, arch: str, tag: str) -> None:
     try:
         path = download_pretrained(cfg)
     except Exception as e:
-        first = first_line(e)
-        raise ModelError(f"could not download weights for {name!r} ({first}); {OFFLINE_HINT}") from None
+        raise ModelError(f"could not download weights for {name!r} ({hub.unreachable_note(offline)}{first_line(e)}); "
+                         f"{OFFLINE_HINT}") from None
     if not path:
         raise ModelError(f"could not download weights for {name!r}; {OFFLINE_HINT}")

@@ -17,6 +17,7 @@ sampled, so the paper's second (no-grad) pass over all targets computes nothing 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -37,6 +38,21 @@ def check_prompt_len(prompt_len: int, context_length: int) -> None:
     limit = context_length - 2
     if not 1 <= prompt_len <= limit:
         raise ConfigError(f"prompt_len must be between 1 and {limit} for this model, got {prompt_len}")
+
+
+def check_memory(prompts: int, length: int, width: int, tower: TextTower, device: torch.device) -> None:
+    """Refuse, before allocating anything, a run whose prompts cannot fit the device: a lower
+    bound of what one step holds (the prompt, its gradient and AdamW's two moments, and the
+    text tower's activations for every position), against the device's whole memory."""
+    layers = len(getattr(tower.transformer, "resblocks", ())) or 1
+    need = 4 * prompts * (length * width * 4 + (length + 2) * width * layers * 4)
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+    else:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if need > total:
+        raise ConfigError(f"{prompts} prompts of {length} tokens need more than {need / 2**30:.0f} GiB, and this "
+                          f"{device.type} has {total / 2**30:.0f} GiB; use fewer --restarts, --batch-images or tokens")
 
 
 def pad_targets(targets: Sequence[torch.Tensor], device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,6 +108,7 @@ class PromptOptimizer:
         self.amp_dtype = tower.amp_dtype
         self.loss_scale = FP16_LOSS_SCALE if self.amp_dtype == torch.float16 else 1.0
 
+        check_memory(problems * restarts, length, width, tower, device)
         self.counts = [int(t.shape[0]) for t in targets]
         self.targets, self.all_weights = pad_targets(targets, device, dtype)  # (P, n_max, D), (P, n_max)
         self.sampled = [n > settings.batch_size for n in self.counts]

@@ -6,6 +6,7 @@ similarity between renders and originals with a CLIP that did not do the optimiz
 
 from __future__ import annotations
 
+import contextlib
 import io
 import re
 import textwrap
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from pez_cli import hub
 from pez_cli.config import MAX_SEED, check_fields, setting
 from pez_cli.errors import ConfigError, ModelError, RenderError, first_line, is_out_of_memory
 from pez_cli.images import png_bytes
@@ -126,15 +128,17 @@ class Renderer:
             if not (local / "model_index.json").is_file():
                 raise RenderError(f"{source} is not a diffusers folder (no model_index.json; save one with save_pretrained)")
             source = str(local)
+        offline = False
         try:
-            with warnings.catch_warnings():
+            with contextlib.nullcontext(False) if local.exists() else hub.session() as offline, warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)  # torch_dtype's rename to dtype
                 self.pipe = diffusers.AutoPipelineForText2Image.from_pretrained(source, torch_dtype=dtype)
         except Exception as e:
             if is_out_of_memory(e):
                 raise RenderError(OOM_HINT) from None
             raise RenderError(
-                f"could not load Stable Diffusion model {options.sd_model!r} ({first_line(e)}); to run offline, pass "
+                f"could not load Stable Diffusion model {options.sd_model!r} ({hub.unreachable_note(offline)}"
+                f"{first_line(e)}); to run offline, pass "
                 "--sd-model PATH with a folder saved by diffusers' save_pretrained"
             ) from None
         if getattr(self.pipe, "safety_checker", None) is not None:

@@ -1,17 +1,25 @@
-"""Result files: one row per image, JSONL or CSV, appended and fsynced row by row, readable
-after any crash, and merged across shards."""
+"""Result files: one row per image, JSONL or CSV. A batch job holds its file locked, reads
+it (skipping and counting damaged lines), appends and fsyncs row by row, and at the end
+rewrites it with one row per (path, file hash, settings) when later rows superseded earlier
+ones. Paths that are not valid UTF-8 and names with line separators round-trip exactly."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import io
 import json
 import os
+import re
+import stat
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import IO, Any, Iterable, Iterator, Sequence
 
 from pez_cli.errors import ConfigError
+from pez_cli.files import replacing
 
 FORMATS = ("jsonl", "csv")
 CSV_FIELDS = ("path", "sha256", "prompt", "similarity", "round_trip", "token_ids", "model",
@@ -19,12 +27,37 @@ CSV_FIELDS = ("path", "sha256", "prompt", "similarity", "round_trip", "token_ids
 JSONL_START = b'{"path": '  # every JSONL row pez writes starts so (path is its first key)
 CSV_HEADER = ",".join(CSV_FIELDS).encode()
 SNIFF_LINES = 20  # lines looked at to recognise a result file
+# CSV cells of these columns are text a spreadsheet could run as a formula; see _csv_text.
+CSV_TEXT_FIELDS = ("path", "prompt", "model", "error")
+FORMULA_START = tuple("=+-@\t\r'")
+CSV_RECORD_LINES = 64  # a quoted CSV record spanning more lines than this is damage, not data
+SURROGATE = re.compile("[\ud800-\udfff]")  # os.fsdecode's stand-ins for bytes that are not UTF-8
+ENCODING = dict(encoding="utf-8", errors="surrogateescape")
+
+
+def json_line(obj: Any) -> str:
+    """Strict JSON on one line: readable UTF-8, except that a string holding bytes that are not
+    UTF-8 (a file name) is written with \\u escapes, which json.loads turns back exactly."""
+    text = json.dumps(obj, ensure_ascii=False, allow_nan=False)
+    return json.dumps(obj, allow_nan=False) if SURROGATE.search(text) else text
+
+
+def is_regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return True  # it will be created as a regular file
+    except OSError as e:
+        raise ConfigError(f"cannot use result file {path}: {e.strerror or e}") from None
 
 
 def sniff_format(path: Path) -> str | None:
     """The format of an existing result file, read from its content: 'jsonl' or 'csv', None
-    when it is missing or empty. Anything that is not a pez result file is a ConfigError: pez
-    appends only to its own results, never to (or "repairs") a user's other file."""
+    when it is missing, empty or not a regular file (/dev/null). Anything that is not a pez
+    result file is a ConfigError: pez appends only to its own results, never to (or "repairs")
+    a user's other file."""
+    if not is_regular(path):
+        return None
     try:
         with open(path, "rb") as f:
             head = f.read(1 << 16)
@@ -62,95 +95,229 @@ def format_for(path: str | None, fmt: str | None) -> str:
     return "jsonl"
 
 
+# -- rows ------------------------------------------------------------------------------------
+def row_key(row: dict[str, Any]) -> tuple[str, str | None, str]:
+    """What identifies a row: the path as given, the file's hash and the settings."""
+    return (str(row.get("path")), row.get("sha256") or None, str(row.get("settings_id")))
+
+
+def supersedes(new: dict[str, Any], old: dict[str, Any] | None) -> bool:
+    """Whether `new`, written after `old` for the same key, is the one to keep: the newest
+    success wins, a success beats an error, a newer error replaces an older error."""
+    return old is None or not new.get("error") or bool(old.get("error"))
+
+
+def _valid(row: Any) -> bool:
+    """A row as pez writes it (a damaged line can still be valid JSON)."""
+    if not isinstance(row, dict) or not isinstance(row.get("path"), str) or not isinstance(row.get("settings_id"), str):
+        return False
+    if not isinstance(row.get("sha256"), (str, type(None))) or not isinstance(row.get("settings"), (dict, type(None))):
+        return False
+    error = row.get("error")
+    return isinstance(error, str) if row.get("prompt") is None else isinstance(row.get("prompt"), str) and error is None
+
+
+def _csv_text(value: str) -> str:
+    """A text cell that no spreadsheet runs as a formula: a leading ' added before = + - @ tab
+    CR and ' (removed again when pez reads the file)."""
+    return "'" + value if value.startswith(FORMULA_START) else value
+
+
 def _csv_row(row: dict[str, Any]) -> dict[str, Any]:
     out = {k: row.get(k) for k in CSV_FIELDS}
     if isinstance(out["token_ids"], list):
         out["token_ids"] = " ".join(str(i) for i in out["token_ids"])
     if isinstance(out["settings"], dict):
         out["settings"] = json.dumps(out["settings"], sort_keys=True)
+    for k in CSV_TEXT_FIELDS:
+        if isinstance(out[k], str):
+            out[k] = _csv_text(out[k])
     return {k: "" if v is None else v for k, v in out.items()}
 
 
-def _from_csv(row: dict[str, str]) -> dict[str, Any]:
-    out: dict[str, Any] = {k: (v if v != "" else None) for k, v in row.items()}
-    if out.get("similarity") is not None:
-        out["similarity"] = float(out["similarity"])
-    if out.get("seconds") is not None:
-        out["seconds"] = float(out["seconds"])
-    if out.get("round_trip") is not None:
-        out["round_trip"] = out["round_trip"] == "True"
-    if out.get("token_ids") is not None:
+def _from_csv(cells: list[str]) -> dict[str, Any]:
+    """A row from one CSV record; ValueError when it is not one of pez's rows."""
+    if len(cells) != len(CSV_FIELDS) or tuple(cells) == CSV_FIELDS:
+        raise ValueError("not a row")
+    out: dict[str, Any] = {k: (v if v != "" else None) for k, v in zip(CSV_FIELDS, cells)}
+    for k in CSV_TEXT_FIELDS:
+        if out[k] is not None and out[k].startswith("'"):
+            out[k] = out[k][1:]
+    for k in ("similarity", "seconds"):
+        if out[k] is not None:
+            out[k] = float(out[k])
+    if out["round_trip"] is not None:
+        out["round_trip"] = {"True": True, "False": False}[out["round_trip"]]
+    if out["token_ids"] is not None:
         out["token_ids"] = [int(t) for t in out["token_ids"].split()]
-    if out.get("settings") is not None:
+    if out["settings"] is not None:
         out["settings"] = json.loads(out["settings"])
     return out
 
 
-def read_rows(path: Path, fmt: str | None = None) -> list[dict[str, Any]]:
-    """Rows of a result file (format from its content unless given); a torn last line (the
-    process was killed mid-write) and damaged JSONL lines are skipped."""
-    found = sniff_format(path)  # also refuses a file that is not a pez result
-    if found is None:
-        return []
-    fmt = fmt or found
-    text = path.read_text(encoding="utf-8")
-    if text and not text.endswith("\n"):
-        text = text[: text.rfind("\n") + 1]
-    if fmt == "csv":
-        return [_from_csv(r) for r in csv.DictReader(io.StringIO(text))]
-    rows = []
-    for line in text.splitlines():
+@dataclass
+class Entry:
+    """One line (JSONL) or record (CSV) of a result file: its text and its row, None if damaged."""
+
+    text: str
+    row: dict[str, Any] | None
+
+
+def _jsonl_entries(text: str) -> Iterator[Entry]:
+    for line in text.split("\n"):  # only \n: names may hold U+2028, U+0085 or \r
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a damaged line; the image it belonged to will be redone
-    return rows
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        yield Entry(line, row if _valid(row) else None)
+
+
+def _csv_entries(text: str) -> Iterator[Entry]:
+    """CSV records, resynchronising after damage: a stray quote costs its own line only."""
+    lines = text.split("\n")
+    i = 1 if lines and lines[0].rstrip("\r") == CSV_HEADER.decode() else 0
+    while i < len(lines):
+        j, record = i, lines[i]
+        while record.count('"') % 2 and j + 1 < len(lines) and j - i < CSV_RECORD_LINES:
+            j += 1
+            record += "\n" + lines[j]
+        if not record.strip():
+            i = j + 1
+            continue
+        try:
+            [cells] = list(csv.reader([record], strict=True))
+            row = _from_csv(cells)
+        except (ValueError, KeyError, csv.Error):
+            yield Entry(lines[i], None)
+            i += 1
+            continue
+        yield Entry(record, row if _valid(row) else None)
+        i = j + 1
+
+
+def read_entries(path: Path, fmt: str | None = None) -> tuple[list[Entry], str | None]:
+    """The entries of a result file and its format; a torn last line (the writer was killed)
+    is left out. Missing, empty and non-regular files have none."""
+    found = sniff_format(path)
+    if found is None:
+        return [], fmt
+    data = path.read_bytes()
+    text = data[: data.rfind(b"\n") + 1].decode(**ENCODING)
+    entries = _csv_entries(text) if found == "csv" else _jsonl_entries(text)
+    return list(entries), found
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The readable rows of a result file, in file order."""
+    return [e.row for e in read_entries(path)[0] if e.row is not None]
+
+
+def latest(rows: Iterable[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
+    """One row per key, by `supersedes`."""
+    kept: dict[tuple, dict[str, Any]] = {}
+    for row in rows:
+        key = row_key(row)
+        if supersedes(row, kept.get(key)):
+            kept[key] = row
+    return kept
+
+
+# -- writing ---------------------------------------------------------------------------------
+def row_text(row: dict[str, Any], fmt: str) -> str:
+    """One row as a line of a JSONL file or a record of a CSV file, with its newline."""
+    if fmt == "jsonl":
+        return json_line(row) + "\n"
+    # "\r\n" makes every Python quote cells holding \r or \n; the record itself ends in \n.
+    buffer = io.StringIO()
+    csv.DictWriter(buffer, fieldnames=CSV_FIELDS, lineterminator="\r\n").writerow(_csv_row(row))
+    return buffer.getvalue()[:-2] + "\n"
+
+
+def write_rows(file: IO[str], fmt: str, rows: Iterable[dict[str, Any]]) -> None:
+    """A whole result file (a CSV header first) to an open text file."""
+    if fmt == "csv":
+        file.write(CSV_HEADER.decode() + "\n")
+    for row in rows:
+        file.write(row_text(row, fmt))
 
 
 class ResultWriter:
-    """Appends rows to a JSONL or CSV file (or stdout for "-"), flushed and fsynced one by one."""
+    """Rows appended to a JSONL or CSV file (or stdout for "-"), flushed and fsynced one by one.
+    A file is locked for as long as the writer is open: a second pez on it gets an error."""
 
     def __init__(self, path: str, fmt: str):
         self.fmt = fmt
-        self.to_stdout = path == "-"
-        if self.to_stdout:
+        self.path: Path | None = None
+        self.regular = False
+        if path == "-":
             self.file = sys.stdout
             needs_header = True
         else:
-            target = Path(path).expanduser()
-            if target.is_dir():
-                raise ConfigError(f"--out is a folder, not a file: {path}")
-            existing = sniff_format(target)  # refuses a file that is not a pez result
+            self.path = Path(path).expanduser()
+            self.regular = is_regular(self.path)
+            existing = sniff_format(self.path)  # refuses a file that is not a pez result
             if existing and existing != fmt:
                 raise ConfigError(f"{path} is a {existing} result file, not {fmt}")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            repair_torn_line(target)
-            needs_header = not target.exists() or target.stat().st_size == 0
-            self.file = open(target, "a", encoding="utf-8", newline="")
-        self.csv = None
-        if fmt == "csv":
-            self.csv = csv.DictWriter(self.file, fieldnames=CSV_FIELDS, lineterminator="\n")
-            if needs_header:
-                self.csv.writeheader()
-                self._flush()
+            self.file = _open_locked(self.path, path)
+            if self.regular:
+                repair_torn_line(self.path)
+            needs_header = self.regular and os.fstat(self.file.fileno()).st_size == 0
+        if fmt == "csv" and needs_header:
+            self.file.write(CSV_HEADER.decode() + "\n")
+            self._flush()
 
     def write(self, row: dict[str, Any]) -> None:
-        if self.csv is not None:
-            self.csv.writerow(_csv_row(row))
-        else:
-            self.file.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self.file.write(row_text(row, self.fmt))
         self._flush()
 
     def _flush(self) -> None:
         self.file.flush()
-        if not self.to_stdout:
+        if self.regular:
             os.fsync(self.file.fileno())
 
+    def compact(self) -> int:
+        """Rewrite the file with one row per key (damaged lines kept as they are) when later
+        rows superseded earlier ones; returns how many rows were dropped."""
+        if self.path is None or not self.regular:
+            return 0
+        entries, fmt = read_entries(self.path)
+        winners = {id(row) for row in latest(e.row for e in entries if e.row is not None).values()}
+        kept = [e for e in entries if e.row is None or id(e.row) in winners]
+        if len(kept) == len(entries):
+            return 0
+        mode = stat.S_IMODE(os.stat(self.path).st_mode)
+        with replacing(self.path, "w", newline="", **ENCODING) as f:
+            f.write("".join(([CSV_HEADER.decode() + "\n"] if fmt == "csv" else []) + [e.text + "\n" for e in kept]))
+            os.chmod(f.fileno(), mode)
+        return len(entries) - len(kept)
+
     def close(self) -> None:
-        if not self.to_stdout:
-            self.file.close()
+        if self.path is not None:
+            self.file.close()  # releases the lock
+
+
+def _open_locked(target: Path, name: str):
+    """Open for appending, holding an exclusive lock (an error, not a wait, if another pez has
+    it). Re-checks that the name still points at the locked file (it may have been compacted)."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            f = open(target, "a", newline="", **ENCODING)
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.close()
+                raise ConfigError(f"{name} is being written by another pez process; wait for it or use another --out") from None
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(target).st_ino == os.fstat(f.fileno()).st_ino:
+                    return f
+            f.close()
+    except IsADirectoryError:
+        raise ConfigError(f"--out is a folder, not a file: {name}") from None
+    except OSError as e:
+        raise ConfigError(f"cannot write --out {name}: {e.strerror or e}") from None
 
 
 def repair_torn_line(path: Path) -> bool:
@@ -168,39 +335,35 @@ def repair_torn_line(path: Path) -> bool:
     return True
 
 
-def row_key(row: dict[str, Any]) -> tuple[str, str | None, str]:
-    """What identifies a row: the path as given, the file's hash and the settings."""
-    return (str(row.get("path")), row.get("sha256") or None, str(row.get("settings_id")))
+@dataclass
+class Merged:
+    rows: int = 0  # rows written
+    skipped: list[int] = field(default_factory=list)  # damaged lines skipped, per input file
 
 
-def merge_rows(groups: Iterable[Sequence[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Combine shard outputs: one row per (path, hash, settings), a success over an error."""
-    merged: dict[tuple, dict[str, Any]] = {}
-    for rows in groups:
-        for row in rows:
-            key = row_key(row)
-            old = merged.get(key)
-            if old is None or (old.get("error") and not row.get("error")):
-                merged[key] = row
-    return sorted(merged.values(), key=lambda r: (str(r.get("path")), str(r.get("settings_id"))))
-
-
-def merge_files(files: Sequence[Path], out: str, fmt: str | None = None, overwrite: bool = False) -> int:
-    """Write the merged rows of result files to `out` ("-": stdout). Returns the row count."""
+def merge_files(files: Sequence[Path], out: str, fmt: str | None = None, overwrite: bool = False) -> Merged:
+    """Write one row per (path, hash, settings) of result files to `out` ("-": stdout), sorted
+    by path; the newest success wins. The output replaces `out` whole (it may be an input)."""
+    entries = []
     for f in files:
         if not f.is_file():
             raise ConfigError(f"no such result file: {f}")
-    rows = merge_rows(read_rows(f) for f in files)
-    if out != "-":
-        target = Path(out).expanduser()
-        if target.exists() and not overwrite:
-            raise ConfigError(f"{out} already exists (use --overwrite to replace it)")
-        if target.exists():
-            target.unlink()
-    writer = ResultWriter(out, format_for(out if out != "-" else None, fmt))
+        entries.append(read_entries(f)[0])
+    rows = sorted(latest(e.row for group in entries for e in group if e.row is not None).values(),
+                  key=lambda r: (str(r.get("path")), str(r.get("settings_id"))))
+    result = Merged(len(rows), [sum(e.row is None for e in group) for group in entries])
+    if out == "-":
+        write_rows(sys.stdout, format_for(None, fmt), rows)
+        return result
+    target = Path(out).expanduser()
+    if os.path.lexists(target) and not overwrite:
+        raise ConfigError(f"{out} already exists (use --overwrite to replace it)")
+    fmt = fmt or ("csv" if out.lower().endswith(".csv") else "jsonl")
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     try:
-        for row in rows:
-            writer.write(row)
-    finally:
-        writer.close()
-    return len(rows)
+        with replacing(target, "w", newline="", **ENCODING) as f:
+            write_rows(f, fmt, rows)
+    except OSError as e:
+        raise ConfigError(f"cannot write {out}: {e.strerror or e}") from None
+    return result

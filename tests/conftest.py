@@ -3,14 +3,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-
-from helpers import make_image
-from pez_cli.testing import save_tiny_clip
-
 # Set before anything imports huggingface_hub, which reads it once at import time.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+
+import pytest  # noqa: E402
+
+from helpers import make_image  # noqa: E402
+from pez_cli.testing import save_tiny_clip  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -63,8 +63,11 @@ def test_rerun_skips_done_images_and_force_redoes(tiny_model, folder, tmp_path):
     make_image(folder / "img0.png", (1, 2, 3))
     changed = run("batch", folder, "-o", out, "--model", tiny_model, *FAST)
     assert "1 done, 6 already done" in changed.stderr
+    assert len(rows_of(out)) == 15  # the changed file is another (path, hash) key
     forced = run("batch", folder, "-o", out, "--model", tiny_model, *FAST, "--force")
-    assert "7 done" in forced.stderr and len(rows_of(out)) == 22
+    assert "7 done" in forced.stderr
+    rows = rows_of(out)  # redone rows replace the old ones: one row per (path, hash, settings)
+    assert len(rows) == 15 and len({(r["path"], r["sha256"], r["settings_id"]) for r in rows}) == 15
 
 
 def test_torn_last_line_is_repaired(tiny_model, folder, tmp_path):
@@ -148,8 +151,10 @@ def test_bad_images_become_error_rows_and_exit_3(tiny_model, folder, tmp_path):
     assert "truncated" in rows["broken.png"]["error"]
     assert "not an image" in rows["notes.png"]["error"]
     assert "missing.png" in rows["missing.png"]["error"] and rows["missing.png"]["sha256"] is None
+    # A rerun tries the failed images again; they fail again and still have one row each.
     again = run("batch", "-", "-o", out, "--model", tiny_model, *FAST, input=listing)
-    assert again.exit_code == 3 and "failed in an earlier run" in again.stderr
+    assert again.exit_code == 3 and "0 done, 1 already done, 3 failed" in again.stderr
+    assert sorted(Path(r["path"]).name for r in rows_of(out)) == ["broken.png", "img0.png", "missing.png", "notes.png"]
 
 
 def test_csv_output_quotes_prompts(tiny_model, folder, tmp_path):

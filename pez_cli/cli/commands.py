@@ -43,6 +43,7 @@ app = typer.Typer(
 )
 
 IMAGES_HELP = "Image files, folders (their images, sorted) or - (paths on stdin, one per line)."
+NullOption = Annotated[bool, typer.Option("--null", "-0", help="Paths on stdin are separated by NUL bytes (find -print0), not lines.")]
 MODEL_HELP = "CLIP model: ARCH/TAG (open_clip pretrained), hf-hub:ORG/REPO or local-dir:PATH."
 
 
@@ -132,10 +133,10 @@ def render_after(settings, after: RenderAfter, options: RenderOptions, text: str
     return done
 
 
-def image_job(images: list[str], common: Common, after: RenderAfter, template: str | None = None) -> None:
+def image_job(images: list[str], null: bool, common: Common, after: RenderAfter, template: str | None = None) -> None:
     from pez_cli.images import collect_paths, load_images
 
-    paths = collect_paths(images, sys.stdin)
+    paths = collect_paths(images, sys.stdin, null=null)
     pil = load_images(paths)
     optimize_and_print(common, "image", lambda pez: pez.image_features(pil), {"images": [str(p) for p in paths]},
                        after, pil, template)
@@ -147,11 +148,12 @@ def image_job(images: list[str], common: Common, after: RenderAfter, template: s
 @with_common_options
 def invert(
     images: Annotated[list[str], typer.Argument(help=IMAGES_HELP, metavar="IMAGE...")],
+    null: NullOption = False,
     common: Common = None,
     after: RenderAfter = None,
 ) -> None:
     """Learn ONE prompt shared by all the given images (the paper's prompt inversion)."""
-    image_job(images, common, after)
+    image_job(images, null, common, after)
 
 
 @app.command()
@@ -162,6 +164,7 @@ def style(
     images: Annotated[list[str], typer.Argument(help="Images of one style: " + IMAGES_HELP, metavar="DIR|IMAGE...")],
     template: Annotated[Optional[str], typer.Option("--template", "-t", help='Also print this template filled with the prompt, e.g. "a tiger in the style of {}".')] = None,
     subject: Annotated[Optional[str], typer.Option("--subject", help='With --render: render "SUBJECT in the style of {prompt}" (when no --template).')] = None,
+    null: NullOption = False,
     common: Common = None,
     after: RenderAfter = None,
 ) -> None:
@@ -170,7 +173,7 @@ def style(
         raise PezError(f"--template must contain {{}} where the style prompt goes, got {template!r}")
     if template is None and subject:
         template = f"{subject} in the style of {{}}"
-    image_job(images, common, after, template)
+    image_job(images, null, common, after, template)
 
 
 @app.command()
@@ -203,6 +206,7 @@ def batch(
     png_metadata: Annotated[Optional[Path], typer.Option("--png-metadata", help="Write a PNG copy of each image with the prompt in its metadata into DIR.", metavar="DIR", file_okay=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Redo images already in --out.")] = False,
     shard: Annotated[Optional[str], typer.Option("--shard", help="Only this part of the inputs, K/N (1 <= K <= N), split by path hash.", metavar="K/N")] = None,
+    null: NullOption = False,
     common: Common = None,
 ) -> None:
     """One prompt PER IMAGE for many images: resumable, shardable, written as it goes."""
@@ -212,7 +216,7 @@ def batch(
     job = BatchJob(common.settings(), out=out, fmt=fmt, sidecar_ext=sidecar_ext if sidecar else None,
                    png_dir=png_metadata, overwrite=overwrite, force=force,
                    shard=parse_shard(shard) if shard is not None else None, group_size=batch_images)
-    paths = collect_paths(inputs, sys.stdin, recursive=recursive, missing_ok=True)
+    paths = collect_paths(inputs, sys.stdin, recursive=recursive, missing_ok=True, null=null)
     log_to_stderr(common.verbose)
     started = time.monotonic()
     with Reporter(progress_mode(common.quiet, common.progress)) as reporter:
@@ -237,8 +241,12 @@ def batch(
 def batch_summary(s, shard) -> str:
     where = f" (shard {shard})" if shard else ""
     text = f"pez batch{where}: {s.total} images, {s.done} done, {s.skipped} already done, {s.failed} failed"
-    if s.failed_before:
-        text += f" ({s.failed_before} failed in an earlier run)"
+    if s.duplicates:
+        text += f"; {s.duplicates} inputs named a file already given (done once)"
+    if s.unreadable:
+        text += f"; {s.unreadable} damaged lines in --out skipped (their images were done again)"
+    if s.restored:
+        text += f"; {s.restored} images got their caption or PNG copy from an earlier row"
     if s.sidecars_kept:
         text += f"; {s.sidecars_kept} existing caption files kept (use --overwrite)"
     if s.interrupted:
@@ -257,7 +265,10 @@ def merge(
     """Combine batch result files: one row per image and settings, sorted by path."""
     from pez_cli.results import merge_files
 
-    merge_files(files, out, fmt, overwrite)
+    merged = merge_files(files, out, fmt, overwrite)
+    for f, skipped in zip(files, merged.skipped):
+        if skipped:
+            sys.stderr.write(f"pez merge: skipped {skipped} damaged lines in {f}\n")
 
 
 RENDER_SETTINGS = [o for o in SETTING_OPTIONS if o.field in ("model", "seed", "device")]

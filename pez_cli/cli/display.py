@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
 import sys
 import time
@@ -12,7 +11,7 @@ from typing import Any, Callable, Iterator
 
 import typer
 
-from pez_cli.errors import PezError, is_out_of_memory
+from pez_cli.errors import PezError, first_line, is_out_of_memory
 
 EXIT_ERROR = 1
 EXIT_PARTIAL = 3  # batch: some images failed; the others were written
@@ -42,6 +41,9 @@ def user_errors() -> Iterator[None]:
     except Exception as e:
         if is_out_of_memory(e):
             fail("out of memory; try a smaller model, fewer --restarts or a shorter --prompt-len")
+        if isinstance(e, OSError):  # the disk or the file system: full, read-only, gone
+            where = f": {e.filename}" if e.filename else ""
+            fail(f"{e.strerror or first_line(e)}{where}")
         raise
 
 
@@ -56,8 +58,10 @@ def handles_errors(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def emit_json(obj: Any) -> None:
-    """One strict JSON value on stdout (NaN and infinity are refused, never written)."""
-    sys.stdout.write(json.dumps(obj, ensure_ascii=False, allow_nan=False) + "\n")
+    """One strict JSON value on one line of stdout (see results.json_line)."""
+    from pez_cli.results import json_line
+
+    sys.stdout.write(json_line(obj) + "\n")
     sys.stdout.flush()
 
 

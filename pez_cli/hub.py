@@ -1,0 +1,60 @@
+"""The Hugging Face Hub without waiting: when it cannot be reached, pez works offline at once
+(cached files load, missing ones fail) instead of spending a minute in retries."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import socket
+import urllib.parse
+import warnings
+from typing import Iterator
+
+# How long pez waits to learn whether the Hub answers at all.
+PROBE_TIMEOUT_S = 3.0
+
+
+def endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+@functools.cache
+def reachable() -> bool:
+    """Whether a TCP connection to the Hub's endpoint opens within PROBE_TIMEOUT_S (asked once)."""
+    url = urllib.parse.urlsplit(endpoint())
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=PROBE_TIMEOUT_S).close()
+    except OSError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def session() -> Iterator[bool]:
+    """Hub access for one load. Yields whether pez went offline because the Hub is out of reach
+    (HF_HUB_OFFLINE=1 is honoured as it is). The hub client's warnings and retry notes are kept
+    off the terminal: pez reports a failure in its own one line."""
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE
+    forced = not saved and not reachable()
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    constants.HF_HUB_OFFLINE = saved or forced
+    hub_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield forced
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+        hub_log.setLevel(level)
+
+
+def unreachable_note(forced: bool) -> str:
+    """What to add to a download error when pez went offline."""
+    return f"the Hugging Face Hub at {endpoint()} cannot be reached; " if forced else ""
