@@ -287,8 +287,9 @@ class ResultWriter:
         kept = [e for e in entries if e.row is None or id(e.row) in winners]
         if len(kept) == len(entries):
             return 0
-        mode = stat.S_IMODE(os.stat(self.path).st_mode)
-        with replacing(self.path, "w", newline="", **ENCODING) as f:
+        target = Path(os.path.realpath(self.path))  # a link named as --out stays a link
+        mode = stat.S_IMODE(os.stat(target).st_mode)
+        with replacing(target, "w", newline="", **ENCODING) as f:
             f.write("".join(([CSV_HEADER.decode() + "\n"] if fmt == "csv" else []) + [e.text + "\n" for e in kept]))
             os.chmod(f.fileno(), mode)
         return len(entries) - len(kept)

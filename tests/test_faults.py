@@ -313,10 +313,17 @@ def test_a_full_disk_is_one_line(tiny_model, photos, tmp_path, monkeypatch):
     (["--weight-decay", "nan"], "weight_decay must be a finite number"),
     (["--lr", "inf"], "lr must be a finite number"),
     (["--guidance", "nan", "--render"], "--guidance must be a finite number"),
-    (["--preset", "../../configs/paper"], "unknown preset"),
 ])
 def test_bad_values_are_one_line_errors(tiny_model, photos, args, pattern):
     assert_one_line_error(run("invert", photos / "p0.png", "--model", tiny_model, *FAST[:6], *args), 1, pattern)
+
+
+def test_a_preset_name_never_reads_a_file_outside_the_presets(tiny_model, photos, tmp_path):
+    from pez_cli.config import preset_path
+
+    (tmp_path / "elsewhere.toml").write_text("steps = 1\n")
+    sneaky = os.path.relpath(tmp_path / "elsewhere", preset_path("paper").parent)
+    assert_one_line_error(run("invert", photos / "p0.png", "--model", tiny_model, "--preset", sneaky), 1, "unknown preset")
 
 
 def test_bad_config_files_and_render_values(tiny_model, photos, tmp_path):
@@ -368,17 +375,22 @@ def test_png_metadata_only_runs_resume(tiny_model, photos, tmp_path):
     assert "4 done" in run(*args, "--seed", "1").stderr  # other settings are other copies' business
 
 
-def test_csv_cells_never_start_a_formula(tmp_path):
-    row = {"path": "=HYPERLINK(x).png", "sha256": "ab", "prompt": "+cmd|' /C calc'!A0", "similarity": -0.5,
-           "round_trip": True, "token_ids": [1], "model": "@m", "settings_id": "s", "seconds": 1.0, "error": None,
-           "settings": {"steps": 1}}
-    writer = results.ResultWriter(str(tmp_path / "r.csv"), "csv")
+def test_csv_cells_never_start_a_formula(tiny_model, photos, tmp_path, monkeypatch):
+    make_image(photos / "=HYPERLINK(x).png", COLORS[4])
+    monkeypatch.chdir(photos)  # relative paths: the path cell starts with "="
+    assert run("batch", "=HYPERLINK(x).png", "p0.png", "--out", tmp_path / "r.csv", "--model", tiny_model, *FAST).exit_code == 0
+    cells = {c["sha256"]: c for c in csv.DictReader(open(tmp_path / "r.csv", newline=""))}
+    rows = {r["sha256"]: r for r in results.read_rows(tmp_path / "r.csv")}
+    assert sorted(c["path"] for c in cells.values()) == ["'=HYPERLINK(x).png", "p0.png"]
+    assert sorted(r["path"] for r in rows.values()) == ["=HYPERLINK(x).png", "p0.png"]  # pez reads back what it wrote
+    row = {"path": "x.png", "sha256": "ab", "prompt": "+cmd|' /C calc'!A0", "similarity": -0.5, "round_trip": True,
+           "token_ids": [1], "model": "@m", "settings_id": "s", "seconds": 1.0, "error": None, "settings": {"steps": 1}}
+    writer = results.ResultWriter(str(tmp_path / "t.csv"), "csv")
     writer.write(row)
     writer.close()
-    [cells] = list(csv.DictReader(open(tmp_path / "r.csv", newline="")))
-    assert cells["path"].startswith("'=") and cells["prompt"].startswith("'+") and cells["model"].startswith("'@")
-    assert cells["similarity"] == "-0.5"  # numbers are left alone
-    assert results.read_rows(tmp_path / "r.csv") == [row]
+    [cells] = list(csv.DictReader(open(tmp_path / "t.csv", newline="")))
+    assert cells["prompt"].startswith("'+") and cells["model"].startswith("'@") and cells["similarity"] == "-0.5"
+    assert results.read_rows(tmp_path / "t.csv") == [row]
 
 
 def test_rows_record_the_precision_auto_resolved_to(tiny_model, photos, tmp_path):
@@ -401,3 +413,13 @@ def test_an_unreachable_hub_fails_at_once_in_one_line(photos, tmp_path):
     assert done.returncode == 1 and done.stdout == ""
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "cannot be reached" in lines[0] and "local-dir:" in lines[0], done.stderr
+
+
+def test_compaction_keeps_a_linked_out_a_link(tiny_model, photos, tmp_path):
+    real = tmp_path / "store" / "rows.jsonl"
+    real.parent.mkdir()
+    link = tmp_path / "rows.jsonl"
+    os.symlink(real, link)
+    for extra in ([], ["--force"]):  # --force makes every row superseded: the file is rewritten
+        assert run("batch", photos, "--out", link, "--model", tiny_model, *FAST, *extra).exit_code == 0
+    assert link.is_symlink() and len(rows_of(real)) == 4
