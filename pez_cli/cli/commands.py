@@ -14,6 +14,7 @@ from pez_cli.cli.display import (
     EXIT_INTERRUPTED,
     EXIT_PARTIAL,
     Reporter,
+    batch_summary,
     emit_json,
     emit_lines,
     handles_errors,
@@ -236,22 +237,6 @@ def batch(
         raise typer.Exit(EXIT_INTERRUPTED)
     if summary.failures:
         raise typer.Exit(EXIT_PARTIAL)
-
-
-def batch_summary(s, shard) -> str:
-    where = f" (shard {shard})" if shard else ""
-    text = f"pez batch{where}: {s.total} images, {s.done} done, {s.skipped} already done, {s.failed} failed"
-    if s.duplicates:
-        text += f"; {s.duplicates} inputs named a file already given (done once)"
-    if s.unreadable:
-        text += f"; {s.unreadable} damaged lines in --out skipped (their images were done again)"
-    if s.restored:
-        text += f"; {s.restored} images got their caption or PNG copy from an earlier row"
-    if s.sidecars_kept:
-        text += f"; {s.sidecars_kept} existing caption files kept (use --overwrite)"
-    if s.interrupted:
-        text += "; interrupted: run the same command again to resume"
-    return text
 
 
 @app.command()

@@ -175,3 +175,20 @@ class Reporter:
     def note(self, message: str) -> None:
         if self.mode:
             self.console.print(message, markup=False, soft_wrap=True)
+
+
+def batch_summary(s, shard) -> str:
+    """The one-line summary `pez batch` ends with on stderr."""
+    where = f" (shard {shard})" if shard else ""
+    text = f"pez batch{where}: {s.total} images, {s.done} done, {s.skipped} already done, {s.failed} failed"
+    if s.duplicates:
+        text += f"; {s.duplicates} inputs named a file already given (done once)"
+    if s.unreadable:
+        text += f"; {s.unreadable} damaged lines in --out skipped (their images were done again)"
+    if s.restored:
+        text += f"; {s.restored} images got their caption or PNG copy from an earlier row"
+    if s.sidecars_kept:
+        text += f"; {s.sidecars_kept} existing caption files kept (use --overwrite)"
+    if s.interrupted:
+        text += "; interrupted: run the same command again to resume"
+    return text
