@@ -26,6 +26,7 @@ from pez_cli.errors import Interrupted
 from pez_cli.images import load_image
 from pez_cli.models import LoadedModel, load_model, pick_device, precision_name, resolve_precision
 from pez_cli.optimize import Best, PromptOptimizer, check_prompt_len
+from pez_cli.refine import refine
 from pez_cli.vocab import Vocabulary
 
 
@@ -76,7 +77,6 @@ class Progress:
     steps: int
     _pez: "Pez"
     _optimizer: PromptOptimizer
-    _targets: Sequence[torch.Tensor]
 
     @property
     def last_ids(self) -> torch.Tensor | None:
@@ -84,15 +84,19 @@ class Progress:
         return self._optimizer.last_ids
 
     def best(self) -> list[Best]:
-        """Each problem's best prompt so far, by the optimized ids' score."""
+        """Each problem's best printed prompt so far (`prompt`, its score `printed`)."""
         return self._optimizer.best()
 
     def best_prompts(self) -> list[str]:
-        return [self._pez.vocab.decode(b.token_ids) for b in self.best()]
+        return [b.prompt for b in self.best()]
+
+    def paper_best(self) -> list[Best]:
+        """Each problem's best by the optimized ids' score, as the paper's loop chooses."""
+        return self._optimizer.paper_best()
 
     def results(self) -> list[PromptResult]:
-        """What the run would return if it stopped here (printed prompts encoded and scored)."""
-        return self._pez._finish(self._optimizer, self._targets)
+        """What the run would return if it stopped here (before any refinement)."""
+        return self._pez._finish(self._optimizer)
 
 
 class Pez:
@@ -115,6 +119,7 @@ class Pez:
             self.model.text.token_embedding.weight,
             block=settings.block,
             ascii_only=settings.ascii_only,
+            kind=settings.vocab,
         )
         self.model.text.set_precision(resolve_precision(settings.precision, self.device))
         self.keep_image_tower = keep_image_tower
@@ -172,36 +177,38 @@ class Pez:
             self.release_image_tower()
         self.pack_weights()
         tok = self.model.tokenizer
-        opt = PromptOptimizer(self.model.text, self.vocab, targets, settings, tok.sot_token_id, tok.eot_token_id)
+        opt = PromptOptimizer(self.model.text, self.vocab, targets, settings, tok.sot_token_id, tok.eot_token_id,
+                              score_texts=self.model.encode_texts)
         try:
-            while opt.step_count < settings.steps:
+            while not opt.finished():
                 opt.step()
-                if on_progress is not None and (opt.step_count % every == 0 or opt.step_count == settings.steps):
-                    on_progress(Progress(opt.step_count, settings.steps, self, opt, targets))
+                if on_progress is not None and (opt.step_count % every == 0 or opt.finished()):
+                    on_progress(Progress(opt.step_count, settings.steps, self, opt))
+            bests = opt.best()
+            if settings.refine:
+                bests = refine(self, targets, bests, settings)
         except KeyboardInterrupt:
             if opt.step_count == 0:
                 raise Interrupted("interrupted before the first step; no prompt yet") from None
-            return self._finish(opt, targets, interrupted=True)
-        return self._finish(opt, targets)
+            return self._finish(opt, interrupted=True)
+        return self._finish(opt, bests=bests)
 
-    def _finish(self, opt: PromptOptimizer, targets: Sequence[torch.Tensor], interrupted: bool = False) -> list[PromptResult]:
-        """Decode each problem's best prompt and score the printed text, not the ids."""
-        bests = opt.best()
-        prompts = [self.vocab.decode(b.token_ids) for b in bests]
-        feats = self.model.encode_texts(prompts)  # (P, D)
+    def _finish(self, opt: PromptOptimizer, interrupted: bool = False, bests: list[Best] | None = None) -> list[PromptResult]:
+        """Results from each problem's best printed prompt (scored as text, not as ids)."""
+        bests = opt.best() if bests is None else bests
         return [
             PromptResult(
-                prompt=prompt,
-                similarity=float((targets[p].to(feats.device, feats.dtype) @ feats[p]).mean()),
+                prompt=best.prompt,
+                similarity=best.printed,
                 token_ids=best.token_ids,
-                round_trip=self.vocab.round_trips(prompt, best.token_ids),
+                round_trip=self.vocab.round_trips(best.prompt, best.token_ids),
                 optimized_similarity=float(best.similarity),
                 best_step=best.step,
-                steps_done=opt.step_count,
+                steps_done=steps,
                 interrupted=interrupted,
                 settings=opt.settings,
             )
-            for p, (best, prompt) in enumerate(zip(bests, prompts))
+            for best, steps in zip(bests, opt.steps_done)
         ]
 
     # -- jobs ------------------------------------------------------------------------------

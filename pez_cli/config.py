@@ -83,6 +83,17 @@ class Settings:
     block: list[str] = setting(
         [], metavar="WORD", shown_default="none", help="Never choose a token containing WORD (repeatable).")
     ascii_only: bool = setting(False, help="Only choose tokens of printable ASCII.")
+    vocab: str = setting(
+        "all", choices=("all", "words"),
+        help="Tokens to choose from: all (any token, as the paper) or words (whole words only, so the "
+             "printed prompt re-tokenizes to exactly what was optimized).")
+    patience: int = setting(  # checked every optimize.FLUSH_EVERY steps
+        0, minimum=0, shown_default="0: off",
+        help="Stop a prompt whose printed score has not improved for this many steps.")
+    refine: int = setting(
+        0, minimum=0, shown_default="0: off",
+        help="Rounds of greedy discrete refinement of the printed prompt after the loop "
+             "(gradient-ranked token swaps and deletions, kept only when the printed score improves).")
     negative: bool = setting(False, help="Find the prompt LEAST like the target (negative loss weight).")
     precision: str = setting(
         "auto", choices=("auto", "fp32", "bf16", "fp16"),

@@ -238,7 +238,7 @@ class LoadedModel:
         """Normalized text features (N, D)."""
         return self.text.encode_ids([self.tokenize(t) for t in texts])
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: the features are targets that later enter autograd
     def encode_images(self, images: Sequence[Any], batch: int = 32) -> torch.Tensor:
         """Normalized image features (N, D) of PIL images."""
         if self.clip is None:
@@ -248,7 +248,7 @@ class LoadedModel:
             pixels = torch.stack([self.preprocess(im) for im in images[start:start + batch]])
             pixels = pixels.to(self.device)
             feats.append(F.normalize(self.clip.encode_image(pixels).float(), dim=-1))
-        return torch.cat(feats).clone()
+        return torch.cat(feats)
 
     def release_image_tower(self) -> None:
         """Drop everything but the text tower so only it stays in memory during the loop."""

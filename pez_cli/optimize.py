@@ -10,15 +10,24 @@ Per step, for the continuous prompts P (problems * restarts, prompt_len, width):
   2. run <start> P' <end> through the text tower; features are read at the end token
   3. loss = 1 - mean cosine(features, sampled targets), times -1 for --negative
   4. the gradient at P' is applied to P (straight-through) by AdamW
-  5. the projected prompt's mean similarity to ALL targets decides the best prompt so far.
+  5. the projected prompt's mean similarity to ALL targets ranks the restarts (and tracks the
+     paper's best, by the ids' score).
 Steps 2 and 5 share one forward pass: text features do not depend on which targets are
 sampled, so the paper's second (no-grad) pass over all targets computes nothing new.
+
+What a user gets is the printed prompt, which need not re-tokenize to the ids. So every
+step's leading candidate is also decoded, re-tokenized and scored as text (a batched
+no-grad pass every FLUSH_EVERY steps; each distinct prompt once), and the best PRINTED prompt
+is the answer. A longer run sees every candidate a shorter one saw: it never prints worse.
+With patience, a problem whose printed best has not improved for that many steps leaves the
+batch (its AdamW state goes with it; the others go on unchanged).
 """
 
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -31,6 +40,8 @@ from pez_cli.vocab import Vocabulary
 
 # Static loss scale for fp16, so small gradients do not flush to zero.
 FP16_LOSS_SCALE = 1024.0
+# Steps between two batched passes scoring candidates as printed text (and patience checks).
+FLUSH_EVERY = 8
 
 
 def check_prompt_len(prompt_len: int, context_length: int) -> None:
@@ -69,18 +80,31 @@ def pad_targets(targets: Sequence[torch.Tensor], device, dtype) -> tuple[torch.T
 
 @dataclass
 class Best:
-    """The best prompt one problem has seen so far."""
+    """A problem's best prompt so far."""
 
     token_ids: list[int]
     similarity: float  # mean cosine of the optimized ids to all of the problem's targets
     step: int  # 1-based step at which it was found (0: never)
+    prompt: str = ""  # token_ids decoded: the text a user pastes
+    printed: float = math.nan  # mean cosine of `prompt`, re-tokenized and encoded, to all targets
+
+
+@dataclass
+class _Candidates:
+    """Leading candidates of the steps since the last flush, still on the device."""
+
+    active: list[int] = field(default_factory=list)  # problems, in row order, at each step
+    ids: list[torch.Tensor] = field(default_factory=list)  # (A, L) per step
+    scores: list[torch.Tensor] = field(default_factory=list)  # (A,) ids' scores per step
+    steps: list[int] = field(default_factory=list)
 
 
 class PromptOptimizer:
-    """PEZ for several independent problems at once; `step()` advances all of them.
+    """PEZ for several independent problems at once; `step()` advances all active ones.
 
     targets: one (n_i, D) tensor of normalized target features per problem. settings: with
-    prompt_len filled in (Settings.for_target). The loop that drives it is Pez.solve.
+    prompt_len filled in (Settings.for_target). score_texts: normalized text features (n, D)
+    of printed prompts (re-tokenized). The loop that drives it is Pez.solve.
     """
 
     def __init__(
@@ -91,13 +115,12 @@ class PromptOptimizer:
         settings: Settings,
         start_id: int,
         end_id: int,
+        score_texts: Callable[[list[str]], torch.Tensor],
     ):
         if not targets:
             raise ValueError("at least one problem is needed")
         check_prompt_len(settings.prompt_len, tower.context_length)
-        self.tower = tower
-        self.vocab = vocab
-        self.settings = settings
+        self.tower, self.vocab, self.settings, self.score_texts = tower, vocab, settings, score_texts
         self.steps = settings.steps
         self.sign = -1.0 if settings.negative else 1.0
         device = vocab.embeddings.device
@@ -110,14 +133,15 @@ class PromptOptimizer:
 
         check_memory(problems * restarts, length, width, tower, device)
         self.counts = [int(t.shape[0]) for t in targets]
-        self.targets, self.all_weights = pad_targets(targets, device, dtype)  # (P, n_max, D), (P, n_max)
+        self.full_targets, self.full_weights = pad_targets(targets, device, dtype)  # (P, n_max, D), (P, n_max)
+        self.targets, self.all_weights = self.full_targets, self.full_weights  # rows of the active problems
         self.sampled = [n > settings.batch_size for n in self.counts]
 
         # One CPU generator per problem, each seeded alike: a problem's random stream (its
         # initial prompt and its target samples) is the same whether it runs alone or batched.
         self.generators = [torch.Generator().manual_seed(settings.seed) for _ in range(problems)]
         init = torch.stack([vocab.random_ids((restarts, length), g) for g in self.generators])
-        self.prompt = vocab.embeddings[init.reshape(-1, length)].clone()  # (P*R, L, W)
+        self.prompt = vocab.embeddings[init.reshape(-1, length)].clone()  # (A*R, L, W)
         self.prompt.requires_grad_(True)
         self.optimizer = torch.optim.AdamW([self.prompt], lr=settings.lr, weight_decay=settings.weight_decay)
 
@@ -127,14 +151,21 @@ class PromptOptimizer:
         if settings.compile:
             self.forward = torch.compile(tower)
 
-        self.best_score = torch.full((problems,), -self.sign * float("inf"), device=device, dtype=dtype)
-        self.best_ids = torch.zeros(problems, length, dtype=torch.long, device=device)
-        self.best_step = torch.zeros(problems, dtype=torch.long, device=device)
+        # The paper's best (by the ids' score), for the active rows.
+        self.ids_score = torch.full((problems,), -self.sign * float("inf"), device=device, dtype=dtype)
+        self.ids_best = torch.zeros(problems, length, dtype=torch.long, device=device)
+        self.ids_step = torch.zeros(problems, dtype=torch.long, device=device)
+        self.left: dict[int, Best] = {}  # the paper's best of problems that left the batch
+        self.active = list(range(problems))  # problems still optimizing, in row order
+        self.steps_done = [0] * problems
         self.step_count = 0
-        self.last_ids: torch.Tensor | None = None  # (P*R, L) ids projected in the last step
+        self.last_ids: torch.Tensor | None = None  # (A*R, L) ids projected in the last step
+        self.printed: list[Best | None] = [None] * problems  # the best printed prompt per problem
+        self.scored: list[set[tuple[int, ...]]] = [set() for _ in range(problems)]  # candidates seen
+        self.pending = _Candidates()
 
     def _batch_weights(self) -> torch.Tensor:
-        """(P, n_max) weights of this step's sampled targets, each row summing to 1."""
+        """(A, n_max) weights of this step's sampled targets, each row summing to 1."""
         if not any(self.sampled):
             return self.all_weights
         weights = self.all_weights.clone()
@@ -147,17 +178,17 @@ class PromptOptimizer:
         return weights
 
     def step(self) -> None:
-        """One PEZ step for every problem."""
-        problems, restarts, length = self.problems, self.restarts, self.length
+        """One PEZ step for every active problem."""
+        problems, restarts, length = len(self.active), self.restarts, self.length
         with torch.no_grad():
-            ids = self.vocab.project(self.prompt)  # (P*R, L)
+            ids = self.vocab.project(self.prompt)  # (A*R, L)
         self.last_ids = ids
-        projected = self.vocab.embeddings[ids].requires_grad_(True)  # (P*R, L, W)
+        projected = self.vocab.embeddings[ids].requires_grad_(True)  # (A*R, L, W)
         rows = projected.shape[0]
         seq = torch.cat([self.start.expand(rows, 1, -1), projected, self.end.expand(rows, 1, -1)], dim=1)
-        feats = self.forward(seq)  # (P*R, D)
+        feats = self.forward(seq)  # (A*R, D)
         feats = F.normalize(feats.to(self.targets.dtype), dim=-1).view(problems, restarts, -1)
-        sims = torch.einsum("prd,pnd->prn", feats, self.targets)  # (P, R, n_max)
+        sims = torch.einsum("prd,pnd->prn", feats, self.targets)  # (A, R, n_max)
         weights = self._batch_weights()
         loss = self.sign * (1.0 - (sims * weights[:, None, :]).sum(-1).mean(-1)).sum()
         (grad,) = torch.autograd.grad(loss * self.loss_scale, [projected])
@@ -167,21 +198,95 @@ class PromptOptimizer:
 
         self.step_count += 1
         with torch.no_grad():
-            universal = (sims.detach() * self.all_weights[:, None, :]).sum(-1)  # (P, R)
-            pick = universal.argmax(-1) if self.sign > 0 else universal.argmin(-1)  # (P,)
+            universal = (sims.detach() * self.all_weights[:, None, :]).sum(-1)  # (A, R)
+            pick = universal.argmax(-1) if self.sign > 0 else universal.argmin(-1)  # (A,)
             arange = torch.arange(problems, device=universal.device)
             score = universal[arange, pick]
-            better = self.sign * score > self.sign * self.best_score
-            chosen = ids.view(problems, restarts, length)[arange, pick]  # (P, L)
-            self.best_score = torch.where(better, score, self.best_score)
-            self.best_ids = torch.where(better[:, None], chosen, self.best_ids)
-            self.best_step = torch.where(better, torch.full_like(self.best_step, self.step_count), self.best_step)
+            chosen = ids.view(problems, restarts, length)[arange, pick]  # (A, L)
+            better = self.sign * score > self.sign * self.ids_score
+            self.ids_score = torch.where(better, score, self.ids_score)
+            self.ids_best = torch.where(better[:, None], chosen, self.ids_best)
+            self.ids_step = torch.where(better, torch.full_like(self.ids_step, self.step_count), self.ids_step)
+        self.pending.active.append(self.active)
+        self.pending.ids.append(chosen)
+        self.pending.scores.append(score)
+        self.pending.steps.append(self.step_count)
+        if self.step_count % FLUSH_EVERY == 0:
+            self.flush()
+
+    def flush(self) -> None:
+        """Score the pending candidates as printed text (each distinct prompt once per problem),
+        update each problem's printed best, and let problems out of patience leave."""
+        pending, self.pending = self.pending, _Candidates()
+        if not pending.steps:
+            return
+        ids = torch.cat(pending.ids).tolist()  # one transfer for all the steps
+        scores = torch.cat(pending.scores).tolist()
+        queued: list[tuple[int, list[int], float, int]] = []
+        row = 0
+        for active, step in zip(pending.active, pending.steps):
+            for p in active:
+                key = tuple(ids[row])
+                if key not in self.scored[p]:
+                    self.scored[p].add(key)
+                    queued.append((p, ids[row], scores[row], step))
+                row += 1
+        if queued:
+            self._score_printed(queued)
+        patience = self.settings.patience
+        if patience:
+            tired = {p for p in self.active if self.step_count - (self.printed[p].step if self.printed[p] else 0) >= patience}
+            if tired:
+                self._leave(tired)
+
+    def _score_printed(self, queued: list[tuple[int, list[int], float, int]]) -> None:
+        texts = [self.vocab.decode(ids) for _, ids, _, _ in queued]
+        feats = self.score_texts(texts).to(self.full_targets.dtype)  # (n, D)
+        owners = torch.tensor([p for p, _, _, _ in queued], device=feats.device)
+        sims = torch.einsum("nmd,nd->nm", self.full_targets[owners], feats)  # (n, n_max)
+        printed = (sims * self.full_weights[owners]).sum(-1).tolist()
+        for (p, ids, score, step), text, value in zip(queued, texts, printed):
+            best = self.printed[p]
+            if best is None or self.sign * value > self.sign * best.printed:  # ties keep the earlier
+                self.printed[p] = Best(ids, score, step, text, value)
+
+    def _leave(self, done: set[int]) -> None:
+        """Take problems out of the batch, keeping each remaining row's state exactly."""
+        keep = [i for i, p in enumerate(self.active) if p not in done]
+        for i, p in enumerate(self.active):
+            if p in done:
+                self.left[p] = Best(self.ids_best[i].tolist(), float(self.ids_score[i]), int(self.ids_step[i]))
+                self.steps_done[p] = self.step_count
+        device = self.prompt.device
+        rows = torch.tensor([i * self.restarts + r for i in keep for r in range(self.restarts)], dtype=torch.long, device=device)
+        index = torch.tensor(keep, dtype=torch.long, device=device)
+        state = self.optimizer.state.get(self.prompt, {})
+        self.prompt = self.prompt.detach()[rows].clone().requires_grad_(True)
+        self.optimizer = torch.optim.AdamW([self.prompt], lr=self.settings.lr, weight_decay=self.settings.weight_decay)
+        if state:  # AdamW is element-wise: the kept rows continue exactly as they would have
+            self.optimizer.state[self.prompt] = {k: (v[rows].clone() if v.dim() else v.clone()) for k, v in state.items()}
+        self.targets, self.all_weights = self.targets[index], self.all_weights[index]
+        self.ids_score, self.ids_best, self.ids_step = self.ids_score[index], self.ids_best[index], self.ids_step[index]
+        self.counts = [self.counts[i] for i in keep]
+        self.sampled = [self.sampled[i] for i in keep]
+        self.generators = [self.generators[i] for i in keep]
+        self.active = [self.active[i] for i in keep]
+
+    def finished(self) -> bool:
+        return not self.active or self.step_count >= self.steps
 
     def best(self) -> list[Best]:
-        """Each problem's best prompt so far (empty ids before the first step)."""
+        """Each problem's best printed prompt so far (empty before the first step)."""
+        self.flush()
+        for p in self.active:
+            self.steps_done[p] = self.step_count
+        return [b if b is not None else Best([], math.nan, 0) for b in self.printed]
+
+    def paper_best(self) -> list[Best]:
+        """Each problem's best by the ids' score, as the paper's loop chooses it."""
         if self.step_count == 0:
-            return [Best([], float("nan"), 0) for _ in range(self.problems)]
-        ids = self.best_ids.tolist()
-        scores = self.best_score.tolist()
-        steps = self.best_step.tolist()
-        return [Best(i, s, st) for i, s, st in zip(ids, scores, steps)]
+            return [Best([], math.nan, 0) for _ in range(self.problems)]
+        found = dict(self.left)
+        for i, p in enumerate(self.active):
+            found[p] = Best(self.ids_best[i].tolist(), float(self.ids_score[i]), int(self.ids_step[i]))
+        return [found[p] for p in range(self.problems)]

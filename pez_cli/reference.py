@@ -148,15 +148,20 @@ def paper_loop(
 
 def pez_step_ids(pez, problems: list[torch.Tensor]) -> tuple[list[list[list[list[int]]]], list]:
     """The ids pez's engine chose at every step, per problem ([problem][step] -> (restarts, L)
-    ids), and its results: what the equivalence checks compare with `paper_reference`."""
+    ids), and its best by the ids' score (optimize.Best), as the paper's loop would choose:
+    what the equivalence checks compare with `paper_reference`."""
     per_problem: list[list] = [[] for _ in problems]
+    paper_best: list = []
 
     def record(progress) -> None:
         ids = progress.last_ids.view(len(problems), pez.settings.restarts, -1)
         for k in range(len(problems)):
             per_problem[k].append(ids[k].tolist())
+        if progress.step == progress.steps:
+            paper_best.extend(progress.paper_best())
 
-    return per_problem, pez.solve(problems, on_progress=record)
+    pez.solve(problems, on_progress=record)
+    return per_problem, paper_best
 
 
 def paper_reference(pez, targets: torch.Tensor, **kw) -> ReferenceResult:

@@ -38,12 +38,28 @@ def _ascii(text: str) -> bool:
     return all(33 <= ord(c) <= 126 for c in text)
 
 
+# Whole-word tokens that are not letters but may still appear in a `words` prompt.
+WORD_PUNCTUATION = (",",)
+VOCABS = ("all", "words")
+
+
+def is_word(tokenizer: Any, token_id: int, text: str) -> bool:
+    """A whole word (a token that ends a word, letters only, or allowed punctuation) that the
+    tokenizer turns back into exactly this token, so words joined by spaces re-tokenize exactly."""
+    if not tokenizer.decoder[token_id].endswith("</w>"):
+        return False
+    if not (text.isalpha() or text in WORD_PUNCTUATION):
+        return False
+    return tokenizer.encode(text) == [token_id]
+
+
 class Vocabulary:
     """Token embeddings of the allowed tokens, normalized once, plus decoding helpers.
 
     Never allowed: the tokenizer's special tokens (start, end), its padding id, and tokens
     that decode to nothing visible (whitespace or control bytes would vanish from the printed
-    prompt). Optionally: tokens containing a blocked word, and tokens that are not ASCII.
+    prompt). Optionally: tokens containing a blocked word, tokens that are not ASCII, and
+    (kind="words") tokens that are not whole words.
     """
 
     def __init__(
@@ -52,7 +68,10 @@ class Vocabulary:
         embedding_weight: torch.Tensor,
         block: Iterable[str] = (),
         ascii_only: bool = False,
+        kind: str = "all",
     ):
+        if kind not in VOCABS:
+            raise ConfigError(f"vocab must be one of {', '.join(VOCABS)}, got {kind!r}")
         self.tokenizer = tokenizer
         vocab_size = int(embedding_weight.shape[0])
         self.texts = [token_text(tokenizer, i) for i in range(vocab_size)]
@@ -69,6 +88,8 @@ class Vocabulary:
                 continue
             low = text.lower()
             if any(w in low for w in blocked):
+                continue
+            if kind == "words" and not is_word(tokenizer, i, text):
                 continue
             allowed.append(i)
         if not allowed:

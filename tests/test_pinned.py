@@ -1,5 +1,9 @@
 """Exact prompts for a few seeds on the tiny model, recorded before the engine was restructured
-(commit 16f1afa): a refactor that changes what PEZ computes fails here."""
+(commit 16f1afa): a refactor that changes what PEZ computes fails here.
+
+Since prompts are chosen by their printed score, seed 2 prints another prompt than the ids'
+best (which decodes to a broken character and re-tokenizes differently); the loop itself is
+unchanged, which the paper-best pin checks."""
 
 import json
 
@@ -12,7 +16,8 @@ FAST = ["--steps", "20", "--device", "cpu", "--json"]
 PINNED = {
     "invert-0": [34651, 15772, 41823, 37706, 14926],
     "invert-1": [44770, 16211, 17134, 13413, 31274],
-    "invert-2": [12125, 13413, 18583, 46595, 39058],
+    "invert-2": [28211, 12, 47078, 36128, 45595],
+    "invert-2-paper-best": [12125, 13413, 18583, 46595, 39058],
     "invert-2img-restarts": [7160, 15165, 12064, 18226, 48116],
     "distill": [7196, 602, 17463, 6620, 25378, 18060, 5182, 2100],
 }
@@ -45,3 +50,15 @@ def test_distill_is_pinned(tiny_model):
     data = run("distill", "a red cat sitting on a mat", "--model", tiny_model, *FAST)
     assert data["token_ids"] == PINNED["distill"]
     assert data["prompt"] == "aware agmulator taualta mendes aid someone"
+
+
+def test_the_loop_is_unchanged_where_the_printed_choice_differs(tiny_model, pictures):
+    from pez_cli.api import Pez
+    from pez_cli.config import Settings
+
+    pez = Pez(Settings(model=tiny_model, device="cpu", prompt_len=5, steps=20, seed=2))
+    target = pez.image_features([pictures[0]])
+    last = []
+    [result] = pez.solve([target], on_progress=lambda p: last.append(p.paper_best()[0].token_ids) if p.step == 20 else None)
+    assert last == [PINNED["invert-2-paper-best"]]
+    assert result.token_ids == PINNED["invert-2"]
