@@ -1,19 +1,22 @@
-"""Offline quality benchmark: does pez recover what is in the image?
+"""Offline quality benchmark: does pez recover what is in the image, as a model that did not
+optimize the prompt sees it?
 
-    python benchmarks/quality.py                 # full run (trains the world model once, ~30 min)
-    python benchmarks/quality.py --quick         # a few minutes, once the world model is cached
+    python benchmarks/quality.py                 # full run (trains the world and judge models once)
+    python benchmarks/quality.py --quick         # a few minutes, once the models are cached
     python benchmarks/quality.py --json quality.json
 
 Part 1, the synthetic world (benchmarks/world.py): a tiny CLIP trained on drawn scenes with
-exact captions. pez inverts held-out scenes, one prompt per scene, and for each configuration
-we report:
-  similarity  mean CLIP cosine of the printed prompt (re-tokenized, encoded) to its image
+exact captions optimizes; a second CLIP trained apart on the same world (another seed, width
+and depth) only judges. pez inverts held-out scenes, one prompt per scene, and for each
+configuration we report:
+  judge       the judge's cosine of the printed prompt to its image (the headline: transfer)
+  similarity  the optimizing model's cosine of the printed prompt (re-tokenized) to its image
   recall      share of the scene's colour and shape words that appear in the prompt as words
   round trip  share of prompts that re-tokenize to the optimized ids
   s/image     wall seconds per image
-The true caption's similarity is the ceiling. Configurations: the paper's loop
-(pez_cli/reference.py, as in the speed benchmark) vs pez at equal steps; pez at the paper
-loop's wall time (as many steps as fit); prompt_len 8/16/32; steps 100/300/1000; restarts 1/4; --ascii-only.
+The true caption's scores are the ceiling. Configurations: the paper's loop
+(pez_cli/reference.py) vs pez at equal steps and at the paper loop's wall time; the
+vocabulary, refinement, patience, restarts and prompt length, alone and combined.
 
 Part 2, known targets: a randomly initialised ViT-B-32, target = the text features of a secret
 prompt; the similarity `pez distill` (default prompt_len 8) reaches.
@@ -50,9 +53,13 @@ class Config:
     steps: int = 300
     restarts: int = 1
     ascii_only: bool = False
+    vocab: str = "all"
+    refine: int = 0
+    patience: int = 0
+    prior: float = 0.0
     paper: bool = False  # run the paper's loop instead of pez
-    # Rows read off the same run at earlier steps, (steps, name): with one target per scene
-    # nothing is sampled, so a run passes through exactly the states a shorter run ends in.
+    # Rows read off the same run at earlier steps, (steps, name): a run passes through exactly
+    # the states a shorter run ends in, and prints its best so far (tested).
     snapshots: tuple[tuple[int, str], ...] = ()
 
 
@@ -62,12 +69,29 @@ class Row:
     prompt_len: int
     steps: int
     restarts: int
-    ascii_only: bool
+    vocab: str
+    refine: int
+    patience: int
+    judge: float
     similarity: float
     recall: float
     round_trip: float
     seconds_per_image: float
+    steps_done: float  # mean steps run per image (patience stops early)
     examples: list
+
+
+@dataclass
+class Scorer:
+    """The scenes' image features under the optimizing model and under the judge."""
+
+    feats: torch.Tensor  # (n, D) optimizing model
+    judge: object  # the judge's LoadedModel (text tower kept)
+    judge_feats: torch.Tensor  # (n, D') judge
+
+    def judged(self, prompts: list[str]) -> list[float]:
+        text = self.judge.encode_texts(prompts)
+        return (text * self.judge_feats).sum(-1).tolist()
 
 
 def words(text: str) -> set[str]:
@@ -80,18 +104,22 @@ def recall(prompt: str, scene: world.Scene) -> float:
     return sum(w in found for w in wanted) / len(wanted)
 
 
-def run_config(cfg: Config, loaded, scenes, feats, seed: int) -> list[Row]:
+def run_config(cfg: Config, loaded, scenes, scorer: Scorer, seed: int) -> list[Row]:
     """Rows for `cfg`: its snapshots (in step order), then the full run."""
+    feats = scorer.feats
     settings = Settings(model=loaded.name, device="cpu", prompt_len=cfg.prompt_len, steps=cfg.steps,
-                        restarts=cfg.restarts, ascii_only=cfg.ascii_only, seed=seed)
+                        restarts=cfg.restarts, ascii_only=cfg.ascii_only, vocab=cfg.vocab, refine=cfg.refine,
+                        patience=cfg.patience, prior=cfg.prior, seed=seed)
     pez = Pez(settings, model=loaded)
     targets = [feats[i:i + 1] for i in range(len(scenes))]
     n = len(scenes)
 
-    def row(name: str, steps: int, prompts: list[str], sims: list[float], round_trips: list[bool], seconds: float) -> Row:
-        return Row(name, cfg.prompt_len, steps, cfg.restarts, cfg.ascii_only,
-                   similarity=sum(sims) / n, recall=sum(recall(p, s) for p, s in zip(prompts, scenes)) / n,
-                   round_trip=sum(round_trips) / n, seconds_per_image=seconds / n,
+    def row(name: str, steps: int, prompts: list[str], sims: list[float], round_trips: list[bool], seconds: float,
+            steps_done: list[int]) -> Row:
+        return Row(name, cfg.prompt_len, steps, cfg.restarts, cfg.vocab, cfg.refine, cfg.patience,
+                   judge=sum(scorer.judged(prompts)) / n, similarity=sum(sims) / n,
+                   recall=sum(recall(p, s) for p, s in zip(prompts, scenes)) / n,
+                   round_trip=sum(round_trips) / n, seconds_per_image=seconds / n, steps_done=sum(steps_done) / n,
                    examples=[{"caption": s.caption, "prompt": p} for s, p in list(zip(scenes, prompts))[:3]])
 
     start = time.perf_counter()
@@ -106,7 +134,7 @@ def run_config(cfg: Config, loaded, scenes, feats, seed: int) -> list[Row]:
         round_trips = [pez.vocab.round_trips(p, i) for p, i in zip(prompts, ids)]
         printed = loaded.encode_texts(prompts)
         sims = [float(printed[i] @ feats[i]) for i in range(n)]
-        return [row(cfg.name, cfg.steps, prompts, sims, round_trips, seconds)]
+        return [row(cfg.name, cfg.steps, prompts, sims, round_trips, seconds, [cfg.steps] * n)]
 
     rows = []
     snapshots = dict(cfg.snapshots)
@@ -114,7 +142,7 @@ def run_config(cfg: Config, loaded, scenes, feats, seed: int) -> list[Row]:
 
     def add(name: str, steps: int, results, seconds: float) -> None:
         rows.append(row(name, steps, [r.prompt for r in results], [r.similarity for r in results],
-                        [r.round_trip for r in results], seconds))
+                        [r.round_trip for r in results], seconds, [r.steps_done for r in results]))
 
     def snapshot(progress) -> None:
         if progress.step in snapshots:
@@ -142,26 +170,36 @@ def known_targets(arch: str, steps: int, seed: int, prompt_len: int = 8) -> list
 
 
 def configurations(quick: bool) -> list[Config]:
+    """The paper's loop first (the wall-time row is derived from it), then pez's pieces."""
     if quick:
         return [Config("paper loop", steps=100, paper=True), Config("pez", steps=100),
-                Config("pez, prompt_len 8", prompt_len=8, steps=100), Config("pez, restarts 4", steps=100, restarts=4)]
+                Config("pez --vocab words", steps=100, vocab="words"),
+                Config("pez --vocab words --refine 3", steps=100, vocab="words", refine=3)]
     return [
         Config("paper loop", paper=True),
         Config("pez, more steps", steps=1000, snapshots=((100, "pez, fewer steps"), (300, "pez"))),
+        Config("pez --vocab words, more steps", steps=1000, vocab="words", snapshots=((300, "pez --vocab words"),)),
+        Config("pez --refine 3", refine=3),
+        Config("pez --vocab words --refine 3", vocab="words", refine=3),
+        Config("pez --vocab words --refine 3, 1000 steps", steps=1000, vocab="words", refine=3),
+        Config("pez --vocab words --refine 3 --patience 100, 1000 steps", steps=1000, vocab="words", refine=3, patience=100),
+        Config("pez --vocab words --refine 3 --restarts 4", vocab="words", refine=3, restarts=4),
+        Config("pez --vocab words --refine 3, prompt_len 8", prompt_len=8, vocab="words", refine=3),
+        Config("pez --vocab words --refine 3, prompt_len 32", prompt_len=32, vocab="words", refine=3),
         Config("pez, prompt_len 8", prompt_len=8),
-        Config("pez, prompt_len 32", prompt_len=32),
         Config("pez, restarts 4", restarts=4),
-        Config("pez, --ascii-only", ascii_only=True),
+        Config("pez --ascii-only", ascii_only=True),
     ]
 
 
-def table(rows: list[Row], ceiling: float) -> str:
-    lines = ["| configuration | len | steps | restarts | similarity | recall | round trip | s/image |",
+def table(rows: list[Row], ceiling: float, judge_ceiling: float) -> str:
+    lines = ["| configuration | len | steps | judge | similarity | recall | round trip | s/image |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        lines.append(f"| {r.name} | {r.prompt_len} | {r.steps} | {r.restarts} | {r.similarity:.3f} | "
+        steps = f"{r.steps}" if r.steps_done >= r.steps else f"{r.steps_done:.0f} of {r.steps}"
+        lines.append(f"| {r.name} | {r.prompt_len} | {steps} | **{r.judge:.3f}** | {r.similarity:.3f} | "
                      f"{r.recall:.2f} | {r.round_trip:.2f} | {r.seconds_per_image:.2f} |")
-    lines.append(f"| true caption (ceiling) | | | | {ceiling:.3f} | 1.00 | | |")
+    lines.append(f"| true caption (ceiling) | | | **{judge_ceiling:.3f}** | {ceiling:.3f} | 1.00 | | |")
     return "\n".join(lines)
 
 
@@ -176,6 +214,10 @@ def main(argv=None):
     ap.add_argument("--world-width", type=int, default=128)
     ap.add_argument("--world-layers", type=int, default=3)
     ap.add_argument("--world-batch", type=int, default=128)
+    ap.add_argument("--judge-seed", type=int, default=1, help="the judge: trained apart, on another seed")
+    ap.add_argument("--judge-width", type=int, default=160)
+    ap.add_argument("--judge-layers", type=int, default=2)
+    ap.add_argument("--only", help="run only the configurations whose names contain one of these (comma-separated)")
     ap.add_argument("--text-arch", default="ViT-B-32", help="architecture for the known-target table")
     ap.add_argument("--text-steps", type=int, help="steps for the known-target table (default 300, quick 50)")
     ap.add_argument("--steps-scale", type=float, default=1.0, help=argparse.SUPPRESS)  # tests: shrink every step count
@@ -188,35 +230,47 @@ def main(argv=None):
     folder, report = world.world_model(args.world_steps, args.world_batch, args.seed, args.world_width,
                                        args.world_layers, args.cache, log=log)
     log(f"world model: local-dir:{folder} (held-out top-1 {report.heldout_top1:.2f} over {report.heldout})")
+    judge_folder, judge_report = world.world_model(args.world_steps, args.world_batch, args.judge_seed, args.judge_width,
+                                                   args.judge_layers, args.cache, log=log)
+    log(f"judge model: local-dir:{judge_folder} (held-out top-1 {judge_report.heldout_top1:.2f})")
     loaded = load_model(f"local-dir:{folder}", torch.device("cpu"))
+    judge = load_model(f"local-dir:{judge_folder}", torch.device("cpu"))
     scenes = world.scenes(HELDOUT_SEED + args.seed, scenes_n)
-    feats = loaded.encode_images([world.draw(s) for s in scenes])
-    captions = loaded.encode_texts([s.caption for s in scenes])
-    ceiling = float((captions * feats).sum(-1).mean())
+    pictures = [world.draw(s) for s in scenes]
+    scorer = Scorer(loaded.encode_images(pictures), judge, judge.encode_images(pictures))
+    captions = [s.caption for s in scenes]
+    ceiling = float((loaded.encode_texts(captions) * scorer.feats).sum(-1).mean())
+    judge_ceiling = sum(scorer.judged(captions)) / scenes_n
     loaded.release_image_tower()
+    judge.release_image_tower()
 
     rows: list[Row] = []
+    wanted = [w for w in (args.only or "").split(",") if w]
     for cfg in configurations(args.quick):
+        if wanted and not cfg.paper and not any(w in cfg.name for w in wanted):
+            continue
         scale = lambda k: max(1, int(k * args.steps_scale))  # noqa: E731
         cfg = replace(cfg, steps=scale(cfg.steps),
                       snapshots=tuple((scale(k), name) for k, name in cfg.snapshots if scale(k) < scale(cfg.steps)))
         log(f"running: {cfg.name}")
-        rows += run_config(cfg, loaded, scenes, feats, args.seed)
+        rows += run_config(cfg, loaded, scenes, scorer, args.seed)
         if cfg.paper:  # pez given the paper loop's wall time (per image): as many steps as fit
             probe_steps = max(1, cfg.steps // 10)
-            [probe] = run_config(replace(cfg, name="probe", paper=False, steps=probe_steps), loaded, scenes, feats, args.seed)
+            [probe] = run_config(replace(cfg, name="probe", paper=False, steps=probe_steps), loaded, scenes, scorer, args.seed)
             steps = max(1, int(min(20 * cfg.steps, rows[-1].seconds_per_image * probe_steps / probe.seconds_per_image)))
             log(f"running: pez at the paper loop's wall time ({steps} steps)")
             rows += run_config(replace(cfg, name="pez, paper loop's wall time", paper=False, steps=steps),
-                               loaded, scenes, feats, args.seed)
+                               loaded, scenes, scorer, args.seed)
     log("running: known targets")
     known = known_targets(args.text_arch, max(1, int(text_steps * args.steps_scale)), args.seed)
 
     out = [
         f"Quality on the synthetic world: {scenes_n} held-out scenes, world model top-1 {report.heldout_top1:.2f} "
-        f"(width {report.width}, {report.layers}+{report.layers} layers, {report.steps} training steps)",
+        f"(width {report.width}, {report.layers}+{report.layers} layers, {report.steps} training steps); judge top-1 "
+        f"{judge_report.heldout_top1:.2f} (seed {judge_report.seed}, width {judge_report.width}, "
+        f"{judge_report.layers}+{judge_report.layers} layers)",
         "",
-        table(rows, ceiling),
+        table(rows, ceiling, judge_ceiling),
         "",
         f"Known targets: random {args.text_arch}, target = text features of a secret prompt, `pez distill` (prompt_len 8)",
         "",
@@ -229,7 +283,8 @@ def main(argv=None):
     print("\n".join(out))
     if args.json:
         args.json.write_text(json.dumps({
-            "world": asdict(report), "world_model": f"local-dir:{folder}", "scenes": scenes_n, "ceiling": ceiling,
+            "world": asdict(report), "world_model": f"local-dir:{folder}", "judge": asdict(judge_report),
+            "judge_model": f"local-dir:{judge_folder}", "scenes": scenes_n, "ceiling": ceiling, "judge_ceiling": judge_ceiling,
             "rows": [asdict(r) for r in rows], "known_targets": known,
         }, indent=2))
     return rows, known

@@ -157,6 +157,7 @@ def main(argv=None):
     ap.add_argument("--compile", action="store_true", help="also torch.compile pez's text tower")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--variants", default="", help="also time pez's case 2 with these, e.g. fp32,bf16,fp16,bf16+compile")
+    ap.add_argument("--restarts", default="", help="also time one image with these restarts, e.g. 1,4,8 (case 4)")
     ap.add_argument("--json", type=Path, help="write the results here as JSON")
     ap.add_argument("--probe", choices=["paper", "pez"], help=argparse.SUPPRESS)  # internal: memory probe
     args = ap.parse_args(argv)
@@ -186,12 +187,12 @@ def main(argv=None):
     loaded.clip.visual = None  # only the text tower is needed from here on (both loops)
     targets = [feats[i : i + 1] for i in range(args.images)]
 
-    def make_pez(precision: str, compile_: bool) -> tuple[Pez, float]:
+    def make_pez(precision: str, compile_: bool, restarts: int = 1) -> tuple[Pez, float]:
         before = allocated_mb()
         model = build_model(args.arch, device)
         model.clip.visual = None
         settings = Settings(model=model.name, device=str(device), prompt_len=args.prompt_len, steps=args.steps,
-                            precision=precision, compile=compile_)
+                            precision=precision, compile=compile_, restarts=restarts)
         engine = Pez(settings, model=model)
         engine.pack_weights()  # once per model (CPU), not part of a loop; reported separately
         return engine, allocated_mb() - before
@@ -253,6 +254,16 @@ def main(argv=None):
                              ms_per_step=1000 * seconds / args.steps, warmup_seconds=warmup,
                              peak_mb=mem if device.type == "cuda" else None))  # RSS needs a fresh process
     rows["variants"] = variants
+    # Case 4: what restarts cost for one image (restarts share one batched pass).
+    sweep = []
+    for restarts in [int(r) for r in args.restarts.split(",") if r]:
+        del pez
+        pez, _ = make_pez(args.precision, args.compile, restarts)
+        seconds, _ = time_pez(pez, targets[:1], args.steps, device)
+        sweep.append(dict(restarts=restarts, ms_per_step=1000 * seconds / args.steps))
+    for row in sweep:
+        row["vs_1"] = row["ms_per_step"] / sweep[0]["ms_per_step"]
+    rows["restarts"] = sweep
 
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     meta = dict(rounds=args.rounds, arch=args.arch, device=str(device), gpu=gpu, cpu=platform.processor() or platform.machine(),
@@ -282,6 +293,10 @@ def main(argv=None):
         lines += [f"| {v['variant']} | {v['seconds']:.3f} | {v['ms_per_step']:.2f} | "
                   f"{'-' if v['peak_mb'] is None else format(v['peak_mb'], '.0f')} | {v['warmup_seconds']:.1f} "
                   f"| {v['ratio']:.1f}x |" for v in variants]
+    if sweep:
+        lines += ["", f"4. one image with restarts (pez --precision {args.precision}):", "",
+                  "| restarts | ms per step | vs the first |", "| ---: | ---: | ---: |"]
+        lines += [f"| {r['restarts']} | {r['ms_per_step']:.1f} | {r['vs_1']:.2f}x |" for r in sweep]
     print("\n".join(lines))
     if args.json:
         args.json.write_text(json.dumps({"meta": meta, **rows}, indent=2))

@@ -120,6 +120,7 @@ class Pez:
             block=settings.block,
             ascii_only=settings.ascii_only,
             kind=settings.vocab,
+            prior=settings.prior,
         )
         self.model.text.set_precision(resolve_precision(settings.precision, self.device))
         self.keep_image_tower = keep_image_tower

@@ -87,6 +87,10 @@ class Settings:
         "all", choices=("all", "words"),
         help="Tokens to choose from: all (any token, as the paper) or words (whole words only, so the "
              "printed prompt re-tokenizes to exactly what was optimized).")
+    prior: float = setting(
+        0.0, minimum=0, maximum=1, shown_default="0: off",
+        help="Favour common tokens: each token's projection score loses PRIOR x its id / vocabulary size "
+             "(BPE ids follow merge rank, so low ids are frequent words).")
     patience: int = setting(  # checked every optimize.FLUSH_EVERY steps
         0, minimum=0, shown_default="0: off",
         help="Stop a prompt whose printed score has not improved for this many steps.")

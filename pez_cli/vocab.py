@@ -69,6 +69,7 @@ class Vocabulary:
         block: Iterable[str] = (),
         ascii_only: bool = False,
         kind: str = "all",
+        prior: float = 0.0,
     ):
         if kind not in VOCABS:
             raise ConfigError(f"vocab must be one of {', '.join(VOCABS)}, got {kind!r}")
@@ -101,6 +102,9 @@ class Vocabulary:
         self.embeddings = weight if weight.dtype == torch.float64 else weight.float()  # (V, W)
         self.normalized = F.normalize(self.embeddings[self.allowed_ids], dim=-1)  # (A, W)
         self.packed: list[PackedMatrix] = []  # oneDNN-packed chunks(), set by packing.apply
+        # The frequency prior: CLIP's BPE ids are ordered by merge rank, so a cost growing with
+        # the id favours common words. None (prior 0) is the paper's plain nearest token.
+        self.penalty = prior * self.allowed_ids.to(self.normalized.dtype) / vocab_size if prior else None  # (A,)
 
     def chunks(self) -> list[torch.Tensor]:
         """`normalized` in blocks of VOCAB_CHUNK rows, the unit the projection scores at once."""
@@ -120,9 +124,12 @@ class Vocabulary:
         for n, chunk in enumerate(self.chunks()):
             start = n * VOCAB_CHUNK
             if packed:
-                score, arg = packed[n].product(queries).max(dim=1)  # (R,)
+                scores = packed[n].product(queries)  # (R, chunk)
             else:
-                score, arg = (chunk @ queries.T).max(dim=0)  # (R,)
+                scores = (chunk @ queries.T).T  # (R, chunk)
+            if self.penalty is not None:
+                scores = scores - self.penalty[start:start + VOCAB_CHUNK]
+            score, arg = scores.max(dim=1)  # (R,)
             if best is None:
                 best, idx = score, arg
             else:

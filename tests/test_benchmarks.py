@@ -16,12 +16,14 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_speed_benchmark_smoke(tmp_path):
     out = tmp_path / "speed.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--device", "cpu", "--images", "2",
-           "--steps", "2", "--rounds", "1", "--prompt-len", "4", "--json", str(out)]
+           "--steps", "2", "--rounds", "1", "--prompt-len", "4", "--restarts", "1,2", "--json", str(out)]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
     assert "| 1. one image: ms per step |" in run.stdout
     data = json.loads(out.read_text())
     assert data["batch"]["images"] == 2 and data["meta"]["prompt_len"] == 4
+    assert [r["restarts"] for r in data["restarts"]] == [1, 2] and data["restarts"][0]["vs_1"] == 1.0
+    assert "| restarts | ms per step |" in run.stdout
     for key in ("reference_ms_per_step", "pez_ms_per_step", "ratio", "reference_peak_mb", "pez_peak_mb"):
         assert data["single"][key] >= 0
     if packing.available():  # ViT-B-32's text tower: 12 blocks of 4 * 512^2 + 2 * 512 * 2048 weights, packed twice
@@ -35,19 +37,23 @@ def test_quality_benchmark_smoke(tmp_path):
     out = tmp_path / "quality.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--quick", "--scenes", "2", "--cache", str(tmp_path),
            "--world-steps", "20", "--world-width", "32", "--world-layers", "1", "--world-batch", "16",
+           "--judge-width", "48", "--judge-layers", "1",
            "--steps-scale", "0.05", "--text-steps", "3", "--json", str(out)]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr
     assert "| paper loop | 16 | 5 |" in run.stdout  # 100 steps scaled by 0.05
     data = json.loads(out.read_text())
     names = [r["name"] for r in data["rows"]]
-    assert names == ["paper loop", "pez, paper loop's wall time", "pez", "pez, prompt_len 8", "pez, restarts 4"]
+    assert names == ["paper loop", "pez, paper loop's wall time", "pez", "pez --vocab words", "pez --vocab words --refine 3"]
     for row in data["rows"]:
         assert -1 <= row["similarity"] <= 1 and 0 <= row["recall"] <= 1 and 0 <= row["round_trip"] <= 1
+        assert -1 <= row["judge"] <= 1
+    assert [r["round_trip"] for r in data["rows"] if "words" in r["name"]] == [1.0, 1.0]
+    assert data["judge_model"] != data["world_model"] and -1 <= data["judge_ceiling"] <= 1
     assert [k["secret"] for k in data["known_targets"]] and all(-1 <= k["similarity"] <= 1 for k in data["known_targets"])
     assert 0 <= data["world"]["heldout_top1"] <= 1
     # The cached world model is reused, not trained again.
-    assert len(list(tmp_path.glob("world-*"))) == 1
+    assert len(list(tmp_path.glob("world-*"))) == 2  # the world model and the judge, each trained once
 
 
 def test_quality_snapshot_rows_equal_shorter_runs(load_tiny, monkeypatch):
@@ -60,11 +66,13 @@ def test_quality_snapshot_rows_equal_shorter_runs(load_tiny, monkeypatch):
 
     loaded = load_tiny()
     scenes = world.scenes(7, 3)
-    feats = random_targets(3, loaded.text.output_dim, seed=0)
-    long = quality.run_config(quality.Config("long", prompt_len=4, steps=30, snapshots=((8, "short"),)), loaded, scenes, feats, 1)
-    [short] = quality.run_config(quality.Config("short", prompt_len=4, steps=8), loaded, scenes, feats, 1)
+    scorer = quality.Scorer(random_targets(3, loaded.text.output_dim, seed=0), load_tiny(),
+                            random_targets(3, loaded.text.output_dim, seed=1))
+    long = quality.run_config(quality.Config("long", prompt_len=4, steps=30, snapshots=((8, "short"),)), loaded, scenes, scorer, 1)
+    [short] = quality.run_config(quality.Config("short", prompt_len=4, steps=8), loaded, scenes, scorer, 1)
     assert [(r.name, r.steps) for r in long] == [("short", 8), ("long", 30)]
     assert long[0].examples == short.examples
     assert long[0].similarity == short.similarity and long[0].round_trip == short.round_trip
+    assert long[0].judge == short.judge
     # The run went on past the snapshot and changed its prompts.
     assert long[1].examples != long[0].examples

@@ -138,3 +138,23 @@ def test_negative_mode_chooses_the_lowest_printed_score(make_pez):
     assert all(b <= a for a, b in zip(snapshots, snapshots[1:]))
     assert result.similarity <= snapshots[-1]
     assert torch.isfinite(torch.tensor(result.similarity))
+
+
+def test_the_frequency_prior_favours_common_tokens(make_pez):
+    target = None
+    means = []
+    for prior in (0.0, 0.5):
+        pez = make_pez(prior=prior, steps=30, prompt_len=8, restarts=2)
+        target = pez.text_features([SECRET]) if target is None else target
+        [result] = pez.solve([target])
+        means.append(sum(result.token_ids) / len(result.token_ids))
+    assert means[1] < means[0] * 0.7, means
+    with pytest.raises(Exception, match="prior must be at most 1"):
+        make_pez(prior=2.0)
+
+
+def test_prior_through_the_cli(tiny_model, tmp_path):
+    image = make_image(tmp_path / "x.png")
+    data = json.loads(run("invert", image, "--model", tiny_model, "--steps", "5", "--prior", "0.3", "--json").stdout)
+    assert data["prior"] == 0.3
+    assert_one_line_error(run("invert", image, "--model", tiny_model, "--prior", "nan"), 1, "prior must be a finite number")
