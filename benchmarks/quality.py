@@ -177,18 +177,17 @@ def configurations(quick: bool) -> list[Config]:
                 Config("pez --vocab words --refine 3", steps=100, vocab="words", refine=3)]
     return [
         Config("paper loop", paper=True),
-        Config("pez, more steps", steps=1000, snapshots=((100, "pez, fewer steps"), (300, "pez"))),
-        Config("pez --vocab words, more steps", steps=1000, vocab="words", snapshots=((300, "pez --vocab words"),)),
-        Config("pez --refine 3", refine=3),
-        Config("pez --vocab words --refine 3", vocab="words", refine=3),
+        Config("pez, 1000 steps", steps=1000, snapshots=((100, "pez, 100 steps"), (300, "pez, 300 steps"))),
+        Config("pez --vocab words, 1000 steps", steps=1000, vocab="words", snapshots=((300, "pez --vocab words, 300 steps"),)),
+        Config("pez --vocab words --prior 1, 1000 steps", steps=1000, vocab="words", prior=1.0),
+        Config("pez --prior 0.5, 1000 steps", steps=1000, prior=0.5),
+        Config("pez --refine 3, 1000 steps", steps=1000, refine=3),
         Config("pez --vocab words --refine 3, 1000 steps", steps=1000, vocab="words", refine=3),
-        Config("pez --vocab words --refine 3 --patience 100, 1000 steps", steps=1000, vocab="words", refine=3, patience=100),
-        Config("pez --vocab words --refine 3 --restarts 4", vocab="words", refine=3, restarts=4),
-        Config("pez --vocab words --refine 3, prompt_len 8", prompt_len=8, vocab="words", refine=3),
-        Config("pez --vocab words --refine 3, prompt_len 32", prompt_len=32, vocab="words", refine=3),
-        Config("pez, prompt_len 8", prompt_len=8),
-        Config("pez, restarts 4", restarts=4),
-        Config("pez --ascii-only", ascii_only=True),
+        Config("pez --patience 200, 1000 steps", steps=1000, patience=200),
+        Config("pez --restarts 4, 300 steps", restarts=4),
+        Config("pez --vocab words, prompt_len 8, 1000 steps", prompt_len=8, vocab="words", steps=1000),
+        Config("pez --vocab words, prompt_len 32, 1000 steps", prompt_len=32, vocab="words", steps=1000),
+        Config("pez --ascii-only, 1000 steps", ascii_only=True, steps=1000),
     ]
 
 

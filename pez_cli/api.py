@@ -15,7 +15,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, Union
 
 import torch
 from PIL import Image
@@ -24,10 +24,13 @@ from pez_cli import packing
 from pez_cli.config import Settings, settings_id
 from pez_cli.errors import Interrupted
 from pez_cli.images import load_image
-from pez_cli.models import LoadedModel, load_model, pick_device, precision_name, resolve_precision
-from pez_cli.optimize import Best, PromptOptimizer, check_prompt_len
+from pez_cli.models import LoadedModel, check_shared_vocabulary, load_model, pick_device, precision_name, resolve_precision
+from pez_cli.optimize import Best, PromptOptimizer, Space, check_prompt_len
 from pez_cli.refine import refine
 from pez_cli.vocab import Vocabulary
+
+# A problem's targets: normalized features (n, D), or a tuple of them, one per model.
+Features = Union[torch.Tensor, tuple[torch.Tensor, ...]]
 
 
 def rounded(x: float | None) -> float | None:
@@ -40,7 +43,8 @@ class PromptResult:
     """One learned prompt, scored the way a user will use it."""
 
     prompt: str  # the text to paste: decoded tokens, word boundaries kept
-    similarity: float  # mean cosine of `prompt`, re-tokenized and encoded, to the targets
+    similarity: float  # mean cosine of `prompt`, re-tokenized and encoded, to the targets (several models: weighted)
+    similarities: dict[str, float]  # each model's own similarity of `prompt`
     token_ids: list[int]  # the optimized token ids (without start/end tokens)
     round_trip: bool  # whether re-tokenizing `prompt` gives back exactly `token_ids`
     optimized_similarity: float  # mean cosine of `token_ids` to the targets
@@ -50,7 +54,7 @@ class PromptResult:
     settings: Settings  # what it was computed with (prompt_len filled in)
 
     # Keys of to_dict(), in order: what a result row or a JSON object holds.
-    KEYS = ("prompt", "similarity", "token_ids", "round_trip", "optimized_similarity", "best_step",
+    KEYS = ("prompt", "similarity", "similarities", "token_ids", "round_trip", "optimized_similarity", "best_step",
             "steps_done", "interrupted", "model", "settings_id", "settings")
 
     def to_dict(self, flat: bool = False) -> dict[str, Any]:
@@ -59,6 +63,7 @@ class PromptResult:
         identity = self.settings.identity()
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "settings"}
         out["similarity"] = rounded(self.similarity)
+        out["similarities"] = {name: rounded(value) for name, value in self.similarities.items()}
         out["optimized_similarity"] = rounded(self.optimized_similarity)
         out["model"] = self.settings.model
         out["settings_id"] = settings_id(identity)
@@ -100,45 +105,62 @@ class Progress:
 
 
 class Pez:
-    """PEZ on one CLIP model. Loading is the slow part; reuse the object for many jobs.
+    """PEZ on one CLIP model, or on several at once (one prompt for all of them; see optimize).
+    Loading is the slow part; reuse the object for many jobs.
 
-    keep_image_tower=False frees the image tower when the first optimization starts (all
-    targets must be computed by then), so only the text tower stays in memory.
+    model: an already loaded model (or a list, one per settings model) instead of loading.
+    keep_image_tower=False frees the image towers when the first optimization starts (all
+    targets must be computed by then), so only the text towers stay in memory.
     """
 
-    def __init__(self, settings: Settings, model: LoadedModel | None = None, keep_image_tower: bool = True):
+    def __init__(self, settings: Settings, model: LoadedModel | Sequence[LoadedModel] | None = None,
+                 keep_image_tower: bool = True):
         settings.validate()
-        self.device = model.device if model is not None else pick_device(settings.device)
+        specs = settings.models()
+        given = [model] if isinstance(model, LoadedModel) else list(model or [])
+        self.device = given[0].device if given else pick_device(settings.device)
         # Results record the arithmetic that made them: the precision `auto` resolves to here.
         self.settings = settings = dataclasses.replace(settings, precision=precision_name(settings.precision, self.device))
-        self.model = model if model is not None else load_model(settings.model, self.device)
+        if given and len(given) != len(specs):
+            raise ValueError(f"{len(given)} loaded models for {len(specs)} in the settings")
+        self.models = given or [load_model(name, self.device) for name, _ in specs]
+        self.names = [name for name, _ in specs]
+        self.weights = [weight for _, weight in specs]
+        check_shared_vocabulary(self.names, self.models)
+        self.model = self.models[0]  # the primary model: its tokenizer decodes prompts
         if settings.prompt_len is not None:
-            check_prompt_len(settings.prompt_len, self.model.context_length)
-        self.vocab = Vocabulary(  # keeps an fp32 copy of the token embeddings
-            self.model.tokenizer,
-            self.model.text.token_embedding.weight,
-            block=settings.block,
-            ascii_only=settings.ascii_only,
-            kind=settings.vocab,
-            prior=settings.prior,
-        )
-        self.model.text.set_precision(resolve_precision(settings.precision, self.device))
+            check_prompt_len(settings.prompt_len, min(m.context_length for m in self.models))
+        self.vocabs = [
+            Vocabulary(  # each keeps an fp32 copy of its model's token embeddings
+                m.tokenizer, m.text.token_embedding.weight, block=settings.block, ascii_only=settings.ascii_only,
+                kind=settings.vocab, prior=settings.prior,
+            )
+            for m in self.models
+        ]
+        self.vocab = self.vocabs[0]
+        for m in self.models:
+            m.text.set_precision(resolve_precision(settings.precision, self.device))
         self.keep_image_tower = keep_image_tower
         self.weights_packed: bool | None = None  # decided by pack_weights()
 
     # -- targets ---------------------------------------------------------------------------
-    def image_features(self, images: Sequence[Image.Image | str | Path]) -> torch.Tensor:
-        """Normalized CLIP features (N, D) of images (PIL images or paths)."""
+    def image_features(self, images: Sequence[Image.Image | str | Path]) -> Features:
+        """Normalized CLIP features (N, D) of images (PIL images or paths); with several models,
+        a tuple of them, one per model."""
         pil = [im if isinstance(im, Image.Image) else load_image(im) for im in images]
-        return self.model.encode_images(pil)
+        return self._per_model([m.encode_images(pil) for m in self.models])
 
-    def text_features(self, texts: Sequence[str]) -> torch.Tensor:
-        """Normalized CLIP text features (N, D)."""
-        return self.model.encode_texts(list(texts))
+    def text_features(self, texts: Sequence[str]) -> Features:
+        """Normalized CLIP text features (N, D) (a tuple of them with several models)."""
+        return self._per_model([m.encode_texts(list(texts)) for m in self.models])
+
+    def _per_model(self, feats: list[torch.Tensor]) -> Features:
+        return feats[0] if len(feats) == 1 else tuple(feats)
 
     def release_image_tower(self) -> None:
-        """Free the image tower; call once all image targets are computed."""
-        self.model.release_image_tower()
+        """Free the image towers; call once all image targets are computed."""
+        for m in self.models:
+            m.release_image_tower()
 
     # -- optimization ----------------------------------------------------------------------
     def pack_weights(self, enable: bool | None = None) -> bool:
@@ -153,19 +175,31 @@ class Pez:
             if self.weights_packed is not None:
                 return self.weights_packed
             enable = self.device.type == "cpu" and self.settings.pack_weights and not self.settings.compile
-        self.weights_packed = packing.apply(self.model.text, self.vocab, enable)
+        self.weights_packed = all([packing.apply(m.text, v, enable) for m, v in zip(self.models, self.vocabs)])
         return self.weights_packed
+
+    def spaces(self) -> list[Space]:
+        """What the optimizer needs of each model."""
+        return [Space(m.text, v, w, m.tokenizer.sot_token_id, m.tokenizer.eot_token_id, m.encode_texts)
+                for m, v, w in zip(self.models, self.vocabs, self.weights)]
+
+    def split(self, problem: Features) -> tuple[torch.Tensor, ...]:
+        """One problem's targets as one tensor per model."""
+        parts = (problem,) if isinstance(problem, torch.Tensor) else tuple(problem)
+        if len(parts) != len(self.models):
+            raise ValueError(f"a problem has targets for {len(parts)} models; this Pez has {len(self.models)}")
+        return parts
 
     def solve(
         self,
-        targets: Sequence[torch.Tensor],
+        targets: Sequence[Features],
         kind: str = "image",
         on_progress: Callable[[Progress], None] | None = None,
         every: int = 1,
         steps: int | None = None,
     ) -> list[PromptResult]:
-        """Optimize independent problems, one (n_i, D) target tensor each, and return their best
-        prompts. kind ('image' or 'text') picks the default prompt length; on_progress is called
+        """Optimize independent problems, one (n_i, D) target tensor each (one per model with
+        several models), and return their best prompts. kind ('image' or 'text') picks the default prompt length; on_progress is called
         every `every` steps and after the last; steps overrides settings.steps.
 
         Ctrl-C (KeyboardInterrupt) returns the best prompts so far, marked interrupted; before
@@ -177,9 +211,8 @@ class Pez:
         if not self.keep_image_tower:
             self.release_image_tower()
         self.pack_weights()
-        tok = self.model.tokenizer
-        opt = PromptOptimizer(self.model.text, self.vocab, targets, settings, tok.sot_token_id, tok.eot_token_id,
-                              score_texts=self.model.encode_texts)
+        targets = [self.split(t) for t in targets]
+        opt = PromptOptimizer(self.spaces(), targets, settings)
         try:
             while not opt.finished():
                 opt.step()
@@ -187,7 +220,7 @@ class Pez:
                     on_progress(Progress(opt.step_count, settings.steps, self, opt))
             bests = opt.best()
             if settings.refine:
-                bests = refine(self, targets, bests, settings)
+                bests = refine(opt, bests)
         except KeyboardInterrupt:
             if opt.step_count == 0:
                 raise Interrupted("interrupted before the first step; no prompt yet") from None
@@ -201,6 +234,7 @@ class Pez:
             PromptResult(
                 prompt=best.prompt,
                 similarity=best.printed,
+                similarities=dict(zip(self.names, best.printed_each)),
                 token_ids=best.token_ids,
                 round_trip=self.vocab.round_trips(best.prompt, best.token_ids),
                 optimized_similarity=float(best.similarity),

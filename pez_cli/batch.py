@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+import torch
+
 from pez_cli.config import Settings, settings_id
 from pez_cli.errors import ConfigError, InputError, Interrupted, first_line
 from pez_cli.files import atomic_write, location
@@ -186,7 +188,8 @@ def default_group_size(device) -> int:
 def solve_in_groups(pez, features, size: int, on_progress: Callable[[float, int, int, int], None] | None = None):
     """One prompt per row of features (N, D), `size` images per Pez.solve. Yields (index of
     the group's first image, its results, seconds per image) as each group finishes."""
-    total = 0 if features is None else len(features)
+    parts = () if features is None else (features,) if isinstance(features, torch.Tensor) else tuple(features)
+    total = len(parts[0]) if parts else 0
     for start in range(0, total, size):
         n = min(size, total - start)
 
@@ -195,7 +198,8 @@ def solve_in_groups(pez, features, size: int, on_progress: Callable[[float, int,
                 on_progress(start + n * p.step / p.steps, total, p.step, p.steps)
 
         began = time.monotonic()
-        results = pez.solve([features[start + i:start + i + 1] for i in range(n)], "image", on_progress=progress)
+        targets = [tuple(f[start + i:start + i + 1] for f in parts) for i in range(n)]  # one tensor per model
+        results = pez.solve(targets, "image", on_progress=progress)
         yield start, results, (time.monotonic() - began) / n
 
 
@@ -329,7 +333,7 @@ class _Run:
         from pez_cli.api import Pez
 
         if pez is None:
-            on_status(f"Loading {self.job.settings.model} ...")
+            on_status(f"Loading {self.job.settings.model_label} ...")
             pez = Pez(self.job.settings, keep_image_tower=False)
         on_status(f"Encoding {len(todo)} images ...")
         good, feats = self.encode(pez, todo)
@@ -345,9 +349,7 @@ class _Run:
 
     def encode(self, pez, todo: Sequence[Pending]):
         """Decode and encode images in chunks; any image that fails becomes an error row.
-        Returns the good items and their features (N, D)."""
-        import torch
-
+        Returns the good items and their features (N, D) (a tuple, one per model, for several)."""
         good, feats = [], []
         for start in range(0, len(todo), ENCODE_CHUNK):
             images = []
@@ -363,8 +365,11 @@ class _Run:
                         item.error = f"cannot read image {item.key}: {first_line(e)}"
                 self.fail(item)
             if images:
-                feats.append(pez.image_features(images))
-        return good, (torch.cat(feats) if feats else None)
+                chunk = pez.image_features(images)
+                feats.append((chunk,) if isinstance(chunk, torch.Tensor) else chunk)
+        if not feats:
+            return good, None
+        return good, tuple(torch.cat(per_model) for per_model in zip(*feats))
 
     def side_outputs(self, item: Pending, prompt: str, similarity: float | None) -> bool:
         """Caption and PNG copy, each written whole, before the row that marks the image done.

@@ -61,9 +61,10 @@ def check_fields(obj: Any) -> None:
 class Settings:
     """Everything that decides what PEZ computes. Defaults follow the paper (Wen et al. 2023)."""
 
-    model: str = setting(  # paper: ViT-H-14
-        "ViT-H-14/laion2b_s32b_b79k", short="-m", envvar="PEZ_MODEL", nonempty=True,
-        help="CLIP model: ARCH/TAG (open_clip pretrained), hf-hub:ORG/REPO or local-dir:PATH.")
+    model: str | list[str] = setting(  # paper: ViT-H-14. Several: one prompt for all of them at once
+        "ViT-H-14/laion2b_s32b_b79k", short="-m", envvar="PEZ_MODEL", nonempty=True, metavar="MODEL",
+        help="CLIP model: ARCH/TAG (open_clip pretrained), hf-hub:ORG/REPO or local-dir:PATH. Repeat it to "
+             "optimize one prompt for several CLIPs at once; MODEL@WEIGHT weights one (default 1).")
     sd_model: str | None = setting(  # used by --render; `render` has its own --sd-model flag
         None, flag=False, identifies=False,
         help="Stable Diffusion for --render: a hub id or a local diffusers folder.")
@@ -110,8 +111,29 @@ class Settings:
 
     def validate(self) -> "Settings":
         """Check values against the declarations (prompt_len's upper bound needs the model)."""
+        if isinstance(self.model, (list, tuple)):  # one model is always a plain name
+            self.model = self.model[0] if len(self.model) == 1 else list(self.model)
         check_fields(self)
+        self.models()
         return self
+
+    def models(self) -> list[tuple[str, float]]:
+        """Each model's name and weight, the weights scaled to sum to 1 (MODEL@WEIGHT; 1 when not
+        given). The first model is the primary one: its tokenizer decodes the prompt."""
+        specs = [self.model] if isinstance(self.model, str) else list(self.model)
+        if not specs:
+            raise ConfigError("model must name at least one model")
+        parsed = [parse_model_spec(spec) for spec in specs]
+        names = [name for name, _ in parsed]
+        if len(set(names)) < len(names):
+            raise ConfigError(f"model lists a model twice: {', '.join(names)}")
+        total = sum(weight for _, weight in parsed)
+        return [(name, weight / total) for name, weight in parsed]
+
+    @property
+    def model_label(self) -> str:
+        """The model names as a person reads them: A, or A + B."""
+        return " + ".join(name for name, _ in self.models())
 
     def for_target(self, kind: str) -> "Settings":
         """These settings with the defaults that depend on the target filled in ('image' or 'text')."""
@@ -122,6 +144,22 @@ class Settings:
     def identity(self) -> dict[str, Any]:
         """The settings that decide the prompt, as stored with every result."""
         return {f.name: _plain(getattr(self, f.name)) for f in fields(self) if f.metadata["identifies"]}
+
+
+def parse_model_spec(spec: str) -> tuple[str, float]:
+    """'NAME@0.7' -> ('NAME', 0.7); a name without a numeric @suffix has weight 1."""
+    name, sep, tail = spec.rpartition("@")
+    if sep:
+        try:
+            weight = float(tail)
+        except ValueError:
+            return spec, 1.0
+        if not (math.isfinite(weight) and weight > 0):
+            raise ConfigError(f"model weight must be a number greater than 0, got {tail!r} in {spec!r}")
+        if not name.strip():
+            raise ConfigError(f"model {spec!r} names no model before its weight")
+        return name, weight
+    return spec, 1.0
 
 
 def settings_id(identity: Mapping[str, Any]) -> str:
@@ -153,7 +191,7 @@ def _check_value(f: dataclasses.Field, value: Any) -> None:
         raise ConfigError(f"{name} must be {bound}, got {value}")
     if meta["maximum"] is not None and value > meta["maximum"]:
         raise ConfigError(f"{name} must be at most {meta['maximum']}, got {value}")
-    if meta["nonempty"] and not str(value).strip():
+    if meta["nonempty"] and not all(str(v).strip() for v in (value if isinstance(value, list) else [value])):
         raise ConfigError(f"{name} must not be empty")
 
 
@@ -228,6 +266,8 @@ def _check_type(f: dataclasses.Field, value: Any, path: Path) -> Any:
         value = float(value) if ok else value
     elif kind == "list[str]":
         ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    elif kind == "str | list[str]":
+        ok = isinstance(value, str) or (isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value))
     else:
         ok = isinstance(value, str)
     if not ok:
@@ -286,7 +326,7 @@ def presets_overview() -> list[dict[str, Any]]:
     for name in [None, *preset_names()]:
         settings = resolve(preset=name).settings.for_target("image")
         rows.append({
-            "name": name or "(defaults)", "model": settings.model, "sd_model": sd_model_for_settings(settings),
+            "name": name or "(defaults)", "model": settings.model_label, "sd_model": sd_model_for_settings(settings),
             "prompt_len": settings.prompt_len, "steps": settings.steps,
             "description": preset_info(name).get("description", "") if name else "used when no --preset is given",
         })

@@ -333,6 +333,18 @@ def check_model_config(cfg: dict[str, Any], name: str) -> dict[str, Any]:
     return dict(kwargs)
 
 
+def check_shared_vocabulary(names: Sequence[str], models: Sequence["LoadedModel"]) -> None:
+    """One prompt can serve several models only if they read it alike: the same vocabulary and
+    the same text cleaning. A ModelError names the first two that differ."""
+    def reading(m: "LoadedModel") -> tuple:
+        return (m.tokenizer.vocab_size, sorted(m.info.get("tokenizer", {}).items()), m.tokenizer.encoder == models[0].tokenizer.encoder)
+
+    for name, model in zip(names[1:], models[1:]):
+        if reading(model) != reading(models[0]):
+            raise ModelError(f"models {names[0]!r} and {name!r} do not share a tokenizer vocabulary, "
+                             "so one prompt cannot serve both")
+
+
 def bpe_tokenizer(cfg: dict[str, Any], name: str):
     """open_clip's BPE tokenizer (its bundled vocabulary), built by pez from a checked config."""
     from open_clip.tokenizer import DEFAULT_CONTEXT_LENGTH, SimpleTokenizer
@@ -353,7 +365,7 @@ def load_model(name: str, device: torch.device) -> LoadedModel:
         open_name, pretrained, quick_gelu = _open_clip_source(name, offline)
         model, preprocess = _create(name, open_name, pretrained, quick_gelu, device, offline)
     loaded = wrap_model(name, model, tokenizer, preprocess, device)
-    loaded.info.update(open_name=open_name, quick_gelu=quick_gelu)
+    loaded.info.update(open_name=open_name, quick_gelu=quick_gelu, tokenizer=check_model_config(cfg, name))
     return loaded
 
 

@@ -21,6 +21,13 @@ no-grad pass every FLUSH_EVERY steps; each distinct prompt once), and the best P
 is the answer. A longer run sees every candidate a shorter one saw: it never prints worse.
 With patience, a problem whose printed best has not improved for that many steps leaves the
 batch (its AdamW state goes with it; the others go on unchanged).
+
+Several CLIPs that share a tokenizer (SDXL's two text encoders, or any ensemble) optimize one
+prompt jointly: each keeps its own continuous prompt in its own embedding space, the shared
+ids are the argmax of the weighted sum of each space's cosine to its vocabulary, the loss and
+every score are the weighted sums of each model's own (against targets its own image tower
+encoded), and the gradient at the shared ids reaches each model's prompt. With one model of
+weight 1 this is exactly the single-model loop.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ import torch.nn.functional as F
 from pez_cli.config import Settings
 from pez_cli.errors import ConfigError
 from pez_cli.models import TextTower
-from pez_cli.vocab import Vocabulary
+from pez_cli.vocab import Vocabulary, project_jointly
 
 # Static loss scale for fp16, so small gradients do not flush to zero.
 FP16_LOSS_SCALE = 1024.0
@@ -87,69 +94,74 @@ class Best:
     step: int  # 1-based step at which it was found (0: never)
     prompt: str = ""  # token_ids decoded: the text a user pastes
     printed: float = math.nan  # mean cosine of `prompt`, re-tokenized and encoded, to all targets
+    printed_each: list[float] = field(default_factory=list)  # the same for each model (printed: their weighted sum)
 
 
 @dataclass
 class _Candidates:
     """Leading candidates of the steps since the last flush, still on the device."""
 
-    active: list[int] = field(default_factory=list)  # problems, in row order, at each step
+    active: list[list[int]] = field(default_factory=list)  # problems, in row order, at each step
     ids: list[torch.Tensor] = field(default_factory=list)  # (A, L) per step
     scores: list[torch.Tensor] = field(default_factory=list)  # (A,) ids' scores per step
     steps: list[int] = field(default_factory=list)
 
 
+@dataclass
+class Space:
+    """One CLIP's part in a joint optimization: its text tower, vocabulary, start and end
+    tokens, weight, and a function giving normalized features (n, D) of printed prompts."""
+
+    tower: TextTower
+    vocab: Vocabulary
+    weight: float
+    start_id: int
+    end_id: int
+    score_texts: Callable[[list[str]], torch.Tensor]
+
+
 class PromptOptimizer:
     """PEZ for several independent problems at once; `step()` advances all active ones.
 
-    targets: one (n_i, D) tensor of normalized target features per problem. settings: with
-    prompt_len filled in (Settings.for_target). score_texts: normalized text features (n, D)
-    of printed prompts (re-tokenized). The loop that drives it is Pez.solve.
+    spaces: the CLIPs optimized for (one, usually). targets: per problem, one (n_i, D_k) tensor of
+    normalized target features per space. settings: with prompt_len filled in
+    (Settings.for_target). The loop that drives it is Pez.solve.
     """
 
-    def __init__(
-        self,
-        tower: TextTower,
-        vocab: Vocabulary,
-        targets: Sequence[torch.Tensor],
-        settings: Settings,
-        start_id: int,
-        end_id: int,
-        score_texts: Callable[[list[str]], torch.Tensor],
-    ):
+    def __init__(self, spaces: Sequence[Space], targets: Sequence[Sequence[torch.Tensor]], settings: Settings):
         if not targets:
             raise ValueError("at least one problem is needed")
-        check_prompt_len(settings.prompt_len, tower.context_length)
-        self.tower, self.vocab, self.settings, self.score_texts = tower, vocab, settings, score_texts
+        self.spaces = list(spaces)
+        first = self.spaces[0]
+        for space in self.spaces:
+            check_prompt_len(settings.prompt_len, space.tower.context_length)
+        self.vocab, self.settings = first.vocab, settings
         self.steps = settings.steps
         self.sign = -1.0 if settings.negative else 1.0
-        device = vocab.embeddings.device
-        dtype = vocab.embeddings.dtype
+        device = first.vocab.embeddings.device
+        dtype = first.vocab.embeddings.dtype
         problems, restarts, length = len(targets), settings.restarts, settings.prompt_len
-        width = vocab.embeddings.shape[1]
         self.problems, self.restarts, self.length = problems, restarts, length
-        self.amp_dtype = tower.amp_dtype
-        self.loss_scale = FP16_LOSS_SCALE if self.amp_dtype == torch.float16 else 1.0
+        for space in self.spaces:
+            check_memory(problems * restarts, length, space.vocab.embeddings.shape[1], space.tower, device)
+        self.loss_scales = [FP16_LOSS_SCALE if s.tower.amp_dtype == torch.float16 else 1.0 for s in self.spaces]
 
-        check_memory(problems * restarts, length, width, tower, device)
-        self.counts = [int(t.shape[0]) for t in targets]
-        self.full_targets, self.full_weights = pad_targets(targets, device, dtype)  # (P, n_max, D), (P, n_max)
-        self.targets, self.all_weights = self.full_targets, self.full_weights  # rows of the active problems
+        self.counts = [int(t[0].shape[0]) for t in targets]
+        padded = [pad_targets([t[k] for t in targets], device, dtype) for k in range(len(self.spaces))]
+        self.full_targets = [t for t, _ in padded]  # per space: (P, n_max, D_k)
+        self.full_weights = padded[0][1]  # (P, n_max): the same counts in every space
+        self.targets, self.all_weights = list(self.full_targets), self.full_weights  # rows of the active problems
         self.sampled = [n > settings.batch_size for n in self.counts]
 
         # One CPU generator per problem, each seeded alike: a problem's random stream (its
         # initial prompt and its target samples) is the same whether it runs alone or batched.
         self.generators = [torch.Generator().manual_seed(settings.seed) for _ in range(problems)]
-        init = torch.stack([vocab.random_ids((restarts, length), g) for g in self.generators])
-        self.prompt = vocab.embeddings[init.reshape(-1, length)].clone()  # (A*R, L, W)
-        self.prompt.requires_grad_(True)
-        self.optimizer = torch.optim.AdamW([self.prompt], lr=settings.lr, weight_decay=settings.weight_decay)
+        init = torch.stack([first.vocab.random_ids((restarts, length), g) for g in self.generators]).reshape(-1, length)
+        self.prompts = [s.vocab.embeddings[init].clone().requires_grad_(True) for s in self.spaces]  # (A*R, L, W_k)
+        self.optimizer = torch.optim.AdamW(self.prompts, lr=settings.lr, weight_decay=settings.weight_decay)
 
-        self.start = vocab.embeddings[start_id].view(1, 1, width)
-        self.end = vocab.embeddings[end_id].view(1, 1, width)
-        self.forward: Callable[[torch.Tensor], torch.Tensor] = tower
-        if settings.compile:
-            self.forward = torch.compile(tower)
+        self.forwards: list[Callable[[torch.Tensor], torch.Tensor]] = [
+            torch.compile(s.tower) if settings.compile else s.tower for s in self.spaces]
 
         # The paper's best (by the ids' score), for the active rows.
         self.ids_score = torch.full((problems,), -self.sign * float("inf"), device=device, dtype=dtype)
@@ -163,6 +175,11 @@ class PromptOptimizer:
         self.printed: list[Best | None] = [None] * problems  # the best printed prompt per problem
         self.scored: list[set[tuple[int, ...]]] = [set() for _ in range(problems)]  # candidates seen
         self.pending = _Candidates()
+
+    @property
+    def prompt(self) -> torch.Tensor:
+        """The first space's continuous prompts (A*R, L, W)."""
+        return self.prompts[0]
 
     def _batch_weights(self) -> torch.Tensor:
         """(A, n_max) weights of this step's sampled targets, each row summing to 1."""
@@ -181,24 +198,33 @@ class PromptOptimizer:
         """One PEZ step for every active problem."""
         problems, restarts, length = len(self.active), self.restarts, self.length
         with torch.no_grad():
-            ids = self.vocab.project(self.prompt)  # (A*R, L)
+            ids = project_jointly([s.vocab for s in self.spaces], [s.weight for s in self.spaces], self.prompts)  # (A*R, L)
         self.last_ids = ids
-        projected = self.vocab.embeddings[ids].requires_grad_(True)  # (A*R, L, W)
-        rows = projected.shape[0]
-        seq = torch.cat([self.start.expand(rows, 1, -1), projected, self.end.expand(rows, 1, -1)], dim=1)
-        feats = self.forward(seq)  # (A*R, D)
-        feats = F.normalize(feats.to(self.targets.dtype), dim=-1).view(problems, restarts, -1)
-        sims = torch.einsum("prd,pnd->prn", feats, self.targets)  # (A, R, n_max)
         weights = self._batch_weights()
-        loss = self.sign * (1.0 - (sims * weights[:, None, :]).sum(-1).mean(-1)).sum()
-        (grad,) = torch.autograd.grad(loss * self.loss_scale, [projected])
-        self.prompt.grad = grad / self.loss_scale
+        universal = None
+        for k, (space, forward, scale) in enumerate(zip(self.spaces, self.forwards, self.loss_scales)):
+            projected = space.vocab.embeddings[ids].requires_grad_(True)  # (A*R, L, W_k)
+            rows = projected.shape[0]
+            width = projected.shape[-1]
+            start = space.vocab.embeddings[space.start_id].view(1, 1, width).expand(rows, 1, -1)
+            end = space.vocab.embeddings[space.end_id].view(1, 1, width).expand(rows, 1, -1)
+            feats = forward(torch.cat([start, projected, end], dim=1))  # (A*R, D_k)
+            feats = F.normalize(feats.to(self.targets[k].dtype), dim=-1).view(problems, restarts, -1)
+            sims = torch.einsum("prd,pnd->prn", feats, self.targets[k])  # (A, R, n_max)
+            loss = self.sign * (1.0 - (sims * weights[:, None, :]).sum(-1).mean(-1)).sum()
+            if space.weight != 1.0:
+                loss = loss * space.weight
+            (grad,) = torch.autograd.grad(loss * scale, [projected])
+            self.prompts[k].grad = grad / scale
+            with torch.no_grad():
+                part = (sims.detach() * self.all_weights[:, None, :]).sum(-1)  # (A, R)
+                part = part if space.weight == 1.0 else part * space.weight
+                universal = part if universal is None else universal + part
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
         self.step_count += 1
         with torch.no_grad():
-            universal = (sims.detach() * self.all_weights[:, None, :]).sum(-1)  # (A, R)
             pick = universal.argmax(-1) if self.sign > 0 else universal.argmin(-1)  # (A,)
             arange = torch.arange(problems, device=universal.device)
             score = universal[arange, pick]
@@ -239,16 +265,31 @@ class PromptOptimizer:
             if tired:
                 self._leave(tired)
 
+    def printed_scores(self, problems: list[int], texts: list[str]) -> list[list[float]]:
+        """Each space's mean cosine of printed texts to their problems' targets: [space][text]."""
+        out = []
+        for k, space in enumerate(self.spaces):
+            feats = space.score_texts(texts).to(self.full_targets[k].dtype)  # (n, D_k)
+            owners = torch.tensor(problems, device=feats.device)
+            sims = torch.einsum("nmd,nd->nm", self.full_targets[k][owners], feats)  # (n, n_max)
+            out.append((sims * self.full_weights[owners]).sum(-1).tolist())
+        return out
+
+    def joint(self, each: Sequence[float]) -> float:
+        """The weighted score over the spaces (exactly the score itself for one space)."""
+        if len(each) == 1:
+            return each[0]
+        return sum(s.weight * v for s, v in zip(self.spaces, each))
+
     def _score_printed(self, queued: list[tuple[int, list[int], float, int]]) -> None:
         texts = [self.vocab.decode(ids) for _, ids, _, _ in queued]
-        feats = self.score_texts(texts).to(self.full_targets.dtype)  # (n, D)
-        owners = torch.tensor([p for p, _, _, _ in queued], device=feats.device)
-        sims = torch.einsum("nmd,nd->nm", self.full_targets[owners], feats)  # (n, n_max)
-        printed = (sims * self.full_weights[owners]).sum(-1).tolist()
-        for (p, ids, score, step), text, value in zip(queued, texts, printed):
+        per_space = self.printed_scores([p for p, _, _, _ in queued], texts)
+        for j, ((p, ids, score, step), text) in enumerate(zip(queued, texts)):
+            each = [values[j] for values in per_space]
+            value = self.joint(each)
             best = self.printed[p]
             if best is None or self.sign * value > self.sign * best.printed:  # ties keep the earlier
-                self.printed[p] = Best(ids, score, step, text, value)
+                self.printed[p] = Best(ids, score, step, text, value, each)
 
     def _leave(self, done: set[int]) -> None:
         """Take problems out of the batch, keeping each remaining row's state exactly."""
@@ -260,12 +301,14 @@ class PromptOptimizer:
         device = self.prompt.device
         rows = torch.tensor([i * self.restarts + r for i in keep for r in range(self.restarts)], dtype=torch.long, device=device)
         index = torch.tensor(keep, dtype=torch.long, device=device)
-        state = self.optimizer.state.get(self.prompt, {})
-        self.prompt = self.prompt.detach()[rows].clone().requires_grad_(True)
-        self.optimizer = torch.optim.AdamW([self.prompt], lr=self.settings.lr, weight_decay=self.settings.weight_decay)
-        if state:  # AdamW is element-wise: the kept rows continue exactly as they would have
-            self.optimizer.state[self.prompt] = {k: (v[rows].clone() if v.dim() else v.clone()) for k, v in state.items()}
-        self.targets, self.all_weights = self.targets[index], self.all_weights[index]
+        states = [self.optimizer.state.get(prompt, {}) for prompt in self.prompts]
+        self.prompts = [prompt.detach()[rows].clone().requires_grad_(True) for prompt in self.prompts]
+        self.optimizer = torch.optim.AdamW(self.prompts, lr=self.settings.lr, weight_decay=self.settings.weight_decay)
+        for prompt, state in zip(self.prompts, states):  # AdamW is element-wise: kept rows go on exactly
+            if state:
+                self.optimizer.state[prompt] = {k: (v[rows].clone() if v.dim() else v.clone()) for k, v in state.items()}
+        self.targets = [t[index] for t in self.targets]
+        self.all_weights = self.all_weights[index]
         self.ids_score, self.ids_best, self.ids_step = self.ids_score[index], self.ids_best[index], self.ids_step[index]
         self.counts = [self.counts[i] for i in keep]
         self.sampled = [self.sampled[i] for i in keep]

@@ -35,19 +35,25 @@ GAP = 8
 TEXT_LINE = 16
 
 
-def sd_model_for(clip_model: str) -> str:
-    """The Stable Diffusion whose text encoder is (closest to) this CLIP."""
-    arch = clip_model.split("/", 1)[0]
-    if arch.startswith("ViT-L-14"):
-        return SD15
-    if arch.startswith("ViT-bigG-14"):
+def sd_model_for(clip_models: str | Sequence[str]) -> str:
+    """The Stable Diffusion whose text encoders are (closest to) these CLIPs: SDXL when one is
+    ViT-bigG-14, SD 1.5 for ViT-L-14, else SD 2.1-base."""
+    archs = [name.split("/", 1)[0] for name in ([clip_models] if isinstance(clip_models, str) else clip_models)]
+    if any(arch.startswith("ViT-bigG-14") for arch in archs):
         return SDXL
+    if archs[0].startswith("ViT-L-14"):
+        return SD15
     return SD21_BASE
 
 
-def default_judge(clip_model: str) -> str:
-    """A CLIP other than the optimizing one, so the score is not the optimizer's own."""
-    return "ViT-H-14/laion2b_s32b_b79k" if clip_model.startswith("ViT-L-14/") else "ViT-L-14/openai"
+# Judges, in order of preference: the first whose architecture did not optimize is used.
+JUDGES = ("ViT-L-14/openai", "ViT-H-14/laion2b_s32b_b79k", "ViT-B-16/laion2b_s34b_b88k")
+
+
+def default_judge(clip_models: str | Sequence[str]) -> str:
+    """A CLIP other than the optimizing ones, so the score is not the optimizer's own."""
+    archs = {name.split("/", 1)[0] for name in ([clip_models] if isinstance(clip_models, str) else clip_models)}
+    return next(judge for judge in JUDGES if judge.split("/", 1)[0] not in archs)
 
 
 @dataclass
@@ -89,7 +95,7 @@ class RenderOptions:
 
 def sd_model_for_settings(settings) -> str:
     """The settings' Stable Diffusion model, else the one whose text encoder matches the CLIP."""
-    return settings.sd_model or sd_model_for(settings.model)
+    return settings.sd_model or sd_model_for([name for name, _ in settings.models()])
 
 
 def _diffusers():

@@ -116,27 +116,14 @@ class Vocabulary:
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """Ids of the nearest allowed tokens by cosine similarity: (..., W) -> (...)."""
-        queries = F.normalize(x.reshape(-1, x.shape[-1]).to(self.normalized.dtype), dim=-1)  # (R, W)
-        packed = self.packed if use_packed(queries, self.normalized) else []
-        best = idx = None
-        # Vocabulary rows in chunks: each score block stays in cache. Unpacked, the tall
-        # (chunk, W) @ (W, R) product is the fast GEMM orientation for few queries.
-        for n, chunk in enumerate(self.chunks()):
-            start = n * VOCAB_CHUNK
-            if packed:
-                scores = packed[n].product(queries)  # (R, chunk)
-            else:
-                scores = (chunk @ queries.T).T  # (R, chunk)
-            if self.penalty is not None:
-                scores = scores - self.penalty[start:start + VOCAB_CHUNK]
-            score, arg = scores.max(dim=1)  # (R,)
-            if best is None:
-                best, idx = score, arg
-            else:
-                better = score > best  # strict: the earlier (lower) id wins a tie
-                best = torch.where(better, score, best)
-                idx = torch.where(better, arg + start, idx)
-        return self.allowed_ids[idx].reshape(x.shape[:-1])
+        return project_jointly([self], [1.0], [x])
+
+    def chunk_scores(self, queries: torch.Tensor, n: int) -> torch.Tensor:
+        """Cosine scores (R, chunk) of normalized queries (R, W) against chunk n of the vocabulary.
+        Unpacked, the tall (chunk, W) @ (W, R) product is the fast GEMM orientation for few queries."""
+        if self.packed and use_packed(queries, self.normalized):
+            return self.packed[n].product(queries)
+        return (self.normalized[n * VOCAB_CHUNK:(n + 1) * VOCAB_CHUNK] @ queries.T).T
 
     def random_ids(self, shape: Sequence[int], generator: torch.Generator) -> torch.Tensor:
         """Uniformly random allowed ids (drawn on the CPU generator, so seeds are portable)."""
@@ -150,3 +137,31 @@ class Vocabulary:
     def round_trips(self, text: str, ids: Sequence[int]) -> bool:
         """Whether re-tokenizing `text` gives back exactly `ids`."""
         return self.tokenizer.encode(text) == [int(i) for i in ids]
+
+
+def project_jointly(vocabs: Sequence[Vocabulary], weights: Sequence[float], xs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The allowed token ids nearest to continuous prompts in several embedding spaces at once:
+    argmax over tokens of the weighted sum of each space's cosine (minus the first vocabulary's
+    frequency prior). xs: (..., W_k) each, the same leading shape; the vocabularies share their
+    allowed ids. One vocabulary with weight 1 is plain nearest-token projection."""
+    queries = [F.normalize(x.reshape(-1, x.shape[-1]).to(v.normalized.dtype), dim=-1) for v, x in zip(vocabs, xs)]  # (R, W_k)
+    first = vocabs[0]
+    best = idx = None
+    # Vocabulary rows in chunks: each score block stays in cache.
+    for n in range(len(first.chunks())):
+        start = n * VOCAB_CHUNK
+        scores = None
+        for vocab, weight, q in zip(vocabs, weights, queries):
+            part = vocab.chunk_scores(q, n)  # (R, chunk)
+            part = part if weight == 1.0 else part * weight
+            scores = part if scores is None else scores + part
+        if first.penalty is not None:
+            scores = scores - first.penalty[start:start + VOCAB_CHUNK]
+        score, arg = scores.max(dim=1)  # (R,)
+        if best is None:
+            best, idx = score, arg
+        else:
+            better = score > best  # strict: the earlier (lower) id wins a tie
+            best = torch.where(better, score, best)
+            idx = torch.where(better, arg + start, idx)
+    return first.allowed_ids[idx].reshape(xs[0].shape[:-1])

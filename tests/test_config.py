@@ -14,7 +14,7 @@ def test_every_shipped_config_parses_and_validates():
     assert preset_names() == shipped
     for name in shipped:
         settings = resolve(preset=name).settings
-        assert settings.model.count("/") == 1, name
+        assert all(model.count("/") == 1 for model, _ in settings.models()), name
 
 
 def test_paper_preset_is_the_papers_hyperparameters():
@@ -26,7 +26,7 @@ def test_paper_preset_is_the_papers_hyperparameters():
 def test_preset_models():
     assert resolve(preset="sd15").settings.model == "ViT-L-14/openai"
     assert resolve(preset="sd2").settings.model == "ViT-H-14/laion2b_s32b_b79k"
-    assert resolve(preset="sdxl").settings.model == "ViT-bigG-14/laion2b_s39b_b160k"
+    assert resolve(preset="sdxl").settings.models() == [("ViT-L-14/openai", 0.375), ("ViT-bigG-14/laion2b_s39b_b160k", 0.625)]
 
 
 def test_defaults_are_paper_except_steps():

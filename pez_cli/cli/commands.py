@@ -89,7 +89,7 @@ def optimize_and_print(common: Common, kind: str, targets_of: Callable[[Any], An
     log_to_stderr(common.verbose)
     started = time.monotonic()
     with Reporter(progress_mode(common.quiet, common.progress)) as reporter:
-        reporter.stage(f"Loading {settings.model} ...")
+        reporter.stage(f"Loading {settings.model_label} ...")
         pez = Pez(settings, keep_image_tower=False)
         targets = targets_of(pez)
         loop = time.monotonic()
@@ -125,7 +125,7 @@ def render_after(settings, after: RenderAfter, options: RenderOptions, text: str
     from pez_cli.models import pick_device
     from pez_cli.render import default_judge, render_and_judge
 
-    judge_model = after.judge_model or default_judge(settings.model)
+    judge_model = after.judge_model or default_judge([name for name, _ in settings.models()])
     done = render_and_judge(options, text, originals, pick_device(settings.device), judge_model,
                             reporter.stage, reporter.steps("render"))
     reporter.note(f"renders: {', '.join(done['renders'])}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
@@ -14,7 +15,11 @@ import typer
 
 from pez_cli.config import Settings, resolve
 
-TYPES = {"str": str, "int": int, "float": float, "bool": bool, "Path": Path, "list[str]": list[str]}
+TYPES = {"str": str, "int": int, "float": float, "bool": bool, "Path": Path, "list[str]": list[str],
+         "str | list[str]": list[str]}
+# Repeatable options read from an environment variable as ONE value (click would split it at
+# spaces, which local-dir: paths may hold): {field: variable}, applied by Common.settings().
+ENV_FALLBACKS: dict[str, str] = {}
 
 
 @dataclass
@@ -43,8 +48,12 @@ def options_for(cls: type, unset_none: bool, prefix: str = "") -> list[Option]:
             flag = f"{flag}/--no-{flag[2:]}"
         names = [flag] + ([meta["short"]] if meta["short"] else [])
         default = None if unset_none else (f.default_factory() if callable(f.default_factory) else f.default)
-        option = typer.Option(*names, help=f"{meta['help']} (default: {shown(f)})", envvar=meta["envvar"],
-                              metavar=meta["metavar"], show_default=False)
+        envvar = meta["envvar"]
+        if envvar and TYPES[kind] is list[str]:
+            ENV_FALLBACKS[f.name] = envvar
+            envvar = None
+        help_text = f"{meta['help']} (default: {shown(f)})" + (f" [env var: {meta['envvar']}]" if meta["envvar"] and not envvar else "")
+        option = typer.Option(*names, help=help_text, envvar=envvar, metavar=meta["metavar"], show_default=False)
         typ = TYPES[kind]
         optional = unset_none or f.default is None
         out.append(Option(prefix + f.name, f.name, Annotated[Optional[typ] if optional else typ, option], default))
@@ -121,7 +130,11 @@ class Common:
         return cls(preset, config, json, quiet, progress, verbose, flags)
 
     def settings(self) -> Settings:
-        return resolve(self.preset, self.config, self.flags).settings
+        flags = dict(self.flags)
+        for name, variable in ENV_FALLBACKS.items():
+            if not flags.get(name) and os.environ.get(variable):
+                flags[name] = os.environ[variable]
+        return resolve(self.preset, self.config, flags).settings
 
 
 SETTING_OPTIONS = options_for(Settings, unset_none=True)
