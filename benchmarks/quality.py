@@ -11,6 +11,7 @@ and depth) only judges. pez inverts held-out scenes, one prompt per scene, and f
 configuration we report:
   judge       the judge's cosine of the printed prompt to its image (the headline: transfer)
   similarity  the optimizing model's cosine of the printed prompt (re-tokenized) to its image
+              (with two optimizing models, their weighted joint score)
   recall      share of the scene's colour and shape words that appear in the prompt as words
   round trip  share of prompts that re-tokenize to the optimized ids
   s/image     wall seconds per image
@@ -57,6 +58,9 @@ class Config:
     refine: int = 0
     patience: int = 0
     prior: float = 0.0
+    # Which world models optimize: "world", "world2" (the second one, trained apart) or "both"
+    # (one prompt for the two jointly). Similarity is always the first world model's.
+    optimizers: str = "world"
     paper: bool = False  # run the paper's loop instead of pez
     # Rows read off the same run at earlier steps, (steps, name): a run passes through exactly
     # the states a shorter run ends in, and prints its best so far (tested).
@@ -88,6 +92,7 @@ class Scorer:
     feats: torch.Tensor  # (n, D) optimizing model
     judge: object  # the judge's LoadedModel (text tower kept)
     judge_feats: torch.Tensor  # (n, D') judge
+    second: tuple | None = None  # (LoadedModel, (n, D'') features) of the second world model, for ensembles
 
     def judged(self, prompts: list[str]) -> list[float]:
         text = self.judge.encode_texts(prompts)
@@ -107,11 +112,12 @@ def recall(prompt: str, scene: world.Scene) -> float:
 def run_config(cfg: Config, loaded, scenes, scorer: Scorer, seed: int) -> list[Row]:
     """Rows for `cfg`: its snapshots (in step order), then the full run."""
     feats = scorer.feats
-    settings = Settings(model=loaded.name, device="cpu", prompt_len=cfg.prompt_len, steps=cfg.steps,
+    spaces = {"world": [(loaded, feats)], "world2": [scorer.second], "both": [(loaded, feats), scorer.second]}[cfg.optimizers]
+    settings = Settings(model=[m.name for m, _ in spaces], device="cpu", prompt_len=cfg.prompt_len, steps=cfg.steps,
                         restarts=cfg.restarts, ascii_only=cfg.ascii_only, vocab=cfg.vocab, refine=cfg.refine,
                         patience=cfg.patience, prior=cfg.prior, seed=seed)
-    pez = Pez(settings, model=loaded)
-    targets = [feats[i:i + 1] for i in range(len(scenes))]
+    pez = Pez(settings, model=[m for m, _ in spaces])
+    targets = [tuple(f[i:i + 1] for _, f in spaces) for i in range(len(scenes))]
     n = len(scenes)
 
     def row(name: str, steps: int, prompts: list[str], sims: list[float], round_trips: list[bool], seconds: float,
@@ -188,6 +194,8 @@ def configurations(quick: bool) -> list[Config]:
         Config("pez --vocab words, prompt_len 8, 1000 steps", prompt_len=8, vocab="words", steps=1000),
         Config("pez --vocab words, prompt_len 32, 1000 steps", prompt_len=32, vocab="words", steps=1000),
         Config("pez --ascii-only, 1000 steps", ascii_only=True, steps=1000),
+        Config("pez, world model 2 alone, 1000 steps", steps=1000, optimizers="world2"),
+        Config("pez, world models 1 and 2 jointly, 1000 steps", steps=1000, optimizers="both"),
     ]
 
 
@@ -214,6 +222,7 @@ def main(argv=None):
     ap.add_argument("--world-layers", type=int, default=3)
     ap.add_argument("--world-batch", type=int, default=128)
     ap.add_argument("--judge-seed", type=int, default=1, help="the judge: trained apart, on another seed")
+    ap.add_argument("--second-seed", type=int, default=2, help="a second optimizing world model, for the ensemble rows")
     ap.add_argument("--judge-width", type=int, default=160)
     ap.add_argument("--judge-layers", type=int, default=2)
     ap.add_argument("--only", help="run only the configurations whose names contain one of these (comma-separated)")
@@ -240,14 +249,20 @@ def main(argv=None):
     captions = [s.caption for s in scenes]
     ceiling = float((loaded.encode_texts(captions) * scorer.feats).sum(-1).mean())
     judge_ceiling = sum(scorer.judged(captions)) / scenes_n
+    configs = [c for c in configurations(args.quick)
+               if c.paper or not args.only or any(w in c.name for w in args.only.split(",") if w)]
+    if any(c.optimizers != "world" for c in configs):
+        second_folder, second_report = world.world_model(args.world_steps, args.world_batch, args.second_seed,
+                                                         args.world_width, args.world_layers, args.cache, log=log)
+        log(f"second world model: local-dir:{second_folder} (held-out top-1 {second_report.heldout_top1:.2f})")
+        second = load_model(f"local-dir:{second_folder}", torch.device("cpu"))
+        scorer.second = (second, second.encode_images(pictures))
+        second.release_image_tower()
     loaded.release_image_tower()
     judge.release_image_tower()
 
     rows: list[Row] = []
-    wanted = [w for w in (args.only or "").split(",") if w]
-    for cfg in configurations(args.quick):
-        if wanted and not cfg.paper and not any(w in cfg.name for w in wanted):
-            continue
+    for cfg in configs:
         scale = lambda k: max(1, int(k * args.steps_scale))  # noqa: E731
         cfg = replace(cfg, steps=scale(cfg.steps),
                       snapshots=tuple((scale(k), name) for k, name in cfg.snapshots if scale(k) < scale(cfg.steps)))

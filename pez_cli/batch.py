@@ -224,6 +224,7 @@ class BatchJob:
     force: bool = False  # redo images that --out already holds
     shard: Shard | None = None  # only this part of the inputs
     group_size: int | None = None  # images optimized together; None: default_group_size(device)
+    ray: Any = None  # ray_batch.RayOptions: run on a Ray cluster instead of this process
     identity: dict[str, Any] = field(init=False)  # the settings stored with every row
     sid: str = field(init=False)
 
@@ -231,8 +232,6 @@ class BatchJob:
         from pez_cli.models import pick_device, precision_name
 
         settings = self.settings.for_target("image").validate()
-        # The arithmetic decides the prompt, so rows record the precision `auto` resolves to here.
-        self.settings = replace(settings, precision=precision_name(settings.precision, pick_device(settings.device)))
         if self.out is None and self.sidecar_ext is None and self.png_dir is None:
             raise ConfigError("nothing to write: give --out FILE, --sidecar or --png-metadata DIR")
         if self.group_size is not None and self.group_size < 1:
@@ -240,6 +239,20 @@ class BatchJob:
         if self.sidecar_ext is not None:
             self.sidecar_ext = check_sidecar_ext(self.sidecar_ext)
         self.fmt = format_for(self.out, self.fmt)
+        # The arithmetic decides the prompt, so rows record the precision `auto` resolves to
+        # on the device that computes them: here, or on a Ray worker.
+        if self.ray is not None:
+            from pez_cli import ray_batch
+
+            if self.shard is not None:
+                raise ConfigError("--ray and --shard do not go together: Ray spreads the work itself")
+            self.ray.validate()
+            ray_batch.connect(self.ray)
+            _, gpus = ray_batch.plan_workers(self.ray)
+            precision = ray_batch.worker_precision(settings.precision, gpus)
+        else:
+            precision = precision_name(settings.precision, pick_device(settings.device))
+        self.settings = replace(settings, precision=precision)
         self.identity = self.settings.identity()
         self.sid = settings_id(self.identity)
 
@@ -306,7 +319,12 @@ class BatchJob:
             summary.unreadable = sum(e.row is None for e in entries)
             job = _Run(self, summary, writer, plan.protected, on_failure)
             job.restore(plan.restore)
-            if plan.todo:
+            if plan.todo and self.ray is not None:
+                from pez_cli import ray_batch
+
+                on_status(f"Running {len(plan.todo)} images on Ray ...")
+                ray_batch.run(job, plan.todo, self.ray, self.group_size, on_progress)
+            elif plan.todo:
                 job.run(plan.todo, pez, on_status, on_progress)
         except (KeyboardInterrupt, Interrupted):
             summary.interrupted = True
@@ -348,28 +366,21 @@ class _Run:
                 self.summary.done += item.error is None
 
     def encode(self, pez, todo: Sequence[Pending]):
-        """Decode and encode images in chunks; any image that fails becomes an error row.
-        Returns the good items and their features (N, D) (a tuple, one per model, for several)."""
-        good, feats = [], []
-        for start in range(0, len(todo), ENCODE_CHUNK):
-            images = []
-            for item in todo[start:start + ENCODE_CHUNK]:
-                if item.error is None:
-                    try:
-                        images.append(load_image(item.path))
-                        good.append(item)
-                        continue
-                    except InputError as e:
-                        item.error = str(e)
-                    except Exception as e:  # one image never aborts the job
-                        item.error = f"cannot read image {item.key}: {first_line(e)}"
-                self.fail(item)
-            if images:
-                chunk = pez.image_features(images)
-                feats.append((chunk,) if isinstance(chunk, torch.Tensor) else chunk)
-        if not feats:
-            return good, None
-        return good, tuple(torch.cat(per_model) for per_model in zip(*feats))
+        """encode_images, with an error row for each image that failed."""
+        good, feats, failed = encode_images(pez, todo)
+        for item in failed:
+            self.fail(item)
+        return good, feats
+
+    def accept(self, item: Pending, row: dict[str, Any]) -> None:
+        """A row computed elsewhere (a Ray worker): side outputs, then the row itself."""
+        if row.get("error"):
+            item.error = row["error"]
+            self.fail(item)
+        elif self.side_outputs(item, row["prompt"], row.get("similarity")):
+            if self.writer is not None:
+                self.writer.write(row)
+            self.summary.done += 1
 
     def side_outputs(self, item: Pending, prompt: str, similarity: float | None) -> bool:
         """Caption and PNG copy, each written whole, before the row that marks the image done.
@@ -399,6 +410,32 @@ class _Run:
         if self.writer is not None:
             self.writer.write(error_row(item, self.job.identity, self.job.sid))
         self.on_failure(item)
+
+
+def encode_images(pez, todo: Sequence[Pending]):
+    """Decode and encode images in chunks. Returns the good items, their features (N, D) (a
+    tuple, one per model, for several; None when there are none) and the items that failed,
+    each with its error: one image never aborts a job."""
+    good, feats, failed = [], [], []
+    for start in range(0, len(todo), ENCODE_CHUNK):
+        images = []
+        for item in todo[start:start + ENCODE_CHUNK]:
+            if item.error is None:
+                try:
+                    images.append(load_image(item.path))
+                    good.append(item)
+                    continue
+                except InputError as e:
+                    item.error = str(e)
+                except Exception as e:
+                    item.error = f"cannot read image {item.key}: {first_line(e)}"
+            failed.append(item)
+        if images:
+            chunk = pez.image_features(images)
+            feats.append((chunk,) if isinstance(chunk, torch.Tensor) else chunk)
+    if not feats:
+        return good, None, failed
+    return good, tuple(torch.cat(per_model) for per_model in zip(*feats)), failed
 
 
 def result_row(item: Pending, result, seconds: float) -> dict[str, Any]:

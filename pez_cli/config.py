@@ -84,10 +84,10 @@ class Settings:
     block: list[str] = setting(
         [], metavar="WORD", shown_default="none", help="Never choose a token containing WORD (repeatable).")
     ascii_only: bool = setting(False, help="Only choose tokens of printable ASCII.")
-    vocab: str = setting(
-        "all", choices=("all", "words"),
-        help="Tokens to choose from: all (any token, as the paper) or words (whole words only, so the "
-             "printed prompt re-tokenizes to exactly what was optimized).")
+    vocab: str = setting(  # words: better judged in README's Quality table, and always exact
+        "words", choices=("all", "words"),
+        help="Tokens to choose from: words (whole words, digits and commas only, so the printed prompt "
+             "re-tokenizes to exactly what was optimized) or all (any token, as the paper).")
     prior: float = setting(
         0.0, minimum=0, maximum=1, shown_default="0: off",
         help="Favour common tokens: each token's projection score loses PRIOR x its id / vocabulary size "
@@ -95,8 +95,8 @@ class Settings:
     patience: int = setting(  # checked every optimize.FLUSH_EVERY steps
         0, minimum=0, shown_default="0: off",
         help="Stop a prompt whose printed score has not improved for this many steps.")
-    refine: int = setting(
-        0, minimum=0, shown_default="0: off",
+    refine: int = setting(  # paper: 0. Three rounds: the best judged in README's Quality table
+        3, minimum=0,
         help="Rounds of greedy discrete refinement of the printed prompt after the loop "
              "(gradient-ranked token swaps and deletions, kept only when the printed score improves).")
     negative: bool = setting(False, help="Find the prompt LEAST like the target (negative loss weight).")

@@ -44,11 +44,12 @@ VOCABS = ("all", "words")
 
 
 def is_word(tokenizer: Any, token_id: int, text: str) -> bool:
-    """A whole word (a token that ends a word, letters only, or allowed punctuation) that the
-    tokenizer turns back into exactly this token, so words joined by spaces re-tokenize exactly."""
+    """A whole word (a token that ends a word: letters only, a digit, or allowed punctuation)
+    that the tokenizer turns back into exactly this token, so words joined by spaces
+    re-tokenize exactly. (CLIP's tokenizer splits numbers into single digits: 8k prints as 8 k.)"""
     if not tokenizer.decoder[token_id].endswith("</w>"):
         return False
-    if not (text.isalpha() or text in WORD_PUNCTUATION):
+    if not (text.isalpha() or (len(text) == 1 and text in "0123456789") or text in WORD_PUNCTUATION):
         return False
     return tokenizer.encode(text) == [token_id]
 

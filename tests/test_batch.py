@@ -34,7 +34,7 @@ def test_one_prompt_per_image_matching_invert_alone(tiny_model, folder, tmp_path
     assert result.exit_code == 0, result.stderr
     rows = rows_of(out)
     assert [r["path"] for r in rows] == [str(p) for p in sorted(folder.glob("*.png"))]
-    assert all(r["error"] is None and r["prompt"] and len(r["token_ids"]) == 3 for r in rows)
+    assert all(r["error"] is None and r["prompt"] and 1 <= len(r["token_ids"]) <= 3 for r in rows)  # refinement may delete
     assert len({r["prompt"] for r in rows}) > 1  # different images, different prompts
     for row in rows[:4]:  # the batched path gives what `pez invert` gives for the image alone
         alone = json.loads(run("invert", row["path"], "--model", tiny_model, "--steps", "4", "--prompt-len", "3",

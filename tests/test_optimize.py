@@ -15,6 +15,8 @@ def pez_factory(tiny_model, load_tiny):
     def make(**kw):
         kw.setdefault("model", tiny_model)
         kw.setdefault("device", "cpu")
+        kw.setdefault("vocab", "all")  # the paper's loop, which these tests are about
+        kw.setdefault("refine", 0)
         return Pez(Settings(**kw), model=model)
 
     return make

@@ -12,7 +12,7 @@ import pytest
 from helpers import make_image
 from helpers import run as invoke
 
-FAST = ["--steps", "20", "--device", "cpu", "--json"]
+FAST = ["--steps", "20", "--device", "cpu", "--json", "--vocab", "all", "--refine", "0"]  # the paper's loop
 PINNED = {
     "invert-0": [34651, 15772, 41823, 37706, 14926],
     "invert-1": [44770, 16211, 17134, 13413, 31274],
@@ -56,7 +56,7 @@ def test_the_loop_is_unchanged_where_the_printed_choice_differs(tiny_model, pict
     from pez_cli.api import Pez
     from pez_cli.config import Settings
 
-    pez = Pez(Settings(model=tiny_model, device="cpu", prompt_len=5, steps=20, seed=2))
+    pez = Pez(Settings(model=tiny_model, device="cpu", prompt_len=5, steps=20, seed=2, vocab="all", refine=0))
     target = pez.image_features([pictures[0]])
     last = []
     [result] = pez.solve([target], on_progress=lambda p: last.append(p.paper_best()[0].token_ids) if p.step == 20 else None)

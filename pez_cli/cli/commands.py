@@ -208,15 +208,26 @@ def batch(
     force: Annotated[bool, typer.Option("--force", help="Redo images already in --out.")] = False,
     shard: Annotated[Optional[str], typer.Option("--shard", help="Only this part of the inputs, K/N (1 <= K <= N), split by path hash.", metavar="K/N")] = None,
     null: NullOption = False,
+    ray: Annotated[bool, typer.Option("--ray", help="Run on a Ray cluster (needs pez-cli[ray]); inputs must be on a file system all nodes see.")] = False,
+    ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="auto (a running cluster), local (start one), or a cluster address (default: Ray's own resolution).", show_default=False)] = None,
+    ray_workers: Annotated[Optional[int], typer.Option("--ray-workers", help="Workers, each with the model loaded (default: the cluster's GPUs, else 1).", show_default=False)] = None,
+    ray_gpus: Annotated[Optional[float], typer.Option("--ray-gpus-per-worker", help="GPUs per worker (default: 1 on a cluster with GPUs, else 0).", show_default=False)] = None,
     common: Common = None,
 ) -> None:
     """One prompt PER IMAGE for many images: resumable, shardable, written as it goes."""
     from pez_cli.batch import BatchJob, parse_shard
     from pez_cli.images import collect_paths
 
+    options = None
+    if ray or ray_address is not None or ray_workers is not None or ray_gpus is not None:
+        from pez_cli.ray_batch import RayOptions
+
+        if not ray:
+            raise PezError("--ray-address, --ray-workers and --ray-gpus-per-worker need --ray")
+        options = RayOptions(ray_address, ray_workers, ray_gpus)
     job = BatchJob(common.settings(), out=out, fmt=fmt, sidecar_ext=sidecar_ext if sidecar else None,
                    png_dir=png_metadata, overwrite=overwrite, force=force,
-                   shard=parse_shard(shard) if shard is not None else None, group_size=batch_images)
+                   shard=parse_shard(shard) if shard is not None else None, group_size=batch_images, ray=options)
     paths = collect_paths(inputs, sys.stdin, recursive=recursive, missing_ok=True, null=null)
     log_to_stderr(common.verbose)
     started = time.monotonic()
@@ -224,7 +235,8 @@ def batch(
         def progress(done: float, total: int, step: int, steps: int) -> None:
             if reporter.due():
                 rate = 60 * done / max(time.monotonic() - started, 1e-9)
-                reporter.progress("images", done, total, f"{rate:.1f} img/min  group step {step}/{steps}")
+                group = f"  group step {step}/{steps}" if steps else ""
+                reporter.progress("images", done, total, f"{rate:.1f} img/min{group}")
 
         summary = job.run(paths, on_status=reporter.stage, on_progress=progress,
                           on_failure=lambda item: reporter.note(f"failed: {item.error}"))

@@ -1,0 +1,127 @@
+"""`pez batch --ray`: the same rows as a local job, exactly once, on a local Ray cluster.
+
+One cluster (2 CPUs, no dashboard, a small object store) serves the whole test session; the
+tests skip, saying why, only when Ray is not installed or cannot start here."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import assert_one_line_error, make_image, rows_of, run
+
+pytestmark = pytest.mark.ray
+OPTS = ["--steps", "6", "--prompt-len", "3", "--device", "cpu", "--batch-images", "2"]
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    """The session's local Ray cluster; yields its address."""
+    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'pez-cli[ray]')")
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20, log_to_driver=False,
+                 logging_level="error")
+    except Exception as e:  # pragma: no cover - depends on the machine
+        pytest.skip(f"Ray cannot start on this machine: {e}")
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    d = tmp_path / "photos"
+    d.mkdir()
+    for i in range(6):
+        make_image(d / f"r{i}.png", (40 * i, 200 - 30 * i, 90), size=(30 + i, 30))
+    return d
+
+
+def without_seconds(rows):
+    return {r["path"]: {k: v for k, v in r.items() if k != "seconds"} for r in rows}
+
+
+def test_ray_address_auto_without_a_cluster_is_one_line(tiny_model, folder, tmp_path):
+    """First in this file: Ray finds running clusters by their processes, so this must run
+    before the session's cluster starts."""
+    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'pez-cli[ray]')")
+    if ray.is_initialized():
+        pytest.skip("a Ray cluster is already running in this test session")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    done = subprocess.run([sys.executable, "-m", "pez_cli", "batch", str(folder), "--out", str(tmp_path / "r.jsonl"),
+                           "--model", tiny_model, "--ray", "--ray-address", "auto"], capture_output=True, text=True,
+                          timeout=300, env=env)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and len(lines) == 1 and lines[0].startswith("Error: cannot connect to a Ray cluster"), done.stderr
+    assert json.dumps(done.stdout) == '""'
+
+
+def test_ray_rows_are_the_local_rows(cluster, tiny_model, folder, tmp_path):
+    local, remote = tmp_path / "local.jsonl", tmp_path / "ray.jsonl"
+    assert run("batch", folder, "--out", local, "--model", tiny_model, *OPTS).exit_code == 0
+    result = run("batch", folder, "--out", remote, "--model", tiny_model, *OPTS, "--ray", "--ray-address", cluster,
+                 "--ray-workers", "2")
+    assert result.exit_code == 0, result.stderr
+    assert "6 images, 6 done" in result.stderr
+    assert without_seconds(rows_of(remote)) == without_seconds(rows_of(local))
+
+
+def test_a_half_filled_out_computes_only_the_missing_half(cluster, tiny_model, folder, tmp_path):
+    out = tmp_path / "rows.jsonl"
+    assert run("batch", folder, "--out", out, "--model", tiny_model, *OPTS).exit_code == 0
+    rows = out.read_text().splitlines()
+    out.write_text("\n".join(rows[:3]) + "\n")
+    result = run("batch", folder, "--out", out, "--model", tiny_model, *OPTS, "--ray", "--ray-address", cluster)
+    assert result.exit_code == 0, result.stderr
+    assert "3 done, 3 already done" in result.stderr
+    assert sorted(r["path"] for r in rows_of(out)) == sorted(str(p) for p in folder.glob("*.png"))
+
+
+def test_a_corrupt_image_is_an_error_row_and_exit_3(cluster, tiny_model, folder, tmp_path):
+    (folder / "broken.png").write_bytes(b"not a png")
+    out = tmp_path / "rows.jsonl"
+    result = run("batch", folder, "--out", out, "--model", tiny_model, *OPTS, "--ray", "--ray-address", cluster)
+    assert result.exit_code == 3, result.stderr
+    rows = {Path(r["path"]).name: r for r in rows_of(out)}
+    assert "not an image" in rows["broken.png"]["error"] and len(rows) == 7
+
+
+def test_a_killed_driver_loses_only_work_in_flight(cluster, tiny_model, tmp_path):
+    d = tmp_path / "many"
+    d.mkdir()
+    for i in range(8):
+        make_image(d / f"k{i}.png", (25 * i, 255 - 25 * i, 90), size=(32 + i, 32))
+    out = tmp_path / "rows.jsonl"
+    cmd = [sys.executable, "-m", "pez_cli", "batch", str(d), "--out", str(out), "--model", tiny_model, "--steps", "60",
+           "--prompt-len", "3", "--device", "cpu", "--batch-images", "1", "--ray", "--ray-address", cluster, "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and (not out.exists() or len(out.read_text().splitlines()) < 2):
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    first = len([line for line in out.read_text().splitlines() if line.endswith("}")])
+    assert 2 <= first < 8
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    names = sorted(Path(r["path"]).name for r in rows_of(out))
+    assert names == [f"k{i}.png" for i in range(8)]  # every image exactly once
+
+
+def test_ray_option_errors(tiny_model, folder, tmp_path, monkeypatch):
+    out = tmp_path / "rows.jsonl"
+    assert_one_line_error(run("batch", folder, "--out", out, "--model", tiny_model, "--ray-workers", "2"), 1, "need --ray")
+    assert_one_line_error(run("batch", folder, "--out", out, "--model", tiny_model, "--ray", "--shard", "1/2"), 1,
+                          "--ray and --shard do not go together")
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    assert_one_line_error(run("batch", folder, "--out", out, "--model", tiny_model, "--ray"), 1,
+                          r"--ray needs Ray Data.*pip install 'pez-cli\[ray\]'")
