@@ -131,7 +131,7 @@ def run_config(cfg: Config, loaded, scenes, scorer: Scorer, seed: int) -> list[R
     start = time.perf_counter()
     if cfg.paper:
         prompts, ids = [], []
-        for t in targets:
+        for (t, *_) in targets:
             res = paper_loop(loaded.text, loaded.tokenizer, t, prompt_len=cfg.prompt_len, steps=cfg.steps,
                              restarts=cfg.restarts, seed=seed)
             ids.append(res.best_ids)
