@@ -54,6 +54,21 @@ def is_word(tokenizer: Any, token_id: int, text: str) -> bool:
     return tokenizer.encode(text) == [token_id]
 
 
+# Word ids per tokenizer (by what it reads and how it cleans): checking every token takes
+# about a second, and one process often builds several vocabularies on one tokenizer.
+_WORDS: dict[tuple, frozenset[int]] = {}
+
+
+def word_ids(tokenizer: Any, texts: Sequence[str]) -> frozenset[int]:
+    """The ids of `texts` (the tokenizer's token texts, by id) that pass `is_word`."""
+    clean = getattr(tokenizer, "clean_fn", None)
+    key = (type(tokenizer).__qualname__, getattr(clean, "__qualname__", repr(clean)),
+           hash(tuple(tokenizer.decoder[i] for i in range(len(texts)))))
+    if key not in _WORDS:
+        _WORDS[key] = frozenset(i for i, text in enumerate(texts) if is_word(tokenizer, i, text))
+    return _WORDS[key]
+
+
 class Vocabulary:
     """Token embeddings of the allowed tokens, normalized once, plus decoding helpers.
 
@@ -82,6 +97,7 @@ class Vocabulary:
         if pad is not None:
             banned.add(pad)
         blocked = [w.lower() for w in block if w]
+        words = word_ids(tokenizer, self.texts) if kind == "words" else None
         allowed = []
         for i, text in enumerate(self.texts):
             if i in banned or not _visible(text):
@@ -91,7 +107,7 @@ class Vocabulary:
             low = text.lower()
             if any(w in low for w in blocked):
                 continue
-            if kind == "words" and not is_word(tokenizer, i, text):
+            if words is not None and i not in words:
                 continue
             allowed.append(i)
         if not allowed:
