@@ -9,7 +9,9 @@ Builds a tiny random CLIP and a tiny Stable Diffusion pipeline (no downloads) an
     the same prompt twice for the same seed;
   - `pez batch` on cuda: rows for every image, and how many prompts equal `pez invert`'s for
     that image alone;
-  - `pez render` and `pez invert --render` on cuda with the tiny pipeline.
+  - `pez render` and `pez invert --render` on cuda with the tiny pipeline;
+  - `--cuda-graph`: the same ids as the eager loop at every step (fp32), and Ctrl-C still
+    prints the best prompt.
 Each check prints one line (ok / FAIL and details); the exit code is 1 if any failed.
 `--device cpu` runs the same checks here, to test the script itself.
 """
@@ -179,6 +181,55 @@ def render_on_device(tiny: Path, device: str, work: Path):
                 sheet=Path(inv["contact_sheet"]).name)
 
 
+@check
+def cuda_graph_matches_eager(tiny: Path, device: str):
+    """--cuda-graph picks the same ids as the eager loop at every one of 50 steps (fp32), for
+    one image, sampled targets with restarts, and a batch where problems leave (patience)."""
+    model = load_model(f"local-dir:{tiny}", torch.device(device))
+    found = {}
+    for name, n, bs, restarts, patience in [("one", 1, 1, 1, 0), ("sampled", 4, 1, 2, 0), ("leaving", 1, 1, 1, 16)]:
+        runs = []
+        for graph in (False, True):
+            settings = Settings(model=f"local-dir:{tiny}", device=device, steps=50, prompt_len=6, batch_size=bs,
+                                restarts=restarts, seed=11, precision="fp32", cuda_graph=graph, patience=patience,
+                                refine=0, vocab="all")
+            pez = Pez(settings, model=model)
+            problems = [targets_for(pez, n, 3 + k, device).float() for k in range(3 if patience else 1)]
+            if patience:  # rows leave the batch: compare what each problem ends with
+                runs.append([(r.token_ids, r.best_step, r.steps_done) for r in pez.solve(problems)])
+            else:
+                runs.append(step_ids(pez, problems))
+        if patience:
+            found[name] = dict(same=runs[0] == runs[1], steps_done=[r[2] for r in runs[1]])
+        else:
+            found[name] = f"{sum(a == b for a, b in zip(runs[0][0], runs[1][0]))}/{len(runs[0][0])} steps identical"
+        if runs[0] != runs[1]:
+            raise AssertionError(found)
+    return found
+
+
+@check
+def cuda_graph_ctrl_c_prints_the_best(tiny: Path, device: str):
+    """SIGINT during a --cuda-graph run: exit 130 and the best prompt so far on stdout."""
+    import signal
+
+    cmd = [sys.executable, "-m", "pez_cli", "invert", str(ROOT / "samples" / "astronaut.png"), "--model",
+           f"local-dir:{tiny}", "--device", device, "--steps", "1000000", "--prompt-len", "6", "--cuda-graph", "--json",
+           "--progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    deadline = time.time() + 120
+    line = ""
+    while time.time() < deadline and "step" not in line:  # progress has begun: the graph is captured and replaying
+        line = proc.stderr.readline()
+    time.sleep(3)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    result = json.loads(out)
+    if proc.returncode != 130 or not result.get("interrupted") or not result.get("prompt"):
+        raise AssertionError(dict(code=proc.returncode, out=out[-300:], err=err[-300:]))
+    return dict(code=proc.returncode, steps_done=result.get("steps_done"), prompt=result["prompt"])
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda")
@@ -192,7 +243,8 @@ def main():
         work = Path(tmp)
         tiny = save_tiny_clip(work / "tiny")
         for fn, extra in [(equivalence_float64, ()), (fp32_steps_matching_paper_loop, ()), (invert_precisions, ()),
-                          (invert_compile, ()), (batch_matches_invert, (work,)), (render_on_device, (work,))]:
+                          (invert_compile, ()), (cuda_graph_matches_eager, ()), (cuda_graph_ctrl_c_prints_the_best, ()),
+                          (batch_matches_invert, (work,)), (render_on_device, (work,))]:
             if not args.only or any(part in fn.__name__ for part in args.only.split(",")):
                 fn(tiny, args.device, *extra)
     if args.json:

@@ -3,6 +3,7 @@
     python benchmarks/speed.py                    # CPU defaults: 16 images, prompt_len 16
     python benchmarks/speed.py --device cuda --images 64 --json speed.json
     python benchmarks/speed.py --device cuda --images 64 --variants fp32,bf16,fp16,bf16+compile
+    python benchmarks/speed.py --device cuda --latency    # one image: paper loop, pez, pez --cuda-graph
 
 Model: a randomly initialised open_clip ViT-B-32 (its JSON config, no weights needed: speed
 does not depend on the weights). Targets: image features of random images.
@@ -13,6 +14,8 @@ Cases:
      pez solving them as one batch; total time and the throughput ratio;
   3. peak memory of each: RSS growth during the loop on the CPU (sampled), peak allocated
      memory on a GPU; on the CPU also the packed weight copies pez makes once per model.
+  5. (--latency, alone) one image, ViT-H-14, 1000 steps: the wall time of the paper loop, pez
+     and pez --cuda-graph, warm-up included; then ViT-bigG-14's step time and memory.
 The paper loop is `pez_cli.reference.paper_loop`: 77 padded positions with the tokenizer's
 pad id, two passes per step, the vocabulary normalized every step, one problem at a time,
 fp32. Ratios are what to read; absolute times depend on the machine.
@@ -145,6 +148,75 @@ def probe_memory(method: str, images: int, args) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def latency(args, device) -> dict:
+    """Case 5: one image, the default model, the default steps: wall time of the paper loop, pez
+    eager and pez with --cuda-graph (warm-up and capture included, model loading excluded),
+    then a big model's step time and memory (SDXL's ViT-bigG-14)."""
+    out = {"arch": args.latency_arch, "steps": args.latency_steps, "runs": [], "big": []}
+    loaded = build_model(args.latency_arch, device)
+    with torch.no_grad():
+        size = loaded.clip.visual.image_size
+        size = size[0] if isinstance(size, (tuple, list)) else size
+        pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+        target = torch.nn.functional.normalize(loaded.clip.encode_image(pixels).float(), dim=-1)
+    loaded.clip.visual = None
+    sync(device)
+    start = time.perf_counter()
+    paper = paper_loop(loaded.clip, loaded.tokenizer, target, prompt_len=args.prompt_len, steps=args.latency_steps,
+                       lr=0.1, weight_decay=0.1, restarts=1, batch_size=1, seed=0)
+    sync(device)
+    out["runs"].append(dict(run="paper loop", seconds=time.perf_counter() - start, ids=paper.best_ids))
+    for name, graph in (("pez", False), ("pez --cuda-graph", True)):
+        settings = Settings(model=loaded.name, device=str(device), prompt_len=args.prompt_len, steps=args.latency_steps,
+                            precision=args.precision, refine=0, cuda_graph=graph)
+        engine = Pez(settings, model=loaded)
+        sync(device)
+        start = time.perf_counter()
+        [result] = engine.solve([target])
+        sync(device)
+        out["runs"].append(dict(run=name, seconds=time.perf_counter() - start, ids=result.token_ids,
+                                similarity=result.similarity))
+        del engine
+    del loaded
+    for arch in [a for a in args.latency_big.split(",") if a]:
+        big = build_model(arch, device)
+        big.clip.visual = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        for name, graph in (("pez", False), ("pez --cuda-graph", True)):
+            dim = big.text.output_dim
+            feats = torch.nn.functional.normalize(torch.randn(1, dim, generator=torch.Generator().manual_seed(0)), dim=-1)
+            settings = Settings(model=big.name, device=str(device), prompt_len=args.prompt_len, steps=20,
+                                precision=args.precision, refine=0, cuda_graph=graph)
+            engine = Pez(settings, model=big)
+            engine.solve([feats.to(device)], steps=5)  # warm
+            with PeakMemory(device) as mem:
+                sync(device)
+                start = time.perf_counter()
+                engine.solve([feats.to(device)])
+                sync(device)
+                seconds = time.perf_counter() - start
+            out["big"].append(dict(arch=arch, run=name, ms_per_step=1000 * seconds / 20, peak_mb=mem.peak_mb))
+            del engine
+        del big
+    return out
+
+
+def latency_lines(found: dict, device) -> list[str]:
+    base = found["runs"][0]["seconds"]
+    lines = [f"5. one image, {found['arch']} (random init), {found['steps']} steps, loop wall time with warm-up, "
+             f"without loading ({device}):", "", "| run | seconds | vs the paper loop | same ids as pez |",
+             "| --- | ---: | ---: | --- |"]
+    eager = found["runs"][1]["ids"]
+    for r in found["runs"]:
+        same = "" if r["run"] == "paper loop" else ("yes" if r["ids"] == eager else "no")
+        lines.append(f"| {r['run']} | {r['seconds']:.2f} | {base / r['seconds']:.1f}x | {same} |")
+    if found["big"]:
+        lines += ["", "| big model | run | ms per step | peak MB |", "| --- | --- | ---: | ---: |"]
+        lines += [f"| {b['arch']} | {b['run']} | {b['ms_per_step']:.1f} | {b['peak_mb']:.0f} |" for b in found["big"]]
+    return lines
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
@@ -159,6 +231,10 @@ def main(argv=None):
     ap.add_argument("--variants", default="", help="also time pez's case 2 with these, e.g. fp32,bf16,fp16,bf16+compile")
     ap.add_argument("--restarts", default="", help="also time one image with these restarts, e.g. 1,4,8 (case 4)")
     ap.add_argument("--json", type=Path, help="write the results here as JSON")
+    ap.add_argument("--latency", action="store_true", help="only case 5: one image, --latency-arch, --latency-steps")
+    ap.add_argument("--latency-arch", default="ViT-H-14", help="case 5's model (pez's default architecture)")
+    ap.add_argument("--latency-steps", type=int, default=1000, help="case 5's steps (pez's default)")
+    ap.add_argument("--latency-big", default="ViT-bigG-14", help="case 5: also these models' step time and memory")
     ap.add_argument("--probe", choices=["paper", "pez"], help=argparse.SUPPRESS)  # internal: memory probe
     args = ap.parse_args(argv)
     variant_specs = [v for v in args.variants.split(",") if v]
@@ -169,6 +245,12 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
+    if args.latency:
+        found = latency(args, device)
+        print("\n".join(latency_lines(found, device)))
+        if args.json:
+            args.json.write_text(json.dumps({"meta": vars(args) | {"json": None}, "latency": found}, indent=2))
+        return found
 
     def allocated_mb() -> float:
         return torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0

@@ -126,7 +126,8 @@ class TextTower(nn.Module):
         """Features (B, D), not normalized, of embedded sequences x (B, T, W) ending in EOT."""
         if self.amp_dtype is None:
             return self._forward(x)
-        with torch.autocast(x.device.type, dtype=self.amp_dtype):
+        # No cast cache: the weights are already in amp_dtype, and CUDA graph capture needs it off.
+        with torch.autocast(x.device.type, dtype=self.amp_dtype, cache_enabled=False):
             return self._forward(x)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -49,6 +49,8 @@ from pez_cli.vocab import Vocabulary, project_jointly
 FP16_LOSS_SCALE = 1024.0
 # Steps between two batched passes scoring candidates as printed text (and patience checks).
 FLUSH_EVERY = 8
+# Eager steps before a step is captured as a CUDA graph (allocator and autograd warm-up).
+GRAPH_WARMUP = 3
 
 
 def check_prompt_len(prompt_len: int, context_length: int) -> None:
@@ -83,6 +85,27 @@ def pad_targets(targets: Sequence[torch.Tensor], device, dtype) -> tuple[torch.T
         padded[p, : t.shape[0]] = t.to(device=device, dtype=dtype)
         weights[p, : t.shape[0]] = 1.0 / t.shape[0]
     return padded, weights
+
+
+class GraphedStep:
+    """A step body captured as one CUDA graph and replayed: one launch per step instead of a
+    few thousand. What changes between steps lives in tensors the graph reads and writes in
+    place (prompts, AdamW state, bests, the step number); the sampled-target weights are copied
+    into the graph's own input before each replay. Captured after GRAPH_WARMUP eager steps (as
+    CUDA graphs require); the capture itself computes nothing, so no step is lost or repeated."""
+
+    def __init__(self, body: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], weights: torch.Tensor):
+        self.weights = weights.clone()
+        self.graph = torch.cuda.CUDAGraph()
+        torch.cuda.synchronize()
+        with torch.cuda.graph(self.graph):
+            self.outputs = body(self.weights)
+
+    def replay(self, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if weights.data_ptr() != self.weights.data_ptr():
+            self.weights.copy_(weights, non_blocking=True)
+        self.graph.replay()
+        return self.outputs[0].clone(), self.outputs[1].clone()  # the next replay overwrites them
 
 
 @dataclass
@@ -158,7 +181,11 @@ class PromptOptimizer:
         self.generators = [torch.Generator().manual_seed(settings.seed) for _ in range(problems)]
         init = torch.stack([first.vocab.random_ids((restarts, length), g) for g in self.generators]).reshape(-1, length)
         self.prompts = [s.vocab.embeddings[init].clone().requires_grad_(True) for s in self.spaces]  # (A*R, L, W_k)
-        self.optimizer = torch.optim.AdamW(self.prompts, lr=settings.lr, weight_decay=settings.weight_decay)
+        # CUDA graphs (--cuda-graph): the step is captured once it is warm and replayed after.
+        self.graphed = bool(settings.cuda_graph) and device.type == "cuda" and not settings.compile
+        self.graph: GraphedStep | None = None
+        self.warm_steps = 0  # eager steps since the shapes last changed
+        self.optimizer = self._adamw(self.prompts)
 
         self.forwards: list[Callable[[torch.Tensor], torch.Tensor]] = [
             torch.compile(s.tower) if settings.compile else s.tower for s in self.spaces]
@@ -167,6 +194,7 @@ class PromptOptimizer:
         self.ids_score = torch.full((problems,), -self.sign * float("inf"), device=device, dtype=dtype)
         self.ids_best = torch.zeros(problems, length, dtype=torch.long, device=device)
         self.ids_step = torch.zeros(problems, dtype=torch.long, device=device)
+        self.step_number = torch.zeros((), dtype=torch.long, device=device)  # step_count, on the device
         self.left: dict[int, Best] = {}  # the paper's best of problems that left the batch
         self.active = list(range(problems))  # problems still optimizing, in row order
         self.steps_done = [0] * problems
@@ -180,6 +208,10 @@ class PromptOptimizer:
     def prompt(self) -> torch.Tensor:
         """The first space's continuous prompts (A*R, L, W)."""
         return self.prompts[0]
+
+    def _adamw(self, prompts: list[torch.Tensor]) -> torch.optim.AdamW:
+        return torch.optim.AdamW(prompts, lr=self.settings.lr, weight_decay=self.settings.weight_decay,
+                                 capturable=self.graphed)
 
     def _batch_weights(self) -> torch.Tensor:
         """(A, n_max) weights of this step's sampled targets, each row summing to 1."""
@@ -196,11 +228,36 @@ class PromptOptimizer:
 
     def step(self) -> None:
         """One PEZ step for every active problem."""
+        weights = self._batch_weights()
+        if self.graph is not None:
+            chosen, score = self.graph.replay(weights)
+        elif self.graphed:  # warm-up steps run on a side stream, as CUDA graph capture wants
+            stream = torch.cuda.Stream(device=self.step_number.device)
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                chosen, score = self._step_body(weights)
+            torch.cuda.current_stream().wait_stream(stream)
+            self.warm_steps += 1
+            if self.warm_steps >= GRAPH_WARMUP:  # warm: the next steps replay a capture
+                self.graph = GraphedStep(self._step_body, weights)
+        else:
+            chosen, score = self._step_body(weights)
+        self.step_count += 1
+        self.pending.active.append(self.active)
+        self.pending.ids.append(chosen)
+        self.pending.scores.append(score)
+        self.pending.steps.append(self.step_count)
+        if self.step_count % FLUSH_EVERY == 0:
+            self.flush()
+
+    def _step_body(self, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's arithmetic, all on the device: no host sync, no branch on a tensor's value,
+        state updated in place (so it can be captured as a CUDA graph). weights: (A, n_max)
+        this step's sampled targets. Returns the leading candidate's ids (A, L) and score (A,)."""
         problems, restarts, length = len(self.active), self.restarts, self.length
         with torch.no_grad():
             ids = project_jointly([s.vocab for s in self.spaces], [s.weight for s in self.spaces], self.prompts)  # (A*R, L)
         self.last_ids = ids
-        weights = self._batch_weights()
         universal = None
         for k, (space, forward, scale) in enumerate(zip(self.spaces, self.forwards, self.loss_scales)):
             projected = space.vocab.embeddings[ids].requires_grad_(True)  # (A*R, L, W_k)
@@ -223,22 +280,17 @@ class PromptOptimizer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-        self.step_count += 1
         with torch.no_grad():
+            self.step_number += 1
             pick = universal.argmax(-1) if self.sign > 0 else universal.argmin(-1)  # (A,)
             arange = torch.arange(problems, device=universal.device)
             score = universal[arange, pick]
             chosen = ids.view(problems, restarts, length)[arange, pick]  # (A, L)
             better = self.sign * score > self.sign * self.ids_score
-            self.ids_score = torch.where(better, score, self.ids_score)
-            self.ids_best = torch.where(better[:, None], chosen, self.ids_best)
-            self.ids_step = torch.where(better, torch.full_like(self.ids_step, self.step_count), self.ids_step)
-        self.pending.active.append(self.active)
-        self.pending.ids.append(chosen)
-        self.pending.scores.append(score)
-        self.pending.steps.append(self.step_count)
-        if self.step_count % FLUSH_EVERY == 0:
-            self.flush()
+            self.ids_score.copy_(torch.where(better, score, self.ids_score))
+            self.ids_best.copy_(torch.where(better[:, None], chosen, self.ids_best))
+            self.ids_step.copy_(torch.where(better, self.step_number, self.ids_step))
+        return chosen, score
 
     def flush(self) -> None:
         """Score the pending candidates as printed text (each distinct prompt once per problem),
@@ -303,7 +355,8 @@ class PromptOptimizer:
         index = torch.tensor(keep, dtype=torch.long, device=device)
         states = [self.optimizer.state.get(prompt, {}) for prompt in self.prompts]
         self.prompts = [prompt.detach()[rows].clone().requires_grad_(True) for prompt in self.prompts]
-        self.optimizer = torch.optim.AdamW(self.prompts, lr=self.settings.lr, weight_decay=self.settings.weight_decay)
+        self.optimizer = self._adamw(self.prompts)
+        self.graph, self.warm_steps = None, 0  # new shapes: warm up and capture again
         for prompt, state in zip(self.prompts, states):  # AdamW is element-wise: kept rows go on exactly
             if state:
                 self.optimizer.state[prompt] = {k: (v[rows].clone() if v.dim() else v.clone()) for k, v in state.items()}

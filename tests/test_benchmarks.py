@@ -32,6 +32,22 @@ def test_speed_benchmark_smoke(tmp_path):
 
 
 @pytest.mark.slow
+def test_speed_latency_case_smoke(tmp_path):
+    """Case 5 (one image: paper loop, pez, pez --cuda-graph; then a big model) runs; on the
+    CPU the graph is a no-op, so both pez runs pick the same ids."""
+    out = tmp_path / "latency.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--device", "cpu", "--latency", "--latency-arch",
+           "ViT-S-32-alt", "--latency-steps", "3", "--latency-big", "ViT-S-32-alt", "--prompt-len", "4", "--json", str(out)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    found = json.loads(out.read_text())["latency"]
+    assert [r["run"] for r in found["runs"]] == ["paper loop", "pez", "pez --cuda-graph"]
+    assert found["runs"][1]["ids"] == found["runs"][2]["ids"] and all(r["seconds"] > 0 for r in found["runs"])
+    assert [b["run"] for b in found["big"]] == ["pez", "pez --cuda-graph"]
+    assert "| pez --cuda-graph |" in run.stdout and "| big model |" in run.stdout
+
+
+@pytest.mark.slow
 def test_quality_benchmark_smoke(tmp_path):
     """A tiny world model and a few scenes: the quality benchmark runs end to end."""
     out = tmp_path / "quality.json"

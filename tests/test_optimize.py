@@ -161,3 +161,30 @@ def test_compile_gives_the_same_prompt(pez_factory):
     eager = pez_factory(prompt_len=4, steps=5).distill(SECRET)
     compiled = pez_factory(prompt_len=4, steps=5, compile=True).distill(SECRET)
     assert compiled.token_ids == eager.token_ids
+
+
+def test_a_step_keeps_its_state_in_place_so_it_can_be_a_cuda_graph(pez_factory):
+    """A CUDA graph replays kernels on fixed addresses: every tensor a step carries to the next
+    (prompts, AdamW state, bests, the step number) must be updated in place, also with sampled
+    targets and two restarts. Checked on the CPU, where the graph itself is never used."""
+    pez = pez_factory(prompt_len=4, steps=12, batch_size=1, restarts=2)
+    targets = pez.text_features(["a red cat", "a blue dog", "a green bird"])
+    seen = []
+
+    def addresses(progress):
+        opt = progress._optimizer
+        state = [t for s in opt.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+        carried = [*opt.prompts, opt.ids_score, opt.ids_best, opt.ids_step, opt.step_number, *state]
+        seen.append((opt.graph, [t.data_ptr() for t in carried], int(opt.step_number)))
+
+    pez.solve([targets], on_progress=addresses)
+    assert all(graph is None for graph, _, _ in seen)  # no graph on the CPU
+    assert [n for _, _, n in seen] == list(range(1, 13))
+    assert all(ptrs == seen[1][1] for _, ptrs, _ in seen[1:])  # AdamW's state exists from step 1 on
+
+
+def test_cuda_graph_is_a_no_op_off_cuda(pez_factory):
+    plain = pez_factory(prompt_len=4, steps=10).distill(SECRET)
+    graphed = pez_factory(prompt_len=4, steps=10, cuda_graph=True).distill(SECRET)
+    assert graphed.token_ids == plain.token_ids and graphed.similarity == pytest.approx(plain.similarity, abs=1e-6)
+    assert "cuda_graph" not in graphed.to_dict()["settings"]  # how it ran, not what it computed
