@@ -186,6 +186,7 @@ def configurations(quick: bool) -> list[Config]:
         Config("pez, 1000 steps", steps=1000, snapshots=((100, "pez, 100 steps"), (300, "pez, 300 steps"))),
         Config("pez --vocab words, 1000 steps", steps=1000, vocab="words", snapshots=((300, "pez --vocab words, 300 steps"),)),
         Config("pez --vocab words --prior 1, 1000 steps", steps=1000, vocab="words", prior=1.0),
+        Config("pez --vocab words --prior 1 --refine 3, 1000 steps", steps=1000, vocab="words", prior=1.0, refine=3),
         Config("pez --prior 0.5, 1000 steps", steps=1000, prior=0.5),
         Config("pez --refine 3, 1000 steps", steps=1000, refine=3),
         Config("pez --vocab words --refine 3, 1000 steps", steps=1000, vocab="words", refine=3),
@@ -196,6 +197,10 @@ def configurations(quick: bool) -> list[Config]:
         Config("pez --ascii-only, 1000 steps", ascii_only=True, steps=1000),
         Config("pez, world model 2 alone, 1000 steps", steps=1000, optimizers="world2"),
         Config("pez, world models 1 and 2 jointly, 1000 steps", steps=1000, optimizers="both"),
+        Config("pez --vocab words --refine 3, world model 2 alone, 1000 steps", steps=1000, vocab="words", refine=3,
+               optimizers="world2"),
+        Config("pez --vocab words --refine 3, world models 1 and 2 jointly, 1000 steps", steps=1000, vocab="words",
+               refine=3, optimizers="both"),
     ]
 
 
@@ -250,7 +255,7 @@ def main(argv=None):
     ceiling = float((loaded.encode_texts(captions) * scorer.feats).sum(-1).mean())
     judge_ceiling = sum(scorer.judged(captions)) / scenes_n
     configs = [c for c in configurations(args.quick)
-               if c.paper or not args.only or any(w in c.name for w in args.only.split(",") if w)]
+               if not args.only or any(w in c.name for w in args.only.split(",") if w)]
     if any(c.optimizers != "world" for c in configs):
         second_folder, second_report = world.world_model(args.world_steps, args.world_batch, args.second_seed,
                                                          args.world_width, args.world_layers, args.cache, log=log)
