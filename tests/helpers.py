@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 from PIL import Image
@@ -43,3 +47,18 @@ def make_image(path: Path, color=(200, 30, 30), size=(40, 30), mode="RGB") -> Pa
 def rows_of(path: Path) -> list[dict]:
     """The rows of a JSONL result file."""
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def kill_after_lines(cmd: list[str], out: Path, lines: int, timeout: float) -> None:
+    """Start cmd, wait until `out` has at least `lines` lines, then kill it with SIGKILL."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and (not out.exists() or len(out.read_text().splitlines()) < lines):
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()

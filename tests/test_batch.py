@@ -1,16 +1,13 @@
 import csv
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from helpers import make_image, rows_of, run
+from helpers import kill_after_lines, make_image, rows_of, run
 from pez_cli import batch as jobs
 from pez_cli import results
 from pez_cli.optimize import PromptOptimizer
@@ -91,19 +88,7 @@ def test_sigkill_mid_job_then_resume(tiny_model, tmp_path):
     out = tmp_path / "out.jsonl"
     cmd = [sys.executable, "-m", "pez_cli", "batch", str(folder), "--out", str(out), "--model", tiny_model,
            "--steps", "150", "--prompt-len", "3", "--device", "cpu", "--batch-images", "2", "--quiet"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            if out.exists() and len(out.read_text().splitlines()) >= 3:
-                break
-            assert proc.poll() is None, proc.stderr.read()
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_after_lines(cmd, out, 3, timeout=240)
     first = [json.loads(line) for line in out.read_text().splitlines() if line.endswith("}")]
     assert 3 <= len(first) < 10
     rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=600)

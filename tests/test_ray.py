@@ -5,15 +5,13 @@ tests skip, saying why, only when Ray is not installed or cannot start here."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from helpers import assert_one_line_error, make_image, rows_of, run
+from helpers import assert_one_line_error, kill_after_lines, make_image, rows_of, run
 
 pytestmark = pytest.mark.ray
 OPTS = ["--steps", "6", "--prompt-len", "3", "--device", "cpu", "--batch-images", "2"]
@@ -98,17 +96,7 @@ def test_a_killed_driver_loses_only_work_in_flight(cluster, tiny_model, tmp_path
     out = tmp_path / "rows.jsonl"
     cmd = [sys.executable, "-m", "pez_cli", "batch", str(d), "--out", str(out), "--model", tiny_model, "--steps", "60",
            "--prompt-len", "3", "--device", "cpu", "--batch-images", "1", "--ray", "--ray-address", cluster, "--quiet"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and (not out.exists() or len(out.read_text().splitlines()) < 2):
-            assert proc.poll() is None, proc.stderr.read()
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_after_lines(cmd, out, 2, timeout=300)
     first = len([line for line in out.read_text().splitlines() if line.endswith("}")])
     assert 2 <= first < 8
     rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
