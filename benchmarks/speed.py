@@ -148,18 +148,26 @@ def probe_memory(method: str, images: int, args) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def image_targets(loaded, n: int, device) -> torch.Tensor:
+    """Normalized image features (n, D) of random pixels (seed 0); then the image tower is
+    dropped: only the text tower is needed from here on (both loops)."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        size = loaded.clip.visual.image_size
+        size = size[0] if isinstance(size, (tuple, list)) else size
+        pixels = torch.randn(n, 3, size, size, generator=g).to(device)
+        feats = torch.nn.functional.normalize(loaded.clip.encode_image(pixels).float(), dim=-1)
+    loaded.clip.visual = None
+    return feats
+
+
 def latency(args, device) -> dict:
     """Case 5: one image, the default model, the default steps: wall time of the paper loop, pez
     eager and pez with --cuda-graph (warm-up and capture included, model loading excluded),
     then a big model's step time and memory (SDXL's ViT-bigG-14)."""
     out = {"arch": args.latency_arch, "steps": args.latency_steps, "runs": [], "big": []}
     loaded = build_model(args.latency_arch, device)
-    with torch.no_grad():
-        size = loaded.clip.visual.image_size
-        size = size[0] if isinstance(size, (tuple, list)) else size
-        pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
-        target = torch.nn.functional.normalize(loaded.clip.encode_image(pixels).float(), dim=-1)
-    loaded.clip.visual = None
+    target = image_targets(loaded, 1, device)
     sync(device)
     start = time.perf_counter()
     paper = paper_loop(loaded.clip, loaded.tokenizer, target, prompt_len=args.prompt_len, steps=args.latency_steps,
@@ -183,17 +191,17 @@ def latency(args, device) -> dict:
         big.clip.visual = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        feats = torch.nn.functional.normalize(torch.randn(1, big.text.output_dim, generator=torch.Generator().manual_seed(0)),
+                                              dim=-1).to(device)
         for name, graph in (("pez", False), ("pez --cuda-graph", True)):
-            dim = big.text.output_dim
-            feats = torch.nn.functional.normalize(torch.randn(1, dim, generator=torch.Generator().manual_seed(0)), dim=-1)
             settings = Settings(model=big.name, device=str(device), prompt_len=args.prompt_len, steps=20,
                                 precision=args.precision, refine=0, cuda_graph=graph)
             engine = Pez(settings, model=big)
-            engine.solve([feats.to(device)], steps=5)  # warm
+            engine.solve([feats], steps=5)  # warm
             with PeakMemory(device) as mem:
                 sync(device)
                 start = time.perf_counter()
-                engine.solve([feats.to(device)])
+                engine.solve([feats])
                 sync(device)
                 seconds = time.perf_counter() - start
             out["big"].append(dict(arch=arch, run=name, ms_per_step=1000 * seconds / 20, peak_mb=mem.peak_mb))
@@ -259,14 +267,7 @@ def main(argv=None):
     # loop runs in fp32. On a GPU, what each keeps allocated between steps (text tower
     # weights, pez's vocabulary copy) is counted into its peak.
     loaded = build_model(args.arch, device)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        size = loaded.clip.visual.image_size
-        size = size[0] if isinstance(size, (tuple, list)) else size
-        pixels = torch.randn(args.images, 3, size, size, generator=g).to(device)
-        feats = torch.nn.functional.normalize(loaded.clip.encode_image(pixels).float(), dim=-1)
-        del pixels
-    loaded.clip.visual = None  # only the text tower is needed from here on (both loops)
+    feats = image_targets(loaded, args.images, device)
     targets = [feats[i : i + 1] for i in range(args.images)]
 
     def make_pez(precision: str, compile_: bool, restarts: int = 1) -> tuple[Pez, float]:
