@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import re
 import sys
 import time
@@ -204,14 +205,34 @@ def configurations(quick: bool) -> list[Config]:
     ]
 
 
-def table(rows: list[Row], ceiling: float, judge_ceiling: float) -> str:
+FUNCTION_WORDS = frozenset({"a", "and", "at", "in", "on", "the"})
+
+
+def references(scenes: list, loaded, scorer: Scorer, seed: int) -> list[dict]:
+    """The true captions (the ceiling) and two texts with every right word but not the caption's
+    form: its words shuffled, and its content words alone in order. They show how much of
+    either model's score is the caption's template rather than what it names."""
+    rng = random.Random(seed)
+    captions = [s.caption for s in scenes]
+    shuffled = [" ".join(rng.sample(c.split(), len(c.split()))) for c in captions]
+    content = [" ".join(w for w in c.split() if w not in FUNCTION_WORDS) for c in captions]
+    out = []
+    for name, texts in (("true caption (ceiling)", captions), ("true caption, words shuffled", shuffled),
+                        ("true caption, content words only", content)):
+        sims = (loaded.encode_texts(texts) * scorer.feats).sum(-1)
+        out.append({"name": name, "judge": sum(scorer.judged(texts)) / len(texts), "similarity": float(sims.mean()),
+                    "example": texts[0]})
+    return out
+
+
+def table(rows: list[Row], refs: list[dict]) -> str:
     lines = ["| configuration | len | steps | judge | similarity | recall | round trip | s/image |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         steps = f"{r.steps}" if r.steps_done >= r.steps else f"{r.steps_done:.0f} of {r.steps}"
         lines.append(f"| {r.name} | {r.prompt_len} | {steps} | **{r.judge:.3f}** | {r.similarity:.3f} | "
                      f"{r.recall:.2f} | {r.round_trip:.2f} | {r.seconds_per_image:.2f} |")
-    lines.append(f"| true caption (ceiling) | | | **{judge_ceiling:.3f}** | {ceiling:.3f} | 1.00 | | |")
+    lines += [f"| {ref['name']} | | | **{ref['judge']:.3f}** | {ref['similarity']:.3f} | 1.00 | | |" for ref in refs]
     return "\n".join(lines)
 
 
@@ -251,9 +272,8 @@ def main(argv=None):
     scenes = world.scenes(HELDOUT_SEED + args.seed, scenes_n)
     pictures = [world.draw(s) for s in scenes]
     scorer = Scorer(loaded.encode_images(pictures), judge, judge.encode_images(pictures))
-    captions = [s.caption for s in scenes]
-    ceiling = float((loaded.encode_texts(captions) * scorer.feats).sum(-1).mean())
-    judge_ceiling = sum(scorer.judged(captions)) / scenes_n
+    refs = references(scenes, loaded, scorer, args.seed)
+    ceiling, judge_ceiling = refs[0]["similarity"], refs[0]["judge"]
     configs = [c for c in configurations(args.quick)
                if not args.only or any(w in c.name for w in args.only.split(",") if w)]
     if any(c.optimizers != "world" for c in configs):
@@ -289,7 +309,7 @@ def main(argv=None):
         f"{judge_report.heldout_top1:.2f} (seed {judge_report.seed}, width {judge_report.width}, "
         f"{judge_report.layers}+{judge_report.layers} layers)",
         "",
-        table(rows, ceiling, judge_ceiling),
+        table(rows, refs),
         "",
         f"Known targets: random {args.text_arch}, target = text features of a secret prompt, `pez distill` (prompt_len 8)",
         "",
@@ -304,6 +324,7 @@ def main(argv=None):
         args.json.write_text(json.dumps({
             "world": asdict(report), "world_model": f"local-dir:{folder}", "judge": asdict(judge_report),
             "judge_model": f"local-dir:{judge_folder}", "scenes": scenes_n, "ceiling": ceiling, "judge_ceiling": judge_ceiling,
+            "references": refs,
             "rows": [asdict(r) for r in rows], "known_targets": known,
         }, indent=2))
     return rows, known

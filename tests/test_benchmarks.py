@@ -66,6 +66,12 @@ def test_quality_benchmark_smoke(tmp_path):
         assert -1 <= row["judge"] <= 1
     assert [r["round_trip"] for r in data["rows"] if "words" in r["name"]] == [1.0, 1.0]
     assert data["judge_model"] != data["world_model"] and -1 <= data["judge_ceiling"] <= 1
+    refs = {r["name"]: r for r in data["references"]}
+    assert refs["true caption (ceiling)"]["judge"] == data["judge_ceiling"]
+    shuffled, content = refs["true caption, words shuffled"]["example"], refs["true caption, content words only"]["example"]
+    caption = refs["true caption (ceiling)"]["example"]
+    assert sorted(shuffled.split()) == sorted(caption.split()) and set(content.split()) <= set(caption.split())
+    assert "| true caption, words shuffled |" in run.stdout
     assert [k["secret"] for k in data["known_targets"]] and all(-1 <= k["similarity"] <= 1 for k in data["known_targets"])
     assert 0 <= data["world"]["heldout_top1"] <= 1
     # The cached world model is reused, not trained again.
