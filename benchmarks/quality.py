@@ -247,6 +247,8 @@ def main(argv=None):
     ap.add_argument("--world-width", type=int, default=128)
     ap.add_argument("--world-layers", type=int, default=3)
     ap.add_argument("--world-batch", type=int, default=128)
+    ap.add_argument("--captions", choices=world.CAPTION_STYLES, default="fixed",
+                    help="the world models' training captions: one template, or varied phrasings (world.py)")
     ap.add_argument("--judge-seed", type=int, default=1, help="the judge: trained apart, on another seed")
     ap.add_argument("--second-seed", type=int, default=2, help="a second optimizing world model, for the ensemble rows")
     ap.add_argument("--judge-width", type=int, default=160)
@@ -262,10 +264,10 @@ def main(argv=None):
 
     started = time.perf_counter()
     folder, report = world.world_model(args.world_steps, args.world_batch, args.seed, args.world_width,
-                                       args.world_layers, args.cache, log=log)
+                                       args.world_layers, args.cache, log=log, captions=args.captions)
     log(f"world model: local-dir:{folder} (held-out top-1 {report.heldout_top1:.2f} over {report.heldout})")
     judge_folder, judge_report = world.world_model(args.world_steps, args.world_batch, args.judge_seed, args.judge_width,
-                                                   args.judge_layers, args.cache, log=log)
+                                                   args.judge_layers, args.cache, log=log, captions=args.captions)
     log(f"judge model: local-dir:{judge_folder} (held-out top-1 {judge_report.heldout_top1:.2f})")
     loaded = load_model(f"local-dir:{folder}", torch.device("cpu"))
     judge = load_model(f"local-dir:{judge_folder}", torch.device("cpu"))
@@ -278,7 +280,8 @@ def main(argv=None):
                if not args.only or any(w in c.name for w in args.only.split(",") if w)]
     if any(c.optimizers != "world" for c in configs):
         second_folder, second_report = world.world_model(args.world_steps, args.world_batch, args.second_seed,
-                                                         args.world_width, args.world_layers, args.cache, log=log)
+                                                         args.world_width, args.world_layers, args.cache, log=log,
+                                                         captions=args.captions)
         log(f"second world model: local-dir:{second_folder} (held-out top-1 {second_report.heldout_top1:.2f})")
         second = load_model(f"local-dir:{second_folder}", torch.device("cpu"))
         scorer.second = (second, second.encode_images(pictures))
@@ -304,7 +307,8 @@ def main(argv=None):
     known = known_targets(args.text_arch, max(1, int(text_steps * args.steps_scale)), args.seed)
 
     out = [
-        f"Quality on the synthetic world: {scenes_n} held-out scenes, world model top-1 {report.heldout_top1:.2f} "
+        f"Quality on the synthetic world ({args.captions} captions): {scenes_n} held-out scenes, "
+        f"world model top-1 {report.heldout_top1:.2f} "
         f"(width {report.width}, {report.layers}+{report.layers} layers, {report.steps} training steps); judge top-1 "
         f"{judge_report.heldout_top1:.2f} (seed {judge_report.seed}, width {judge_report.width}, "
         f"{judge_report.layers}+{judge_report.layers} layers)",

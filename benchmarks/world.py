@@ -74,6 +74,27 @@ def random_scene(rng: random.Random) -> Scene:
     return Scene(caption, background, shapes)
 
 
+CAPTION_STYLES = ("fixed", "varied")
+
+
+def varied_caption(scene: Scene, rng: random.Random) -> str:
+    """The scene's facts in a randomly chosen phrasing: shapes in either order, the article
+    optional, the position before or after its shape, the background first or last. A model
+    trained on these must read what is named rather than one sentence template; the canonical
+    caption (`scene.caption`) is one of the phrasings."""
+    phrases = []
+    for s in rng.sample(scene.shapes, len(scene.shapes)):
+        thing = f"{rng.choice(('a ', ''))}{s['size']} {s['color']} {s['shape']}"
+        phrases.append(f"{thing} {s['position']}" if rng.random() < 0.7 else f"{s['position']} {thing}")
+    shapes = rng.choice((" and ", ", ")).join(phrases)
+    form = rng.randrange(3)
+    if form == 0:
+        return f"{shapes} on a {scene.background} background"
+    if form == 1:
+        return f"a {scene.background} background with {shapes}"
+    return f"{shapes}, {scene.background} background"
+
+
 def _polygon(kind: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
     if kind == "triangle":
         return [(cx + r * math.cos(a), cy + r * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
@@ -173,7 +194,8 @@ def heldout_top1(model, tokenizer, n: int = 128, seed: int = 10_000) -> float:
     return sum(batch[i].caption == batch[j].caption for i, j in enumerate(best)) / n
 
 
-def train(steps: int, batch: int, seed: int, width: int, layers: int, lr: float = 1e-3, log=None):
+def train(steps: int, batch: int, seed: int, width: int, layers: int, lr: float = 1e-3, log=None,
+          captions: str = "fixed"):
     import open_clip
 
     torch.manual_seed(seed)
@@ -191,7 +213,8 @@ def train(steps: int, batch: int, seed: int, width: int, layers: int, lr: float 
     for step in range(steps):
         batch_scenes = [random_scene(rng) for _ in range(batch)]
         pixels = to_pixels([draw(s, jitter=rng) for s in batch_scenes])
-        tokens = tokenizer([s.caption for s in batch_scenes])
+        texts = [s.caption if captions == "fixed" else varied_caption(s, rng) for s in batch_scenes]
+        tokens = tokenizer(texts)
         img = F.normalize(model.encode_image(pixels), dim=-1)
         txt = F.normalize(encode_captions(model, tokens), dim=-1)
         logits = model.logit_scale.exp() * img @ txt.T
@@ -215,24 +238,28 @@ def train(steps: int, batch: int, seed: int, width: int, layers: int, lr: float 
     return model, cfg, report
 
 
-def cache_key(steps, batch, seed, width, layers) -> str:
-    text = json.dumps({"v": 1, "steps": steps, "batch": batch, "seed": seed, "width": width, "layers": layers,
-                       "image": IMAGE_SIZE, "positions": TEXT_POSITIONS})
+def cache_key(steps, batch, seed, width, layers, captions="fixed") -> str:
+    key = {"v": 1, "steps": steps, "batch": batch, "seed": seed, "width": width, "layers": layers,
+           "image": IMAGE_SIZE, "positions": TEXT_POSITIONS}
+    if captions != "fixed":  # models trained before caption styles existed keep their keys
+        key["captions"] = captions
+    text = json.dumps(key)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 DEFAULT_CACHE = Path.home() / ".cache" / "pez-bench"
 
 
-def world_model(steps=1500, batch=128, seed=0, width=128, layers=3, cache: Path = DEFAULT_CACHE, log=None):
+def world_model(steps=1500, batch=128, seed=0, width=128, layers=3, cache: Path = DEFAULT_CACHE, log=None,
+                captions="fixed"):
     """The trained world model's `local-dir:` folder and report, trained once and cached."""
     from pez_cli.models import save_local_dir
 
-    folder = Path(cache) / f"world-{cache_key(steps, batch, seed, width, layers)}"
+    folder = Path(cache) / f"world-{cache_key(steps, batch, seed, width, layers, captions)}"
     report_path = folder / "world.json"
     if report_path.is_file():
         return folder, WorldReport(**json.loads(report_path.read_text()))
-    model, cfg, report = train(steps, batch, seed, width, layers, log=log)
+    model, cfg, report = train(steps, batch, seed, width, layers, log=log, captions=captions)
     save_local_dir(model, cfg, {"mean": list(MEAN), "std": list(STD)}, folder)
     report_path.write_text(json.dumps(asdict(report), indent=2))  # written last: marks the cache complete
     return folder, report
@@ -246,10 +273,12 @@ def main(argv=None):
     ap.add_argument("--width", type=int, default=128)
     ap.add_argument("--layers", type=int, default=3)
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    ap.add_argument("--captions", choices=CAPTION_STYLES, default="fixed",
+                    help="train on one caption template (fixed) or on varied phrasings of the same facts")
     ap.add_argument("--samples", type=Path, help="also write a few example scenes (PNG + captions) here")
     args = ap.parse_args(argv)
     folder, report = world_model(args.steps, args.batch, args.seed, args.width, args.layers, args.cache,
-                                 log=lambda m: print(m, file=sys.stderr, flush=True))
+                                 log=lambda m: print(m, file=sys.stderr, flush=True), captions=args.captions)
     print(json.dumps({"model": f"local-dir:{folder}", **{k: v for k, v in asdict(report).items() if k != "losses"}}, indent=2))
     if args.samples:
         args.samples.mkdir(parents=True, exist_ok=True)

@@ -98,3 +98,27 @@ def test_quality_snapshot_rows_equal_shorter_runs(load_tiny, monkeypatch):
     assert long[0].judge == short.judge
     # The run went on past the snapshot and changed its prompts.
     assert long[1].examples != long[0].examples
+
+
+def test_world_varied_captions_name_every_fact(monkeypatch):
+    """The varied phrasings state exactly the scene's facts (same words as the canonical
+    caption, apart from connectors), differ from one another, and get their own cache key
+    while the template world keeps the key it was trained under."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import random
+
+    import world
+
+    rng = random.Random(0)
+    connectors = {"a", "and", "on", "with"}
+    seen = set()
+    for scene in world.scenes(3, 40):
+        for _ in range(5):
+            text = world.varied_caption(scene, rng)
+            seen.add(text)
+            got = [w for w in text.replace(",", " ").split() if w not in connectors]
+            want = [w for w in scene.caption.split() if w not in connectors]
+            assert sorted(got) == sorted(want), (text, scene.caption)
+    assert len(seen) > 100
+    assert world.cache_key(1500, 128, 0, 128, 3) == world.cache_key(1500, 128, 0, 128, 3, "fixed")
+    assert world.cache_key(1500, 128, 0, 128, 3, "varied") != world.cache_key(1500, 128, 0, 128, 3)
