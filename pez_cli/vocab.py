@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import os
+import sys
 import unicodedata
+from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -55,17 +61,71 @@ def is_word(tokenizer: Any, token_id: int, text: str) -> bool:
 
 
 # Word ids per tokenizer (by what it reads and how it cleans): checking every token takes
-# about a second, and one process often builds several vocabularies on one tokenizer.
-_WORDS: dict[tuple, frozenset[int]] = {}
+# about a second, and one process often builds several vocabularies on one tokenizer. They
+# are also kept on disk (CACHE_DIR), so each `pez` start does not pay that second again.
+_WORDS: dict[str, frozenset[int]] = {}
+# Bump when is_word's rules change: it is part of the on-disk key.
+WORD_RULES = 1
+
+
+def cache_dir() -> Path:
+    """pez's own cache folder: $XDG_CACHE_HOME/pez, else ~/.cache/pez."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pez"
+
+
+def _words_key(tokenizer: Any, size: int) -> str | None:
+    """A digest of everything is_word depends on, or None where that cannot be named (a
+    cleaning function without a stable name): such word lists are not kept on disk."""
+    clean = getattr(tokenizer, "clean_fn", None)
+    clean_name = "none" if clean is None else getattr(clean, "__qualname__", None)
+    if clean_name is None:
+        return None
+    module = type(tokenizer).__module__
+    library = sys.modules.get(module.split(".")[0])
+    digest = hashlib.sha256(json.dumps([
+        WORD_RULES, WORD_PUNCTUATION, module, type(tokenizer).__qualname__, getattr(clean, "__module__", ""),
+        clean_name, getattr(library, "__version__", ""), size]).encode())
+    for i in range(size):
+        digest.update(tokenizer.decoder[i].encode("utf-8", "surrogatepass") + b"\0")
+    return digest.hexdigest()[:32]
+
+
+def _read_words(path: Path, size: int) -> frozenset[int] | None:
+    try:
+        ids = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(ids, list) or not all(type(i) is int and 0 <= i < size for i in ids):
+        return None  # damaged or foreign: computed again and rewritten
+    return frozenset(ids)
+
+
+def _write_words(path: Path, ids: frozenset[int]) -> None:
+    """Written beside and renamed over, under a name of this process's own, so concurrent
+    pez starts never see half a file; a read-only or full cache folder only costs the
+    second again next time."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(sorted(ids)), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
 
 def word_ids(tokenizer: Any, texts: Sequence[str]) -> frozenset[int]:
     """The ids of `texts` (the tokenizer's token texts, by id) that pass `is_word`."""
-    clean = getattr(tokenizer, "clean_fn", None)
-    key = (type(tokenizer).__qualname__, getattr(clean, "__qualname__", repr(clean)),
-           hash(tuple(tokenizer.decoder[i] for i in range(len(texts)))))
+    key = _words_key(tokenizer, len(texts))
+    if key is None:
+        return frozenset(i for i, text in enumerate(texts) if is_word(tokenizer, i, text))
     if key not in _WORDS:
-        _WORDS[key] = frozenset(i for i, text in enumerate(texts) if is_word(tokenizer, i, text))
+        path = cache_dir() / f"words-{key}.json"
+        found = _read_words(path, len(texts))
+        if found is None:
+            found = frozenset(i for i, text in enumerate(texts) if is_word(tokenizer, i, text))
+            _write_words(path, found)
+        _WORDS[key] = found
     return _WORDS[key]
 
 

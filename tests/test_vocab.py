@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -54,3 +56,42 @@ def test_decode_keeps_word_boundaries(model):
     end = tok.encoder["t</w>"]
     assert vocab.decode([piece, end]) == "cat"
     assert not vocab.round_trips("cat", [piece, end])
+
+
+def test_word_ids_are_kept_on_disk_and_a_damaged_copy_is_redone(model, tmp_path, monkeypatch):
+    """The whole-word list is computed once per tokenizer vocabulary and read back from
+    $XDG_CACHE_HOME/pez by later processes; a damaged or foreign file is ignored and replaced."""
+    from pez_cli import vocab
+
+    monkeypatch.setattr(vocab, "_WORDS", {})  # as in a new process
+    tok = model.tokenizer
+    texts = [vocab.token_text(tok, i) for i in range(len(tok.decoder))]
+    computed = vocab.word_ids(tok, texts)
+    [path] = (tmp_path / "cache" / "pez").glob("words-*.json")
+    assert frozenset(json.loads(path.read_text())) == computed
+    assert all(vocab.is_word(tok, i, texts[i]) for i in list(computed)[:500])
+
+    # A new process reads the file instead of checking every token again.
+    monkeypatch.setattr(vocab, "_WORDS", {})
+    path.write_text(json.dumps(sorted(computed)[:10]))
+    assert vocab.word_ids(tok, texts) == frozenset(sorted(computed)[:10])
+
+    for damage in ('[1, 2, "x"]', "[1, 2", '{"a": 1}', f"[{len(texts)}]", "\xff"):
+        monkeypatch.setattr(vocab, "_WORDS", {})
+        path.write_text(damage, encoding="latin-1")
+        assert vocab.word_ids(tok, texts) == computed, damage
+        assert frozenset(json.loads(path.read_text())) == computed
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary files left
+
+
+def test_word_ids_without_a_writable_cache_still_work(model, tmp_path, monkeypatch):
+    from pez_cli import vocab
+
+    monkeypatch.setattr(vocab, "_WORDS", {})
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder would go")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    tok = model.tokenizer
+    texts = [vocab.token_text(tok, i) for i in range(len(tok.decoder))]
+    ids = vocab.word_ids(tok, texts)
+    assert tok.encode("circle")[0] in ids and blocker.read_text().startswith("a file")
