@@ -4,6 +4,7 @@ optimize the prompt sees it?
     python benchmarks/quality.py                 # full run (trains the world and judge models once)
     python benchmarks/quality.py --quick         # a few minutes, once the models are cached
     python benchmarks/quality.py --json quality.json
+    python benchmarks/quality.py --captions varied   # world models trained on varied phrasings
 
 Part 1, the synthetic world (benchmarks/world.py): a tiny CLIP trained on drawn scenes with
 exact captions optimizes; a second CLIP trained apart on the same world (another seed, width
