@@ -69,8 +69,11 @@ WORD_RULES = 1
 
 
 def cache_dir() -> Path:
-    """pez's own cache folder: $XDG_CACHE_HOME/pez, else ~/.cache/pez."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pez"
+    """pez's own cache folder: $XDG_CACHE_HOME/pez, else ~/.cache/pez (a relative
+    XDG_CACHE_HOME is ignored, as the XDG spec says, so the folder never depends on where pez
+    was started)."""
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    return (Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache") / "pez"
 
 
 def _words_key(tokenizer: Any, size: int) -> str | None:

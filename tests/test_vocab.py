@@ -95,3 +95,14 @@ def test_word_ids_without_a_writable_cache_still_work(model, tmp_path, monkeypat
     texts = [vocab.token_text(tok, i) for i in range(len(tok.decoder))]
     ids = vocab.word_ids(tok, texts)
     assert tok.encode("circle")[0] in ids and blocker.read_text().startswith("a file")
+
+
+def test_cache_dir_follows_xdg_and_ignores_a_relative_one(tmp_path, monkeypatch):
+    from pez_cli.vocab import cache_dir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "pez"
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for value in ("relative/dir", ""):
+        monkeypatch.setenv("XDG_CACHE_HOME", value)
+        assert cache_dir() == tmp_path / "home" / ".cache" / "pez"
