@@ -62,7 +62,7 @@ def is_word(tokenizer: Any, token_id: int, text: str) -> bool:
 
 # Word ids per tokenizer (by what it reads and how it cleans): checking every token takes
 # about a second, and one process often builds several vocabularies on one tokenizer. They
-# are also kept on disk (CACHE_DIR), so each `pez` start does not pay that second again.
+# are also kept on disk (cache_dir()), so each `pez` start does not pay that second again.
 _WORDS: dict[str, frozenset[int]] = {}
 # Bump when is_word's rules change: it is part of the on-disk key.
 WORD_RULES = 1
@@ -76,21 +76,21 @@ def cache_dir() -> Path:
     return (Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache") / "pez"
 
 
-def _words_key(tokenizer: Any, size: int) -> str | None:
-    """A digest of everything is_word depends on, or None where that cannot be named (a
-    cleaning function without a stable name): such word lists are not kept on disk."""
+def _words_key(tokenizer: Any, size: int) -> tuple[str, bool]:
+    """A digest of everything is_word depends on, and whether it holds across processes: a
+    cleaning function without a stable name (a functools.partial, say) is named by its repr,
+    good for this process only, and such word lists are not kept on disk."""
     clean = getattr(tokenizer, "clean_fn", None)
     clean_name = "none" if clean is None else getattr(clean, "__qualname__", None)
-    if clean_name is None:
-        return None
+    stable = clean_name is not None
     module = type(tokenizer).__module__
     library = sys.modules.get(module.split(".")[0])
     digest = hashlib.sha256(json.dumps([
         WORD_RULES, WORD_PUNCTUATION, module, type(tokenizer).__qualname__, getattr(clean, "__module__", ""),
-        clean_name, getattr(library, "__version__", ""), size]).encode())
+        clean_name if stable else repr(clean), getattr(library, "__version__", ""), size]).encode())
     for i in range(size):
         digest.update(tokenizer.decoder[i].encode("utf-8", "surrogatepass") + b"\0")
-    return digest.hexdigest()[:32]
+    return digest.hexdigest()[:32], stable
 
 
 def _read_words(path: Path, size: int) -> frozenset[int] | None:
@@ -119,15 +119,14 @@ def _write_words(path: Path, ids: frozenset[int]) -> None:
 
 def word_ids(tokenizer: Any, texts: Sequence[str]) -> frozenset[int]:
     """The ids of `texts` (the tokenizer's token texts, by id) that pass `is_word`."""
-    key = _words_key(tokenizer, len(texts))
-    if key is None:
-        return frozenset(i for i, text in enumerate(texts) if is_word(tokenizer, i, text))
+    key, stable = _words_key(tokenizer, len(texts))
     if key not in _WORDS:
         path = cache_dir() / f"words-{key}.json"
-        found = _read_words(path, len(texts))
+        found = _read_words(path, len(texts)) if stable else None
         if found is None:
             found = frozenset(i for i, text in enumerate(texts) if is_word(tokenizer, i, text))
-            _write_words(path, found)
+            if stable:
+                _write_words(path, found)
         _WORDS[key] = found
     return _WORDS[key]
 

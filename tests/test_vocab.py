@@ -106,3 +106,21 @@ def test_cache_dir_follows_xdg_and_ignores_a_relative_one(tmp_path, monkeypatch)
     for value in ("relative/dir", ""):
         monkeypatch.setenv("XDG_CACHE_HOME", value)
         assert cache_dir() == tmp_path / "home" / ".cache" / "pez"
+
+
+def test_word_ids_of_an_unnamed_cleaning_function_are_kept_in_memory_only(model, tmp_path, monkeypatch):
+    """A cleaning function without a stable name (a partial) cannot key a file other processes
+    trust: the list is computed once per process and never written."""
+    import copy
+    import functools
+
+    from pez_cli import vocab
+
+    monkeypatch.setattr(vocab, "_WORDS", {})
+    tok = copy.copy(model.tokenizer)
+    tok.clean_fn = functools.partial(tok.clean_fn)
+    texts = [vocab.token_text(tok, i) for i in range(len(tok.decoder))]
+    first = vocab.word_ids(tok, texts)
+    assert vocab.word_ids(tok, texts) is first and len(vocab._WORDS) == 1
+    assert not (tmp_path / "cache" / "pez").exists()
+    assert first == vocab.word_ids(model.tokenizer, texts)  # same words as the named function gives
