@@ -31,7 +31,7 @@ from pez_cli.models import pick_device
 from speed import build_model
 
 
-def whole_jobs(args, arch_name: str) -> tuple[dict, dict]:
+def whole_jobs(args) -> tuple[dict, dict]:
     """`pez batch` on image files, locally and with --ray on a local cluster; the same rows."""
     import tempfile
 
@@ -121,7 +121,7 @@ def main(argv=None):
         rows[f"batch_{group}"] = {"seconds": seconds, "images_per_minute": 60 * args.images / seconds, "ratio": ratio}
         lines.append(f"| pez batch --batch-images {group} | {seconds:.1f} | {60 * args.images / seconds:.1f} | {ratio:.1f}x |")
     if args.ray:
-        local, on_ray = whole_jobs(args, loaded.name)
+        local, on_ray = whole_jobs(args)
         rows["job_local"], rows["job_ray"] = local, on_ray
         lines += ["", f"The whole job ({args.images} image files, model loading included):", "",
                   "| run | seconds | images per minute | ratio |", "| --- | ---: | ---: | ---: |",
