@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import math
 import random
@@ -69,9 +70,25 @@ def random_scene(rng: random.Random) -> Scene:
         positions = ["on the left", "on the right"]
     shapes = [{"shape": rng.choice(SHAPES), "color": rng.choice(palette), "size": rng.choice(list(SIZES)),
                "position": pos} for pos in positions]
+    return make_scene(shapes, background)
+
+
+def make_scene(shapes: list[dict], background: str) -> Scene:
+    """A scene with its canonical caption."""
     parts = [f"a {s['size']} {s['color']} {s['shape']} {s['position']}" for s in shapes]
-    caption = " and ".join(parts) + f" on a {background} background"
-    return Scene(caption, background, shapes)
+    return Scene(" and ".join(parts) + f" on a {background} background", background, shapes)
+
+
+def alternatives(scene: Scene) -> list[Scene]:
+    """Every scene with this one's sizes and positions and any background, shape colours
+    (never the background's, as scenes are drawn) and shapes: the captions an optimizer could
+    write if it could only write this scene's caption form."""
+    out = []
+    for background in COLORS:
+        palette = [c for c in COLORS if c != background]
+        choices = [[{**s, "color": c, "shape": k} for c in palette for k in SHAPES] for s in scene.shapes]
+        out.extend(make_scene(list(combo), background) for combo in itertools.product(*choices))
+    return out
 
 
 CAPTION_STYLES = ("fixed", "varied")

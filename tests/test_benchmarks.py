@@ -72,6 +72,9 @@ def test_quality_benchmark_smoke(tmp_path):
     caption = refs["true caption (ceiling)"]["example"]
     assert sorted(shuffled.split()) == sorted(caption.split()) and set(content.split()) <= set(caption.split())
     assert "| true caption, words shuffled |" in run.stdout
+    best = refs["best caption of the scene's form, by the optimizing model"]
+    assert 0 <= best["recall"] <= 1 and len(best["example"].split()) == len(caption.split())
+    assert f"| {best['recall']:.2f} |" in run.stdout
     assert [k["secret"] for k in data["known_targets"]] and all(-1 <= k["similarity"] <= 1 for k in data["known_targets"])
     assert 0 <= data["world"]["heldout_top1"] <= 1
     # The cached world model is reused, not trained again.
@@ -122,3 +125,26 @@ def test_world_varied_captions_name_every_fact(monkeypatch):
     assert len(seen) > 100
     assert world.cache_key(1500, 128, 0, 128, 3) == world.cache_key(1500, 128, 0, 128, 3, "fixed")
     assert world.cache_key(1500, 128, 0, 128, 3, "varied") != world.cache_key(1500, 128, 0, 128, 3)
+
+
+def test_model_best_caption_searches_the_scene_form(load_tiny, monkeypatch):
+    """The reference 'best caption of the scene's form' searches every colour, shape and
+    background at the scene's sizes and positions, and picks the caption the model scores
+    highest: given a target that is one caption's own text features, it finds that caption."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import quality
+    import world
+
+    loaded = load_tiny()
+    one, two = world.scenes(5, 40)[0], next(s for s in world.scenes(5, 40) if len(s.shapes) == 2)
+    options = world.alternatives(one)
+    # 8 backgrounds, 7 other colours and 6 shapes per shape; sizes and positions kept.
+    assert len(options) == 8 * (7 * 6) ** len(one.shapes)
+    assert len(world.alternatives(two)) == 8 * (7 * 6) ** 2
+    assert one.caption in {o.caption for o in options} and len({o.caption for o in options}) == len(options)
+    assert all(s["color"] != o.background for o in options for s in o.shapes)
+    assert all([(s["size"], s["position"]) for s in o.shapes] == [(s["size"], s["position"]) for s in one.shapes]
+               for o in options)
+    target = options[37]
+    found = quality.model_best_caption(one, loaded, loaded.encode_texts([target.caption])[0])
+    assert found.caption == target.caption and quality.recall(found.caption, target) == 1.0
