@@ -148,3 +148,11 @@ def test_model_best_caption_searches_the_scene_form(load_tiny, monkeypatch):
     target = options[37]
     found = quality.model_best_caption(one, loaded, loaded.encode_texts([target.caption])[0])
     assert found.caption == target.caption and quality.recall(found.caption, target) == 1.0
+
+
+def test_device_script_usage():
+    """benchmarks/device.sh (the prepared GPU run) parses, and names its two modes when given none."""
+    script = ROOT / "benchmarks" / "device.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    run = subprocess.run(["bash", str(script)], capture_output=True, text=True)
+    assert run.returncode == 2 and "fetch|run" in run.stderr
