@@ -6,9 +6,11 @@
 #
 #   benchmarks/device.sh fetch     # here, with pip's registry: download the wheels into .whl/
 #   benchmarks/device.sh run       # there, in the repository root: install them, run the checks
+#   benchmarks/device.sh run latency restarts    # only some of: gpu_check latency restarts
 #
 # `run` writes gpu_check.json, latency.json, restarts.json and a log of each into $OUT (default
-# ./device-out), and exits non-zero if a check failed. About 5 minutes on an H100.
+# ./device-out), and exits non-zero if a check failed. Not yet timed on a GPU: if one call's
+# 10 minutes are tight, run gpu_check first and the rest in a second call.
 set -u -o pipefail
 
 WHEELS=(open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4 diffusers==0.42.1 importlib_metadata==10.2.0
@@ -20,7 +22,11 @@ fetch() {
 }
 
 run() {
-    local out="${OUT:-./device-out}" failed=0
+    local out="${OUT:-./device-out}" failed=0 parts=("$@") part
+    [ ${#parts[@]} -gt 0 ] || parts=(gpu_check latency restarts)
+    for part in "${parts[@]}"; do
+        case "$part" in gpu_check|latency|restarts) ;; *) echo "device.sh: unknown part $part" >&2; exit 2 ;; esac
+    done
     mkdir -p "$out"
     if compgen -G ".whl/*.whl" >/dev/null; then
         python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -31,15 +37,19 @@ run() {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
     python3 -c "import torch, open_clip, pez_cli; print('torch', torch.__version__, 'open_clip', open_clip.__version__)" \
         || { echo "device.sh: pez cannot be imported here" >&2; exit 1; }
-    python3 benchmarks/gpu_check.py --json "$out/gpu_check.json" 2>&1 | tee "$out/gpu_check.log" || failed=1
-    python3 benchmarks/speed.py --device cuda --latency --json "$out/latency.json" 2>&1 | tee "$out/latency.log" || failed=1
-    python3 benchmarks/speed.py --device cuda --restarts 1,4,8 --images 8 --steps 100 --json "$out/restarts.json" 2>&1 \
-        | tee "$out/restarts.log" || failed=1
+    for part in "${parts[@]}"; do
+        case "$part" in
+            gpu_check) python3 benchmarks/gpu_check.py --json "$out/gpu_check.json" ;;
+            latency) python3 benchmarks/speed.py --device cuda --latency --json "$out/latency.json" ;;
+            restarts) python3 benchmarks/speed.py --device cuda --restarts 1,4,8 --images 8 --steps 100 \
+                          --json "$out/restarts.json" ;;
+        esac 2>&1 | tee "$out/$part.log" || failed=1
+    done
     exit "$failed"
 }
 
 case "${1:-}" in
     fetch) fetch ;;
-    run) run ;;
-    *) echo "usage: benchmarks/device.sh fetch|run" >&2; exit 2 ;;
+    run) shift; run "$@" ;;
+    *) echo "usage: benchmarks/device.sh fetch|run [gpu_check|latency|restarts]..." >&2; exit 2 ;;
 esac

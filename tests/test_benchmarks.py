@@ -1,6 +1,7 @@
 """The benchmark scripts keep working (smoke runs; no timing assertions)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -150,9 +151,13 @@ def test_model_best_caption_searches_the_scene_form(load_tiny, monkeypatch):
     assert found.caption == target.caption and quality.recall(found.caption, target) == 1.0
 
 
-def test_device_script_usage():
-    """benchmarks/device.sh (the prepared GPU run) parses, and names its two modes when given none."""
+def test_device_script_usage(tmp_path):
+    """benchmarks/device.sh (the prepared GPU run) parses, names its modes when given none, and
+    refuses an unknown part before it installs or writes anything."""
     script = ROOT / "benchmarks" / "device.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     run = subprocess.run(["bash", str(script)], capture_output=True, text=True)
     assert run.returncode == 2 and "fetch|run" in run.stderr
+    run = subprocess.run(["bash", str(script), "run", "gpu_check", "bogus"], capture_output=True, text=True, cwd=tmp_path,
+                         env={**os.environ, "OUT": str(tmp_path / "out")})
+    assert run.returncode == 2 and "unknown part bogus" in run.stderr and not any(tmp_path.iterdir())
