@@ -215,12 +215,12 @@ def references(scenes: list, loaded, scorer: Scorer, seed: int) -> list[dict]:
     """The true captions (the ceiling); two texts with every right word but not the caption's
     form: its words shuffled, and its content words alone in order, which show how much of
     either model's score is the caption's template rather than what it names; and the
-    optimizing model's own best caption of each scene's form (model_best_caption)."""
+    optimizing model's own best caption of each scene's form (model_best_captions)."""
     rng = random.Random(seed)
     captions = [s.caption for s in scenes]
     shuffled = [" ".join(rng.sample(c.split(), len(c.split()))) for c in captions]
     content = [" ".join(w for w in c.split() if w not in FUNCTION_WORDS) for c in captions]
-    chosen = [model_best_caption(s, loaded, scorer.feats[i]) for i, s in enumerate(scenes)]
+    chosen = model_best_captions(scenes, loaded, scorer.feats)
     out = []
     for name, texts in (("true caption (ceiling)", captions), ("true caption, words shuffled", shuffled),
                         ("true caption, content words only", content),
@@ -231,15 +231,24 @@ def references(scenes: list, loaded, scorer: Scorer, seed: int) -> list[dict]:
     return out
 
 
-def model_best_caption(scene: world.Scene, loaded, feature: torch.Tensor, chunk: int = 4096) -> world.Scene:
-    """Of every caption with this scene's form (its sizes and positions; any colours, shapes and
-    background: world.alternatives), the one the optimizing model scores highest against the
-    scene's image. What an optimizer of that model's score would print if it could only write
-    well-formed captions: it shows how much the model itself knows of the scene."""
-    options = world.alternatives(scene)
-    texts = [o.caption for o in options]
-    sims = torch.cat([loaded.encode_texts(texts[i:i + chunk]) @ feature for i in range(0, len(texts), chunk)])
-    return options[int(sims.argmax())]
+def model_best_captions(scenes: list[world.Scene], loaded, feats: torch.Tensor, chunk: int = 4096) -> list[world.Scene]:
+    """For each scene, of every caption with its form (its sizes and positions; any colours,
+    shapes and background: world.alternatives), the one the optimizing model scores highest
+    against the scene's image (feats: (n, D)). What an optimizer of that model's score would
+    print if it could only write well-formed captions: it shows how much the model itself knows
+    of the scene. Scenes of one form share its captions, encoded once."""
+    forms: dict[tuple, list[int]] = {}
+    for i, scene in enumerate(scenes):
+        forms.setdefault(tuple((s["size"], s["position"]) for s in scene.shapes), []).append(i)
+    chosen: list[world.Scene | None] = [None] * len(scenes)
+    for members in forms.values():
+        options = world.alternatives(scenes[members[0]])
+        texts = [o.caption for o in options]
+        encoded = torch.cat([loaded.encode_texts(texts[i:i + chunk]) for i in range(0, len(texts), chunk)])  # (K, D)
+        best = (feats[members] @ encoded.T).argmax(-1)  # (members,)
+        for i, k in zip(members, best.tolist()):
+            chosen[i] = options[k]
+    return chosen
 
 
 def table(rows: list[Row], refs: list[dict]) -> str:

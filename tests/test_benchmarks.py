@@ -146,9 +146,12 @@ def test_model_best_caption_searches_the_scene_form(load_tiny, monkeypatch):
     assert all(s["color"] != o.background for o in options for s in o.shapes)
     assert all([(s["size"], s["position"]) for s in o.shapes] == [(s["size"], s["position"]) for s in one.shapes]
                for o in options)
-    target = options[37]
-    found = quality.model_best_caption(one, loaded, loaded.encode_texts([target.caption])[0])
-    assert found.caption == target.caption and quality.recall(found.caption, target) == 1.0
+    target, other = options[37], options[100]
+    twin = world.make_scene(other.shapes, other.background)  # a second scene of the same form
+    feats = loaded.encode_texts([target.caption, other.caption])
+    found = quality.model_best_captions([one, twin], loaded, feats)
+    assert found[0].caption == target.caption and quality.recall(found[0].caption, target) == 1.0
+    assert found[1].caption == other.caption  # scenes sharing a form each get their own best
 
 
 def test_device_script_usage(tmp_path):
