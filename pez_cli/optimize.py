@@ -32,6 +32,8 @@ weight 1 this is exactly the single-model loop.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -45,12 +47,18 @@ from pez_cli.errors import ConfigError
 from pez_cli.models import TextTower
 from pez_cli.vocab import Vocabulary, project_jointly
 
+log = logging.getLogger("pez")
+
 # Static loss scale for fp16, so small gradients do not flush to zero.
 FP16_LOSS_SCALE = 1024.0
 # Steps between two batched passes scoring candidates as printed text (and patience checks).
 FLUSH_EVERY = 8
 # Eager steps before a step is captured as a CUDA graph (allocator and autograd warm-up).
 GRAPH_WARMUP = 3
+# Steps between flushes with --cuda-graph and no --patience: a graphed step takes a few ms, and
+# each flush (a host sync and an eager pass over the printed texts) costs about as much as 2.
+# The same candidates are scored either way; only patience needs the shorter interval.
+GRAPH_FLUSH_EVERY = 64
 
 
 def check_prompt_len(prompt_len: int, context_length: int) -> None:
@@ -73,6 +81,24 @@ def check_memory(prompts: int, length: int, width: int, tower: TextTower, device
     if need > total:
         raise ConfigError(f"{prompts} prompts of {length} tokens need more than {need / 2**30:.0f} GiB, and this "
                           f"{device.type} has {total / 2**30:.0f} GiB; use fewer --restarts, --batch-images or tokens")
+
+
+def can_graph(device: torch.device) -> bool:
+    """Whether steps on this device can be captured as CUDA graphs (tests emulate it on the CPU)."""
+    return device.type == "cuda"
+
+
+@contextlib.contextmanager
+def side_stream(device: torch.device):
+    """Run the block on a side stream, as CUDA graph warm-up wants (a no-op off CUDA)."""
+    if device.type != "cuda":
+        yield
+        return
+    stream = torch.cuda.Stream(device=device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        yield
+    torch.cuda.current_stream(device).wait_stream(stream)
 
 
 def pad_targets(targets: Sequence[torch.Tensor], device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,9 +208,11 @@ class PromptOptimizer:
         init = torch.stack([first.vocab.random_ids((restarts, length), g) for g in self.generators]).reshape(-1, length)
         self.prompts = [s.vocab.embeddings[init].clone().requires_grad_(True) for s in self.spaces]  # (A*R, L, W_k)
         # CUDA graphs (--cuda-graph): the step is captured once it is warm and replayed after.
-        self.graphed = bool(settings.cuda_graph) and device.type == "cuda" and not settings.compile
+        self.graphed = bool(settings.cuda_graph) and can_graph(device) and not settings.compile
         self.graph: GraphedStep | None = None
+        self.graph_ids: torch.Tensor | None = None  # the graph's projected ids, rewritten by each replay
         self.warm_steps = 0  # eager steps since the shapes last changed
+        self.flush_every = GRAPH_FLUSH_EVERY if self.graphed and not settings.patience else FLUSH_EVERY
         self.optimizer = self._adamw(self.prompts)
 
         self.forwards: list[Callable[[torch.Tensor], torch.Tensor]] = [
@@ -210,8 +238,10 @@ class PromptOptimizer:
         return self.prompts[0]
 
     def _adamw(self, prompts: list[torch.Tensor]) -> torch.optim.AdamW:
+        # Capturable on every CUDA run, graphed or not: its arithmetic differs from the plain
+        # update in the last bits, and the graphed and eager loops must pick the same ids.
         return torch.optim.AdamW(prompts, lr=self.settings.lr, weight_decay=self.settings.weight_decay,
-                                 capturable=self.graphed)
+                                 capturable=prompts[0].device.type == "cuda")
 
     def _batch_weights(self) -> torch.Tensor:
         """(A, n_max) weights of this step's sampled targets, each row summing to 1."""
@@ -231,15 +261,21 @@ class PromptOptimizer:
         weights = self._batch_weights()
         if self.graph is not None:
             chosen, score = self.graph.replay(weights)
+            self.last_ids = self.graph_ids
         elif self.graphed:  # warm-up steps run on a side stream, as CUDA graph capture wants
-            stream = torch.cuda.Stream(device=self.step_number.device)
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
+            with side_stream(self.step_number.device):
                 chosen, score = self._step_body(weights)
-            torch.cuda.current_stream().wait_stream(stream)
             self.warm_steps += 1
             if self.warm_steps >= GRAPH_WARMUP:  # warm: the next steps replay a capture
-                self.graph = GraphedStep(self._step_body, weights)
+                ids = self.last_ids
+                try:
+                    self.graph = GraphedStep(self._step_body, weights)
+                except RuntimeError as exc:  # a device or driver that cannot capture: the same steps, eagerly
+                    log.info("CUDA graph capture failed (%s); going on without", str(exc).splitlines()[0] if str(exc) else exc)
+                    self.graphed = False
+                else:  # the graph's own ids tensor holds each replay's ids
+                    self.graph_ids = self.last_ids
+                self.last_ids = ids  # the capture computed nothing: this step's ids are the warm-up's
         else:
             chosen, score = self._step_body(weights)
         self.step_count += 1
@@ -247,7 +283,7 @@ class PromptOptimizer:
         self.pending.ids.append(chosen)
         self.pending.scores.append(score)
         self.pending.steps.append(self.step_count)
-        if self.step_count % FLUSH_EVERY == 0:
+        if self.step_count % self.flush_every == 0:
             self.flush()
 
     def _step_body(self, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -356,7 +392,7 @@ class PromptOptimizer:
         states = [self.optimizer.state.get(prompt, {}) for prompt in self.prompts]
         self.prompts = [prompt.detach()[rows].clone().requires_grad_(True) for prompt in self.prompts]
         self.optimizer = self._adamw(self.prompts)
-        self.graph, self.warm_steps = None, 0  # new shapes: warm up and capture again
+        self.graph, self.graph_ids, self.warm_steps = None, None, 0  # new shapes: warm up and capture again
         for prompt, state in zip(self.prompts, states):  # AdamW is element-wise: kept rows go on exactly
             if state:
                 self.optimizer.state[prompt] = {k: (v[rows].clone() if v.dim() else v.clone()) for k, v in state.items()}

@@ -183,6 +183,98 @@ def test_a_step_keeps_its_state_in_place_so_it_can_be_a_cuda_graph(pez_factory):
     assert all(ptrs == seen[1][1] for _, ptrs, _ in seen[1:])  # AdamW's state exists from step 1 on
 
 
+class EmulatedCapture:
+    """A CPU stand-in for optimize.GraphedStep with a capture's semantics: capturing runs the
+    body but none of its work counts (every tensor the step carries is put back) and its
+    outputs hold garbage until a replay; a replay computes the step into those same output
+    tensors and leaves Python attributes alone, as replaying a CUDA graph does."""
+
+    captures = 0
+
+    def __init__(self, body, weights):
+        EmulatedCapture.captures += 1
+        self.opt, self.body, self.weights = body.__self__, body, weights.clone()
+        saved = [(t, t.detach().clone()) for t in self._carried()]
+        self.outputs = body(self.weights)
+        self.ids = self.opt.last_ids
+        with torch.no_grad():
+            for t, value in saved:
+                t.copy_(value)
+            for t in (*self.outputs, self.ids):
+                t.fill_(-1)
+
+    def _carried(self):
+        opt = self.opt
+        state = [t for s in opt.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+        return [*opt.prompts, *state, opt.ids_score, opt.ids_best, opt.ids_step, opt.step_number]
+
+    def replay(self, weights):
+        self.weights.copy_(weights)
+        before = self.opt.last_ids
+        chosen, score = self.body(self.weights)
+        with torch.no_grad():
+            for t, value in zip((*self.outputs, self.ids), (chosen, score, self.opt.last_ids)):
+                t.copy_(value)
+        self.opt.last_ids = before
+        return self.outputs[0].clone(), self.outputs[1].clone()
+
+
+def test_graphed_loop_picks_the_eager_ids_with_an_emulated_capture(pez_factory, monkeypatch):
+    """The graphed control flow (warm-up, capture, replays, capturing again when prompts
+    leave) run on the CPU with EmulatedCapture: the same ids at every step as the eager loop,
+    for one target, sampled targets with restarts, and problems leaving the batch."""
+    from pez_cli import optimize
+
+    monkeypatch.setattr(optimize, "can_graph", lambda device: True)
+    monkeypatch.setattr(optimize, "GraphedStep", EmulatedCapture)
+    probe = pez_factory(steps=1)
+    texts = ["a red cat", "a blue dog", "a green bird", "a tall tree"]
+    for name, kw, problems in [("one", {}, [texts[:1]]), ("sampled", dict(batch_size=1, restarts=2), [texts]),
+                               ("leaving", dict(patience=8), [texts[:1], texts[1:3], texts[3:]])]:
+        targets = [probe.text_features(t) for t in problems]
+        runs = {}
+        for graph in (False, True):
+            pez = pez_factory(prompt_len=4, steps=30, seed=3, cuda_graph=graph, **kw)
+            seen = []
+            EmulatedCapture.captures = 0
+
+            def record(p, seen=seen):
+                seen.append((p.last_ids.tolist(), isinstance(p._optimizer.graph, EmulatedCapture)))
+
+            results = pez.solve(targets, on_progress=record)
+            runs[graph] = ([ids for ids, _ in seen], [(r.token_ids, r.best_step, r.steps_done) for r in results])
+            if graph:
+                assert [g for _, g in seen][:optimize.GRAPH_WARMUP] == [False] * (optimize.GRAPH_WARMUP - 1) + [True]
+                assert EmulatedCapture.captures >= 1 and (seen[-1][1] or name == "leaving"), name
+        assert runs[True] == runs[False], name
+        if name == "leaving":
+            assert len({r[2] for r in runs[True][1]}) > 1 and EmulatedCapture.captures >= 2  # left at different steps, captured again
+
+
+def test_a_failed_capture_goes_on_eagerly_with_the_same_ids(pez_factory, monkeypatch, caplog):
+    """A device or driver that cannot capture the step: the run goes on without the graph,
+    and gives what the eager loop gives (the capture computed nothing)."""
+    from pez_cli import optimize
+
+    class FailingCapture(EmulatedCapture):
+        def __init__(self, body, weights):
+            super().__init__(body, weights)  # traced part of the step, then undone, as a capture would
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(optimize, "can_graph", lambda device: True)
+    monkeypatch.setattr(optimize, "GraphedStep", FailingCapture)
+    target = pez_factory(steps=1).text_features(["a red cat"])
+    runs = []
+    for graph in (False, True):
+        seen = []
+        pez = pez_factory(prompt_len=4, steps=12, seed=3, cuda_graph=graph)
+        with caplog.at_level("INFO", logger="pez"):
+            [result] = pez.solve([target], on_progress=lambda p, seen=seen: seen.append(p.last_ids.tolist()))
+        runs.append((seen, result.token_ids, result.similarity))
+    assert runs[1] == runs[0]
+    assert "CUDA graph capture failed (operation not permitted" in caplog.text
+
+
 def test_cuda_graph_is_a_no_op_off_cuda(pez_factory):
     plain = pez_factory(prompt_len=4, steps=10).distill(SECRET)
     graphed = pez_factory(prompt_len=4, steps=10, cuda_graph=True).distill(SECRET)
