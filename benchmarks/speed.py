@@ -30,6 +30,7 @@ import platform
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -38,6 +39,7 @@ from pez_cli import packing
 from pez_cli.api import Pez
 from pez_cli.config import Settings
 from pez_cli.models import pick_device, wrap_model
+from pez_cli.optimize import GRAPH_WARMUP
 from pez_cli.reference import paper_loop
 
 
@@ -178,12 +180,22 @@ def latency(args, device) -> dict:
         settings = Settings(model=loaded.name, device=str(device), prompt_len=args.prompt_len, steps=args.latency_steps,
                             precision=args.precision, refine=0, cuda_graph=graph)
         engine = Pez(settings, model=loaded)
-        sync(device)
-        start = time.perf_counter()
-        [result] = engine.solve([target])
-        sync(device)
-        out["runs"].append(dict(run=name, seconds=time.perf_counter() - start, ids=result.token_ids,
-                                similarity=result.similarity))
+        try:  # a failing run is reported, and the other runs still measured
+            sync(device)
+            start = time.perf_counter()
+            [result] = engine.solve([target])
+            sync(device)
+            seconds = time.perf_counter() - start
+            # The start of a run alone: GRAPH_WARMUP eager steps, the capture and one more step.
+            sync(device)
+            begin = time.perf_counter()
+            engine.solve([target], steps=GRAPH_WARMUP + 1)
+            sync(device)
+            out["runs"].append(dict(run=name, seconds=seconds, ids=result.token_ids, similarity=result.similarity,
+                                    first_steps=GRAPH_WARMUP + 1, first_steps_seconds=time.perf_counter() - begin))
+        except Exception as exc:  # noqa: BLE001 (a benchmark reports the failure and goes on)
+            traceback.print_exc()
+            out["runs"].append(dict(run=name, error=f"{type(exc).__name__}: {exc}"))
         del engine
     del loaded
     for arch in [a for a in args.latency_big.split(",") if a]:
@@ -197,14 +209,18 @@ def latency(args, device) -> dict:
             settings = Settings(model=big.name, device=str(device), prompt_len=args.prompt_len, steps=20,
                                 precision=args.precision, refine=0, cuda_graph=graph)
             engine = Pez(settings, model=big)
-            engine.solve([feats], steps=5)  # warm
-            with PeakMemory(device) as mem:
-                sync(device)
-                start = time.perf_counter()
-                engine.solve([feats])
-                sync(device)
-                seconds = time.perf_counter() - start
-            out["big"].append(dict(arch=arch, run=name, ms_per_step=1000 * seconds / 20, peak_mb=mem.peak_mb))
+            try:
+                engine.solve([feats], steps=5)  # warm
+                with PeakMemory(device) as mem:
+                    sync(device)
+                    start = time.perf_counter()
+                    engine.solve([feats])
+                    sync(device)
+                    seconds = time.perf_counter() - start
+                out["big"].append(dict(arch=arch, run=name, ms_per_step=1000 * seconds / 20, peak_mb=mem.peak_mb))
+            except Exception as exc:  # noqa: BLE001
+                traceback.print_exc()
+                out["big"].append(dict(arch=arch, run=name, error=f"{type(exc).__name__}: {exc}"))
             del engine
         del big
     return out
@@ -213,15 +229,20 @@ def latency(args, device) -> dict:
 def latency_lines(found: dict, device) -> list[str]:
     base = found["runs"][0]["seconds"]
     lines = [f"5. one image, {found['arch']} (random init), {found['steps']} steps, loop wall time with warm-up, "
-             f"without loading ({device}):", "", "| run | seconds | vs the paper loop | same ids as pez |",
-             "| --- | ---: | ---: | --- |"]
-    eager = found["runs"][1]["ids"]
+             f"without loading ({device}):", "",
+             "| run | seconds | vs the paper loop | same ids as pez | first steps alone, s |", "| --- | ---: | ---: | --- | ---: |"]
+    eager = found["runs"][1].get("ids")
     for r in found["runs"]:
+        if "error" in r:
+            lines.append(f"| {r['run']} | failed: {r['error'][:80]} | | | |")
+            continue
         same = "" if r["run"] == "paper loop" else ("yes" if r["ids"] == eager else "no")
-        lines.append(f"| {r['run']} | {r['seconds']:.2f} | {base / r['seconds']:.1f}x | {same} |")
+        first = f"{r['first_steps_seconds']:.2f} ({r['first_steps']} steps)" if "first_steps" in r else ""
+        lines.append(f"| {r['run']} | {r['seconds']:.2f} | {base / r['seconds']:.1f}x | {same} | {first} |")
     if found["big"]:
         lines += ["", "| big model | run | ms per step | peak MB |", "| --- | --- | ---: | ---: |"]
-        lines += [f"| {b['arch']} | {b['run']} | {b['ms_per_step']:.1f} | {b['peak_mb']:.0f} |" for b in found["big"]]
+        lines += [f"| {b['arch']} | {b['run']} | failed: {b['error'][:80]} | |" if "error" in b else
+                  f"| {b['arch']} | {b['run']} | {b['ms_per_step']:.1f} | {b['peak_mb']:.0f} |" for b in found["big"]]
     return lines
 
 
