@@ -9,8 +9,9 @@
 #   benchmarks/device.sh run latency restarts    # only some of: gpu_check latency restarts
 #
 # `run` writes gpu_check.json, latency.json, restarts.json and a log of each into $OUT (default
-# ./device-out), and exits non-zero if a check failed. Not yet timed on a GPU: if one call's
-# 10 minutes are tight, run gpu_check first and the rest in a second call.
+# ./device-out), and exits non-zero if a check failed. On an H200 (2026-11-27) gpu_check took
+# about 6 minutes and latency about 3, so one 10-minute call cannot hold all three: run
+# `run gpu_check` and `run latency restarts` as two calls.
 set -u -o pipefail
 
 WHEELS=(open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4 diffusers==0.42.1 importlib_metadata==10.2.0

@@ -105,10 +105,10 @@ class Settings:
         help="fp32, bf16, fp16 or auto (bf16 autocast on GPUs that support it).")
     compile: bool = setting(
         False, identifies=False, help="torch.compile the text tower (useful on CUDA for long runs).")
-    cuda_graph: bool = setting(  # off until measured on a GPU (benchmarks/gpu_check.py, speed.py --latency)
-        False, identifies=False,
+    cuda_graph: bool = setting(  # ViT-H-14, one image, 1000 steps on an H200: 43.3 s -> 4.75 s (README)
+        True, identifies=False,
         help="CUDA: capture each optimization step as one CUDA graph and replay it (the same arithmetic, "
-             "far fewer kernel launches). Ignored on other devices and with --compile.")
+             "far fewer kernel launches; --no-cuda-graph runs eagerly). Ignored on other devices and with --compile.")
     pack_weights: bool = setting(  # costs about the text tower's size plus the vocabulary
         True, identifies=False,
         help="CPU: packed weight copies for faster steps; --no-pack-weights saves their memory.")
