@@ -200,6 +200,7 @@ class PromptOptimizer:
         self.full_targets = [t for t, _ in padded]  # per space: (P, n_max, D_k)
         self.full_weights = padded[0][1]  # (P, n_max): the same counts in every space
         self.targets, self.all_weights = list(self.full_targets), self.full_weights  # rows of the active problems
+        self.host_weights = self.full_weights.cpu()  # the same on the CPU, where targets are sampled
         self.sampled = [n > settings.batch_size for n in self.counts]
 
         # One CPU generator per problem, each seeded alike: a problem's random stream (its
@@ -247,14 +248,17 @@ class PromptOptimizer:
         """(A, n_max) weights of this step's sampled targets, each row summing to 1."""
         if not any(self.sampled):
             return self.all_weights
-        weights = self.all_weights.clone()
+        weights = self.host_weights.clone()  # built on the CPU, sent in one copy
         size = self.settings.batch_size
         for p, (n, gen) in enumerate(zip(self.counts, self.generators)):
             if self.sampled[p]:
-                chosen = torch.randperm(n, generator=gen)[:size].to(weights.device)
+                chosen = torch.randperm(n, generator=gen)[:size]
                 weights[p].zero_()
                 weights[p, chosen] = 1.0 / size
-        return weights
+        device = self.all_weights.device
+        if device.type == "cuda":  # from pinned memory the copy does not wait for the queued steps
+            return weights.pin_memory().to(device, non_blocking=True)
+        return weights.to(device)
 
     def step(self) -> None:
         """One PEZ step for every active problem."""
@@ -398,6 +402,7 @@ class PromptOptimizer:
                 self.optimizer.state[prompt] = {k: (v[rows].clone() if v.dim() else v.clone()) for k, v in state.items()}
         self.targets = [t[index] for t in self.targets]
         self.all_weights = self.all_weights[index]
+        self.host_weights = self.host_weights[keep]
         self.ids_score, self.ids_best, self.ids_step = self.ids_score[index], self.ids_best[index], self.ids_step[index]
         self.counts = [self.counts[i] for i in keep]
         self.sampled = [self.sampled[i] for i in keep]

@@ -92,9 +92,13 @@ def test_refinement_improves_a_short_run(make_pez):
     assert refined.similarity > plain.similarity + 0.01
 
 
-def test_patience_stops_each_problem_on_its_own(make_pez):
-    pez = make_pez(steps=400, patience=16, seed=2)
-    targets = [pez.text_features([t]) for t in (SECRET, "a blue dog", "green trees by a lake")]
+@pytest.mark.parametrize("sampled", [False, True])
+def test_patience_stops_each_problem_on_its_own(make_pez, sampled):
+    """Problems leave the batch at different steps and each ends as it would alone, also
+    when each step samples one of a problem's targets (the sample rows must follow)."""
+    pez = make_pez(steps=400, patience=16, seed=2, batch_size=1 if sampled else 8)
+    texts = [SECRET, "a blue dog", "green trees by a lake"]
+    targets = [pez.text_features([t, texts[i - 1]] if sampled else [t]) for i, t in enumerate(texts)]
     together = pez.solve(targets)
     assert all(r.steps_done < 400 for r in together)
     for target, batched in zip(targets, together):
