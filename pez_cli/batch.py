@@ -306,10 +306,13 @@ class BatchJob:
         on_status: Callable[[str], None] = lambda message: None,
         on_progress: Callable[[float, int, int, int], None] | None = None,
         on_failure: Callable[[Pending], None] = lambda item: None,
+        on_encode: Callable[[int, int], None] = lambda done, total: None,
     ) -> Summary:
-        """Plan and run. on_progress(images done, images to do, step, steps) comes every step;
-        on_failure(item) for each image that becomes an error row. Ctrl-C keeps every finished
-        group and returns a summary marked interrupted. --out is locked for the whole run."""
+        """Plan and run. on_encode(images encoded, images to encode) comes as the images are
+        read and encoded (all before the first group); on_progress(images done, images to do,
+        step, steps) every step; on_failure(item) for each image that becomes an error row.
+        Ctrl-C keeps every finished group and returns a summary marked interrupted. --out is
+        locked for the whole run."""
         writer = ResultWriter(self.out, self.fmt) if self.out else None
         summary = Summary()
         try:
@@ -325,7 +328,7 @@ class BatchJob:
                 on_status(f"Running {len(plan.todo)} images on Ray ...")
                 ray_batch.run(job, plan.todo, self.ray, self.group_size, on_progress)
             elif plan.todo:
-                job.run(plan.todo, pez, on_status, on_progress)
+                job.run(plan.todo, pez, on_status, on_progress, on_encode)
         except (KeyboardInterrupt, Interrupted):
             summary.interrupted = True
         finally:
@@ -347,14 +350,14 @@ class _Run:
     protected: set[str]
     on_failure: Callable[[Pending], None]
 
-    def run(self, todo: list[Pending], pez, on_status, on_progress) -> None:
+    def run(self, todo: list[Pending], pez, on_status, on_progress, on_encode=None) -> None:
         from pez_cli.api import Pez
 
         if pez is None:
             on_status(f"Loading {self.job.settings.model_label} ...")
             pez = Pez(self.job.settings, keep_image_tower=False)
         on_status(f"Encoding {len(todo)} images ...")
-        good, feats = self.encode(pez, todo)
+        good, feats = self.encode(pez, todo, on_encode)
         size = self.job.group_size or default_group_size(pez.device)
         for start, results, seconds in solve_in_groups(pez, feats, size, on_progress):
             if results[0].interrupted:  # unfinished prompts are not results
@@ -365,9 +368,9 @@ class _Run:
                     self.writer.write(result_row(item, result, seconds))
                 self.summary.done += item.error is None
 
-    def encode(self, pez, todo: Sequence[Pending]):
+    def encode(self, pez, todo: Sequence[Pending], on_encode=None):
         """encode_images, with an error row for each image that failed."""
-        good, feats, failed = encode_images(pez, todo)
+        good, feats, failed = encode_images(pez, todo, on_encode)
         for item in failed:
             self.fail(item)
         return good, feats
@@ -412,10 +415,10 @@ class _Run:
         self.on_failure(item)
 
 
-def encode_images(pez, todo: Sequence[Pending]):
-    """Decode and encode images in chunks. Returns the good items, their features (N, D) (a
-    tuple, one per model, for several; None when there are none) and the items that failed,
-    each with its error: one image never aborts a job."""
+def encode_images(pez, todo: Sequence[Pending], on_encode: Callable[[int, int], None] | None = None):
+    """Decode and encode images in chunks, calling on_encode(done, total) after each. Returns
+    the good items, their features (N, D) (a tuple, one per model, for several; None when
+    there are none) and the items that failed, each with its error: one image never aborts a job."""
     good, feats, failed = [], [], []
     for start in range(0, len(todo), ENCODE_CHUNK):
         images = []
@@ -433,6 +436,8 @@ def encode_images(pez, todo: Sequence[Pending]):
         if images:
             chunk = pez.image_features(images)
             feats.append((chunk,) if isinstance(chunk, torch.Tensor) else chunk)
+        if on_encode is not None:
+            on_encode(min(start + ENCODE_CHUNK, len(todo)), len(todo))
     if not feats:
         return good, None, failed
     return good, tuple(torch.cat(per_model) for per_model in zip(*feats)), failed

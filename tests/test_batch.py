@@ -216,3 +216,19 @@ def test_ctrl_c_keeps_finished_groups_and_resumes(tiny_model, folder, tmp_path, 
     rest = run("batch", folder, "-o", out, "--model", tiny_model, *FAST)
     assert rest.exit_code == 0 and "4 done, 3 already done" in rest.stderr
     assert len(rows_of(out)) == 7
+
+
+def test_encoding_reports_progress(tiny_model, folder, tmp_path, monkeypatch):
+    """Images are encoded before the first group: the job reports how many so far (an
+    unreadable one counts too), and the CLI draws it."""
+    monkeypatch.setattr(jobs, "ENCODE_CHUNK", 3)
+    (folder / "img9.png").write_bytes(b"not a png")
+    from pez_cli.config import Settings
+
+    calls = []
+    job = jobs.BatchJob(Settings(model=tiny_model, device="cpu", steps=2, prompt_len=3), out=str(tmp_path / "a.jsonl"))
+    summary = job.run(sorted(folder.glob("*.png")), on_encode=lambda done, total: calls.append((done, total)))
+    assert calls == [(3, 8), (6, 8), (8, 8)]
+    assert (summary.done, summary.failed) == (7, 1)
+    result = run("batch", folder, "--out", tmp_path / "b.jsonl", "--model", tiny_model, *FAST, "--progress")
+    assert result.exit_code == 3 and "encoding 8/8" in result.stderr

@@ -238,7 +238,7 @@ def batch(
                 group = f"  group step {step}/{steps}" if steps else ""
                 reporter.progress("images", done, total, f"{rate:.1f} img/min{group}")
 
-        summary = job.run(paths, on_status=reporter.stage, on_progress=progress,
+        summary = job.run(paths, on_status=reporter.stage, on_progress=progress, on_encode=reporter.steps("encoding"),
                           on_failure=lambda item: reporter.note(f"failed: {item.error}"))
     if not common.quiet:
         sys.stderr.write(batch_summary(summary, job.shard) + "\n")
