@@ -45,7 +45,8 @@ def test_speed_latency_case_smoke(tmp_path):
     assert [r["run"] for r in found["runs"]] == ["paper loop", "pez", "pez --cuda-graph"]
     assert found["runs"][1]["ids"] == found["runs"][2]["ids"] and all(r["seconds"] > 0 for r in found["runs"])
     assert [b["run"] for b in found["big"]] == ["pez", "pez --cuda-graph"]
-    assert "| pez --cuda-graph |" in run.stdout and "| big model |" in run.stdout
+    assert all(b["short_steps"] == 20 and b["short_seconds"] > 0 and "ms_per_step" in b for b in found["big"])
+    assert "| pez --cuda-graph |" in run.stdout and "| big model | run | ms per step (120 steps minus 20)" in run.stdout
 
 
 @pytest.mark.slow
