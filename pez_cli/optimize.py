@@ -275,6 +275,8 @@ class PromptOptimizer:
                 try:
                     self.graph = GraphedStep(self._step_body, weights)
                 except RuntimeError as exc:  # a device or driver that cannot capture: the same steps, eagerly
+                    if isinstance(exc.__context__, KeyboardInterrupt):  # Ctrl-C during the capture stays Ctrl-C
+                        raise exc.__context__ from None
                     log.info("CUDA graph capture failed (%s); going on without", str(exc).splitlines()[0] if str(exc) else exc)
                     self.graphed = False
                 else:  # the graph's own ids tensor holds each replay's ids

@@ -275,6 +275,26 @@ def test_a_failed_capture_goes_on_eagerly_with_the_same_ids(pez_factory, monkeyp
     assert "CUDA graph capture failed (operation not permitted" in caplog.text
 
 
+def test_ctrl_c_during_a_capture_is_not_taken_for_a_failed_capture(pez_factory, monkeypatch):
+    """Ending an interrupted capture can raise its own RuntimeError: Ctrl-C still stops the run
+    with the best prompt so far."""
+    from pez_cli import optimize
+
+    class InterruptedCapture:
+        def __init__(self, body, weights):
+            try:
+                raise KeyboardInterrupt
+            finally:
+                raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+
+    monkeypatch.setattr(optimize, "can_graph", lambda device: True)
+    monkeypatch.setattr(optimize, "GraphedStep", InterruptedCapture)
+    pez = pez_factory(prompt_len=4, steps=50, cuda_graph=True)
+    result = pez.distill(SECRET)
+    assert result.interrupted and result.prompt
+    assert result.steps_done == optimize.GRAPH_WARMUP - 1  # the step that was capturing is not counted
+
+
 def test_cuda_graph_is_a_no_op_off_cuda(pez_factory):
     plain = pez_factory(prompt_len=4, steps=10).distill(SECRET)
     graphed = pez_factory(prompt_len=4, steps=10, cuda_graph=True).distill(SECRET)
