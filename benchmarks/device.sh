@@ -7,6 +7,7 @@
 #   benchmarks/device.sh fetch     # here, with pip's registry: download the wheels into .whl/
 #   benchmarks/device.sh run       # there, in the repository root: install them, run the checks
 #   benchmarks/device.sh run latency restarts    # only some of: gpu_check latency restarts
+#   benchmarks/device.sh run gpu_check=cuda_graph latency   # gpu_check=NAMES: only those checks (--only)
 #
 # `run` writes gpu_check.json, latency.json, restarts.json and a log of each into $OUT (default
 # ./device-out), and exits non-zero if a check failed. On an H200 (2026-11-27) gpu_check took
@@ -26,7 +27,7 @@ run() {
     local out="${OUT:-./device-out}" failed=0 parts=("$@") part
     [ ${#parts[@]} -gt 0 ] || parts=(gpu_check latency restarts)
     for part in "${parts[@]}"; do
-        case "$part" in gpu_check|latency|restarts) ;; *) echo "device.sh: unknown part $part" >&2; exit 2 ;; esac
+        case "$part" in gpu_check|gpu_check=?*|latency|restarts) ;; *) echo "device.sh: unknown part $part" >&2; exit 2 ;; esac
     done
     mkdir -p "$out"
     if compgen -G ".whl/*.whl" >/dev/null; then
@@ -41,10 +42,11 @@ run() {
     for part in "${parts[@]}"; do
         case "$part" in
             gpu_check) python3 benchmarks/gpu_check.py --json "$out/gpu_check.json" ;;
+            gpu_check=*) python3 benchmarks/gpu_check.py --only "${part#gpu_check=}" --json "$out/gpu_check.json" ;;
             latency) python3 benchmarks/speed.py --device cuda --latency --json "$out/latency.json" ;;
             restarts) python3 benchmarks/speed.py --device cuda --restarts 1,4,8 --images 8 --steps 100 \
                           --json "$out/restarts.json" ;;
-        esac 2>&1 | tee "$out/$part.log" || failed=1
+        esac 2>&1 | tee "$out/${part%%=*}.log" || failed=1
     done
     exit "$failed"
 }
@@ -52,5 +54,5 @@ run() {
 case "${1:-}" in
     fetch) fetch ;;
     run) shift; run "$@" ;;
-    *) echo "usage: benchmarks/device.sh fetch|run [gpu_check|latency|restarts]..." >&2; exit 2 ;;
+    *) echo "usage: benchmarks/device.sh fetch|run [gpu_check[=NAMES]|latency|restarts]..." >&2; exit 2 ;;
 esac

@@ -165,3 +165,6 @@ def test_device_script_usage(tmp_path):
     run = subprocess.run(["bash", str(script), "run", "gpu_check", "bogus"], capture_output=True, text=True, cwd=tmp_path,
                          env={**os.environ, "OUT": str(tmp_path / "out")})
     assert run.returncode == 2 and "unknown part bogus" in run.stderr and not any(tmp_path.iterdir())
+    run = subprocess.run(["bash", str(script), "run", "gpu_check=cuda_graph", "gpu_check="], capture_output=True, text=True,
+                         cwd=tmp_path, env={**os.environ, "OUT": str(tmp_path / "out")})
+    assert run.returncode == 2 and "unknown part gpu_check=" in run.stderr and not any(tmp_path.iterdir())
