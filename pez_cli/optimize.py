@@ -17,7 +17,8 @@ sampled, so the paper's second (no-grad) pass over all targets computes nothing 
 
 What a user gets is the printed prompt, which need not re-tokenize to the ids. So every
 step's leading candidate is also decoded, re-tokenized and scored as text (a batched
-no-grad pass every FLUSH_EVERY steps; each distinct prompt once), and the best PRINTED prompt
+no-grad pass every FLUSH_EVERY steps, GRAPH_FLUSH_EVERY when graphed without patience; each
+distinct prompt once), and the best PRINTED prompt
 is the answer. A longer run sees every candidate a shorter one saw: it never prints worse.
 With patience, a problem whose printed best has not improved for that many steps leaves the
 batch (its AdamW state goes with it; the others go on unchanged).
@@ -28,6 +29,9 @@ ids are the argmax of the weighted sum of each space's cosine to its vocabulary,
 every score are the weighted sums of each model's own (against targets its own image tower
 encoded), and the gradient at the shared ids reaches each model's prompt. With one model of
 weight 1 this is exactly the single-model loop.
+
+On CUDA (settings.cuda_graph) a step has no host synchronisation and keeps its state in place, so
+after GRAPH_WARMUP eager steps it is captured as one CUDA graph (GraphedStep) and replayed.
 """
 
 from __future__ import annotations
