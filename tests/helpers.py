@@ -1,4 +1,5 @@
-"""What the test files share: running the CLI, checking one-line errors, making images."""
+"""What the test files share: running the CLI, checking one-line errors, making images, and a
+CPU stand-in for a CUDA graph capture."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -62,3 +64,39 @@ def kill_after_lines(cmd: list[str], out: Path, lines: int, timeout: float) -> N
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+class EmulatedCapture:
+    """A CPU stand-in for optimize.GraphedStep with a capture's semantics: capturing runs the
+    body but none of its work counts (every tensor the step carries is put back) and its
+    outputs hold garbage until a replay; a replay computes the step into those same output
+    tensors and leaves Python attributes alone, as replaying a CUDA graph does."""
+
+    captures = 0
+
+    def __init__(self, body, weights):
+        EmulatedCapture.captures += 1
+        self.opt, self.body, self.weights = body.__self__, body, weights.clone()
+        saved = [(t, t.detach().clone()) for t in self._carried()]
+        self.outputs = body(self.weights)
+        self.ids = self.opt.last_ids
+        with torch.no_grad():
+            for t, value in saved:
+                t.copy_(value)
+            for t in (*self.outputs, self.ids):
+                t.fill_(-1)
+
+    def _carried(self):
+        opt = self.opt
+        state = [t for s in opt.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+        return [*opt.prompts, *state, opt.ids_score, opt.ids_best, opt.ids_step, opt.step_number]
+
+    def replay(self, weights):
+        self.weights.copy_(weights)
+        before = self.opt.last_ids
+        chosen, score = self.body(self.weights)
+        with torch.no_grad():
+            for t, value in zip((*self.outputs, self.ids), (chosen, score, self.opt.last_ids)):
+                t.copy_(value)
+        self.opt.last_ids = before
+        return self.outputs[0].clone(), self.outputs[1].clone()

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from helpers import assert_one_line_error, make_image, rows_of, run
+from helpers import EmulatedCapture, assert_one_line_error, make_image, rows_of, run
 from pez_cli.api import Pez
 from pez_cli.config import Settings, resolve
 from pez_cli.testing import TINY_CFG, save_tiny_clip
@@ -99,3 +99,22 @@ def test_refinement_patience_and_words_work_jointly(tiny_model, wide_model, tmp_
     distilled = json.loads(run("distill", "a red cat", "--model", tiny_model, "--model", wide_model, "--steps", "5",
                                "--device", "cpu", "--json").stdout)
     assert distilled["prompt_len"] == 8 and 1 <= len(distilled["token_ids"]) <= 8
+
+
+def test_two_models_graphed_with_an_emulated_capture_match_eager(tiny_model, wide_model, tmp_path, monkeypatch):
+    """The joint path (two prompts, two towers) through the graphed control flow, with the CPU
+    stand-in for a CUDA graph capture: the same result as the eager loop."""
+    from pez_cli import optimize
+
+    monkeypatch.setattr(optimize, "can_graph", lambda device: True)
+    monkeypatch.setattr(optimize, "GraphedStep", EmulatedCapture)
+    image = make_image(tmp_path / "x.png")
+    results = []
+    for graph in (False, True):
+        EmulatedCapture.captures = 0
+        settings = Settings(model=[tiny_model, f"{wide_model}@3"], device="cpu", prompt_len=4, steps=20, seed=3,
+                            cuda_graph=graph)
+        r = Pez(settings).invert([image])
+        results.append((r.token_ids, r.prompt, r.similarity, r.best_step))
+        assert EmulatedCapture.captures == graph
+    assert results[0] == results[1]

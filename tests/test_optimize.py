@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from helpers import EmulatedCapture
 from pez_cli.api import Pez
 from pez_cli.config import Settings
 from pez_cli.errors import ConfigError
@@ -181,42 +182,6 @@ def test_a_step_keeps_its_state_in_place_so_it_can_be_a_cuda_graph(pez_factory):
     assert all(graph is None for graph, _, _ in seen)  # no graph on the CPU
     assert [n for _, _, n in seen] == list(range(1, 13))
     assert all(ptrs == seen[1][1] for _, ptrs, _ in seen[1:])  # AdamW's state exists from step 1 on
-
-
-class EmulatedCapture:
-    """A CPU stand-in for optimize.GraphedStep with a capture's semantics: capturing runs the
-    body but none of its work counts (every tensor the step carries is put back) and its
-    outputs hold garbage until a replay; a replay computes the step into those same output
-    tensors and leaves Python attributes alone, as replaying a CUDA graph does."""
-
-    captures = 0
-
-    def __init__(self, body, weights):
-        EmulatedCapture.captures += 1
-        self.opt, self.body, self.weights = body.__self__, body, weights.clone()
-        saved = [(t, t.detach().clone()) for t in self._carried()]
-        self.outputs = body(self.weights)
-        self.ids = self.opt.last_ids
-        with torch.no_grad():
-            for t, value in saved:
-                t.copy_(value)
-            for t in (*self.outputs, self.ids):
-                t.fill_(-1)
-
-    def _carried(self):
-        opt = self.opt
-        state = [t for s in opt.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
-        return [*opt.prompts, *state, opt.ids_score, opt.ids_best, opt.ids_step, opt.step_number]
-
-    def replay(self, weights):
-        self.weights.copy_(weights)
-        before = self.opt.last_ids
-        chosen, score = self.body(self.weights)
-        with torch.no_grad():
-            for t, value in zip((*self.outputs, self.ids), (chosen, score, self.opt.last_ids)):
-                t.copy_(value)
-        self.opt.last_ids = before
-        return self.outputs[0].clone(), self.outputs[1].clone()
 
 
 def test_graphed_loop_picks_the_eager_ids_with_an_emulated_capture(pez_factory, monkeypatch):
