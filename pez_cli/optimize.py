@@ -17,7 +17,7 @@ sampled, so the paper's second (no-grad) pass over all targets computes nothing 
 
 What a user gets is the printed prompt, which need not re-tokenize to the ids. So every
 step's leading candidate is also decoded, re-tokenized and scored as text (a batched
-no-grad pass every FLUSH_EVERY steps, GRAPH_FLUSH_EVERY when graphed without patience; each
+no-grad pass every FLUSH_EVERY steps, CUDA_FLUSH_EVERY on CUDA without patience; each
 distinct prompt once), and the best PRINTED prompt
 is the answer. A longer run sees every candidate a shorter one saw: it never prints worse.
 With patience, a problem whose printed best has not improved for that many steps leaves the
@@ -59,10 +59,11 @@ FP16_LOSS_SCALE = 1024.0
 FLUSH_EVERY = 8
 # Eager steps before a step is captured as a CUDA graph (allocator and autograd warm-up).
 GRAPH_WARMUP = 3
-# Steps between flushes with --cuda-graph and no --patience: a graphed step takes a few ms, and
-# each flush (a host sync and an eager pass over the printed texts) costs about as much as 2.
-# The same candidates are scored either way; only patience needs the shorter interval.
-GRAPH_FLUSH_EVERY = 64
+# Steps between flushes on CUDA without --patience: a flush is a host sync and an eager pass over
+# the printed texts, about 2 graphed steps' time. The same candidates are scored either way (only
+# patience, checked at flushes, needs the shorter interval); graphed and eager runs use the same
+# interval, so that they score in the same batches and print the same prompt.
+CUDA_FLUSH_EVERY = 64
 
 
 def check_prompt_len(prompt_len: int, context_length: int) -> None:
@@ -217,7 +218,7 @@ class PromptOptimizer:
         self.graph: GraphedStep | None = None
         self.graph_ids: torch.Tensor | None = None  # the graph's projected ids, rewritten by each replay
         self.warm_steps = 0  # eager steps since the shapes last changed
-        self.flush_every = GRAPH_FLUSH_EVERY if self.graphed and not settings.patience else FLUSH_EVERY
+        self.flush_every = CUDA_FLUSH_EVERY if device.type == "cuda" and not settings.patience else FLUSH_EVERY
         self.optimizer = self._adamw(self.prompts)
 
         self.forwards: list[Callable[[torch.Tensor], torch.Tensor]] = [
