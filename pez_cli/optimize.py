@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from pez_cli.config import Settings
-from pez_cli.errors import ConfigError
+from pez_cli.errors import ConfigError, first_line
 from pez_cli.models import TextTower
 from pez_cli.vocab import Vocabulary, project_jointly
 
@@ -282,7 +282,7 @@ class PromptOptimizer:
                 except RuntimeError as exc:  # a device or driver that cannot capture: the same steps, eagerly
                     if isinstance(exc.__context__, KeyboardInterrupt):  # Ctrl-C during the capture stays Ctrl-C
                         raise exc.__context__ from None
-                    log.info("CUDA graph capture failed (%s); going on without", str(exc).splitlines()[0] if str(exc) else exc)
+                    log.info("CUDA graph capture failed (%s); going on without", first_line(exc))
                     self.graphed = False
                 else:  # the graph's own ids tensor holds each replay's ids
                     self.graph_ids = self.last_ids
