@@ -164,6 +164,22 @@ def image_targets(loaded, n: int, device) -> torch.Tensor:
     return feats
 
 
+def timed(device, fn, *args, **kw):
+    """fn(*args, **kw) and its wall seconds, with the device's queued work finished before and after."""
+    sync(device)
+    start = time.perf_counter()
+    result = fn(*args, **kw)
+    sync(device)
+    return result, time.perf_counter() - start
+
+
+def failure(exc: Exception, **row) -> dict:
+    """A case 5 run that raised: its traceback on stderr, and its row naming the error, so the
+    other runs are still measured."""
+    traceback.print_exc()
+    return dict(row, error=f"{type(exc).__name__}: {exc}")
+
+
 # Case 5's big models: a short and a long run. A graphed run spends its first steps warming up
 # and capturing, so a step's cost is the difference of the two over the extra steps.
 BIG_STEPS = (20, 120)
@@ -176,32 +192,21 @@ def latency(args, device) -> dict:
     out = {"arch": args.latency_arch, "steps": args.latency_steps, "runs": [], "big": []}
     loaded = build_model(args.latency_arch, device)
     target = image_targets(loaded, 1, device)
-    sync(device)
-    start = time.perf_counter()
-    paper = paper_loop(loaded.clip, loaded.tokenizer, target, prompt_len=args.prompt_len, steps=args.latency_steps,
-                       lr=0.1, weight_decay=0.1, restarts=1, batch_size=1, seed=0)
-    sync(device)
-    out["runs"].append(dict(run="paper loop", seconds=time.perf_counter() - start, ids=paper.best_ids))
+    paper, seconds = timed(device, paper_loop, loaded.clip, loaded.tokenizer, target, prompt_len=args.prompt_len,
+                           steps=args.latency_steps, lr=0.1, weight_decay=0.1, restarts=1, batch_size=1, seed=0)
+    out["runs"].append(dict(run="paper loop", seconds=seconds, ids=paper.best_ids))
     for name, graph in (("pez", False), ("pez --cuda-graph", True)):
         settings = Settings(model=loaded.name, device=str(device), prompt_len=args.prompt_len, steps=args.latency_steps,
                             precision=args.precision, refine=0, cuda_graph=graph)
         engine = Pez(settings, model=loaded)
-        try:  # a failing run is reported, and the other runs still measured
-            sync(device)
-            start = time.perf_counter()
-            [result] = engine.solve([target])
-            sync(device)
-            seconds = time.perf_counter() - start
+        try:
+            [result], seconds = timed(device, engine.solve, [target])
             # The start of a run alone: GRAPH_WARMUP eager steps, the capture and one more step.
-            sync(device)
-            begin = time.perf_counter()
-            engine.solve([target], steps=GRAPH_WARMUP + 1)
-            sync(device)
+            _, first = timed(device, engine.solve, [target], steps=GRAPH_WARMUP + 1)
             out["runs"].append(dict(run=name, seconds=seconds, ids=result.token_ids, similarity=result.similarity,
-                                    first_steps=GRAPH_WARMUP + 1, first_steps_seconds=time.perf_counter() - begin))
+                                    first_steps=GRAPH_WARMUP + 1, first_steps_seconds=first))
         except Exception as exc:  # noqa: BLE001 (a benchmark reports the failure and goes on)
-            traceback.print_exc()
-            out["runs"].append(dict(run=name, error=f"{type(exc).__name__}: {exc}"))
+            out["runs"].append(failure(exc, run=name))
         del engine
     del loaded
     for arch in [a for a in args.latency_big.split(",") if a]:
@@ -221,16 +226,11 @@ def latency(args, device) -> dict:
                 seconds = {}
                 for steps in (short, long):  # each run warms up and captures again: the difference is the step
                     with PeakMemory(device) as mem:
-                        sync(device)
-                        start = time.perf_counter()
-                        engine.solve([feats], steps=steps)
-                        sync(device)
-                        seconds[steps] = time.perf_counter() - start
+                        _, seconds[steps] = timed(device, engine.solve, [feats], steps=steps)
                 out["big"].append(dict(arch=arch, run=name, ms_per_step=1000 * (seconds[long] - seconds[short]) / (long - short),
                                        short_steps=short, short_seconds=seconds[short], peak_mb=mem.peak_mb))
             except Exception as exc:  # noqa: BLE001
-                traceback.print_exc()
-                out["big"].append(dict(arch=arch, run=name, error=f"{type(exc).__name__}: {exc}"))
+                out["big"].append(failure(exc, arch=arch, run=name))
             del engine
         del big
     return out
