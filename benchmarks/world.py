@@ -60,10 +60,15 @@ class Scene:
         return [s["shape"] for s in self.shapes]
 
 
+def shape_colors(background: str) -> list[str]:
+    """The colours a shape may have on this background: any but the background's own."""
+    return [c for c in COLORS if c != background]
+
+
 def random_scene(rng: random.Random) -> Scene:
     background = rng.choice(list(COLORS))
     count = rng.choice((1, 1, 2))
-    palette = [c for c in COLORS if c != background]
+    palette = shape_colors(background)
     if count == 1:
         positions = [rng.choice(list(ONE_POSITIONS))]
     else:
@@ -85,8 +90,8 @@ def alternatives(scene: Scene) -> list[Scene]:
     write if it could only write this scene's caption form."""
     out = []
     for background in COLORS:
-        palette = [c for c in COLORS if c != background]
-        choices = [[{**s, "color": c, "shape": k} for c in palette for k in SHAPES] for s in scene.shapes]
+        choices = [[{**s, "color": c, "shape": k} for c in shape_colors(background) for k in SHAPES]
+                   for s in scene.shapes]
         out.extend(make_scene(list(combo), background) for combo in itertools.product(*choices))
     return out
 
