@@ -62,3 +62,39 @@ def test_the_loop_is_unchanged_where_the_printed_choice_differs(tiny_model, pict
     [result] = pez.solve([target], on_progress=lambda p: last.append(p.paper_best()[0].token_ids) if p.step == 20 else None)
     assert last == [PINNED["invert-2-paper-best"]]
     assert result.token_ids == PINNED["invert-2"]
+
+
+# Today's defaults (whole words, 3 rounds of refinement), negative mode, restarts with `all`,
+# two CLIPs and patience with the prior: recorded before the objective moved into its own
+# module and the language prior was added, which must leave every prompt without --lm as it was.
+DEFAULT_PINS = {
+    "invert": ([], [23909, 16014, 32017, 17178, 10460, 2137], "atable fyi regarded meadows claire ines"),
+    "negative": (["--negative"], [22812, 24878, 37000, 14098, 18492, 24539], "clover arbor webdev particular waited framing"),
+    "all-restarts": (["--vocab", "all", "--restarts", "2", "B"], [35836, 42692, 32017, 28913, 13413, 40984],
+                     "aravpascuregarded supremacy ✈️ advisers"),
+    "joint": (["--model", "SECOND@2"], [28640, 19019, 36485, 30618, 35499, 20358], "sew dots jumpers pristine ascension sberg"),
+    "patience": (["--steps", "60", "--patience", "16", "--prior", "0.5"], [32219, 4275, 274, 46798, 25517, 7157],
+                 "stuttgart century 3 swims weir hrs"),
+}
+
+
+@pytest.fixture(scope="module")
+def second_model(tmp_path_factory):
+    from pez_cli.testing import save_tiny_clip
+
+    return f"local-dir:{save_tiny_clip(tmp_path_factory.mktemp('second') / 'tiny2', seed=1)}"
+
+
+@pytest.mark.parametrize("case", sorted(DEFAULT_PINS))
+def test_default_prompts_are_pinned(tiny_model, second_model, pictures, case):
+    extra, ids, prompt = DEFAULT_PINS[case]
+    extra = [pictures[1] if a == "B" else second_model + "@2" if a == "SECOND@2" else a for a in extra]
+    data = run("invert", pictures[0], "--model", tiny_model, "--prompt-len", "6", "--steps", "30", "--device", "cpu",
+               "--json", *extra)
+    assert (data["token_ids"], data["prompt"]) == (ids, prompt)
+
+
+def test_default_distill_is_pinned(tiny_model):
+    data = run("distill", "a red cat sitting on a mat", "--model", tiny_model, "--steps", "30", "--device", "cpu", "--json")
+    assert data["token_ids"] == [48934, 7196, 30981, 9246, 28176, 1988, 930, 18842]
+    assert data["prompt"] == "onnaise aware ddling issued amigos site night divide"
