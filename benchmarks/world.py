@@ -13,6 +13,11 @@ vocabulary and tokenizer, trained contrastively on freshly drawn scenes (determi
 a seed). Captions are short, so the text tower is trained on the first TEXT_POSITIONS
 positions only (the causal tower makes this exact for captions that fit). The result is saved
 as an open_clip `local-dir:` folder that pez loads like any other model.
+
+The world also has a language model (`world_lm`, `python benchmarks/world.py --lm`): a tiny
+GPT-2 with its own word-level tokenizer (not CLIP's), trained on captions of scenes drawn with
+another seed (in the varied world, in varied phrasings), saved with save_pretrained for --lm.
+It knows how the world's captions are written, never which scene a picture shows.
 """
 
 from __future__ import annotations
@@ -287,6 +292,82 @@ def world_model(steps=1500, batch=128, seed=0, width=128, layers=3, cache: Path 
     return folder, report
 
 
+# -- the language model --------------------------------------------------------------------
+# Scenes whose captions train the language model are drawn from seeds this far from the CLIPs'.
+LM_SEED_OFFSET = 50_000
+LM_TEXTS = 20_000  # captions the language model is trained on
+
+
+def caption_words() -> list[str]:
+    """Every word (and the comma) a caption of either style can hold."""
+    words = {"a", "and", "on", "background", "with", ","} | set(COLORS) | set(SHAPES) | set(SIZES)
+    for position in ONE_POSITIONS:
+        words.update(position.split())
+    return sorted(words)
+
+
+def lm_captions(seed: int, n: int, captions: str = "fixed") -> list[str]:
+    """Captions of n scenes drawn from `seed`, phrased as the CLIPs of that world were trained."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        scene = random_scene(rng)
+        out.append(scene.caption if captions == "fixed" else varied_caption(scene, rng))
+    return out
+
+
+@dataclass
+class LMReport:
+    steps: int
+    seed: int
+    width: int
+    layers: int
+    final_loss: float
+    caption_fluency: float  # mean log-probability per token (end included) of held-out true captions
+    shuffled_fluency: float  # the same captions, words shuffled
+    seconds: float
+
+
+def mean_logprob(model, tokenizer, texts: list[str]) -> float:
+    """Mean over texts of the log-probability per token of [BOS] text [EOS] (end included)."""
+    total = 0.0
+    with torch.no_grad():
+        for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+            seq = torch.tensor([[tokenizer.bos_token_id, *ids, tokenizer.eos_token_id]])
+            logp = torch.log_softmax(model(input_ids=seq).logits[0, :-1].float(), dim=-1)
+            total += float(logp[torch.arange(seq.shape[1] - 1), seq[0, 1:]].mean())
+    return total / len(texts)
+
+
+def lm_cache_key(steps, seed, width, layers, captions) -> str:
+    key = {"v": 1, "kind": "lm", "steps": steps, "seed": seed, "width": width, "layers": layers, "captions": captions,
+           "texts": LM_TEXTS, "words": caption_words()}
+    return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:12]
+
+
+def world_lm(steps=1500, seed=0, width=64, layers=2, captions="fixed", cache: Path = DEFAULT_CACHE, log=None):
+    """The world language model's folder (save_pretrained) and report, trained once and cached."""
+    from pez_cli.testing import save_lm, tiny_gpt2, train_lm, word_tokenizer
+
+    folder = Path(cache) / f"lm-{lm_cache_key(steps, seed, width, layers, captions)}"
+    report_path = folder / "world_lm.json"
+    if report_path.is_file():
+        return folder, LMReport(**json.loads(report_path.read_text()))
+    start = time.monotonic()
+    tokenizer = word_tokenizer(caption_words())
+    model = tiny_gpt2(tokenizer, seed, width=width, layers=layers, heads=2, positions=48)
+    texts = lm_captions(LM_SEED_OFFSET + seed, LM_TEXTS, captions)
+    losses = train_lm(model, tokenizer, texts, steps, batch=64, seed=seed, log=log)
+    heldout = [s.caption for s in scenes(LM_SEED_OFFSET + seed + 1, 256)]
+    rng = random.Random(seed)
+    shuffled = [" ".join(rng.sample(c.split(), len(c.split()))) for c in heldout]
+    report = LMReport(steps, seed, width, layers, round(losses[-1], 4), round(mean_logprob(model, tokenizer, heldout), 4),
+                      round(mean_logprob(model, tokenizer, shuffled), 4), round(time.monotonic() - start, 1))
+    save_lm(model, tokenizer, folder)
+    report_path.write_text(json.dumps(asdict(report), indent=2))  # written last: marks the cache complete
+    return folder, report
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=1500)
@@ -298,7 +379,13 @@ def main(argv=None):
     ap.add_argument("--captions", choices=CAPTION_STYLES, default="fixed",
                     help="train on one caption template (fixed) or on varied phrasings of the same facts")
     ap.add_argument("--samples", type=Path, help="also write a few example scenes (PNG + captions) here")
+    ap.add_argument("--lm", action="store_true", help="train (or reuse) the world's language model instead")
     args = ap.parse_args(argv)
+    if args.lm:
+        folder, lm_report = world_lm(seed=args.seed, captions=args.captions, cache=args.cache,
+                                     log=lambda m: print(m, file=sys.stderr, flush=True))
+        print(json.dumps({"lm": str(folder), **asdict(lm_report)}, indent=2))
+        return
     folder, report = world_model(args.steps, args.batch, args.seed, args.width, args.layers, args.cache,
                                  log=lambda m: print(m, file=sys.stderr, flush=True), captions=args.captions)
     print(json.dumps({"model": f"local-dir:{folder}", **{k: v for k, v in asdict(report).items() if k != "losses"}}, indent=2))

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from pez_cli import packing
+from pez_cli.beam import beam_search
 from pez_cli.config import Settings, settings_id
 from pez_cli.errors import Interrupted
 from pez_cli.images import load_image
@@ -45,6 +46,7 @@ class PromptResult:
     prompt: str  # the text to paste: decoded tokens, word boundaries kept
     similarity: float  # mean cosine of `prompt`, re-tokenized and encoded, to the targets (several models: weighted)
     similarities: dict[str, float]  # each model's own similarity of `prompt`
+    fluency: float  # the language model's mean log-probability per token of `prompt` (NaN without --lm)
     token_ids: list[int]  # the optimized token ids (without start/end tokens)
     round_trip: bool  # whether re-tokenizing `prompt` gives back exactly `token_ids`
     optimized_similarity: float  # mean cosine of `token_ids` to the targets
@@ -54,7 +56,7 @@ class PromptResult:
     settings: Settings  # what it was computed with (prompt_len filled in)
 
     # Keys of to_dict(), in order: what a result row or a JSON object holds.
-    KEYS = ("prompt", "similarity", "similarities", "token_ids", "round_trip", "optimized_similarity", "best_step",
+    KEYS = ("prompt", "similarity", "similarities", "fluency", "token_ids", "round_trip", "optimized_similarity", "best_step",
             "steps_done", "interrupted", "model", "settings_id", "settings")
 
     def to_dict(self, flat: bool = False) -> dict[str, Any]:
@@ -65,6 +67,7 @@ class PromptResult:
         out["similarity"] = rounded(self.similarity)
         out["similarities"] = {name: rounded(value) for name, value in self.similarities.items()}
         out["optimized_similarity"] = rounded(self.optimized_similarity)
+        out["fluency"] = rounded(self.fluency)
         out["model"] = self.settings.model
         out["settings_id"] = settings_id(identity)
         if flat:
@@ -110,11 +113,12 @@ class Pez:
 
     model: an already loaded model (or a list, one per settings model) instead of loading.
     keep_image_tower=False frees the image towers when the first optimization starts (all
-    targets must be computed by then), so only the text towers stay in memory.
+    targets must be computed by then), so only the text towers stay in memory. lm: an already
+    loaded language model (lm.LanguageModel) for settings.lm; loaded when not given.
     """
 
     def __init__(self, settings: Settings, model: LoadedModel | Sequence[LoadedModel] | None = None,
-                 keep_image_tower: bool = True):
+                 keep_image_tower: bool = True, lm=None):
         settings.validate()
         specs = settings.models()
         given = [model] if isinstance(model, LoadedModel) else list(model or [])
@@ -138,6 +142,12 @@ class Pez:
             for m in self.models
         ]
         self.vocab = self.vocabs[0]
+        self.lm = self.lm_words = None  # the language model (--lm) and CLIP's words as its tokens
+        if settings.uses_lm:
+            from pez_cli.lm import WordMap, load_lm
+
+            self.lm = lm if lm is not None else load_lm(settings.lm, self.device)
+            self.lm_words = WordMap.build(self.lm, self.vocab)
         for m in self.models:
             m.text.set_precision(resolve_precision(settings.precision, self.device))
         self.keep_image_tower = keep_image_tower
@@ -212,20 +222,31 @@ class Pez:
             self.release_image_tower()
         self.pack_weights()
         targets = [self.split(t) for t in targets]
-        opt = PromptOptimizer(self.spaces(), targets, settings)
+        opt = PromptOptimizer(self.spaces(), targets, settings, self.fluency())
+        bests = None  # after the loop: each problem's best, improved in place by the search after it
         try:
             while not opt.finished():
                 opt.step()
                 if on_progress is not None and (opt.step_count % every == 0 or opt.finished()):
                     on_progress(Progress(opt.step_count, settings.steps, self, opt))
             bests = opt.best()
+            if settings.uses_lm and settings.beam:
+                beam_search(opt, bests, settings.beam)
             if settings.refine:
-                bests = refine(opt, bests)
+                refine(opt, bests)
         except KeyboardInterrupt:
             if opt.step_count == 0:
                 raise Interrupted("interrupted before the first step; no prompt yet") from None
-            return self._finish(opt, interrupted=True)
+            return self._finish(opt, interrupted=True, bests=bests)
         return self._finish(opt, bests=bests)
+
+    def fluency(self):
+        """A fresh reader of texts by the language model (its cache lasts one run), or None."""
+        if self.lm is None:
+            return None
+        from pez_cli.lm import Fluency
+
+        return Fluency(self.lm, self.lm_words)
 
     def _finish(self, opt: PromptOptimizer, interrupted: bool = False, bests: list[Best] | None = None) -> list[PromptResult]:
         """Results from each problem's best printed prompt (scored as text, not as ids)."""
@@ -235,6 +256,7 @@ class Pez:
                 prompt=best.prompt,
                 similarity=best.printed,
                 similarities=dict(zip(self.names, best.printed_each)),
+                fluency=best.fluency,
                 token_ids=best.token_ids,
                 round_trip=self.vocab.round_trips(best.prompt, best.token_ids),
                 optimized_similarity=float(best.similarity),

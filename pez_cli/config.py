@@ -28,6 +28,8 @@ from pez_cli.errors import ConfigError
 
 # Largest seed torch's generators take.
 MAX_SEED = 2**64 - 1
+# --vocab values other than a word-list file.
+VOCAB_KINDS = ("all", "words")
 # prompt_len when neither a flag, a config file nor a preset sets one, by kind of target.
 PROMPT_LEN_DEFAULTS = {"image": 16, "text": 8}
 
@@ -35,16 +37,18 @@ PROMPT_LEN_DEFAULTS = {"image": 16, "text": 8}
 def setting(default: Any = None, *, help: str, flag: bool = True, flag_name: str | None = None, short: str | None = None,
             envvar: str | None = None, identifies: bool = True, minimum: float | None = None, above: float | None = None,
             maximum: float | None = None, choices: tuple[str, ...] = (), nonempty: bool = False,
-            metavar: str | None = None, shown_default: str | None = None) -> Any:
+            metavar: str | None = None, shown_default: str | None = None, needs: str | None = None) -> Any:
     """Declare a setting (a dataclass field with its CLI and validation metadata).
 
     flag: has a CLI option, named flag_name (default --field-name) with an optional short form;
     identifies: stored with (and identifying) a result; minimum/maximum: inclusive bounds;
     above: exclusive lower bound; choices: allowed values; shown_default: the default as help
-    shows it (default: the value itself)."""
+    shows it (default: the value itself); needs: a setting without which this one does nothing
+    (it then identifies nothing either). A setting whose default is None identifies a result
+    only when set, so adding one leaves the settings id of every earlier result as it was."""
     meta = dict(help=help, flag=flag, flag_name=flag_name, short=short, envvar=envvar, identifies=identifies,
                 minimum=minimum, above=above, maximum=maximum, choices=choices, nonempty=nonempty,
-                metavar=metavar, shown_default=shown_default)
+                metavar=metavar, shown_default=shown_default, needs=needs)
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -85,9 +89,10 @@ class Settings:
         [], metavar="WORD", shown_default="none", help="Never choose a token containing WORD (repeatable).")
     ascii_only: bool = setting(False, help="Only choose tokens of printable ASCII.")
     vocab: str = setting(  # words: better judged in README's Quality table, and always exact
-        "words", choices=("all", "words"),
+        "words", metavar="words|all|FILE",
         help="Tokens to choose from: words (whole words, digits and commas only, so the printed prompt "
-             "re-tokenizes to exactly what was optimized) or all (any token, as the paper).")
+             "re-tokenizes to exactly what was optimized), all (any token, as the paper), or a FILE of allowed "
+             "words, one word or tag per line (each of its words that is one whole-word token).")
     prior: float = setting(
         0.0, minimum=0, maximum=1, shown_default="0: off",
         help="Favour common tokens: each token's projection score loses PRIOR x its id / vocabulary size "
@@ -99,6 +104,22 @@ class Settings:
         3, minimum=0,
         help="Rounds of greedy discrete refinement of the printed prompt after the loop "
              "(gradient-ranked token swaps and deletions, kept only when the printed score improves).")
+    init: str | None = setting(  # None: random tokens, as the paper
+        None, nonempty=True, metavar="TEXT", shown_default="random tokens",
+        help="Start the prompt from this text (a caption or a draft prompt; random tokens fill the rest), "
+             "which is also a candidate itself.")
+    lm: str | None = setting(  # a language prior: README's Quality section measures what it brings
+        None, envvar="PEZ_LM", metavar="NAME_OR_PATH", shown_default="none",
+        help="A causal language model (transformers): a hub id such as gpt2, or a folder written by save_pretrained. "
+             "Its fluency joins the objective and it proposes words, so the prompt reads as text.")
+    lm_weight: float = setting(  # per unit of mean log-probability; README's Quality table
+        0.05, minimum=0, needs="lm",
+        help="Weight of the language model's fluency (its mean log-probability per token) in the objective; "
+             "0 turns the language model off.")
+    beam: int = setting(  # README's Quality table
+        8, minimum=0, needs="lm",
+        help="With --lm: beams of a left-to-right search in which the language model proposes each next word "
+             "and the objective ranks the texts; its best text joins refinement. 0: off.")
     negative: bool = setting(False, help="Find the prompt LEAST like the target (negative loss weight).")
     precision: str = setting(
         "auto", choices=("auto", "fp32", "bf16", "fp16"),
@@ -119,6 +140,8 @@ class Settings:
             self.model = self.model[0] if len(self.model) == 1 else list(self.model)
         check_fields(self)
         self.models()
+        if self.vocab not in VOCAB_KINDS and not Path(self.vocab).expanduser().is_file():
+            raise ConfigError(f"vocab must be words, all or a word-list file; there is no file {self.vocab!r}")
         return self
 
     def models(self) -> list[tuple[str, float]]:
@@ -145,9 +168,20 @@ class Settings:
             return self
         return dataclasses.replace(self, prompt_len=PROMPT_LEN_DEFAULTS[kind])
 
+    @property
+    def uses_lm(self) -> bool:
+        """Whether a language model takes part (--lm given with a weight above 0)."""
+        return bool(self.lm) and self.lm_weight > 0
+
     def identity(self) -> dict[str, Any]:
-        """The settings that decide the prompt, as stored with every result."""
-        return {f.name: _plain(getattr(self, f.name)) for f in fields(self) if f.metadata["identifies"]}
+        """The settings that decide the prompt, as stored with every result (settings that are
+        unset, or that need an unset one, decide nothing and are left out)."""
+        def decides(f: dataclasses.Field) -> bool:
+            if not f.metadata["identifies"] or (f.default is None and getattr(self, f.name) is None):
+                return False
+            return f.metadata["needs"] is None or getattr(self, f.metadata["needs"]) is not None
+
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self) if decides(f)}
 
 
 def parse_model_spec(spec: str) -> tuple[str, float]:

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from pez_cli.config import Settings
 from pez_cli.errors import ConfigError, first_line
 from pez_cli.models import TextTower
+from pez_cli.objective import Objective, Score, clip_loss
 from pez_cli.vocab import Vocabulary, project_jointly
 
 log = logging.getLogger("pez")
@@ -145,10 +146,16 @@ class Best:
 
     token_ids: list[int]
     similarity: float  # mean cosine of the optimized ids to all of the problem's targets
-    step: int  # 1-based step at which it was found (0: never)
+    step: int  # 1-based step at which it was found (0: never, or the --init text)
     prompt: str = ""  # token_ids decoded: the text a user pastes
     printed: float = math.nan  # mean cosine of `prompt`, re-tokenized and encoded, to all targets
     printed_each: list[float] = field(default_factory=list)  # the same for each model (printed: their weighted sum)
+    fluency: float = math.nan  # the language model's mean log-probability per token of `prompt` (NaN: no LM)
+    objective: float = math.nan  # what chose `prompt` (objective.py): sign * printed, plus the LM's term
+
+    @classmethod
+    def scored(cls, token_ids: list[int], similarity: float, step: int, prompt: str, score: Score) -> "Best":
+        return cls(token_ids, similarity, step, prompt, score.similarity, score.each, score.fluency, score.value)
 
 
 @dataclass
@@ -174,15 +181,27 @@ class Space:
     score_texts: Callable[[list[str]], torch.Tensor]
 
 
+def init_ids(vocab: Vocabulary, text: str, prompt_len: int) -> list[int]:
+    """The tokens of an --init text, which must fit the prompt."""
+    ids = vocab.tokenizer.encode(text)
+    if not ids:
+        raise ConfigError(f"--init {text!r} has no tokens")
+    if len(ids) > prompt_len:
+        raise ConfigError(f"--init {text!r} is {len(ids)} tokens long; the prompt holds {prompt_len} (--prompt-len)")
+    return ids
+
+
 class PromptOptimizer:
     """PEZ for several independent problems at once; `step()` advances all active ones.
 
     spaces: the CLIPs optimized for (one, usually). targets: per problem, one (n_i, D_k) tensor of
     normalized target features per space. settings: with prompt_len filled in
-    (Settings.for_target). The loop that drives it is Pez.solve.
+    (Settings.for_target). fluency: the language model's reader (--lm), or None. The loop that
+    drives it is Pez.solve.
     """
 
-    def __init__(self, spaces: Sequence[Space], targets: Sequence[Sequence[torch.Tensor]], settings: Settings):
+    def __init__(self, spaces: Sequence[Space], targets: Sequence[Sequence[torch.Tensor]], settings: Settings,
+                 fluency=None):
         if not targets:
             raise ValueError("at least one problem is needed")
         self.spaces = list(spaces)
@@ -212,6 +231,9 @@ class PromptOptimizer:
         # initial prompt and its target samples) is the same whether it runs alone or batched.
         self.generators = [torch.Generator().manual_seed(settings.seed) for _ in range(problems)]
         init = torch.stack([first.vocab.random_ids((restarts, length), g) for g in self.generators]).reshape(-1, length)
+        start = init_ids(first.vocab, settings.init, length) if settings.init else None
+        if start is not None:  # --init: the text's tokens first, random ones after (the same draws as without)
+            init[:, :len(start)] = torch.tensor(start, device=init.device)
         self.prompts = [s.vocab.embeddings[init].clone().requires_grad_(True) for s in self.spaces]  # (A*R, L, W_k)
         # CUDA graphs (--cuda-graph): the step is captured once it is warm and replayed after.
         self.graphed = bool(settings.cuda_graph) and can_graph(device) and not settings.compile
@@ -237,6 +259,12 @@ class PromptOptimizer:
         self.printed: list[Best | None] = [None] * problems  # the best printed prompt per problem
         self.scored: list[set[tuple[int, ...]]] = [set() for _ in range(problems)]  # candidates seen
         self.pending = _Candidates()
+        self.objective = Objective(self.spaces, self.full_targets, self.full_weights, self.sign, fluency,
+                                   settings.lm_weight if settings.lm else 0.0)
+        if start is not None and all(first.vocab.allows(i) for i in start):  # the --init text is a candidate itself
+            for p in range(problems):
+                self.scored[p].add(tuple(start))
+            self._score_printed([(p, start, None, 0) for p in range(problems)])
 
     @property
     def prompt(self) -> torch.Tensor:
@@ -315,9 +343,7 @@ class PromptOptimizer:
             feats = forward(torch.cat([start, projected, end], dim=1))  # (A*R, D_k)
             feats = F.normalize(feats.to(self.targets[k].dtype), dim=-1).view(problems, restarts, -1)
             sims = torch.einsum("prd,pnd->prn", feats, self.targets[k])  # (A, R, n_max)
-            loss = self.sign * (1.0 - (sims * weights[:, None, :]).sum(-1).mean(-1)).sum()
-            if space.weight != 1.0:
-                loss = loss * space.weight
+            loss = clip_loss(sims, weights[:, None, :], self.sign, space.weight)
             (grad,) = torch.autograd.grad(loss * scale, [projected])
             self.prompts[k].grad = grad / scale
             with torch.no_grad():
@@ -364,31 +390,15 @@ class PromptOptimizer:
             if tired:
                 self._leave(tired)
 
-    def printed_scores(self, problems: list[int], texts: list[str]) -> list[list[float]]:
-        """Each space's mean cosine of printed texts to their problems' targets: [space][text]."""
-        out = []
-        for k, space in enumerate(self.spaces):
-            feats = space.score_texts(texts).to(self.full_targets[k].dtype)  # (n, D_k)
-            owners = torch.tensor(problems, device=feats.device)
-            sims = torch.einsum("nmd,nd->nm", self.full_targets[k][owners], feats)  # (n, n_max)
-            out.append((sims * self.full_weights[owners]).sum(-1).tolist())
-        return out
-
-    def joint(self, each: Sequence[float]) -> float:
-        """The weighted score over the spaces (exactly the score itself for one space)."""
-        if len(each) == 1:
-            return each[0]
-        return sum(s.weight * v for s, v in zip(self.spaces, each))
-
-    def _score_printed(self, queued: list[tuple[int, list[int], float, int]]) -> None:
+    def _score_printed(self, queued: list[tuple[int, list[int], float | None, int]]) -> None:
+        """Update each problem's printed best from (problem, ids, the ids' score, step); a score
+        of None is the printed text's own (ids that are the text's own tokens)."""
         texts = [self.vocab.decode(ids) for _, ids, _, _ in queued]
-        per_space = self.printed_scores([p for p, _, _, _ in queued], texts)
-        for j, ((p, ids, score, step), text) in enumerate(zip(queued, texts)):
-            each = [values[j] for values in per_space]
-            value = self.joint(each)
+        scores = self.objective.score([p for p, _, _, _ in queued], texts)
+        for (p, ids, ids_score, step), text, score in zip(queued, texts, scores):
             best = self.printed[p]
-            if best is None or self.sign * value > self.sign * best.printed:  # ties keep the earlier
-                self.printed[p] = Best(ids, score, step, text, value, each)
+            if best is None or score.value > best.objective:  # ties keep the earlier
+                self.printed[p] = Best.scored(ids, score.similarity if ids_score is None else ids_score, step, text, score)
 
     def _leave(self, done: set[int]) -> None:
         """Take problems out of the batch, keeping each remaining row's state exactly."""

@@ -4,10 +4,12 @@ Greedy coordinate search on what the user gets (GCG, Zou et al. 2023, applied to
 text tower): each round ranks, for every position of a problem's printed prompt, the allowed
 tokens by the gradient of the loss with respect to that position's one-hot token (its
 embedding's gradient against the vocabulary; with several models, their weighted sum),
-proposes the top-ranked swaps and the deletion of that token, scores every candidate as
-printed text (decoded, re-tokenized, encoded, in batched passes for all problems) and keeps
-the best one if it beats the current prompt. A problem stops at the first round without an
-improvement, so refining never lowers the printed prompt's score.
+proposes the top-ranked swaps and the deletion of that token and, with a language model
+(--lm), the words it finds likeliest at that position given the words before, both in the
+token's place and inserted before it (or at the end). Every candidate is scored by the
+objective (objective.py) as printed text, in batched passes for all problems, and the best is
+kept if it beats the current prompt. A problem stops at the first round without an
+improvement, so refining never lowers the objective.
 """
 
 from __future__ import annotations
@@ -17,10 +19,13 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from pez_cli.objective import clip_loss
 from pez_cli.optimize import Best, PromptOptimizer
 
 # Replacement tokens tried per position and round, ranked by the loss gradient.
 TOP_K = 8
+# Words the language model proposes per position and round, for a swap and for an insertion.
+LM_K = 8
 
 
 def token_gradients(opt: PromptOptimizer, problems: Sequence[int], prompts: Sequence[list[int]]) -> list[torch.Tensor]:
@@ -39,7 +44,7 @@ def token_gradients(opt: PromptOptimizer, problems: Sequence[int], prompts: Sequ
             feats = F.normalize(space.tower(emb).to(targets.dtype), dim=-1)  # (B, D)
             owners = torch.tensor([problems[i] for i in rows], device=feats.device)
             sims = torch.einsum("bnd,bd->bn", targets[owners], feats)  # (B, n_max)
-            loss = (opt.sign * space.weight * (1 - (sims * weights[owners]).sum(-1))).sum()
+            loss = clip_loss(sims[:, None, :], weights[owners][:, None, :], opt.sign, space.weight)
             (grad,) = torch.autograd.grad(loss, [emb])
             for b, i in enumerate(rows):
                 part = grad[b, 1:-1].to(allowed.dtype) @ allowed.T  # (L, A)
@@ -60,33 +65,57 @@ def candidates(ids: list[int], scores: torch.Tensor, allowed: torch.Tensor, top_
     return out
 
 
+def lm_candidates(ids: list[int], proposed: Sequence[Sequence[int]], longest: int) -> list[list[int]]:
+    """Token sequences one edit away from `ids` from the language model: proposed[pos] are its
+    likeliest words after ids[:pos] (pos = 0 .. len(ids)), tried in the token's place and,
+    while the prompt is shorter than `longest`, inserted before it (or at the end)."""
+    out: list[list[int]] = []
+    for pos, words in enumerate(proposed):
+        for w in words:
+            if pos < len(ids) and w != ids[pos]:
+                out.append(ids[:pos] + [w] + ids[pos + 1:])
+            if len(ids) < longest:
+                out.append(ids[:pos] + [w] + ids[pos:])
+    return out
+
+
 def refine(opt: PromptOptimizer, bests: list[Best]) -> list[Best]:
-    """Up to settings.refine rounds for every problem at once; returns the improved bests
-    (a refined prompt's token_ids are its own re-tokenization, so it round-trips)."""
-    tok, vocab, sign = opt.vocab.tokenizer, opt.vocab, opt.sign
-    bests = list(bests)
+    """Up to settings.refine rounds for every problem at once. `bests` is updated in place as
+    rounds finish (so an interrupted refinement keeps its rounds) and returned; a refined
+    prompt's token_ids are its own re-tokenization, so it round-trips."""
+    tok, vocab, objective = opt.vocab.tokenizer, opt.vocab, opt.objective
+    fluency = objective.fluency
     current = {p: tok.encode(b.prompt) for p, b in enumerate(bests) if b.prompt}
     for _ in range(opt.settings.refine):
         if not current:
             break
         order = sorted(current)
         grads = token_gradients(opt, order, [current[p] for p in order])
-        proposals = [(p, ids) for p, g in zip(order, grads) for ids in candidates(current[p], g, vocab.allowed_ids)]
+        proposals: list[tuple[int, list[int]]] = []
+        for p, g in zip(order, grads):
+            mine = candidates(current[p], g, vocab.allowed_ids)
+            if fluency is not None:
+                ids = current[p]
+                after = fluency.next_words([vocab.decode(ids[:pos]) for pos in range(len(ids) + 1)], LM_K)
+                seen = {tuple(c) for c in mine} | {tuple(ids)}
+                for c in lm_candidates(ids, [[w for w, _ in words] for words in after], opt.settings.prompt_len):
+                    if tuple(c) not in seen:
+                        seen.add(tuple(c))
+                        mine.append(c)
+            proposals.extend((p, c) for c in mine)
         if not proposals:
             break
         texts = [vocab.decode(ids) for _, ids in proposals]
-        per_space = opt.printed_scores([p for p, _ in proposals], texts)
-        chosen: dict[int, tuple[float, str, list[float]]] = {}
-        for j, ((p, _), text) in enumerate(zip(proposals, texts)):
-            each = [values[j] for values in per_space]
-            value = opt.joint(each)
-            if sign * value > sign * (chosen[p][0] if p in chosen else bests[p].printed):
-                chosen[p] = (value, text, each)
+        scores = objective.score([p for p, _ in proposals], texts)
+        chosen: dict[int, tuple[str, object]] = {}
+        for (p, _), text, score in zip(proposals, texts, scores):
+            if score.value > (chosen[p][1].value if p in chosen else bests[p].objective):
+                chosen[p] = (text, score)
         for p in order:
             if p not in chosen:  # no candidate beat the current prompt: this problem is done
                 del current[p]
                 continue
-            value, text, each = chosen[p]
+            text, score = chosen[p]
             current[p] = tok.encode(text)
-            bests[p] = Best(current[p], value, bests[p].step, text, value, each)
+            bests[p] = Best.scored(current[p], score.similarity, bests[p].step, text, score)
     return bests

@@ -2,7 +2,8 @@
 
 A CLIP built from an open_clip JSON config and saved as a `local-dir:` folder, and a Stable
 Diffusion pipeline built from configs with a tokenizer made from open_clip's bundled BPE
-vocabulary (the vocabulary real Stable Diffusion text encoders use).
+vocabulary (the vocabulary real Stable Diffusion text encoders use), and a tiny GPT-2 with a
+word-level tokenizer of its own for --lm.
 """
 
 from __future__ import annotations
@@ -84,4 +85,95 @@ def save_tiny_sd(folder: Path, seed: int = 0) -> Path:
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder)
+    return folder
+
+
+# Special tokens of the word-level language-model tokenizers below.
+LM_SPECIALS = ("[PAD]", "[UNK]", "[BOS]", "[EOS]")
+
+
+def word_tokenizer(words):
+    """A transformers tokenizer with one token per word (and per punctuation mark), built with
+    the tokenizers library: a vocabulary unlike CLIP's, as a user's language model has."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(list(LM_SPECIALS) + sorted(set(words) - set(LM_SPECIALS)))}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]",
+                                   bos_token="[BOS]", eos_token="[EOS]")
+
+
+def tiny_gpt2(tokenizer, seed: int = 0, width: int = 32, layers: int = 2, heads: int = 2, positions: int = 64):
+    """A randomly initialised GPT-2 for `tokenizer`."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=positions, n_embd=width, n_layer=layers, n_head=heads,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id)
+    return GPT2LMHeadModel(config)
+
+
+def train_lm(model, tokenizer, texts, steps: int, batch: int = 32, lr: float = 3e-3, seed: int = 0, log=None):
+    """Train a causal language model on texts, each read as [BOS] text [EOS]. Returns the losses."""
+    import random
+
+    import transformers
+
+    from pez_cli.lm import quiet_transformers
+
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    model.train()
+    losses = []
+    with quiet_transformers(transformers):
+        _train(model, tokenizer, texts, steps, batch, rng, opt, losses, log)
+    model.eval()
+    return losses
+
+
+def _train(model, tokenizer, texts, steps, batch, rng, opt, losses, log):
+    for step in range(steps):
+        chosen = [texts[rng.randrange(len(texts))] for _ in range(batch)]
+        rows = [[tokenizer.bos_token_id, *ids, tokenizer.eos_token_id]
+                for ids in tokenizer(chosen, add_special_tokens=False)["input_ids"]]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), tokenizer.pad_token_id)
+        labels = torch.full((len(rows), width), -100)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)] = torch.tensor(r)
+            labels[i, :len(r)] = torch.tensor(r)
+        loss = model(input_ids=ids, attention_mask=(labels != -100).long(), labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        if log and (step % 100 == 0 or step == steps - 1):
+            log(f"lm step {step}/{steps} loss {losses[-1]:.4f}")
+
+
+def save_tiny_lm(folder: Path, words=("a", "red", "blue", "cat", "dog", "on", "the", "mat", ","), seed: int = 0,
+                 texts=None, steps: int = 0) -> Path:
+    """A tiny GPT-2 with a word-level tokenizer, saved with save_pretrained (the layout --lm
+    reads); trained for `steps` on `texts` when given, random otherwise."""
+    tokenizer = word_tokenizer(words)
+    model = tiny_gpt2(tokenizer, seed)
+    if texts and steps:
+        train_lm(model, tokenizer, list(texts), steps, seed=seed)
+    return save_lm(model, tokenizer, folder)
+
+
+def save_lm(model, tokenizer, folder: Path) -> Path:
+    """save_pretrained for a language model and its tokenizer, without progress bars."""
+    import transformers
+
+    from pez_cli.lm import quiet_transformers
+
+    folder = Path(folder)
+    with quiet_transformers(transformers):
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
     return folder

@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
+import re
 import sys
 import unicodedata
 from pathlib import Path
@@ -16,6 +18,8 @@ import torch.nn.functional as F
 
 from pez_cli.errors import ConfigError
 from pez_cli.packing import PackedMatrix, use_packed
+
+log = logging.getLogger("pez")
 
 # Vocabulary rows scored per matmul in the projection; bounds the (chunk, rows) score block.
 VOCAB_CHUNK = 8192
@@ -46,7 +50,8 @@ def _ascii(text: str) -> bool:
 
 # Whole-word tokens that are not letters but may still appear in a `words` prompt.
 WORD_PUNCTUATION = (",",)
-VOCABS = ("all", "words")
+# What splits a line of a word-list file into words: a tag such as "red hair" or "long_hair" gives two.
+WORD_SEPARATORS = re.compile(r"[\s,_]+")
 
 
 def is_word(tokenizer: Any, token_id: int, text: str) -> bool:
@@ -66,6 +71,35 @@ def is_word(tokenizer: Any, token_id: int, text: str) -> bool:
 _WORDS: dict[str, frozenset[int]] = {}
 # Bump when is_word's rules change: it is part of the on-disk key.
 WORD_RULES = 1
+
+
+def file_word_ids(tokenizer: Any, path: str, texts: Sequence[str]) -> frozenset[int]:
+    """The ids of the words in a word-list file (one word or tag per line; blank lines and
+    lines starting with # are skipped) that are each one whole-word token; the others are
+    noted in the log (--verbose)."""
+    try:
+        lines = Path(path).expanduser().read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise ConfigError(f"word list {path} is not UTF-8 text") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read word list {path}: {e.strerror or e}") from None
+    kept: set[int] = set()
+    dropped: list[str] = []
+    for line in lines:
+        if line.lstrip().startswith("#"):
+            continue
+        for word in WORD_SEPARATORS.split(line.strip().lower()):
+            ids = tokenizer.encode(word) if word else []
+            if len(ids) == 1 and is_word(tokenizer, ids[0], texts[ids[0]]):
+                kept.add(ids[0])
+            elif word:
+                dropped.append(word)
+    if dropped:
+        log.info("word list %s: %d words are not one whole-word token and are left out: %s", path, len(dropped),
+                 ", ".join(dict.fromkeys(dropped)))
+    if not kept:
+        raise ConfigError(f"no word in {path} is one whole-word token of this model's vocabulary")
+    return frozenset(kept)
 
 
 def cache_dir() -> Path:
@@ -137,7 +171,8 @@ class Vocabulary:
     Never allowed: the tokenizer's special tokens (start, end), its padding id, and tokens
     that decode to nothing visible (whitespace or control bytes would vanish from the printed
     prompt). Optionally: tokens containing a blocked word, tokens that are not ASCII, and
-    (kind="words") tokens that are not whole words.
+    (kind="words") tokens that are not whole words, or (kind a file's path) tokens that are not
+    among the whole words the file lists.
     """
 
     def __init__(
@@ -149,8 +184,6 @@ class Vocabulary:
         kind: str = "all",
         prior: float = 0.0,
     ):
-        if kind not in VOCABS:
-            raise ConfigError(f"vocab must be one of {', '.join(VOCABS)}, got {kind!r}")
         self.tokenizer = tokenizer
         vocab_size = int(embedding_weight.shape[0])
         self.texts = [token_text(tokenizer, i) for i in range(vocab_size)]
@@ -159,7 +192,8 @@ class Vocabulary:
         if pad is not None:
             banned.add(pad)
         blocked = [w.lower() for w in block if w]
-        words = word_ids(tokenizer, self.texts) if kind == "words" else None
+        words = None if kind == "all" else word_ids(tokenizer, self.texts) if kind == "words" else (
+            file_word_ids(tokenizer, kind, self.texts))
         allowed = []
         for i, text in enumerate(self.texts):
             if i in banned or not _visible(text):
@@ -175,6 +209,7 @@ class Vocabulary:
         if not allowed:
             raise ConfigError("the blocklist and filters leave no token to choose from")
         device = embedding_weight.device
+        self.allowed = frozenset(allowed)
         self.allowed_ids = torch.tensor(allowed, device=device)  # (A,)
         # Every token embedding in fp32 (fp64 stays fp64): projected prompts are these rows.
         weight = embedding_weight.detach()
@@ -192,6 +227,9 @@ class Vocabulary:
     @property
     def size(self) -> int:
         return int(self.allowed_ids.numel())
+
+    def allows(self, token_id: int) -> bool:
+        return int(token_id) in self.allowed
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """Ids of the nearest allowed tokens by cosine similarity: (..., W) -> (...)."""

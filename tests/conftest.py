@@ -19,7 +19,7 @@ def _isolated(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    for var in ("PEZ_MODEL", "PEZ_PRESET", "PEZ_DEVICE"):
+    for var in ("PEZ_MODEL", "PEZ_PRESET", "PEZ_DEVICE", "PEZ_LM"):
         monkeypatch.delenv(var, raising=False)
 
 

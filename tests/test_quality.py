@@ -70,7 +70,7 @@ def test_words_with_block_and_ascii_only_through_the_cli(tiny_model, tmp_path):
         words = data["prompt"].split()
         assert all((w.isalpha() and w.isascii() and "e" not in w) or w == "," for w in words), data["prompt"]
     assert_one_line_error(run("invert", image, "--model", tiny_model, "--vocab", "sentences"), 1,
-                          "vocab must be one of all, words, got 'sentences'")
+                          "vocab must be words, all or a word-list file; there is no file 'sentences'")
 
 
 def test_refinement_never_lowers_the_printed_score(make_pez):

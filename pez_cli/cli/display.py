@@ -80,14 +80,30 @@ def progress_mode(quiet: bool, progress: bool | None) -> str:
     return "plain" if progress else ""
 
 
+class _Stderr(logging.StreamHandler):
+    """A handler writing to whatever sys.stderr is when a note comes (a command run in-process,
+    as tests and `pez serve` do, replaces it)."""
+
+    def __init__(self):
+        super().__init__()
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def log_to_stderr(verbose: bool) -> None:
-    """--verbose: the library's INFO notes (e.g. a fallback it took) on stderr, once each."""
+    """--verbose: the library's INFO notes (e.g. a fallback it took) on stderr; without it, none."""
     logger = logging.getLogger("pez")
-    if verbose and not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _Stderr) for h in logger.handlers):
+        handler = _Stderr()
         handler.setFormatter(logging.Formatter("note: %(message)s"))
         logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
+    logger.setLevel(logging.INFO if verbose else logging.WARNING)
 
 
 class Reporter:

@@ -1,0 +1,316 @@
+"""A causal language model reading printed prompts (--lm): the fluency term of the objective
+and the words the search tries next. transformers is imported only when --lm is given.
+
+The language model reads the decoded prompt with its OWN tokenizer (its vocabulary need not
+be CLIP's): fluency is its mean log-probability per token of the text, the end of the text
+included, so a text that stops mid-phrase reads worse than a finished one. CLIP's allowed
+whole words are matched to the language model's tokens by their text once per model
+(WordMap), so the words it finds likely next can be proposed as CLIP tokens.
+
+A model never runs code: pez reads its config.json and tokenizer_config.json first and
+refuses any that ask for code of their own (auto_map); transformers is told never to trust
+remote code, and prefers safetensors weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from pez_cli import hub
+from pez_cli.errors import ModelError, first_line
+
+INSTALL = "pip install 'pez-cli[lm]'"
+OFFLINE_HINT = "to run offline, point --lm at a folder written by save_pretrained (the model and its tokenizer)"
+# Most likely next words kept per text read (the search asks for at most this many).
+NEXT_WORDS = 32
+# Logits held at once while reading (batch x positions x vocabulary), about 256 MB in fp32.
+READ_LOGITS = 1 << 26
+# Files whose content decides what transformers would run: read and checked before loading.
+CODE_KEYS = ("auto_map", "trust_remote_code")
+CHECKED_FILES = ("config.json", "tokenizer_config.json")
+# Text before a word when asking the language model how it spells the word mid-sentence.
+ANCHOR = "a"
+
+
+@dataclass
+class LanguageModel:
+    """A loaded causal language model and its own tokenizer."""
+
+    name: str
+    model: Any
+    tokenizer: Any
+    device: torch.device
+    start_id: int  # put before a text so its first token is scored too (the BOS token, else EOS)
+    end_id: int | None  # the end-of-text token, scored after the text (None: not scored)
+    max_positions: int
+    special: frozenset[int] = frozenset()
+
+    def encode(self, texts: Sequence[str]) -> list[list[int]]:
+        return [list(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise ModelError(f"--lm needs transformers; install it with: {INSTALL}") from None
+    return transformers
+
+
+def looks_local(name: str) -> bool:
+    """A name meant as a folder (a hub id is ORG/NAME or NAME): an existing folder, or a path."""
+    expanded = os.path.expanduser(name)
+    return os.path.isdir(expanded) or name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1
+
+
+def _check_files(name: str, files: dict[str, str | None]) -> None:
+    """Refuse a model whose config or tokenizer config asks to run code of its own."""
+    for filename, path in files.items():
+        if path is None:
+            continue
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise ModelError(f"language model {name!r}: cannot read {filename} ({first_line(e)})") from None
+        if not isinstance(data, dict):
+            raise ModelError(f"language model {name!r}: {filename} is not a JSON object")
+        found = [k for k in CODE_KEYS if k in data]
+        if found:
+            raise ModelError(f"language model {name!r} asks to run code from its files ({found[0]} in {filename}); "
+                             "pez never does")
+
+
+def _hub_files(name: str, offline: bool) -> dict[str, str | None]:
+    from huggingface_hub import hf_hub_download
+
+    out: dict[str, str | None] = {}
+    for filename in CHECKED_FILES:
+        try:
+            out[filename] = hf_hub_download(repo_id=name, filename=filename)
+        except Exception as e:
+            if filename == "config.json" or not _missing_file(e):
+                raise ModelError(f"could not load language model {name!r} from the Hugging Face Hub "
+                                 f"({hub.unreachable_note(offline)}{first_line(e)}); {OFFLINE_HINT}") from None
+            out[filename] = None
+    return out
+
+
+def _missing_file(e: Exception) -> bool:
+    return type(e).__name__ in ("EntryNotFoundError", "RemoteEntryNotFoundError")
+
+
+def lm_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on CUDA GPUs that have it (else fp16), fp16 on MPS, fp32 on the CPU."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float16 if device.type == "mps" else torch.float32
+
+
+def load_lm(name: str, device: torch.device) -> LanguageModel:
+    """Load a causal language model by hub id or folder; every failure is one ModelError line."""
+    transformers = _transformers()
+    local = looks_local(name)
+    path = os.path.expanduser(name)
+    if local:
+        if not os.path.isdir(path):
+            raise ModelError(f"language model folder not found: {name}")
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ModelError(f"language model folder {name} has no config.json (write it with save_pretrained)")
+    with hub.session() if not local else contextlib.nullcontext(False) as offline:
+        if local:
+            files = {f: os.path.join(path, f) if os.path.isfile(os.path.join(path, f)) else None for f in CHECKED_FILES}
+        else:
+            files = _hub_files(name, offline)
+        _check_files(name, files)
+        dtype_key = "dtype" if _version(transformers.__version__) >= (4, 56) else "torch_dtype"
+        try:
+            with quiet_transformers(transformers):
+                tokenizer = transformers.AutoTokenizer.from_pretrained(path if local else name, trust_remote_code=False)
+                model = transformers.AutoModelForCausalLM.from_pretrained(
+                    path if local else name, trust_remote_code=False, **{dtype_key: lm_dtype(device)})
+        except Exception as e:  # transformers raises many types for missing, offline and malformed models
+            if local:
+                raise ModelError(f"could not load language model {name!r}: {first_line(e)}") from None
+            raise ModelError(f"could not load language model {name!r} from the Hugging Face Hub "
+                             f"({hub.unreachable_note(offline)}{first_line(e)}); {OFFLINE_HINT}") from None
+    model.to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if start is None:
+        raise ModelError(f"language model {name!r} has neither a beginning- nor an end-of-text token, "
+                         "so it cannot score a text's first word")
+    config = model.config
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 1024
+    return LanguageModel(name, model, tokenizer, device, int(start), tokenizer.eos_token_id, int(positions),
+                         frozenset(int(i) for i in tokenizer.all_special_ids))
+
+
+@contextlib.contextmanager
+def quiet_transformers(transformers):
+    """No progress bars or notes from transformers and the hub client while loading: pez
+    reports what matters in its own words."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    verbosity = transformers.logging.get_verbosity()
+    bars = transformers.logging.is_progress_bar_enabled()
+    hub_bars = not are_progress_bars_disabled()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        if bars:
+            transformers.logging.enable_progress_bar()
+        if hub_bars:
+            enable_progress_bars()
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:2])
+
+
+# Spaces CLIP's decoding puts before punctuation, which a language model reads as unusual text.
+SPACE_BEFORE_PUNCTUATION = re.compile(r" ([,.;:!?])")
+
+
+def lm_text(text: str) -> str:
+    """A printed prompt as the language model reads it ("red , blue" -> "red, blue")."""
+    return SPACE_BEFORE_PUNCTUATION.sub(r"\1", text)
+
+
+@dataclass
+class WordMap:
+    """CLIP's allowed whole words that are one token of the language model, by that token:
+    as a text's first word (`first`) and after another word (`later`). Each is (LM ids,
+    CLIP ids), two aligned tensors on the language model's device."""
+
+    first: tuple[torch.Tensor, torch.Tensor]
+    later: tuple[torch.Tensor, torch.Tensor]
+
+    @classmethod
+    def build(cls, lm: LanguageModel, vocab) -> "WordMap":
+        words = [(i, vocab.texts[i]) for i in vocab.allowed_ids.tolist() if _is_word(vocab, i)]
+        anchor = lm.encode([ANCHOR])[0]
+        alone = lm.encode([w for _, w in words])
+        after = lm.encode([ANCHOR + ("" if w in ",.;:!?" else " ") + w for _, w in words])
+        unknown = {lm.tokenizer.unk_token_id} | set(lm.special)
+
+        def pairs(spellings: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+            seen: dict[int, int] = {}
+            for (clip_id, _), ids in zip(words, spellings):
+                if len(ids) == 1 and ids[0] not in unknown:
+                    seen.setdefault(ids[0], clip_id)
+            return (torch.tensor(list(seen), dtype=torch.long, device=lm.device),
+                    torch.tensor(list(seen.values()), dtype=torch.long))
+
+        later = [ids[len(anchor):] if ids[:len(anchor)] == anchor else [] for ids in after]
+        return cls(pairs(alone), pairs(later))
+
+
+def _is_word(vocab, token_id: int) -> bool:
+    """A CLIP token that ends a word and is one (letters, a digit or punctuation a prompt keeps)."""
+    from pez_cli.vocab import WORD_PUNCTUATION
+
+    text = vocab.texts[token_id]
+    return vocab.tokenizer.decoder[token_id].endswith("</w>") and (
+        text.isalpha() or text.isdigit() or text in WORD_PUNCTUATION)
+
+
+@dataclass
+class Reading:
+    """What the language model says of one text."""
+
+    total: float  # sum of the log-probabilities of the text's tokens
+    count: int  # the text's tokens
+    end: float | None  # log-probability of the end of text after it (None: the model has no end token)
+    next: list[tuple[int, float]] = field(default_factory=list)  # likeliest next words: (CLIP id, log-probability)
+
+    @property
+    def fluency(self) -> float:
+        """Mean log-probability per token, the end of text included."""
+        if self.end is None:
+            return self.total / self.count if self.count else 0.0
+        return (self.total + self.end) / (self.count + 1)
+
+    @property
+    def prefix_fluency(self) -> float:
+        """Mean log-probability per token of the text as the start of a longer one (no end)."""
+        return self.total / self.count if self.count else 0.0
+
+
+class Fluency:
+    """The language model reading the prompts of one run, each distinct text once."""
+
+    def __init__(self, lm: LanguageModel, words: WordMap):
+        self.lm, self.words = lm, words
+        self.cache: dict[str, Reading] = {}
+
+    def read(self, texts: Sequence[str]) -> list[Reading]:
+        todo = list(dict.fromkeys(t for t in texts if t not in self.cache))
+        if todo:
+            self._read(todo)
+        return [self.cache[t] for t in texts]
+
+    def of(self, texts: Sequence[str]) -> list[float]:
+        """Each text's fluency: mean log-probability per token, the end of text included."""
+        return [r.fluency for r in self.read(texts)]
+
+    def next_words(self, texts: Sequence[str], k: int) -> list[list[tuple[int, float]]]:
+        """The k likeliest next words after each text, as allowed CLIP ids with log-probabilities."""
+        return [r.next[:k] for r in self.read(texts)]
+
+    @torch.no_grad()
+    def _read(self, texts: list[str]) -> None:
+        lm = self.lm
+        encoded = lm.encode([lm_text(t) for t in texts])
+        keep = lm.max_positions - 1  # the start token takes one position
+        sequences = [[lm.start_id, *ids[:keep]] for ids in encoded]
+        order = sorted(range(len(texts)), key=lambda i: len(sequences[i]))
+        vocab_size = int(lm.model.get_output_embeddings().weight.shape[0])
+        start = 0
+        while start < len(order):
+            longest = len(sequences[order[start]])
+            size = 1
+            while start + size < len(order):  # as many as fit READ_LOGITS at the batch's longest length
+                longest = len(sequences[order[start + size]])
+                if (size + 1) * longest * vocab_size > READ_LOGITS:
+                    break
+                size += 1
+            rows = order[start:start + size]
+            self._read_batch([texts[i] for i in rows], [sequences[i] for i in rows])
+            start += size
+
+    def _read_batch(self, texts: list[str], sequences: list[list[int]]) -> None:
+        lm = self.lm
+        width = max(len(s) for s in sequences)
+        ids = torch.full((len(sequences), width), lm.start_id, dtype=torch.long)
+        mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for i, seq in enumerate(sequences):
+            ids[i, :len(seq)] = torch.tensor(seq)
+            mask[i, :len(seq)] = 1
+        logits = lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device)).logits
+        logp = torch.log_softmax(logits.float(), dim=-1).cpu()  # (B, T, V)
+        for i, (text, seq) in enumerate(zip(texts, sequences)):
+            n = len(seq) - 1  # the text's own tokens
+            last = logp[i, n]  # (V,) after the whole text
+            total = float(logp[i, torch.arange(n), torch.tensor(seq[1:], dtype=torch.long)].sum()) if n else 0.0
+            end = float(last[lm.end_id]) if lm.end_id is not None else None
+            lm_ids, clip_ids = self.words.first if n == 0 else self.words.later
+            nxt: list[tuple[int, float]] = []
+            if lm_ids.numel():
+                scores = last[lm_ids.cpu()]
+                top = scores.topk(min(NEXT_WORDS, scores.numel()))
+                nxt = [(int(clip_ids[j]), float(v)) for v, j in zip(top.values, top.indices)]
+            self.cache[text] = Reading(total, n, end, nxt)
+

@@ -1,0 +1,92 @@
+"""What PEZ optimizes, written once: the loss of the continuous loop and the score of a
+printed prompt.
+
+The CLIP part is the weighted cosine similarity of every model's text features to that
+model's targets (negated by --negative, which looks for the prompt least like them). With a
+language model (--lm, --lm-weight W > 0) a printed prompt's objective also gains W times its
+fluency, the LM's mean log-probability per token of the text:
+
+    objective(text) = sign * sum_k weight_k * mean_n cos(f_k(text), t_kn)  +  W * fluency(text)
+
+Higher is better in both modes. The similarity a result reports is always the CLIP part
+alone; the objective only decides which text is printed. Without a language model the
+objective is exactly sign * similarity, so every comparison is the one pez made before.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+
+if TYPE_CHECKING:
+    from pez_cli.lm import Fluency
+    from pez_cli.optimize import Space
+
+
+def clip_loss(sims: torch.Tensor, weights: torch.Tensor, sign: float, space_weight: float) -> torch.Tensor:
+    """One model's loss, summed over problems: sign * (1 - the weighted mean similarity),
+    averaged over restarts, times the model's weight. sims: (P, R, n) cosines of each problem's
+    R prompts to its n targets; weights: (P, 1, n), each problem's target weights summing to 1."""
+    loss = sign * (1.0 - (sims * weights).sum(-1).mean(-1)).sum()
+    return loss * space_weight if space_weight != 1.0 else loss
+
+
+@dataclass
+class Score:
+    """A printed prompt, scored."""
+
+    similarity: float  # the weighted CLIP similarity (the model's own for one model)
+    each: list[float]  # each model's own similarity
+    fluency: float  # the LM's mean log-probability per token (NaN without an LM)
+    value: float  # the objective: higher is better
+
+
+class Objective:
+    """The score of printed prompts against each problem's targets.
+
+    spaces: the CLIPs (their weights and text encoders); targets: per space, (P, n_max, D_k)
+    normalized features; weights: (P, n_max) each problem's target weights (zero on padding);
+    sign: -1 for --negative; fluency: the language model's reader, or None."""
+
+    def __init__(self, spaces: Sequence["Space"], targets: Sequence[torch.Tensor], weights: torch.Tensor, sign: float,
+                 fluency: "Fluency | None" = None, lm_weight: float = 0.0):
+        self.spaces, self.targets, self.weights, self.sign = list(spaces), list(targets), weights, sign
+        self.fluency = fluency if fluency is not None and lm_weight > 0 else None
+        self.lm_weight = lm_weight
+
+    def similarities(self, problems: Sequence[int], texts: Sequence[str]) -> list[list[float]]:
+        """Each model's mean cosine of printed texts to their problems' targets: [space][text]."""
+        out = []
+        for k, space in enumerate(self.spaces):
+            feats = space.score_texts(list(texts)).to(self.targets[k].dtype)  # (n, D_k)
+            owners = torch.tensor(list(problems), device=feats.device)
+            sims = torch.einsum("nmd,nd->nm", self.targets[k][owners], feats)  # (n, n_max)
+            out.append((sims * self.weights[owners]).sum(-1).tolist())
+        return out
+
+    def joint(self, each: Sequence[float]) -> float:
+        """The weighted similarity over the models (exactly the similarity itself for one)."""
+        if len(each) == 1:
+            return each[0]
+        return sum(s.weight * v for s, v in zip(self.spaces, each))
+
+    def value(self, similarity: float, fluency: float) -> float:
+        """The objective of a text with this similarity and fluency."""
+        value = self.sign * similarity
+        return value + self.lm_weight * fluency if self.fluency is not None else value
+
+    def score(self, problems: Sequence[int], texts: Sequence[str]) -> list[Score]:
+        """Printed texts scored for their problems (texts[i] for problems[i]), in batched passes."""
+        if not texts:
+            return []
+        per_space = self.similarities(problems, texts)
+        fluency = self.fluency.of(texts) if self.fluency is not None else [math.nan] * len(texts)
+        out = []
+        for j, flu in enumerate(fluency):
+            each = [values[j] for values in per_space]
+            similarity = self.joint(each)
+            out.append(Score(similarity, each, flu, self.value(similarity, flu)))
+        return out

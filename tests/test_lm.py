@@ -1,0 +1,245 @@
+"""--lm: a causal language model (a tiny GPT-2 with a word-level tokenizer of its own, built in
+tmp_path) in the objective and the search; --init; --vocab FILE."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from helpers import assert_one_line_error, make_image, rows_of, run
+from pez_cli.api import Pez
+from pez_cli.config import Settings
+from pez_cli.testing import save_tiny_clip, save_tiny_lm
+
+SENTENCES = ["a red cat on the mat", "a blue dog on the mat", "a red dog", "a blue cat , a red dog", "the cat on a mat"]
+WORDS = sorted({w for s in SENTENCES for w in s.split()})
+FAST = ["--steps", "12", "--prompt-len", "5", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def lm_dir(tmp_path_factory):
+    """A tiny GPT-2 trained briefly on SENTENCES: it reads them as likelier than their shuffles."""
+    return save_tiny_lm(tmp_path_factory.mktemp("lm") / "gpt2", words=WORDS, texts=SENTENCES, steps=150)
+
+
+@pytest.fixture(scope="module")
+def second_clip(tmp_path_factory):
+    return f"local-dir:{save_tiny_clip(tmp_path_factory.mktemp('clip2') / 'tiny2', seed=1)}"
+
+
+@pytest.fixture
+def image(tmp_path):
+    return make_image(tmp_path / "x.png", (200, 30, 30))
+
+
+def invert(*args):
+    result = run("invert", *args, "--json")
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+# -- loading ---------------------------------------------------------------------------------
+def test_a_folder_loads_and_reads_text_with_its_own_tokenizer(lm_dir, load_tiny):
+    from pez_cli.lm import Fluency, WordMap, load_lm
+
+    lm = load_lm(str(lm_dir), torch.device("cpu"))
+    assert lm.tokenizer.bos_token == "[BOS]" and lm.end_id == lm.tokenizer.eos_token_id
+    pez = Pez(Settings(model=load_tiny().name, device="cpu"), model=load_tiny())
+    words = WordMap.build(lm, pez.vocab)
+    reader = Fluency(lm, words)
+    trained, shuffled, unknown = reader.of(["a red cat on the mat", "mat the on cat red a", "zebra quantum"])
+    assert trained > shuffled > unknown
+    # Proposals are CLIP whole-word ids for the LM's words, the likeliest first.
+    [after] = reader.next_words(["a red cat on the"], 3)
+    texts = [pez.vocab.texts[i] for i, _ in after]
+    assert texts[0] == "mat" and all(t in WORDS for t in texts)
+    assert [lp for _, lp in after] == sorted((lp for _, lp in after), reverse=True)
+    # Each distinct text is read once per run.
+    calls = []
+    original = reader._read_batch
+    reader._read_batch = lambda texts, seqs: (calls.append(len(texts)), original(texts, seqs))
+    reader.of(["a red cat on the mat", "a blue dog", "a blue dog"])
+    assert calls == [1]
+
+
+def test_code_in_a_model_folder_is_refused_and_never_run(lm_dir, tiny_model, image, tmp_path):
+    import shutil
+
+    folder = tmp_path / "remote"
+    shutil.copytree(lm_dir, folder)
+    marker = tmp_path / "ran"
+    (folder / "modeling_evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.Evil"}
+    (folder / "config.json").write_text(json.dumps(config))
+    result = run("invert", image, "--model", tiny_model, "--lm", folder, *FAST)
+    assert_one_line_error(result, 1, r"asks to run code from its files \(auto_map in config.json\); pez never does")
+    assert not marker.exists()
+
+
+def test_missing_malformed_and_offline_models_fail_in_one_line(tiny_model, image, tmp_path):
+    assert_one_line_error(run("invert", image, "--model", tiny_model, "--lm", tmp_path / "nope", *FAST), 1,
+                          r"language model folder not found: .*nope")
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(run("invert", image, "--model", tiny_model, "--lm", tmp_path / "empty", *FAST), 1,
+                          r"language model folder .*empty has no config.json \(write it with save_pretrained\)")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "bert", "vocab_size": 10}')
+    assert_one_line_error(run("invert", image, "--model", tiny_model, "--lm", broken, *FAST), 1,
+                          r"could not load language model .*broken")
+    # HF_HUB_OFFLINE=1 (set for every test): a hub id that is not cached.
+    assert_one_line_error(run("invert", image, "--model", tiny_model, "--lm", "gpt2", *FAST), 1,
+                          r"could not load language model 'gpt2' from the Hugging Face Hub .*point --lm at a folder")
+
+
+@pytest.mark.slow
+def test_an_unreachable_hub_fails_at_once_for_a_language_model(tiny_model, image, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"))  # nothing listens on port 9
+    done = subprocess.run([sys.executable, "-m", "pez_cli", "invert", str(image), "--model", tiny_model, "--lm",
+                           "HuggingFaceTB/SmolLM2-135M", *FAST], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 1 and done.stdout == ""
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot be reached" in lines[0] and "--lm" in lines[0], done.stderr
+
+
+def test_without_transformers_the_error_gives_the_pip_command(tiny_model, image, lm_dir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers raises ImportError
+    assert_one_line_error(run("invert", image, "--model", tiny_model, "--lm", lm_dir, *FAST), 1,
+                          r"--lm needs transformers; install it with: pip install 'pez-cli\[lm\]'")
+
+
+# -- what it does ----------------------------------------------------------------------------
+def test_lm_weight_0_is_exactly_a_run_without_lm(tiny_model, image, lm_dir):
+    plain = invert(image, "--model", tiny_model, *FAST)
+    off = invert(image, "--model", tiny_model, "--lm", lm_dir, "--lm-weight", "0", *FAST)
+    assert (off["prompt"], off["token_ids"], off["similarity"]) == (plain["prompt"], plain["token_ids"], plain["similarity"])
+    assert plain["fluency"] is None and off["fluency"] is None
+    assert "lm" not in plain and off["lm"] == str(lm_dir) and off["lm_weight"] == 0
+    assert plain["settings_id"] != off["settings_id"]
+
+
+def test_the_lm_makes_the_prompt_read_as_its_text_and_reports_clip_alone(tiny_model, image, lm_dir, load_tiny):
+    from pez_cli.lm import Fluency, WordMap, load_lm
+
+    plain = invert(image, "--model", tiny_model, *FAST)
+    fluent = invert(image, "--model", tiny_model, "--lm", lm_dir, "--lm-weight", "1", *FAST)
+    assert all(w in WORDS for w in fluent["prompt"].split()), fluent["prompt"]
+    assert fluent["round_trip"] is True
+    model = load_tiny()
+    lm = load_lm(str(lm_dir), torch.device("cpu"))
+    reader = Fluency(lm, WordMap.build(lm, Pez(Settings(model=model.name, device="cpu"), model=model).vocab))
+    assert fluent["fluency"] == pytest.approx(reader.of([fluent["prompt"]])[0], abs=1e-5)
+    assert fluent["fluency"] > reader.of([plain["prompt"]])[0] + 1
+    # The similarity reported is CLIP's score of the printed prompt, the LM's term left out.
+    target = model.encode_images([__import__("PIL").Image.open(image).convert("RGB")])
+    printed = model.encode_texts([fluent["prompt"]])
+    assert fluent["similarity"] == pytest.approx(float(printed[0] @ target[0]), abs=1e-5)
+    assert fluent["similarities"] == {tiny_model: fluent["similarity"]}
+
+
+def test_the_search_never_lowers_the_objective(tiny_model, load_tiny, lm_dir, image):
+    from pez_cli.lm import load_lm
+
+    model, lm = load_tiny(), load_lm(str(lm_dir), torch.device("cpu"))
+    target = model.encode_images([__import__("PIL").Image.open(image).convert("RGB")])
+    base = dict(model=model.name, device="cpu", steps=12, prompt_len=5, lm=str(lm_dir), lm_weight=0.2)
+    objectives = []
+    for beam, refine in ((0, 0), (4, 0), (4, 3)):
+        pez = Pez(Settings(**base, beam=beam, refine=refine), model=model, lm=lm)
+        [r] = pez.solve([target])
+        reader = pez.fluency()
+        objectives.append(r.similarity + 0.2 * reader.of([r.prompt])[0])
+        assert r.fluency == pytest.approx(reader.of([r.prompt])[0], abs=1e-6)
+    assert objectives[0] <= objectives[1] + 1e-9 <= objectives[2] + 2e-9
+
+
+def test_lm_through_style_distill_batch_and_two_clips(tiny_model, second_clip, lm_dir, images, tmp_path):
+    lm = ["--lm", lm_dir, "--lm-weight", "0.5"]
+    styled = run("style", *images, "--model", tiny_model, *lm, *FAST, "--template", "a tiger in the style of {}")
+    assert styled.exit_code == 0, styled.stderr
+    prompt, filled = styled.stdout.splitlines()
+    assert filled == f"a tiger in the style of {prompt}"
+    distilled = run("distill", "a red cat on the mat", "--model", tiny_model, *lm, *FAST, "--json")
+    assert distilled.exit_code == 0 and json.loads(distilled.stdout)["fluency"] is not None
+    joint = invert(images[0], "--model", tiny_model, "--model", second_clip, *lm, *FAST)
+    assert set(joint["similarities"]) == {tiny_model, second_clip} and joint["fluency"] is not None
+    out = tmp_path / "rows.jsonl"
+    done = run("batch", *images[:2], "--out", out, "--model", tiny_model, *lm, *FAST)
+    assert done.exit_code == 0, done.stderr
+    rows = rows_of(out)
+    assert [r["settings"]["lm"] for r in rows] == [str(lm_dir)] * 2
+    for row, path in zip(rows, images[:2]):  # each image's row is what `pez invert` gives it alone
+        alone = invert(path, "--model", tiny_model, *lm, *FAST)
+        assert (row["prompt"], row["fluency"]) == (alone["prompt"], alone["fluency"])
+
+
+def test_lm_from_the_environment_and_a_config_file(tiny_model, lm_dir, image, tmp_path):
+    from_env = run("invert", image, "--model", tiny_model, *FAST, "--json", env={"PEZ_LM": str(lm_dir)})
+    assert from_env.exit_code == 0 and json.loads(from_env.stdout)["lm"] == str(lm_dir)
+    config = tmp_path / "lm.toml"
+    config.write_text(f'lm = "{lm_dir}"\nlm_weight = 0.3\nbeam = 2\n')
+    data = invert(image, "--model", tiny_model, "--config", config, *FAST)
+    assert (data["lm"], data["lm_weight"], data["beam"]) == (str(lm_dir), 0.3, 2)
+    assert_one_line_error(run("invert", image, "--model", tiny_model, "--lm-weight", "-1"), 1,
+                          "lm_weight must be 0 or more, got -1.0")
+
+
+# -- --init ----------------------------------------------------------------------------------
+def test_init_starts_from_the_text_and_never_prints_worse(tiny_model, load_tiny, image):
+    model = load_tiny()
+    target = model.encode_images([__import__("PIL").Image.open(image).convert("RGB")])
+    draft = "a red cat"
+    drafted = Pez(Settings(model=model.name, device="cpu", steps=1, prompt_len=5, init=draft, refine=0), model=model)
+    [r] = drafted.solve([target])
+    ids = model.tokenizer.encode(draft)
+    assert r.steps_done == 1
+    # After one step the prompt is at worst the draft itself, and the draft's tokens lead the first projection.
+    assert r.similarity >= float(model.encode_texts([draft])[0] @ target[0]) - 1e-6
+    seen = []
+    Pez(Settings(model=model.name, device="cpu", steps=1, prompt_len=5, init=draft, refine=0), model=model).solve(
+        [target], on_progress=lambda p: seen.append(p.last_ids[0, :len(ids)].tolist()))
+    assert seen == [ids]
+    whole = Pez(Settings(model=model.name, device="cpu", steps=1, prompt_len=3, init=draft, refine=0), model=model)
+    [exact] = whole.solve([target])
+    assert exact.prompt == draft or exact.similarity > float(model.encode_texts([draft])[0] @ target[0])
+
+
+def test_init_errors(tiny_model, image):
+    assert_one_line_error(run("invert", image, "--model", tiny_model, "--prompt-len", "2", "--init", "a red cat"), 1,
+                          r"--init 'a red cat' is 3 tokens long; the prompt holds 2 \(--prompt-len\)")
+    assert_one_line_error(run("invert", image, "--model", tiny_model, "--init", " "), 1, "init must not be empty")
+
+
+# -- --vocab FILE ----------------------------------------------------------------------------
+def test_a_word_list_file_is_the_vocabulary(tiny_model, image, tmp_path, caplog):
+    words = tmp_path / "words.txt"
+    words.write_text("# my tags\nred\nBlue\nred hair\nlong_hair\nxqzvbnw\n\ncat, dog\n", encoding="utf-8")
+    data = invert(image, "--model", tiny_model, "--vocab", words, "--block", "o", *FAST)
+    assert set(data["prompt"].split()) <= {"red", "blue", "hair", "long", "cat"}
+    assert data["round_trip"] is True and data["vocab"] == str(words)
+    verbose = run("invert", image, "--model", tiny_model, "--vocab", words, *FAST, "--verbose")
+    assert verbose.exit_code == 0 and "xqzvbnw" in verbose.stderr and "not one whole-word token" in verbose.stderr
+    ascii_only = invert(image, "--model", tiny_model, "--vocab", words, "--ascii-only", *FAST)
+    assert set(ascii_only["prompt"].split()) <= {"red", "blue", "hair", "long", "cat", "dog"}
+
+
+def test_word_list_errors(tiny_model, image, tmp_path):
+    assert_one_line_error(run("invert", image, "--model", tiny_model, "--vocab", tmp_path / "none.txt"), 1,
+                          r"vocab must be words, all or a word-list file; there is no file '.*none.txt'")
+    junk = tmp_path / "junk.txt"
+    junk.write_text("xqzvbnw\nqqqqjjjj\n")
+    assert_one_line_error(run("invert", image, "--model", tiny_model, "--vocab", junk, *FAST), 1,
+                          r"no word in .*junk.txt is one whole-word token of this model's vocabulary")
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"\xff\xfe\x00red")
+    assert_one_line_error(run("invert", image, "--model", tiny_model, "--vocab", binary, *FAST), 1,
+                          r"word list .*binary.txt is not UTF-8 text")
+    only_blocked = tmp_path / "red.txt"
+    only_blocked.write_text("red\n")
+    assert_one_line_error(run("invert", image, "--model", tiny_model, "--vocab", only_blocked, "--block", "re", *FAST), 1,
+                          "the blocklist and filters leave no token to choose from")
