@@ -6,10 +6,10 @@
 #
 #   benchmarks/device.sh fetch     # here, with pip's registry: download the wheels into .whl/
 #   benchmarks/device.sh run       # there, in the repository root: install them, run the checks
-#   benchmarks/device.sh run latency restarts    # only some of: gpu_check latency restarts
+#   benchmarks/device.sh run latency restarts    # only some of: gpu_check latency restarts lm
 #   benchmarks/device.sh run gpu_check=cuda_graph latency   # gpu_check=NAMES: only those checks (--only)
 #
-# `run` writes gpu_check.json, latency.json, restarts.json and a log of each into $OUT (default
+# `run` writes gpu_check.json, latency.json, restarts.json, lm.json and a log of each into $OUT (default
 # ./device-out), and exits non-zero if a check failed. On an H200 (2026-11-27) gpu_check took
 # about 6 minutes and latency about 3, so one 10-minute call cannot hold all three: run
 # `run gpu_check` and `run latency restarts` as two calls.
@@ -25,9 +25,9 @@ fetch() {
 
 run() {
     local out="${OUT:-./device-out}" failed=0 parts=("$@") part
-    [ ${#parts[@]} -gt 0 ] || parts=(gpu_check latency restarts)
+    [ ${#parts[@]} -gt 0 ] || parts=(gpu_check latency restarts lm)
     for part in "${parts[@]}"; do
-        case "$part" in gpu_check|gpu_check=?*|latency|restarts) ;; *) echo "device.sh: unknown part $part" >&2; exit 2 ;; esac
+        case "$part" in gpu_check|gpu_check=?*|latency|restarts|lm) ;; *) echo "device.sh: unknown part $part" >&2; exit 2 ;; esac
     done
     mkdir -p "$out"
     if compgen -G ".whl/*.whl" >/dev/null; then
@@ -46,6 +46,7 @@ run() {
             latency) python3 benchmarks/speed.py --device cuda --latency --json "$out/latency.json" ;;
             restarts) python3 benchmarks/speed.py --device cuda --restarts 1,4,8 --images 8 --steps 100 \
                           --json "$out/restarts.json" ;;
+            lm) python3 benchmarks/speed.py --device cuda --lm-timing --json "$out/lm.json" ;;
         esac 2>&1 | tee "$out/${part%%=*}.log" || failed=1
     done
     exit "$failed"
@@ -54,5 +55,5 @@ run() {
 case "${1:-}" in
     fetch) fetch ;;
     run) shift; run "$@" ;;
-    *) echo "usage: benchmarks/device.sh fetch|run [gpu_check[=NAMES]|latency|restarts]..." >&2; exit 2 ;;
+    *) echo "usage: benchmarks/device.sh fetch|run [gpu_check[=NAMES]|latency|restarts|lm]..." >&2; exit 2 ;;
 esac

@@ -5,6 +5,7 @@ optimize the prompt sees it?
     python benchmarks/quality.py --quick         # a few minutes, once the models are cached
     python benchmarks/quality.py --json quality.json
     python benchmarks/quality.py --captions varied   # world models trained on varied phrasings
+    python benchmarks/quality.py --captions varied --only lm   # the language-prior rows
 
 Part 1, the synthetic world (benchmarks/world.py): a tiny CLIP trained on drawn scenes with
 exact captions optimizes; a second CLIP trained apart on the same world (another seed, width
@@ -20,7 +21,11 @@ The true caption's scores are the ceiling; reference rows below it score the cap
 shuffled, its content words alone, and the best caption of the scene's form as the optimizing
 model ranks them (what that model knows of the scene). Configurations: the paper's loop
 (pez_cli/reference.py) vs pez at equal steps and at the paper loop's wall time; the
-vocabulary, refinement, patience, restarts and prompt length, alone and combined.
+vocabulary, refinement, patience, restarts and prompt length, alone and combined; the world
+language model (--lm, world.world_lm: a tiny GPT-2 with its own word-level tokenizer, trained
+on other scenes' captions) with several weights and each piece of the search alone; a word
+list of the world's words (--vocab FILE); and --init with the true caption (a reference) or
+another scene's. The table's last column is the printed prompt for the first scene.
 
 Part 2, known targets: a randomly initialised ViT-B-32, target = the text features of a secret
 prompt; the similarity `pez distill` (default prompt_len 8) reaches.
@@ -62,6 +67,10 @@ class Config:
     refine: int = 0
     patience: int = 0
     prior: float = 0.0
+    lm: bool = False  # with the world language model
+    lm_weight: float = Settings.lm_weight
+    beam: int = Settings.beam
+    init: str | None = None  # "caption": each scene's true caption; "other": the next scene's
     # Which world models optimize: "world", "world2" (the second one, trained apart) or "both"
     # (one prompt for the two jointly). Similarity is always the first world model's.
     optimizers: str = "world"
@@ -87,6 +96,7 @@ class Row:
     seconds_per_image: float
     steps_done: float  # mean steps run per image (patience stops early)
     examples: list
+    fluency: float | None = None  # the world language model's mean log-probability per token of the prompts
 
 
 @dataclass
@@ -97,10 +107,18 @@ class Scorer:
     judge: object  # the judge's LoadedModel (text tower kept)
     judge_feats: torch.Tensor  # (n, D') judge
     second: tuple | None = None  # (LoadedModel, (n, D'') features) of the second world model, for ensembles
+    lm: object = None  # the world language model (pez_cli.lm.LanguageModel), for the --lm rows
+    words_file: Path | None = None  # the world's words, one per line, for --vocab FILE
 
     def judged(self, prompts: list[str]) -> list[float]:
         text = self.judge.encode_texts(prompts)
         return (text * self.judge_feats).sum(-1).tolist()
+
+    def fluency(self, prompts: list[str]) -> float | None:
+        """The world language model's mean log-probability per token of the prompts (None without it)."""
+        from pez_cli.lm import Fluency
+
+        return None if self.lm is None else sum(Fluency(self.lm).of(prompts)) / len(prompts)
 
 
 def words(text: str) -> set[str]:
@@ -117,10 +135,13 @@ def run_config(cfg: Config, loaded, scenes, scorer: Scorer, seed: int) -> list[R
     """Rows for `cfg`: its snapshots (in step order), then the full run."""
     feats = scorer.feats
     spaces = {"world": [(loaded, feats)], "world2": [scorer.second], "both": [(loaded, feats), scorer.second]}[cfg.optimizers]
+    vocab = str(scorer.words_file) if cfg.vocab == "world words" else cfg.vocab
     settings = Settings(model=[m.name for m, _ in spaces], device="cpu", prompt_len=cfg.prompt_len, steps=cfg.steps,
-                        restarts=cfg.restarts, ascii_only=cfg.ascii_only, vocab=cfg.vocab, refine=cfg.refine,
-                        patience=cfg.patience, prior=cfg.prior, seed=seed)
-    pez = Pez(settings, model=[m for m, _ in spaces])
+                        restarts=cfg.restarts, ascii_only=cfg.ascii_only, vocab=vocab, refine=cfg.refine,
+                        patience=cfg.patience, prior=cfg.prior, seed=seed, lm=scorer.lm.name if cfg.lm else None,
+                        lm_weight=cfg.lm_weight, beam=cfg.beam)
+    lm = scorer.lm if cfg.lm else None
+    pez = Pez(settings, model=[m for m, _ in spaces], lm=lm)
     targets = [tuple(f[i:i + 1] for _, f in spaces) for i in range(len(scenes))]
     n = len(scenes)
 
@@ -130,7 +151,8 @@ def run_config(cfg: Config, loaded, scenes, scorer: Scorer, seed: int) -> list[R
                    judge=sum(scorer.judged(prompts)) / n, similarity=sum(sims) / n,
                    recall=sum(recall(p, s) for p, s in zip(prompts, scenes)) / n,
                    round_trip=sum(round_trips) / n, seconds_per_image=seconds / n, steps_done=sum(steps_done) / n,
-                   examples=[{"caption": s.caption, "prompt": p} for s, p in list(zip(scenes, prompts))[:3]])
+                   examples=[{"caption": s.caption, "prompt": p} for s, p in list(zip(scenes, prompts))[:3]],
+                   fluency=scorer.fluency(prompts))
 
     start = time.perf_counter()
     if cfg.paper:
@@ -160,7 +182,13 @@ def run_config(cfg: Config, loaded, scenes, scorer: Scorer, seed: int) -> list[R
             add(snapshots[progress.step], progress.step, progress.results(), at - start - paused[0])
             paused[0] += time.perf_counter() - at
 
-    results = pez.solve(targets, on_progress=snapshot if snapshots else None)
+    if cfg.init:  # one text per scene: each scene is its own run
+        drafts = [s.caption for s in scenes] if cfg.init == "caption" else [scenes[(i + 1) % n].caption for i in range(n)]
+        tok = loaded.tokenizer  # a caption longer than the prompt gets a prompt that holds it
+        results = [Pez(replace(settings, init=draft, prompt_len=max(cfg.prompt_len, len(tok.encode(draft)))),
+                       model=[m for m, _ in spaces], lm=lm).solve([t])[0] for t, draft in zip(targets, drafts)]
+    else:
+        results = pez.solve(targets, on_progress=snapshot if snapshots else None)
     add(cfg.name, cfg.steps, results, time.perf_counter() - start - paused[0])
     return rows
 
@@ -208,6 +236,31 @@ def configurations(quick: bool) -> list[Config]:
     ]
 
 
+def lm_configurations(quick: bool) -> list[Config]:
+    """The language prior's rows: the defaults with and without it, its weight, each piece of
+    the search alone, a word list, and --init."""
+    defaults = dict(steps=1000, vocab="words", refine=3)
+    if quick:
+        return [Config("pez (defaults)", **{**defaults, "steps": 100}),
+                Config("pez --lm (defaults)", **{**defaults, "steps": 100}, lm=True)]
+    return [
+        Config("paper loop", paper=True),  # the time to beat, measured in the same run
+        Config("pez (defaults)", **defaults),
+        Config("pez --lm (defaults)", **defaults, lm=True),
+        *[Config(f"pez --lm --lm-weight {w:g}", **defaults, lm=True, lm_weight=w) for w in (0.02, 0.05, 0.2)],
+        Config("pez --lm: objective only (--beam 0 --refine 0)", steps=1000, vocab="words", lm=True, beam=0),
+        Config("pez --lm: refinement only (--beam 0)", **defaults, lm=True, beam=0),
+        Config("pez --lm: beam only (--refine 0)", steps=1000, vocab="words", lm=True),
+        Config("pez --lm: beam and refinement, 1 step", steps=1, vocab="words", refine=3, lm=True),
+        *[Config(f"pez --lm --beam {b}", **defaults, lm=True, beam=b) for b in (8, 16, 64)],
+        Config("pez --vocab FILE (the world's words)", steps=1000, vocab="world words", refine=3),
+        Config("pez --lm --vocab FILE (the world's words)", steps=1000, vocab="world words", refine=3, lm=True),
+        Config("pez --init (the true caption; a reference; len fits it)", **defaults, init="caption"),
+        Config("pez --init (another scene's caption; len fits it)", **defaults, init="other"),
+        Config("pez --lm --init (another scene's caption; len fits it)", **defaults, init="other", lm=True),
+    ]
+
+
 FUNCTION_WORDS = frozenset({"a", "and", "at", "in", "on", "the"})
 
 
@@ -227,7 +280,8 @@ def references(scenes: list, loaded, scorer: Scorer, seed: int) -> list[dict]:
                         ("best caption of the scene's form, by the optimizing model", [c.caption for c in chosen])):
         sims = (loaded.encode_texts(texts) * scorer.feats).sum(-1)
         out.append({"name": name, "judge": sum(scorer.judged(texts)) / len(texts), "similarity": float(sims.mean()),
-                    "recall": sum(recall(t, s) for t, s in zip(texts, scenes)) / len(texts), "example": texts[0]})
+                    "recall": sum(recall(t, s) for t, s in zip(texts, scenes)) / len(texts), "example": texts[0],
+                    "fluency": scorer.fluency(texts)})
     return out
 
 
@@ -251,15 +305,21 @@ def model_best_captions(scenes: list[world.Scene], loaded, feats: torch.Tensor, 
     return chosen
 
 
-def table(rows: list[Row], refs: list[dict]) -> str:
-    lines = ["| configuration | len | steps | judge | similarity | recall | round trip | s/image |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+def table(rows: list[Row], refs: list[dict], examples: bool = False) -> str:
+    """The Markdown table; with examples, a fluency column (the world LM's) and the first
+    scene's prompt."""
+    extra = " fluency | prompt (scene 1) |" if examples else ""
+    lines = ["| configuration | len | steps | judge | similarity | recall | round trip | s/image |" + extra,
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: | --- |" if examples else "")]
     for r in rows:
         steps = f"{r.steps}" if r.steps_done >= r.steps else f"{r.steps_done:.0f} of {r.steps}"
+        more = f" {r.fluency:.2f} | {r.examples[0]['prompt']} |" if examples else ""
         lines.append(f"| {r.name} | {r.prompt_len} | {steps} | **{r.judge:.3f}** | {r.similarity:.3f} | "
-                     f"{r.recall:.2f} | {r.round_trip:.2f} | {r.seconds_per_image:.2f} |")
-    lines += [f"| {ref['name']} | | | **{ref['judge']:.3f}** | {ref['similarity']:.3f} | {ref['recall']:.2f} | | |"
-              for ref in refs]
+                     f"{r.recall:.2f} | {r.round_trip:.2f} | {r.seconds_per_image:.2f} |" + more)
+    for ref in refs:
+        more = f" {ref['fluency']:.2f} | {ref['example']} |" if examples else ""
+        lines.append(f"| {ref['name']} | | | **{ref['judge']:.3f}** | {ref['similarity']:.3f} | {ref['recall']:.2f} | | |"
+                     + more)
     return "\n".join(lines)
 
 
@@ -281,6 +341,9 @@ def main(argv=None):
     ap.add_argument("--judge-width", type=int, default=160)
     ap.add_argument("--judge-layers", type=int, default=2)
     ap.add_argument("--only", help="run only the configurations whose names contain one of these (comma-separated)")
+    ap.add_argument("--lm-rows", action="store_true",
+                    help="run the language-prior rows (lm_configurations) instead of the others; trains the world LM once")
+    ap.add_argument("--lm-steps", type=int, default=1500, help="training steps of the world language model")
     ap.add_argument("--text-arch", default="ViT-B-32", help="architecture for the known-target table")
     ap.add_argument("--text-steps", type=int, help="steps for the known-target table (default 300, quick 50)")
     ap.add_argument("--steps-scale", type=float, default=1.0, help=argparse.SUPPRESS)  # tests: shrink every step count
@@ -301,9 +364,19 @@ def main(argv=None):
     scenes = world.scenes(HELDOUT_SEED + args.seed, scenes_n)
     pictures = [world.draw(s) for s in scenes]
     scorer = Scorer(loaded.encode_images(pictures), judge, judge.encode_images(pictures))
+    if args.lm_rows:
+        from pez_cli.lm import load_lm
+
+        lm_folder, lm_report = world.world_lm(args.lm_steps, seed=args.seed, captions=args.captions, cache=args.cache,
+                                                 log=log)
+        log(f"world language model: {lm_folder} (held-out captions {lm_report.caption_fluency:.2f}, "
+            f"shuffled {lm_report.shuffled_fluency:.2f} log-probability per token)")
+        scorer.lm = load_lm(str(lm_folder), torch.device("cpu"))
+        scorer.words_file = Path(args.cache) / "world-words.txt"
+        scorer.words_file.write_text("\n".join(world.caption_words()) + "\n")
     refs = references(scenes, loaded, scorer, args.seed)
     ceiling, judge_ceiling = refs[0]["similarity"], refs[0]["judge"]
-    configs = [c for c in configurations(args.quick)
+    configs = [c for c in (lm_configurations(args.quick) if args.lm_rows else configurations(args.quick))
                if not args.only or any(w in c.name for w in args.only.split(",") if w)]
     if any(c.optimizers != "world" for c in configs):
         second_folder, second_report = world.world_model(args.world_steps, args.world_batch, args.second_seed,
@@ -323,6 +396,8 @@ def main(argv=None):
                       snapshots=tuple((scale(k), name) for k, name in cfg.snapshots if scale(k) < scale(cfg.steps)))
         log(f"running: {cfg.name}")
         rows += run_config(cfg, loaded, scenes, scorer, args.seed)
+        log(f"  judge {rows[-1].judge:.3f}, recall {rows[-1].recall:.2f}, {rows[-1].seconds_per_image:.2f} s/image: "
+            f"{rows[-1].examples[0]['prompt']}")
         if cfg.paper:  # pez given the paper loop's wall time (per image): as many steps as fit
             probe_steps = max(1, cfg.steps // 10)
             [probe] = run_config(replace(cfg, name="probe", paper=False, steps=probe_steps), loaded, scenes, scorer, args.seed)
@@ -340,7 +415,7 @@ def main(argv=None):
         f"{judge_report.heldout_top1:.2f} (seed {judge_report.seed}, width {judge_report.width}, "
         f"{judge_report.layers}+{judge_report.layers} layers)",
         "",
-        table(rows, refs),
+        table(rows, refs, examples=scorer.lm is not None),
         "",
         f"Known targets: random {args.text_arch}, target = text features of a secret prompt, `pez distill` (prompt_len 8)",
         "",

@@ -4,6 +4,7 @@
     python benchmarks/speed.py --device cuda --images 64 --json speed.json
     python benchmarks/speed.py --device cuda --images 64 --variants fp32,bf16,fp16,bf16+compile
     python benchmarks/speed.py --device cuda --latency    # one image: paper loop, pez, pez --cuda-graph
+    python benchmarks/speed.py --device cuda --lm-timing  # one image: pez with and without --lm
 
 Model: a randomly initialised open_clip ViT-B-32 (its JSON config, no weights needed: speed
 does not depend on the weights). Targets: image features of random images.
@@ -17,6 +18,10 @@ Cases:
   5. (--latency, alone) one image, ViT-H-14, 1000 steps: the wall time of the paper loop, pez
      and pez --cuda-graph, warm-up included; then ViT-bigG-14's step time (a 120-step run minus
      a 20-step one, so warm-up and capture cancel) and memory.
+  6. (--lm-timing, alone) one image, --latency-arch and --latency-steps, with today's defaults
+     (refinement included): pez alone, pez --lm with a randomly initialised GPT-2 (124M
+     parameters by default; a word-level tokenizer of CLIP's whole words) and its default beam,
+     and pez --lm --steps 1 (the language model's search alone). Model loading excluded.
 The paper loop is `pez_cli.reference.paper_loop`: 77 padded positions with the tokenizer's
 pad id, two passes per step, the vocabulary normalized every step, one problem at a time,
 fp32. Ratios are what to read; absolute times depend on the machine.
@@ -259,6 +264,54 @@ def latency_lines(found: dict, device) -> list[str]:
     return lines
 
 
+def random_lm(loaded, device, width: int, layers: int):
+    """A randomly initialised GPT-2 whose word-level vocabulary is CLIP's whole words, as a
+    pez_cli.lm.LanguageModel (speed does not depend on the weights; GPT-2's own size by default)."""
+    from pez_cli.lm import LanguageModel, lm_dtype
+    from pez_cli.testing import tiny_gpt2, word_tokenizer
+    from pez_cli.vocab import token_text, word_ids
+
+    texts = [token_text(loaded.tokenizer, i) for i in range(len(loaded.tokenizer.decoder))]
+    tokenizer = word_tokenizer(sorted({texts[i] for i in word_ids(loaded.tokenizer, texts)}))
+    model = tiny_gpt2(tokenizer, width=width, layers=layers, heads=max(1, width // 64), positions=128)
+    model.to(device=device, dtype=lm_dtype(device)).eval()
+    return LanguageModel(f"GPT-2 {width}x{layers} (random init)", model, tokenizer, device, tokenizer.bos_token_id,
+                         tokenizer.eos_token_id, 128, frozenset(tokenizer.all_special_ids))
+
+
+def lm_timing(args, device) -> dict:
+    """Case 6: one image with today's defaults, with and without --lm (and its search alone)."""
+    loaded = build_model(args.latency_arch, device)
+    target = image_targets(loaded, 1, device)
+    lm = random_lm(loaded, device, args.lm_width, args.lm_layers)
+    out = {"arch": args.latency_arch, "steps": args.latency_steps, "lm": lm.name, "runs": []}
+    for name, extra in (("pez", {}), ("pez --lm", {"lm": lm.name}), ("pez --lm --steps 1", {"lm": lm.name, "steps": 1})):
+        settings = Settings(model=loaded.name, device=str(device), prompt_len=args.prompt_len,
+                            precision=args.precision, **{"steps": args.latency_steps, **extra})
+        try:
+            engine = Pez(settings, model=loaded, lm=lm if "lm" in extra else None)
+            [result], seconds = timed(device, engine.solve, [target])
+            out["runs"].append(dict(run=name, seconds=seconds, prompt=result.prompt, similarity=result.similarity,
+                                    steps=settings.steps, beam=settings.beam if "lm" in extra else 0))
+        except Exception as exc:  # noqa: BLE001 (a benchmark reports the failure and goes on)
+            out["runs"].append(failure(exc, run=name))
+    return out
+
+
+def lm_lines(found: dict, device) -> list[str]:
+    base = found["runs"][0].get("seconds")
+    lines = [f"6. one image, {found['arch']} (random init), defaults (refinement included), with and without "
+             f"--lm {found['lm']}, loading excluded ({device}):", "",
+             "| run | steps | beams | seconds | vs pez |", "| --- | ---: | ---: | ---: | ---: |"]
+    for r in found["runs"]:
+        if "error" in r:
+            lines.append(f"| {r['run']} | failed: {r['error'][:80]} | | | |")
+        else:
+            ratio = f"{r['seconds'] / base:.2f}x" if base else ""
+            lines.append(f"| {r['run']} | {r['steps']} | {r['beam']} | {r['seconds']:.2f} | {ratio} |")
+    return lines
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
@@ -277,6 +330,9 @@ def main(argv=None):
     ap.add_argument("--latency-arch", default="ViT-H-14", help="case 5's model (pez's default architecture)")
     ap.add_argument("--latency-steps", type=int, default=1000, help="case 5's steps (pez's default)")
     ap.add_argument("--latency-big", default="ViT-bigG-14", help="case 5: also these models' step time and memory")
+    ap.add_argument("--lm-timing", action="store_true", help="only case 6: one image with and without --lm")
+    ap.add_argument("--lm-width", type=int, default=768, help="case 6: the random GPT-2's width (GPT-2: 768)")
+    ap.add_argument("--lm-layers", type=int, default=12, help="case 6: the random GPT-2's layers (GPT-2: 12)")
     ap.add_argument("--probe", choices=["paper", "pez"], help=argparse.SUPPRESS)  # internal: memory probe
     args = ap.parse_args(argv)
     variant_specs = [v for v in args.variants.split(",") if v]
@@ -292,6 +348,12 @@ def main(argv=None):
         print("\n".join(latency_lines(found, device)))
         if args.json:
             args.json.write_text(json.dumps({"meta": vars(args) | {"json": None}, "latency": found}, indent=2))
+        return found
+    if args.lm_timing:
+        found = lm_timing(args, device)
+        print("\n".join(lm_lines(found, device)))
+        if args.json:
+            args.json.write_text(json.dumps({"meta": vars(args) | {"json": None}, "lm": found}, indent=2))
         return found
 
     def allocated_mb() -> float:

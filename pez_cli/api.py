@@ -207,10 +207,12 @@ class Pez:
         on_progress: Callable[[Progress], None] | None = None,
         every: int = 1,
         steps: int | None = None,
+        on_stage: Callable[[str], None] | None = None,
     ) -> list[PromptResult]:
         """Optimize independent problems, one (n_i, D) target tensor each (one per model with
         several models), and return their best prompts. kind ('image' or 'text') picks the default prompt length; on_progress is called
-        every `every` steps and after the last; steps overrides settings.steps.
+        every `every` steps and after the last; steps overrides settings.steps; on_stage(text) is
+        told when the search after the loop (the beam, refinement) starts.
 
         Ctrl-C (KeyboardInterrupt) returns the best prompts so far, marked interrupted; before
         the first step it raises Interrupted.
@@ -230,9 +232,12 @@ class Pez:
                 if on_progress is not None and (opt.step_count % every == 0 or opt.finished()):
                     on_progress(Progress(opt.step_count, settings.steps, self, opt))
             bests = opt.best()
+            stage = on_stage or (lambda text: None)
             if settings.uses_lm and settings.beam:
+                stage(f"Writing with the language model ({settings.beam} beams) ...")
                 beam_search(opt, bests, settings.beam)
             if settings.refine:
+                stage(f"Refining (up to {settings.refine} rounds) ...")
                 refine(opt, bests)
         except KeyboardInterrupt:
             if opt.step_count == 0:

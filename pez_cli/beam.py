@@ -12,6 +12,7 @@ higher. All problems search together, in batched passes.
 
 from __future__ import annotations
 
+from pez_cli.objective import Score
 from pez_cli.optimize import Best, PromptOptimizer
 
 # Next words the language model proposes per beam and length.
@@ -25,32 +26,36 @@ def beam_search(opt: PromptOptimizer, bests: list[Best], width: int) -> list[Bes
     if fluency is None or width < 1:
         return bests
     problems = [p for p, b in enumerate(bests) if b.prompt]
-    beams: dict[int, list[list[int]]] = {p: [[]] for p in problems}
-    for _ in range(opt.settings.prompt_len):
-        parents = [(p, ids) for p in problems for ids in beams[p]]
-        readings = fluency.read([vocab.decode(ids) for _, ids in parents])
-        grown: list[tuple[int, list[int], float]] = []  # (problem, ids, fluency as a start)
-        for (p, ids), reading in zip(parents, readings):
-            for word, logp in reading.next[:BEAM_WORDS]:
-                grown.append((p, ids + [word], (reading.total + logp) / (reading.count + 1)))
+    # Each problem's beams: (ids, text, CLIP similarity, each model's), the empty text first.
+    beams: dict[int, list[tuple[list[int], str, float, list[float]]]] = {p: [([], "", 0.0, [])] for p in problems}
+    for depth in range(opt.settings.prompt_len + 1):
+        parents = [(p, beam) for p in problems for beam in beams[p]]
+        readings = fluency.read([text for _, (_, text, _, _) in parents])
+        for (p, (ids, text, similarity, each)), reading in zip(parents, readings):
+            if not ids:
+                continue
+            value = objective.value(similarity, reading.fluency)  # as a finished text
+            if value > bests[p].objective:
+                score = Score(similarity, each, reading.fluency, value)
+                bests[p] = Best.scored(vocab.tokenizer.encode(text), similarity, opt.step_count, text, score)
+        if depth == opt.settings.prompt_len:
+            break
+        grown = [(p, ids + [word], (reading.total + logp) / (reading.count + 1))  # (problem, ids, fluency as a start)
+                 for (p, (ids, _, _, _)), reading in zip(parents, readings) for word, logp in reading.next[:BEAM_WORDS]]
         if not grown:
             break
         texts = [vocab.decode(ids) for _, ids, _ in grown]
         per_space = objective.similarities([p for p, _, _ in grown], texts)
-        ranked: dict[int, list[tuple[float, str, list[int]]]] = {p: [] for p in problems}
-        for j, ((p, ids, start), text) in enumerate(zip(grown, texts)):
+        ranked: dict[int, list[tuple[float, int]]] = {p: [] for p in problems}
+        for j, (p, _, start) in enumerate(grown):
             similarity = objective.joint([values[j] for values in per_space])
-            ranked[p].append((objective.sign * similarity + objective.lm_weight * start, text, ids))
-        kept: list[tuple[int, str, list[int]]] = []
+            ranked[p].append((objective.sign * similarity + objective.lm_weight * start, j))
         for p in problems:
             seen: set[str] = set()
             beams[p] = []
-            for _, text, ids in sorted(ranked[p], key=lambda r: -r[0]):  # stable: ties keep the proposal order
-                if text not in seen and len(beams[p]) < width:
-                    seen.add(text)
-                    beams[p].append(ids)
-                    kept.append((p, text, ids))
-        for (p, text, _), score in zip(kept, objective.score([p for p, _, _ in kept], [t for _, t, _ in kept])):
-            if score.value > bests[p].objective:
-                bests[p] = Best.scored(vocab.tokenizer.encode(text), score.similarity, opt.step_count, text, score)
+            for _, j in sorted(ranked[p], key=lambda r: -r[0]):  # stable: ties keep the proposal order
+                if texts[j] not in seen and len(beams[p]) < width:
+                    seen.add(texts[j])
+                    each = [values[j] for values in per_space]
+                    beams[p].append((grown[j][1], texts[j], objective.joint(each), each))
     return bests

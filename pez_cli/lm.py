@@ -250,9 +250,10 @@ class Reading:
 
 
 class Fluency:
-    """The language model reading the prompts of one run, each distinct text once."""
+    """The language model reading the prompts of one run, each distinct text once. words: how
+    CLIP's allowed words are spelled in the language model's tokens (None: no proposals)."""
 
-    def __init__(self, lm: LanguageModel, words: WordMap):
+    def __init__(self, lm: LanguageModel, words: WordMap | None = None):
         self.lm, self.words = lm, words
         self.cache: dict[str, Reading] = {}
 
@@ -293,24 +294,32 @@ class Fluency:
 
     def _read_batch(self, texts: list[str], sequences: list[list[int]]) -> None:
         lm = self.lm
-        width = max(len(s) for s in sequences)
-        ids = torch.full((len(sequences), width), lm.start_id, dtype=torch.long)
-        mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        device = lm.device
+        lengths = torch.tensor([len(seq) for seq in sequences])  # the start token and the text's tokens
+        rows, width = len(sequences), int(lengths.max())
+        ids = torch.full((rows, width), lm.start_id, dtype=torch.long)
         for i, seq in enumerate(sequences):
             ids[i, :len(seq)] = torch.tensor(seq)
-            mask[i, :len(seq)] = 1
-        logits = lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device)).logits
-        logp = torch.log_softmax(logits.float(), dim=-1).cpu()  # (B, T, V)
-        for i, (text, seq) in enumerate(zip(texts, sequences)):
-            n = len(seq) - 1  # the text's own tokens
-            last = logp[i, n]  # (V,) after the whole text
-            total = float(logp[i, torch.arange(n), torch.tensor(seq[1:], dtype=torch.long)].sum()) if n else 0.0
-            end = float(last[lm.end_id]) if lm.end_id is not None else None
-            lm_ids, clip_ids = self.words.first if n == 0 else self.words.later
-            nxt: list[tuple[int, float]] = []
-            if lm_ids.numel():
-                scores = last[lm_ids.cpu()]
-                top = scores.topk(min(NEXT_WORDS, scores.numel()))
-                nxt = [(int(clip_ids[j]), float(v)) for v, j in zip(top.values, top.indices)]
-            self.cache[text] = Reading(total, n, end, nxt)
-
+        mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
+        ids, mask, lengths = ids.to(device), mask.to(device), lengths.to(device)
+        logits = lm.model(input_ids=ids, attention_mask=mask).logits.float()  # (B, T, V)
+        norm = torch.logsumexp(logits, dim=-1)  # (B, T)
+        tokens = logits[:, :-1].gather(-1, ids[:, 1:, None])[..., 0] - norm[:, :-1]  # (B, T-1): each next token
+        totals = (tokens * mask[:, 1:]).sum(-1).tolist()
+        arange = torch.arange(rows, device=device)
+        last = logits[arange, lengths - 1] - norm[arange, lengths - 1][:, None]  # (B, V): after the whole text
+        ends = last[:, lm.end_id].tolist() if lm.end_id is not None else [None] * rows
+        proposals: list[list[tuple[int, float]]] = [[] for _ in range(rows)]
+        if self.words is not None:
+            first = (lengths == 1).nonzero()[:, 0].tolist()
+            later = (lengths > 1).nonzero()[:, 0].tolist()
+            for chosen, (lm_ids, clip_ids) in ((first, self.words.first), (later, self.words.later)):
+                if not chosen or not lm_ids.numel():
+                    continue
+                scores = last[torch.tensor(chosen, device=device)][:, lm_ids]  # (b, M)
+                top = scores.topk(min(NEXT_WORDS, scores.shape[1]), dim=-1)
+                picked = clip_ids[top.indices.cpu()].tolist()
+                for row, words, values in zip(chosen, picked, top.values.tolist()):
+                    proposals[row] = list(zip(words, values))
+        for i, text in enumerate(texts):
+            self.cache[text] = Reading(totals[i], len(sequences[i]) - 1, ends[i], proposals[i])

@@ -210,6 +210,41 @@ def _unknown(name: str, choices: list[str], what: str) -> str:
     return f"unknown {what} {name!r}; `python -c \"import open_clip; print(open_clip.list_pretrained())\"` lists them"
 
 
+class PieceEncoder:
+    """tokenizer.encode, word by word from a cache where that is provably the same.
+
+    Scoring printed prompts re-tokenizes many thousands of texts that share their words (most
+    of the time goes to ftfy and the regex, not to the BPE). For open_clip's BPE tokenizer with
+    its default cleaning (ftfy, HTML unescaping, whitespace, optionally lower case), a text of
+    printable ASCII without '&' is left alone by ftfy and the unescaping, and no token of its
+    pattern spans a space, so the text encodes to the concatenation of its space-separated
+    pieces' encodings; those are cached. Any other text or tokenizer is encoded whole."""
+
+    CLEANERS = ("_clean_lower", "_clean_whitespace")
+    LIMIT = 1 << 18  # cached pieces before the cache starts over
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        clean = getattr(tokenizer, "clean_fn", None)
+        self.fast = (type(tokenizer).__name__ == "SimpleTokenizer" and type(tokenizer).__module__ == "open_clip.tokenizer"
+                     and getattr(clean, "__module__", "") == "open_clip.tokenizer"
+                     and getattr(clean, "__name__", "") in self.CLEANERS)
+        self.cache: dict[str, list[int]] = {}
+
+    def encode(self, text: str) -> list[int]:
+        if not (self.fast and text.isascii() and text.isprintable() and "&" not in text):
+            return self.tokenizer.encode(text)
+        out: list[int] = []
+        for piece in text.split():
+            ids = self.cache.get(piece)
+            if ids is None:
+                if len(self.cache) >= self.LIMIT:
+                    self.cache.clear()
+                ids = self.cache[piece] = self.tokenizer.encode(piece)
+            out.extend(ids)
+        return out
+
+
 @dataclass
 class LoadedModel:
     """A CLIP model ready for PEZ: the text tower, the tokenizer, and (until released) images."""
@@ -221,6 +256,10 @@ class LoadedModel:
     clip: nn.Module | None = None
     preprocess: Any = None
     info: dict[str, Any] = field(default_factory=dict)
+    pieces: "PieceEncoder" = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.pieces = PieceEncoder(self.tokenizer)
 
     @property
     def context_length(self) -> int:
@@ -228,7 +267,7 @@ class LoadedModel:
 
     def tokenize(self, text: str) -> list[int]:
         """[start] + BPE ids + [end], truncated to the context length like the tokenizer does."""
-        ids = [self.tokenizer.sot_token_id] + self.tokenizer.encode(text) + [self.tokenizer.eot_token_id]
+        ids = [self.tokenizer.sot_token_id] + self.pieces.encode(text) + [self.tokenizer.eot_token_id]
         if len(ids) > self.context_length:
             ids = ids[: self.context_length]
             ids[-1] = self.tokenizer.eot_token_id

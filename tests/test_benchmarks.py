@@ -50,6 +50,21 @@ def test_speed_latency_case_smoke(tmp_path):
 
 
 @pytest.mark.slow
+def test_speed_lm_timing_smoke(tmp_path):
+    """Case 6 times one image with and without --lm (a random GPT-2 over CLIP's whole words)."""
+    out = tmp_path / "lm.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--device", "cpu", "--lm-timing", "--latency-arch",
+           "ViT-S-32-alt", "--latency-steps", "3", "--lm-width", "32", "--lm-layers", "1", "--prompt-len", "4",
+           "--json", str(out)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    found = json.loads(out.read_text())["lm"]
+    assert [r["run"] for r in found["runs"]] == ["pez", "pez --lm", "pez --lm --steps 1"]
+    assert all(r["seconds"] > 0 and r["prompt"] for r in found["runs"]), found
+    assert [r["beam"] for r in found["runs"]] == [0, 32, 32] and "| pez --lm --steps 1 | 1 | 32 |" in run.stdout
+
+
+@pytest.mark.slow
 def test_quality_benchmark_smoke(tmp_path):
     """A tiny world model and a few scenes: the quality benchmark runs end to end."""
     out = tmp_path / "quality.json"
@@ -127,6 +142,45 @@ def test_world_varied_captions_name_every_fact(monkeypatch):
     assert len(seen) > 100
     assert world.cache_key(1500, 128, 0, 128, 3) == world.cache_key(1500, 128, 0, 128, 3, "fixed")
     assert world.cache_key(1500, 128, 0, 128, 3, "varied") != world.cache_key(1500, 128, 0, 128, 3)
+
+
+@pytest.mark.slow
+def test_world_language_model_has_its_own_tokenizer_and_is_cached(tmp_path, monkeypatch):
+    """The world LM reads words with a word-level tokenizer of its own (not CLIP's), learns the
+    captions' phrasing (held-out captions read likelier than their shuffles) and is trained once."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from transformers import AutoTokenizer
+
+    import world
+
+    folder, report = world.world_lm(steps=200, width=32, captions="varied", cache=tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert len(tokenizer) == len(world.caption_words()) + 4  # the words, the comma and four special tokens
+    caption = world.scenes(0, 1)[0].caption
+    assert len(tokenizer(caption, add_special_tokens=False)["input_ids"]) == len(caption.split())
+    assert report.caption_fluency > report.shuffled_fluency
+    stamp = (folder / "world_lm.json").stat().st_mtime_ns
+    assert world.world_lm(steps=200, width=32, captions="varied", cache=tmp_path)[0] == folder
+    assert (folder / "world_lm.json").stat().st_mtime_ns == stamp
+    assert world.lm_cache_key(200, 0, 32, 2, "varied") != world.lm_cache_key(200, 0, 32, 2, "fixed")
+
+
+@pytest.mark.slow
+def test_quality_benchmark_lm_rows_smoke(tmp_path):
+    """The language-prior rows run end to end on tiny world models and a tiny world LM."""
+    out = tmp_path / "quality.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--quick", "--lm-rows", "--scenes", "2",
+           "--cache", str(tmp_path), "--world-steps", "20", "--world-width", "32", "--world-layers", "1",
+           "--world-batch", "16", "--judge-width", "48", "--judge-layers", "1", "--lm-steps", "30",
+           "--steps-scale", "0.05", "--text-steps", "3", "--json", str(out)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr
+    data = json.loads(out.read_text())
+    assert [r["name"] for r in data["rows"]] == ["pez (defaults)", "pez --lm (defaults)"]
+    plain, fluent = data["rows"]
+    assert plain["fluency"] is not None and fluent["round_trip"] == 1.0
+    assert "| fluency | prompt (scene 1) |" in run.stdout and fluent["examples"][0]["prompt"] in run.stdout
+    assert all(r["fluency"] is not None for r in data["references"])
 
 
 def test_model_best_caption_searches_the_scene_form(load_tiny, monkeypatch):

@@ -84,6 +84,29 @@ def test_refinement_never_lowers_the_printed_score(make_pez):
         assert after.round_trip  # a refined prompt's ids are its own tokens
 
 
+def test_ctrl_c_during_refinement_keeps_the_finished_rounds(make_pez, monkeypatch):
+    """Interrupted in its second round, refinement returns what its first round found (the
+    prompt of a run with --refine 1), marked interrupted; README promises the best so far."""
+    import pez_cli.refine as refine_module
+
+    target = make_pez(seed=1, steps=5, vocab="words").text_features([SECRET])
+    [one_round] = make_pez(seed=1, steps=5, vocab="words", refine=1).solve([target])
+    [unrefined] = make_pez(seed=1, steps=5, vocab="words").solve([target])
+    assert one_round.similarity > unrefined.similarity  # the first round found something to keep
+    gradients, calls = refine_module.token_gradients, []
+
+    def interrupted_in_round_two(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return gradients(*args)
+
+    monkeypatch.setattr(refine_module, "token_gradients", interrupted_in_round_two)
+    [stopped] = make_pez(seed=1, steps=5, vocab="words", refine=4).solve([target])
+    assert stopped.interrupted and len(calls) == 2
+    assert (stopped.prompt, stopped.similarity) == (one_round.prompt, one_round.similarity)
+
+
 def test_refinement_improves_a_short_run(make_pez):
     pez = make_pez(seed=1, steps=5, refine=4, vocab="words")
     target = pez.text_features([SECRET])

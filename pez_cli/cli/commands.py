@@ -93,7 +93,7 @@ def optimize_and_print(common: Common, kind: str, targets_of: Callable[[Any], An
         pez = Pez(settings, keep_image_tower=False)
         targets = targets_of(pez)
         loop = time.monotonic()
-        [result] = pez.solve([targets], kind, on_progress=step_progress(reporter))
+        [result] = pez.solve([targets], kind, on_progress=step_progress(reporter), on_stage=reporter.stage)
         data = {**result.to_dict(flat=True), "device": str(pez.device), **inputs,
                 "seconds": round(time.monotonic() - loop, 3), "total_seconds": round(time.monotonic() - started, 3)}
         del pez, targets  # free the optimizing model before anything else is loaded
