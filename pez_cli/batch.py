@@ -89,9 +89,9 @@ def protected_locations(paths: Iterable[Path], out: str | None) -> set[str]:
 def caption_conflicts(paths: Sequence[Path], ext: str, protected: set[str]) -> dict[str, str]:
     """Inputs whose caption file would land on an input or on the --out file, or would be
     shared with another image (a.png and a.jpg -> a.txt): {location of the image: reason}."""
-    owners: dict[str, set[str]] = {}
+    owners: dict[str, dict[str, str]] = {}  # caption location -> {image file: the image as named}
     for p in paths:
-        owners.setdefault(location(sidecar_path(p, ext)), set()).add(os.path.realpath(p))
+        owners.setdefault(location(sidecar_path(p, ext)), {}).setdefault(os.path.realpath(p), str(p))
     conflicts: dict[str, str] = {}
     for p in paths:
         caption = sidecar_path(p, ext)
@@ -99,7 +99,9 @@ def caption_conflicts(paths: Sequence[Path], ext: str, protected: set[str]) -> d
         if where in protected:
             conflicts[location(p)] = f"caption file {caption} would replace an input or the --out file"
         elif len(owners[where]) > 1:
-            conflicts[location(p)] = f"caption file {caption} would be shared by {len(owners[where])} images; rename one of them"
+            names = sorted(owners[where].values())
+            conflicts[location(p)] = (f"caption file {caption} would be shared by {', '.join(names[:-1])} and {names[-1]}; "
+                                      "rename one of them")
     return conflicts
 
 
@@ -170,6 +172,7 @@ class Summary:
     failed: int = 0  # error rows written by this run
     duplicates: int = 0  # inputs that name a file already given (done once)
     unreadable: int = 0  # damaged lines in --out, skipped (their images are done again)
+    damaged_file: str | None = None  # where those lines were moved, as they were
     restored: int = 0  # caption files or PNG copies written from earlier rows, without optimizing
     sidecars_kept: int = 0  # existing caption files left alone (no --overwrite)
     interrupted: bool = False
@@ -334,7 +337,8 @@ class BatchJob:
         finally:
             if writer is not None:
                 try:
-                    writer.compact()
+                    moved = writer.compact().damaged_file
+                    summary.damaged_file = str(moved) if moved is not None else None
                 finally:
                     writer.close()
         return summary

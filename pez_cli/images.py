@@ -90,6 +90,8 @@ def stdin_paths(stdin: TextIO, null: bool = False) -> list[str]:
     raw = buffer.read() if buffer is not None else stdin.read().encode("utf-8", "surrogateescape")
     if null:
         names = raw.split(b"\0")
+    elif b"\0" in raw:  # no path holds a NUL byte: this is `find -print0` output read as lines
+        raise InputError("the paths on stdin are separated by NUL bytes (find -print0); add -0 / --null to read them")
     else:
         names = [line[:-1] if line.endswith(b"\r") else line for line in raw.split(b"\n")]
     return [os.fsdecode(name) for name in names if name]

@@ -279,16 +279,16 @@ class LoadedModel:
         return self.text.encode_ids([self.tokenize(t) for t in texts])
 
     @torch.no_grad()  # not inference_mode: the features are targets that later enter autograd
-    def encode_images(self, images: Sequence[Any], batch: int = 32) -> torch.Tensor:
-        """Normalized image features (N, D) of PIL images."""
+    def encode_images(self, images: Sequence[Any]) -> torch.Tensor:
+        """Normalized image features (N, D) of PIL images, each image encoded alone: matrix
+        products round differently with the number of rows, so encoding images together would
+        make an image's features (and so its prompt) depend on its neighbours in a batch job,
+        a group or a Ray block. The image tower runs once per image whatever the job."""
         if self.clip is None:
             raise RuntimeError("the image tower was already released")
-        feats = []
-        for start in range(0, len(images), batch):
-            pixels = torch.stack([self.preprocess(im) for im in images[start:start + batch]])
-            pixels = pixels.to(self.device)
-            feats.append(F.normalize(self.clip.encode_image(pixels).float(), dim=-1))
-        return torch.cat(feats)
+        feats = [F.normalize(self.clip.encode_image(self.preprocess(im)[None].to(self.device)).float(), dim=-1)
+                 for im in images]
+        return torch.cat(feats) if feats else torch.empty(0, self.text.output_dim, device=self.device)
 
     def release_image_tower(self) -> None:
         """Drop everything but the text tower so only it stays in memory during the loop."""
@@ -305,6 +305,8 @@ class LoadedModel:
 HF_TEXT_KEYS = ("hf_tokenizer_name", "hf_model_name", "hf_model_pretrained", "hf_proj_type", "hf_pooler_type", "tokenizer_mode")
 # tokenizer_kwargs that open_clip's BPE tokenizer may take from a config (plain data).
 TOKENIZER_KWARGS = ("clean",)
+# The text cleaning functions open_clip's BPE tokenizer knows (open_clip.tokenizer.get_clean_fn).
+CLEAN_FUNCTIONS = ("lower", "whitespace", "canonicalize")
 CONFIG_FILE = "open_clip_config.json"
 
 
@@ -367,9 +369,14 @@ def check_model_config(cfg: dict[str, Any], name: str) -> dict[str, Any]:
     if "multimodal_cfg" in cfg:
         raise ModelError("text towers with an appended class token (CoCa) are not supported")
     kwargs = text.get("tokenizer_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise ModelError(f"model {name!r}: tokenizer_kwargs must be an object, got {kwargs!r}")
     extra = [k for k in kwargs if k not in TOKENIZER_KWARGS]
-    if not isinstance(kwargs, dict) or extra:
-        raise ModelError(f"model {name!r}: unsupported tokenizer_kwargs {extra or kwargs!r}")
+    if extra:
+        raise ModelError(f"model {name!r}: unsupported tokenizer_kwargs {extra!r}")
+    if "clean" in kwargs and kwargs["clean"] not in CLEAN_FUNCTIONS:
+        raise ModelError(f"model {name!r}: tokenizer_kwargs clean must be one of {', '.join(CLEAN_FUNCTIONS)}, "
+                         f"got {kwargs['clean']!r}")
     return dict(kwargs)
 
 

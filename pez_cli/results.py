@@ -243,6 +243,32 @@ def write_rows(file: IO[str], fmt: str, rows: Iterable[dict[str, Any]]) -> None:
         file.write(row_text(row, fmt))
 
 
+@dataclass
+class Compacted:
+    """What ResultWriter.compact did."""
+
+    dropped: int = 0  # rows that later rows superseded
+    moved: int = 0  # damaged lines moved to damaged_file
+    damaged_file: Path | None = None
+
+
+def damaged_path(target: Path) -> Path:
+    """Where the damaged lines of a result file are kept: FILE.damaged beside it."""
+    return target.with_name(target.name + ".damaged")
+
+
+def append_lines(path: Path, lines: Sequence[str]) -> None:
+    """Append lines to a file of pez's own (never through a link at its name), fsynced."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        raise ConfigError(f"cannot keep the damaged lines of the result file in {path}: {e.strerror or e}") from None
+    with os.fdopen(fd, "w", newline="", **ENCODING) as f:
+        f.write("".join(line + "\n" for line in lines))
+        f.flush()
+        os.fsync(f.fileno())
+
+
 class ResultWriter:
     """Rows appended to a JSONL or CSV file (or stdout for "-"), flushed and fsynced one by one.
     A file is locked for as long as the writer is open: a second pez on it gets an error."""
@@ -277,22 +303,30 @@ class ResultWriter:
         if self.regular:
             os.fsync(self.file.fileno())
 
-    def compact(self) -> int:
-        """Rewrite the file with one row per key (damaged lines kept as they are) when later
-        rows superseded earlier ones; returns how many rows were dropped."""
+    def compact(self) -> Compacted:
+        """Rewrite the file with one row per key when later rows superseded earlier ones or
+        lines are damaged: damaged lines move, as they were, to the end of FILE.damaged beside
+        it (so the result file stays valid for any CSV or JSONL reader and nothing is lost)."""
+        done = Compacted()
         if self.path is None or not self.regular:
-            return 0
+            return done
         entries, fmt = read_entries(self.path)
         winners = {id(row) for row in latest(e.row for e in entries if e.row is not None).values()}
-        kept = [e for e in entries if e.row is None or id(e.row) in winners]
+        kept = [e for e in entries if e.row is not None and id(e.row) in winners]
+        damaged = [e for e in entries if e.row is None]
         if len(kept) == len(entries):
-            return 0
+            return done
         target = Path(os.path.realpath(self.path))  # a link named as --out stays a link
+        if damaged:
+            done.damaged_file = damaged_path(target)
+            append_lines(done.damaged_file, [e.text for e in damaged])
+            done.moved = len(damaged)
         mode = stat.S_IMODE(os.stat(target).st_mode)
         with replacing(target, "w", newline="", **ENCODING) as f:
             f.write("".join(([CSV_HEADER.decode() + "\n"] if fmt == "csv" else []) + [e.text + "\n" for e in kept]))
             os.chmod(f.fileno(), mode)
-        return len(entries) - len(kept)
+        done.dropped = len(entries) - len(kept) - len(damaged)
+        return done
 
     def close(self) -> None:
         if self.path is not None:

@@ -69,8 +69,9 @@ def is_word(tokenizer: Any, token_id: int, text: str) -> bool:
 # about a second, and one process often builds several vocabularies on one tokenizer. They
 # are also kept on disk (cache_dir()), so each `pez` start does not pay that second again.
 _WORDS: dict[str, frozenset[int]] = {}
-# Bump when is_word's rules change: it is part of the on-disk key.
-WORD_RULES = 1
+# Bump when is_word's rules or the file's format change: it is part of the on-disk key
+# (2: the ids are stored with their digest).
+WORD_RULES = 2
 
 
 def file_word_ids(tokenizer: Any, path: str, texts: Sequence[str]) -> frozenset[int]:
@@ -127,13 +128,22 @@ def _words_key(tokenizer: Any, size: int) -> tuple[str, bool]:
     return digest.hexdigest()[:32], stable
 
 
+def _ids_digest(ids: Sequence[int]) -> str:
+    return hashlib.sha256(json.dumps(list(ids)).encode()).hexdigest()
+
+
 def _read_words(path: Path, size: int) -> frozenset[int] | None:
+    """The cached ids, if the file holds them with their own digest (anything else, a list
+    edited by hand or written by an older pez included, is computed again and rewritten)."""
     try:
-        ids = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+    ids = data.get("ids") if isinstance(data, dict) else None
     if not isinstance(ids, list) or not all(type(i) is int and 0 <= i < size for i in ids):
-        return None  # damaged or foreign: computed again and rewritten
+        return None
+    if data.get("digest") != _ids_digest(ids):
+        return None
     return frozenset(ids)
 
 
@@ -142,9 +152,10 @@ def _write_words(path: Path, ids: frozenset[int]) -> None:
     pez starts never see half a file; a read-only or full cache folder only costs the
     second again next time."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    ordered = sorted(ids)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(sorted(ids)), encoding="utf-8")
+        tmp.write_text(json.dumps({"ids": ordered, "digest": _ids_digest(ordered)}), encoding="utf-8")
         os.replace(tmp, path)
     except OSError:
         with contextlib.suppress(OSError):

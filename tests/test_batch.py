@@ -232,3 +232,19 @@ def test_encoding_reports_progress(tiny_model, folder, tmp_path, monkeypatch):
     assert (summary.done, summary.failed) == (7, 1)
     result = run("batch", folder, "--out", tmp_path / "b.jsonl", "--model", tiny_model, *FAST, "--progress")
     assert result.exit_code == 3 and "encoding 8/8" in result.stderr
+
+
+def test_an_image_encodes_to_the_same_bits_alone_and_among_others(load_tiny, tmp_path):
+    """Image features never depend on the images encoded beside them (a group, a Ray block), so
+    a batch row is exactly what `pez invert` gives the image alone."""
+    import torch
+
+    from pez_cli.images import load_image
+
+    model = load_tiny()
+    pictures = [load_image(make_image(tmp_path / f"{i}.png", (20 * i, 200 - 20 * i, 90), size=(40 + i, 30)))
+                for i in range(9)]
+    together = model.encode_images(pictures)
+    for i in (0, 4, 8):
+        assert torch.equal(model.encode_images([pictures[i]])[0], together[i])
+    assert torch.equal(model.encode_images(pictures[3:6])[1], together[4])

@@ -57,6 +57,16 @@ def test_awkward_file_names_round_trip_and_resume_once(tiny_model, tmp_path, fmt
     assert len(results.read_rows(out)) == 6
 
 
+def test_nul_separated_stdin_without_the_flag_is_one_line(tiny_model, tmp_path):
+    """`find -print0 | pez batch -` with -0 forgotten: one line that names the flag, nothing written."""
+    listing = b"".join(os.fsencode(make_image(tmp_path / f"{i}.png", COLORS[i])) + b"\0" for i in range(2))
+    out = tmp_path / "rows.jsonl"
+    for command in (["batch", "-", "--out", out, *FAST], ["invert", "-", *FAST[:6]]):
+        result = run(*command, "--model", tiny_model, input=listing)
+        assert_one_line_error(result, 1, r"separated by NUL bytes \(find -print0\); add -0 / --null to read them")
+    assert not out.exists()
+
+
 def test_stdin_lines_keep_spaces_and_invert_json_keeps_odd_names(tiny_model, tmp_path):
     odd = make_image(tmp_path / os.fsdecode(b" odd \xff.png"), COLORS[0])
     result = run("invert", "-", "--model", tiny_model, *FAST[:6], "--json", input=os.fsencode(odd) + b"\r\n")
@@ -167,14 +177,19 @@ def test_damaged_jsonl_lines_are_skipped_counted_and_redone(tiny_model, photos, 
     lines[1] = lines[1][:1] + bytes([lines[1][1] ^ 0xFF]) + lines[1][2:]  # a flipped byte
     lines[2] = b"[1, 2, 3]"  # valid JSON, not a row
     out.write_bytes(b"\n".join(lines) + b"\n")
-    result = run("batch", photos, "--out", out, "--model", tiny_model, *FAST)
-    assert result.exit_code == 0, result.stderr
-    assert "3 done, 1 already done" in result.stderr and "3 damaged lines in --out skipped" in result.stderr
-    good = results.read_rows(out)
-    assert sorted(Path(r["path"]).name for r in good) == ["p0.png", "p1.png", "p2.png", "p3.png"]
     merged = run("merge", out, "--out", tmp_path / "all.jsonl")
     assert merged.exit_code == 0 and "skipped 3 damaged lines" in merged.stderr
-    assert len(rows_of(tmp_path / "all.jsonl")) == 4
+    assert len(rows_of(tmp_path / "all.jsonl")) == 1
+    result = run("batch", photos, "--out", out, "--model", tiny_model, *FAST)
+    assert result.exit_code == 0, result.stderr
+    assert "3 done, 1 already done" in result.stderr
+    assert f"3 damaged lines in --out skipped, moved to {out}.damaged" in result.stderr
+    # The damaged lines are kept, as they were, beside the file, which every reader can now read whole.
+    assert Path(f"{out}.damaged").read_bytes() == b"\n".join(lines[:3]) + b"\n"
+    good = rows_of(out)  # json.loads on every line
+    assert sorted(Path(r["path"]).name for r in good) == ["p0.png", "p1.png", "p2.png", "p3.png"]
+    again = run("batch", photos, "--out", out, "--model", tiny_model, *FAST)
+    assert "0 done, 4 already done" in again.stderr and "damaged" not in again.stderr
 
 
 def test_damaged_csv_records_are_skipped_counted_and_redone(tiny_model, photos, tmp_path):
@@ -188,6 +203,11 @@ def test_damaged_csv_records_are_skipped_counted_and_redone(tiny_model, photos, 
     assert result.exit_code == 0, result.stderr
     assert "2 done, 2 already done" in result.stderr and "3 damaged lines in --out skipped" in result.stderr
     assert len(results.read_rows(out)) == 4
+    # Python's own csv reader (as pandas') reads every row whole again: the stray quote is gone.
+    with open(out, newline="", encoding="utf-8") as f:
+        read = list(csv.DictReader(f))
+    assert len(read) == 4 and all(r["prompt"] and r["sha256"] and r["settings"] for r in read)
+    assert Path(f"{out}.damaged").read_text().splitlines() == [records[0], records[1], header]
 
 
 # -- 7. one row per image, whatever happens between runs ------------------------------------------

@@ -86,6 +86,12 @@ def test_a_corrupt_image_is_an_error_row_and_exit_3(cluster, tiny_model, folder,
     assert result.exit_code == 3, result.stderr
     rows = {Path(r["path"]).name: r for r in rows_of(out)}
     assert "not an image" in rows["broken.png"]["error"] and len(rows) == 7
+    # The good images' rows are the local rows to the bit: an image's features do not depend on
+    # which images share its Ray block (here one that failed to decode).
+    local = tmp_path / "local.jsonl"
+    assert run("batch", folder, "--out", local, "--model", tiny_model, *OPTS).exit_code == 3
+    assert without_seconds(sorted(rows_of(out), key=lambda r: r["path"])) == \
+        without_seconds(sorted(rows_of(local), key=lambda r: r["path"]))
 
 
 def test_a_killed_driver_loses_only_work_in_flight(cluster, tiny_model, tmp_path):

@@ -5,6 +5,7 @@ import copy
 import json
 import os
 import pickle
+import re
 from pathlib import Path
 
 import pytest
@@ -44,10 +45,31 @@ def test_images_sharing_a_caption_name_are_errors_not_silently_skipped(tiny_mode
     result = run("batch", photos, "--sidecar", "--out", out, "--model", tiny_model, *FAST)
     assert result.exit_code == 3, result.stderr
     rows = {Path(r["path"]).name: r for r in map(json.loads, out.read_text().splitlines())}
-    assert "shared by 2 images" in rows["a.png"]["error"] and "shared by 2 images" in rows["a.jpg"]["error"]
+    shared = f"shared by {photos / 'a.jpg'} and {photos / 'a.png'}; rename one of them"
+    assert shared in rows["a.png"]["error"] and shared in rows["a.jpg"]["error"]
     assert rows["b.png"]["error"] is None
     assert not (photos / "a.txt").exists()
     assert (photos / "b.txt").read_text().strip() == rows["b.png"]["prompt"]
+    # Each failed image is named on stderr with its reason, once, in plain mode too.
+    failed = [line for line in result.stderr.splitlines() if line.startswith("failed: ")]
+    assert failed == [f"failed: {photos / name}: caption file {photos / 'a.txt'} would be {shared}"
+                      for name in ("a.jpg", "a.png")], result.stderr
+
+
+def test_failures_are_named_on_stderr_without_out_and_counted_after_many(tiny_model, photos, tmp_path, monkeypatch):
+    from pez_cli.cli import display
+
+    make_image(photos / "a.jpg", (30, 30, 200))
+    result = run("batch", photos, "--sidecar", "--model", tiny_model, *FAST)  # no --out: stderr is all there is
+    assert result.exit_code == 3
+    assert sum(line.startswith(f"failed: {photos / 'a.'}") for line in result.stderr.splitlines()) == 2
+    assert "would be shared by" in result.stderr and "2 failed" in result.stderr
+    monkeypatch.setattr(display, "FAILURE_LINES", 1)
+    many = run("batch", photos, "--sidecar", "--model", tiny_model, *FAST)
+    assert sum(line.startswith("failed: ") for line in many.stderr.splitlines()) == 1
+    assert "... and 1 more images failed" in many.stderr
+    quiet = run("batch", photos, "--sidecar", "--model", tiny_model, *FAST, "--quiet")
+    assert quiet.exit_code == 3 and quiet.stderr == ""
 
 
 def test_a_caption_never_replaces_an_input_image(tiny_model, tmp_path):
@@ -120,6 +142,20 @@ def test_a_tokenizer_that_needs_remote_code_is_refused_before_it_runs(tmp_path, 
     del cfg["text_cfg"]["tokenizer_kwargs"]  # a Hugging Face tokenizer without remote code is refused too
     folder2 = save_tiny_clip(tmp_path / "hf", cfg=cfg)
     assert_one_line_error(run("invert", photos / "a.png", "--model", f"local-dir:{folder2}", *FAST), 1, "CLIP's BPE tokenizer")
+
+
+@pytest.mark.parametrize("clean", ["bogus", 5, None, ["lower"]])
+def test_a_bad_cleaning_function_in_a_model_config_is_one_line(tmp_path, photos, tiny_model, clean):
+    """tokenizer_kwargs {"clean": ...} that open_clip does not know: one line naming it, alone and as a second model."""
+    cfg = copy.deepcopy(TINY_CFG)
+    cfg["text_cfg"]["tokenizer_kwargs"] = {"clean": clean}
+    folder = f"local-dir:{save_tiny_clip(tmp_path / 'bad-clean', cfg=cfg)}"
+    for models in (["--model", folder], ["--model", tiny_model, "--model", folder]):
+        assert_one_line_error(run("invert", photos / "a.png", *models, *FAST), 1,
+                              rf"tokenizer_kwargs clean must be one of lower, whitespace, canonicalize, got {re.escape(repr(clean))}")
+    cfg["text_cfg"]["tokenizer_kwargs"] = ["clean"]
+    listed = f"local-dir:{save_tiny_clip(tmp_path / 'listed', cfg=cfg)}"
+    assert_one_line_error(run("invert", photos / "a.png", "--model", listed, *FAST), 1, "tokenizer_kwargs must be an object")
 
 
 class _Payload:

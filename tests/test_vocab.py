@@ -68,19 +68,25 @@ def test_word_ids_are_kept_on_disk_and_a_damaged_copy_is_redone(model, tmp_path,
     texts = [vocab.token_text(tok, i) for i in range(len(tok.decoder))]
     computed = vocab.word_ids(tok, texts)
     [path] = (tmp_path / "cache" / "pez").glob("words-*.json")
-    assert frozenset(json.loads(path.read_text())) == computed
+    stored = json.loads(path.read_text())
+    assert frozenset(stored["ids"]) == computed and stored["digest"] == vocab._ids_digest(sorted(computed))
     assert all(vocab.is_word(tok, i, texts[i]) for i in list(computed)[:500])
 
-    # A new process reads the file instead of checking every token again.
+    # A new process reads the file instead of checking every token again (a list with its own digest).
     monkeypatch.setattr(vocab, "_WORDS", {})
-    path.write_text(json.dumps(sorted(computed)[:10]))
-    assert vocab.word_ids(tok, texts) == frozenset(sorted(computed)[:10])
+    few = sorted(computed)[:10]
+    path.write_text(json.dumps({"ids": few, "digest": vocab._ids_digest(few)}))
+    assert vocab.word_ids(tok, texts) == frozenset(few)
 
-    for damage in ('[1, 2, "x"]', "[1, 2", '{"a": 1}', f"[{len(texts)}]", "\xff"):
+    # Damaged, foreign, hand-edited or older files are computed again and rewritten: the empty
+    # list, a list of one id or the list's first 50 ids (without a digest, or with another's).
+    first50 = sorted(computed)[:50]
+    for damage in ('[1, 2, "x"]', "[1, 2", '{"a": 1}', f"[{len(texts)}]", "\xff", "[]", "[0]", json.dumps(first50),
+                   json.dumps({"ids": first50, "digest": vocab._ids_digest(few)}), json.dumps({"ids": [], "digest": None})):
         monkeypatch.setattr(vocab, "_WORDS", {})
         path.write_text(damage, encoding="latin-1")
         assert vocab.word_ids(tok, texts) == computed, damage
-        assert frozenset(json.loads(path.read_text())) == computed
+        assert frozenset(json.loads(path.read_text())["ids"]) == computed
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary files left
 
 

@@ -13,6 +13,7 @@ from pez_cli import __version__
 from pez_cli.cli.display import (
     EXIT_INTERRUPTED,
     EXIT_PARTIAL,
+    FailureLines,
     Reporter,
     batch_summary,
     emit_json,
@@ -238,8 +239,10 @@ def batch(
                 group = f"  group step {step}/{steps}" if steps else ""
                 reporter.progress("images", done, total, f"{rate:.1f} img/min{group}")
 
+        failures = FailureLines(reporter, common.quiet)
         summary = job.run(paths, on_status=reporter.stage, on_progress=progress, on_encode=reporter.steps("encoding"),
-                          on_failure=lambda item: reporter.note(f"failed: {item.error}"))
+                          on_failure=failures)
+        failures.close(rows_written=out is not None and out != "-")
     if not common.quiet:
         sys.stderr.write(batch_summary(summary, job.shard) + "\n")
     if common.json and out != "-":

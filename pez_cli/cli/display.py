@@ -192,6 +192,37 @@ class Reporter:
         if self.mode:
             self.console.print(message, markup=False, soft_wrap=True)
 
+    def warn(self, message: str) -> None:
+        """A line the user must see, progress shown or not (above the progress bar when there is one)."""
+        if self.console is not None:
+            self.console.print(message, markup=False, soft_wrap=True)
+        else:
+            sys.stderr.write(message + "\n")
+            sys.stderr.flush()
+
+
+# Failed images named one per line on stderr by `pez batch`; the count of the rest follows.
+FAILURE_LINES = 20
+
+
+class FailureLines:
+    """`pez batch`'s failures on stderr: each image with its reason, one line each, the first
+    FAILURE_LINES of them, then how many more (their reasons are in the rows)."""
+
+    def __init__(self, reporter: Reporter, quiet: bool):
+        self.reporter, self.quiet, self.count = reporter, quiet, 0
+
+    def __call__(self, item) -> None:
+        self.count += 1
+        if not self.quiet and self.count <= FAILURE_LINES:
+            self.reporter.warn(f"failed: {item.key}: {item.error or 'failed'}")
+
+    def close(self, rows_written: bool) -> None:
+        hidden = self.count - FAILURE_LINES
+        if not self.quiet and hidden > 0:
+            where = "; each has an error row in --out" if rows_written else ""
+            self.reporter.warn(f"... and {hidden} more images failed{where}")
+
 
 def batch_summary(s, shard) -> str:
     """The one-line summary `pez batch` ends with on stderr."""
@@ -200,7 +231,8 @@ def batch_summary(s, shard) -> str:
     if s.duplicates:
         text += f"; {s.duplicates} inputs named a file already given (done once)"
     if s.unreadable:
-        text += f"; {s.unreadable} damaged lines in --out skipped (their images were done again)"
+        where = f", moved to {s.damaged_file}" if s.damaged_file else ""
+        text += f"; {s.unreadable} damaged lines in --out skipped{where} (their images were done again)"
     if s.restored:
         text += f"; {s.restored} images got their caption or PNG copy from an earlier row"
     if s.sidecars_kept:
