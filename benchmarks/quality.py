@@ -253,6 +253,7 @@ def lm_configurations(quick: bool) -> list[Config]:
         Config("pez --lm: beam only (--refine 0)", steps=1000, vocab="words", lm=True),
         Config("pez --lm: beam and refinement, 1 step", steps=1, vocab="words", refine=3, lm=True),
         *[Config(f"pez --lm --beam {b}", **defaults, lm=True, beam=b) for b in (8, 16, 64)],
+        Config("pez --lm --prompt-len 24", **{**defaults, "prompt_len": 24}, lm=True),
         Config("pez --vocab FILE (the world's words)", steps=1000, vocab="world words", refine=3),
         Config("pez --lm --vocab FILE (the world's words)", steps=1000, vocab="world words", refine=3, lm=True),
         Config("pez --init (the true caption; a reference; len fits it)", **defaults, init="caption"),
