@@ -178,13 +178,13 @@ class Pez:
 
         By default (None) decided when the first optimization starts, after image targets are
         computed and the image tower can be gone, so the packed copies do not add to the memory
-        peak of loading: on for the CPU unless settings.pack_weights is False, off with
-        --compile (torch.compile makes its own kernels). True or False forces it.
+        peak of loading: on for the CPU unless settings.pack_weights is False (--compile, which
+        makes its own kernels, applies on CUDA only). True or False forces it.
         """
         if enable is None:
             if self.weights_packed is not None:
                 return self.weights_packed
-            enable = self.device.type == "cpu" and self.settings.pack_weights and not self.settings.compile
+            enable = self.device.type == "cpu" and self.settings.pack_weights
         self.weights_packed = all([packing.apply(m.text, v, enable) for m, v in zip(self.models, self.vocabs)])
         return self.weights_packed
 

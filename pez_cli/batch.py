@@ -188,7 +188,18 @@ def default_group_size(device) -> int:
     return {"cuda": 64}.get(device.type, 16)
 
 
-def solve_in_groups(pez, features, size: int, on_progress: Callable[[float, int, int, int], None] | None = None):
+@dataclass
+class BatchProgress:
+    """Where a batch job stands, handed to on_progress."""
+
+    done: int  # images finished (their rows written, or about to be)
+    running: int  # images in the group optimizing now (0 on Ray, where groups run on the workers)
+    total: int  # images this run has to do
+    step: int = 0  # the running group's step
+    steps: int = 0
+
+
+def solve_in_groups(pez, features, size: int, on_progress: Callable[[BatchProgress], None] | None = None):
     """One prompt per row of features (N, D), `size` images per Pez.solve. Yields (index of
     the group's first image, its results, seconds per image) as each group finishes."""
     parts = () if features is None else (features,) if isinstance(features, torch.Tensor) else tuple(features)
@@ -198,7 +209,7 @@ def solve_in_groups(pez, features, size: int, on_progress: Callable[[float, int,
 
         def progress(p, start=start, n=n):
             if on_progress is not None:
-                on_progress(start + n * p.step / p.steps, total, p.step, p.steps)
+                on_progress(BatchProgress(start, n, total, p.step, p.steps))
 
         began = time.monotonic()
         targets = [tuple(f[start + i:start + i + 1] for f in parts) for i in range(n)]  # one tensor per model
@@ -307,13 +318,13 @@ class BatchJob:
         paths: Sequence[Path],
         pez=None,
         on_status: Callable[[str], None] = lambda message: None,
-        on_progress: Callable[[float, int, int, int], None] | None = None,
+        on_progress: Callable[[BatchProgress], None] | None = None,
         on_failure: Callable[[Pending], None] = lambda item: None,
         on_encode: Callable[[int, int], None] = lambda done, total: None,
     ) -> Summary:
         """Plan and run. on_encode(images encoded, images to encode) comes as the images are
-        read and encoded (all before the first group); on_progress(images done, images to do,
-        step, steps) every step; on_failure(item) for each image that becomes an error row.
+        read and encoded (all before the first group); on_progress(BatchProgress) every step;
+        on_failure(item) for each image that becomes an error row.
         Ctrl-C keeps every finished group and returns a summary marked interrupted. --out is
         locked for the whole run."""
         writer = ResultWriter(self.out, self.fmt) if self.out else None

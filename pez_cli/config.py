@@ -13,6 +13,7 @@ import difflib
 import hashlib
 import json
 import math
+import os
 import re
 import sys
 from dataclasses import dataclass, fields
@@ -37,18 +38,19 @@ PROMPT_LEN_DEFAULTS = {"image": 16, "text": 8}
 def setting(default: Any = None, *, help: str, flag: bool = True, flag_name: str | None = None, short: str | None = None,
             envvar: str | None = None, identifies: bool = True, minimum: float | None = None, above: float | None = None,
             maximum: float | None = None, choices: tuple[str, ...] = (), nonempty: bool = False,
-            metavar: str | None = None, shown_default: str | None = None, needs: str | None = None) -> Any:
+            metavar: str | None = None, shown_default: str | None = None, needs: str | None = None,
+            panel: str | None = None) -> Any:
     """Declare a setting (a dataclass field with its CLI and validation metadata).
 
     flag: has a CLI option, named flag_name (default --field-name) with an optional short form;
     identifies: stored with (and identifying) a result; minimum/maximum: inclusive bounds;
     above: exclusive lower bound; choices: allowed values; shown_default: the default as help
-    shows it (default: the value itself); needs: a setting without which this one does nothing
+    shows it (default: the value itself); panel: where --help lists it; needs: a setting without which this one does nothing
     (it then identifies nothing either). A setting whose default is None identifies a result
     only when set, so adding one leaves the settings id of every earlier result as it was."""
     meta = dict(help=help, flag=flag, flag_name=flag_name, short=short, envvar=envvar, identifies=identifies,
                 minimum=minimum, above=above, maximum=maximum, choices=choices, nonempty=nonempty,
-                metavar=metavar, shown_default=shown_default, needs=needs)
+                metavar=metavar, shown_default=shown_default, needs=needs, panel=panel)
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -67,78 +69,83 @@ class Settings:
 
     model: str | list[str] = setting(  # paper: ViT-H-14. Several: one prompt for all of them at once
         "ViT-H-14/laion2b_s32b_b79k", short="-m", envvar="PEZ_MODEL", nonempty=True, metavar="MODEL",
-        help="CLIP model: ARCH/TAG (open_clip pretrained), hf-hub:ORG/REPO or local-dir:PATH. Repeat it to "
+        panel="Model and device", help="CLIP model: ARCH/TAG (open_clip pretrained), hf-hub:ORG/REPO or local-dir:PATH. Repeat it to "
              "optimize one prompt for several CLIPs at once; MODEL@WEIGHT weights one (default 1).")
     sd_model: str | None = setting(  # used by --render; `render` has its own --sd-model flag
         None, flag=False, identifies=False,
         help="Stable Diffusion for --render: a hub id or a local diffusers folder.")
     prompt_len: int | None = setting(  # paper: 16; None: PROMPT_LEN_DEFAULTS by kind of target
-        None, minimum=1, shown_default="16; distill: 8", help="Tokens in the prompt.")
+        None, minimum=1, shown_default="16; distill: 8", panel="Optimization", help="Tokens in the prompt.")
     steps: int = setting(  # paper: 3000; quality plateaus long before
-        1000, minimum=1, help="Optimization steps.")
-    lr: float = setting(0.1, above=0, help="AdamW learning rate.")  # paper: 0.1
-    weight_decay: float = setting(0.1, minimum=0, help="AdamW weight decay.")  # paper: 0.1
+        1000, minimum=1, panel="Optimization", help="Optimization steps.")
+    lr: float = setting(0.1, above=0, panel="Optimization", help="AdamW learning rate.")  # paper: 0.1
+    weight_decay: float = setting(0.1, minimum=0, panel="Optimization", help="AdamW weight decay.")  # paper: 0.1
     restarts: int = setting(  # paper: prompt_bs 1
-        1, minimum=1, help="Parallel random initialisations; the best wins (paper: prompt_bs).")
-    batch_size: int = setting(1, minimum=1, help="Targets sampled per step when there are more.")  # paper: 1
-    seed: int = setting(0, minimum=0, maximum=MAX_SEED, help="Random seed.")
+        1, minimum=1, panel="Optimization", help="Parallel random initialisations; the best wins (paper: prompt_bs).")
+    batch_size: int = setting(1, minimum=1, panel="Optimization", help="Targets sampled per step when there are more.")  # paper: 1
+    seed: int = setting(0, minimum=0, maximum=MAX_SEED, panel="Optimization", help="Random seed.")
     device: str = setting(
         "auto", envvar="PEZ_DEVICE", identifies=False, choices=("auto", "cpu", "cuda", "mps"),
-        help="auto, cpu, cuda or mps; auto picks cuda, then mps, then cpu.")
+        panel="Model and device", help="auto, cpu, cuda or mps; auto picks cuda, then mps, then cpu.")
     block: list[str] = setting(
-        [], metavar="WORD", shown_default="none", help="Never choose a token containing WORD (repeatable).")
-    ascii_only: bool = setting(False, help="Only choose tokens of printable ASCII.")
+        [], metavar="WORD", shown_default="none", panel="Vocabulary and priors", help="Never choose a token containing WORD (repeatable).")
+    ascii_only: bool = setting(False, panel="Vocabulary and priors", help="Only choose tokens of printable ASCII.")
     vocab: str = setting(  # words: better judged in README's Quality table, and always exact
         "words", metavar="words|all|FILE",
-        help="Tokens to choose from: words (whole words, digits and commas only, so the printed prompt "
+        panel="Vocabulary and priors", help="Tokens to choose from: words (whole words, digits and commas only, so the printed prompt "
              "re-tokenizes to exactly what was optimized), all (any token, as the paper), or a FILE of allowed "
              "words, one word or tag per line (each of its words that is one whole-word token).")
     prior: float = setting(
         0.0, minimum=0, maximum=1, shown_default="0: off",
-        help="Favour common tokens: each token's projection score loses PRIOR x its id / vocabulary size "
+        panel="Vocabulary and priors", help="Favour common tokens: each token's projection score loses PRIOR x its id / vocabulary size "
              "(BPE ids follow merge rank, so low ids are frequent words).")
     patience: int = setting(  # checked every optimize.FLUSH_EVERY steps
         0, minimum=0, shown_default="0: off",
-        help="Stop a prompt whose printed score has not improved for this many steps.")
+        panel="Optimization", help="Stop a prompt whose printed score has not improved for this many steps.")
     refine: int = setting(  # paper: 0. Three rounds: the best judged in README's Quality table
         3, minimum=0,
-        help="Rounds of greedy discrete refinement of the printed prompt after the loop "
+        panel="Optimization", help="Rounds of greedy discrete refinement of the printed prompt after the loop "
              "(gradient-ranked token swaps and deletions, kept only when the printed score improves).")
     init: str | None = setting(  # None: random tokens, as the paper
         None, nonempty=True, metavar="TEXT", shown_default="random tokens",
-        help="Start the prompt from this text (a caption or a draft prompt; random tokens fill the rest), "
+        panel="Optimization", help="Start the prompt from this text (a caption or a draft prompt; random tokens fill the rest), "
              "which is also a candidate itself.")
     lm: str | None = setting(  # a language prior: README's Quality section measures what it brings
         None, envvar="PEZ_LM", metavar="NAME_OR_PATH", shown_default="none",
+        panel="Vocabulary and priors",
         help="A causal language model (transformers): a hub id such as gpt2, or a folder written by save_pretrained. "
              "Its fluency joins the objective and it proposes words, so the prompt reads as text.")
     lm_weight: float = setting(  # per unit of mean log-probability; README's Quality table
         0.1, minimum=0, needs="lm", metavar="X",
-        help="Weight of the language model's fluency (its mean log-probability per token) in the objective; "
+        panel="Vocabulary and priors", help="Weight of the language model's fluency (its mean log-probability per token) in the objective; "
              "0 turns the language model off.")
     beam: int = setting(  # README's Quality table: 64 no better than 32 within its noise, at twice the cost
         32, minimum=0, needs="lm", metavar="N",
+        panel="Vocabulary and priors",
         help="With --lm: beams of a left-to-right search in which the language model proposes each next word "
              "and the objective ranks the texts; its best text joins refinement. 0: off.")
-    negative: bool = setting(False, help="Find the prompt LEAST like the target (negative loss weight).")
+    negative: bool = setting(False, panel="Optimization", help="Find the prompt LEAST like the target (negative loss weight).")
     precision: str = setting(
         "auto", choices=("auto", "fp32", "bf16", "fp16"),
-        help="fp32, bf16, fp16 or auto (bf16 autocast on GPUs that support it).")
+        panel="Model and device", help="fp32, bf16, fp16 or auto (bf16 autocast on GPUs that support it).")
     compile: bool = setting(
-        False, identifies=False, help="torch.compile the text tower (useful on CUDA for long runs).")
+        False, identifies=False, panel="Model and device",
+        help="CUDA: torch.compile the text tower (useful for long runs); ignored on other devices.")
     cuda_graph: bool = setting(  # ViT-H-14, one image, 1000 steps on an H200: 43.3 s -> 4.75 s (README)
         True, identifies=False,
-        help="CUDA: capture each optimization step as one CUDA graph and replay it (the same arithmetic, "
+        panel="Model and device", help="CUDA: capture each optimization step as one CUDA graph and replay it (the same arithmetic, "
              "far fewer kernel launches; --no-cuda-graph runs eagerly). Ignored on other devices and with --compile.")
     pack_weights: bool = setting(  # costs about the text tower's size plus the vocabulary
         True, identifies=False,
-        help="CPU: packed weight copies for faster steps; --no-pack-weights saves their memory.")
+        panel="Model and device", help="CPU: packed weight copies for faster steps; --no-pack-weights saves their memory.")
 
     def validate(self) -> "Settings":
-        """Check values against the declarations (prompt_len's upper bound needs the model)."""
+        """Check values against the declarations (prompt_len's upper bound needs the model);
+        local models are named by their resolved path (canonical_model)."""
         if isinstance(self.model, (list, tuple)):  # one model is always a plain name
             self.model = self.model[0] if len(self.model) == 1 else list(self.model)
         check_fields(self)
+        self.model = canonical_models(self.model)
         self.models()
         if self.vocab not in VOCAB_KINDS and not Path(self.vocab).expanduser().is_file():
             raise ConfigError(f"vocab must be words, all or a word-list file; there is no file {self.vocab!r}")
@@ -182,6 +189,40 @@ class Settings:
             return f.metadata["needs"] is None or getattr(self, f.metadata["needs"]) is not None
 
         return {f.name: _plain(getattr(self, f.name)) for f in fields(self) if decides(f)}
+
+
+def canonical_model(spec: str) -> str:
+    """A model named for what it is, not how it was typed, so that one model has one settings
+    id: a `local-dir:` folder or an ARCH/checkpoint file by its resolved absolute path, and a
+    bare folder holding open_clip_config.json as `local-dir:` it. Pretrained names and hub ids
+    stay as given, and so does a MODEL@WEIGHT suffix."""
+    name, _ = parse_model_spec(spec)
+    suffix = spec[len(name):]
+    if name.startswith("local-dir:") and name != "local-dir:":
+        return f"local-dir:{os.path.realpath(os.path.expanduser(name[len('local-dir:'):]))}{suffix}"
+    if name.startswith("hf-hub:"):
+        return spec
+    path = os.path.expanduser(name)
+    if os.path.isfile(os.path.join(path, "open_clip_config.json")):
+        return f"local-dir:{os.path.realpath(path)}{suffix}"
+    arch, slash, tag = name.partition("/")
+    if slash and tag and os.path.isfile(os.path.expanduser(tag)):
+        return f"{arch}/{os.path.realpath(os.path.expanduser(tag))}{suffix}"
+    return spec
+
+
+def canonical_models(model: str | list[str]) -> str | list[str]:
+    return canonical_model(model) if isinstance(model, str) else [canonical_model(m) for m in model]
+
+
+def canonical_identity(identity: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored result's settings with its models named as canonical_model names them now
+    (rows written before, or with another spelling of the same folder, resume)."""
+    out = dict(identity)
+    model = out.get("model")
+    if isinstance(model, str) or (isinstance(model, list) and all(isinstance(m, str) for m in model)):
+        out["model"] = canonical_models(model)
+    return out
 
 
 def parse_model_spec(spec: str) -> tuple[str, float]:

@@ -28,6 +28,12 @@ class RenderError(PezError):
     """Stable Diffusion rendering failed in a way the user can act on."""
 
 
+class UsageError(PezError):
+    """Arguments that do not go together or are missing: a command-line usage error."""
+
+    exit_code = 2
+
+
 class Interrupted(PezError):
     """Ctrl-C before there was anything to keep."""
 

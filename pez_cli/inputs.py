@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TextIO
 
-from pez_cli.errors import InputError
+from pez_cli.errors import InputError, UsageError
 
 
 def read_text(text: str | None, file: Path | None, stdin: TextIO | None = None) -> str:
     """TEXT or the content of FILE ('-': stdin), whitespace collapsed; never empty."""
     if text is not None and file is not None:
-        raise InputError("give TEXT or --file, not both")
+        raise UsageError("give TEXT or --file, not both")
     if file is not None:
         if str(file) == "-":
             if stdin is None:
@@ -25,7 +25,7 @@ def read_text(text: str | None, file: Path | None, stdin: TextIO | None = None) 
             except (OSError, UnicodeDecodeError) as e:
                 raise InputError(f"cannot read text file {file}: {e}") from None
     if text is None:
-        raise InputError("nothing to distill: give TEXT or --file")
+        raise UsageError("nothing to distill: give TEXT or --file FILE")
     text = " ".join(text.split())
     if not text:
         raise InputError("the text to distill is empty")

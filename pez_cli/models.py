@@ -27,6 +27,7 @@ OFFLINE_HINT = (
     "to run offline, point --model at a local copy: local-dir:/path/to/folder "
     "(a folder with open_clip_config.json and open_clip_model.safetensors)"
 )
+MODEL_FLAG = "--model"  # the flag OFFLINE_HINT names; load_model(flag=...) names another
 
 
 def pick_device(name: str) -> torch.device:
@@ -186,6 +187,8 @@ def check_model_name(name: str) -> None:
     import open_clip
 
     schema, ident, tag = split_model_name(name)
+    if schema is None and os.path.isdir(os.path.expanduser(name)):
+        raise ModelError(f"model folder {name} has no open_clip_config.json (a local-dir: model needs one)")
     if schema == "local-dir":
         path = os.path.expanduser(ident)
         if not os.path.isdir(path):
@@ -401,8 +404,18 @@ def bpe_tokenizer(cfg: dict[str, Any], name: str):
     return SimpleTokenizer(context_length=context, **kwargs)
 
 
-def load_model(name: str, device: torch.device) -> LoadedModel:
-    """Load an open_clip model by pez's model name; errors become ModelError with a hint."""
+def load_model(name: str, device: torch.device, flag: str = MODEL_FLAG) -> LoadedModel:
+    """Load an open_clip model by pez's model name; errors become ModelError with a hint that
+    names `flag`, the option the name came from (--judge-model for the judge)."""
+    try:
+        return _load_model(name, device)
+    except ModelError as e:
+        if flag == MODEL_FLAG:
+            raise
+        raise ModelError(str(e).replace(OFFLINE_HINT, OFFLINE_HINT.replace(MODEL_FLAG, flag, 1))) from None
+
+
+def _load_model(name: str, device: torch.device) -> LoadedModel:
     check_model_name(name)
     schema, ident, tag = split_model_name(name)
     from_hub = schema == "hf-hub" or (schema is None and not os.path.isfile(os.path.expanduser(tag or "")))

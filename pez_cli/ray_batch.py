@@ -132,7 +132,7 @@ class Worker:
 
 
 def run(job_run, todo: list, options: RayOptions, group_size: int | None,
-        on_progress: Callable[[float, int, int, int], None] | None) -> None:
+        on_progress: Callable[[Any], None] | None) -> None:
     """Map `todo` over the cluster and hand each row, as it streams back, to job_run.accept."""
     import logging
 
@@ -161,4 +161,6 @@ def run(job_run, todo: list, options: RayOptions, group_size: int | None,
             job_run.accept(item, row)
             done += 1
             if on_progress is not None:
-                on_progress(done, len(todo), 0, 0)
+                from pez_cli.batch import BatchProgress
+
+                on_progress(BatchProgress(done, 0, len(todo)))

@@ -61,7 +61,7 @@ class RenderOptions:
     """How to render; the CLI's render options are generated from these declarations."""
 
     sd_model: str | None = setting(
-        None, flag_name="--sd-model", identifies=False, shown_default="the preset's, or the one matching --model",
+        None, flag_name="--sd-model", identifies=False, shown_default="the preset's, or the one matching --model", metavar="ID_OR_PATH",
         help="Stable Diffusion: a hub id or a local diffusers folder.")
     images: int = setting(4, flag_name="--images", minimum=1, help="Renders per prompt.")
     seed: int | None = setting(  # None: the settings' seed; render i uses seed + i
@@ -74,7 +74,8 @@ class RenderOptions:
     size: int | None = setting(  # None: the model's native size (512 for SD 1.5/2.1-base, 1024 for SDXL)
         None, flag_name="--size", minimum=8, maximum=4096, shown_default="the model's native size: 512, SDXL 1024",
         help="Render width and height in pixels, a multiple of 8.")
-    out_dir: Path = setting(Path("pez-out"), flag_name="--out", short="-o", help="Folder for renders and contact sheets.")
+    out_dir: Path = setting(Path("pez-out"), flag_name="--out", short="-o", metavar="DIR",
+                            help="Folder for renders and contact sheets.")
     cpu_offload: bool = setting(False, flag_name="--cpu-offload", help="Keep SD parts on the CPU until they run (small GPUs).")
     attention_slicing: bool = setting(False, flag_name="--attention-slicing", help="Compute attention in slices: less memory, slower.")
 
@@ -156,7 +157,7 @@ class Renderer:
             self.pipe.enable_model_cpu_offload()
         else:
             self.pipe.to(device)
-        self.scheduler_name = type(self.pipe.scheduler).__name__
+        self.scheduler_name = sampler_name(self.pipe.scheduler)
 
     @property
     def native_size(self) -> int:
@@ -213,9 +214,34 @@ class Renderer:
             torch.cuda.empty_cache()
 
 
+# diffusers scheduler classes by the sampler names AUTOMATIC1111's web UI writes for them, so
+# the UIs and their metadata readers (sd-parsers) recognise the sampler of a render.
+A1111_SAMPLERS = {
+    "DDIMScheduler": "DDIM", "PNDMScheduler": "PLMS", "LMSDiscreteScheduler": "LMS", "EulerDiscreteScheduler": "Euler",
+    "EulerAncestralDiscreteScheduler": "Euler a", "HeunDiscreteScheduler": "Heun", "KDPM2DiscreteScheduler": "DPM2",
+    "KDPM2AncestralDiscreteScheduler": "DPM2 a", "DPMSolverMultistepScheduler": "DPM++ 2M",
+    "DPMSolverSinglestepScheduler": "DPM++ SDE", "UniPCMultistepScheduler": "UniPC", "DEISMultistepScheduler": "DEIS",
+    "LCMScheduler": "LCM", "DDPMScheduler": "DDPM",
+}
+
+
+def sampler_name(scheduler: Any) -> str:
+    """A scheduler's sampler name as A1111 writes it (Karras sigmas add " Karras"); the class
+    name without "Scheduler" for one it has no name for."""
+    name = type(scheduler).__name__
+    found = A1111_SAMPLERS.get(name, name.removesuffix("Scheduler"))
+    karras = getattr(getattr(scheduler, "config", None), "use_karras_sigmas", False)
+    return f"{found} Karras" if karras is True else found
+
+
 def slug(text: str, limit: int = 40) -> str:
+    """A file-name part from a prompt: lower-case words joined by -, cut at a word boundary
+    (a single word longer than the limit is cut at the limit)."""
     s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-    return s[:limit].strip("-") or "prompt"
+    if len(s) > limit:
+        cut = s[:limit + 1].rfind("-")
+        s = s[:cut] if cut > 0 else s[:limit]
+    return s.strip("-") or "prompt"
 
 
 def save_renders(renderer: Renderer, prompt: str, images: Sequence[Image.Image], out_dir: Path,
@@ -251,7 +277,7 @@ def judge(judge_model: str, originals: Sequence[Image.Image], renders: Sequence[
     from pez_cli.models import load_model
 
     try:
-        model = load_model(judge_model, device)
+        model = load_model(judge_model, device, flag="--judge-model")
     except ModelError as e:
         raise ModelError(f"judge model: {e}") from None
     feats_o = model.encode_images(list(originals))  # (O, D)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Iterable, Iterator, Sequence
 
+from pez_cli.config import canonical_identity, settings_id
 from pez_cli.errors import ConfigError
 from pez_cli.files import replacing
 
@@ -97,8 +98,19 @@ def format_for(path: str | None, fmt: str | None) -> str:
 
 # -- rows ------------------------------------------------------------------------------------
 def row_key(row: dict[str, Any]) -> tuple[str, str | None, str]:
-    """What identifies a row: the path as given, the file's hash and the settings."""
-    return (str(row.get("path")), row.get("sha256") or None, str(row.get("settings_id")))
+    """What identifies a row: the path as given, the file's hash and the settings (their id
+    with the models named as pez names them now: another spelling of a model's folder, or a
+    row written before models were named by their resolved path, is the same settings)."""
+    return (str(row.get("path")), row.get("sha256") or None, row_settings_id(row))
+
+
+def row_settings_id(row: dict[str, Any]) -> str:
+    settings = row.get("settings")
+    if isinstance(settings, dict):
+        canonical = canonical_identity(settings)
+        if canonical != settings:
+            return settings_id(canonical)
+    return str(row.get("settings_id"))
 
 
 def supersedes(new: dict[str, Any], old: dict[str, Any] | None) -> bool:

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from helpers import assert_one_line_error, run
+from helpers import assert_one_line_error, rows_of, run
 from pez_cli.optimize import PromptOptimizer
 
 FAST = ["--steps", "5", "--prompt-len", "4", "--device", "cpu"]
@@ -76,8 +76,8 @@ def test_distill_text_and_file(tiny_model, tmp_path):
     assert data2["text"] == data["text"] and len(data2["token_ids"]) == 3
     data3 = json.loads(run("distill", "--file", "-", "--model", tiny_model, "--steps", "5", "--json", input="a fox\n").stdout)
     assert data3["text"] == "a fox"
-    assert_one_line_error(run("distill", "x", "--file", text_file, "--model", tiny_model), 1, "not both")
-    assert_one_line_error(run("distill", "--model", tiny_model), 1, "nothing to distill")
+    assert_one_line_error(run("distill", "x", "--file", text_file, "--model", tiny_model), 2, "not both")
+    assert_one_line_error(run("distill", "--model", tiny_model), 2, "nothing to distill: give TEXT or --file FILE")
     assert_one_line_error(run("distill", "--file", tmp_path / "none.txt", "--model", tiny_model), 1, "no such file: .*none.txt")
 
 
@@ -227,3 +227,65 @@ def test_export_makes_an_equivalent_local_dir(tiny_model, images, tmp_path):
     b = json.loads(run("invert", images[0], "--model", result.stdout.strip(), *FAST, "--json").stdout)
     assert a["token_ids"] == b["token_ids"] and a["similarity"] == b["similarity"]
     assert_one_line_error(run("export", tiny_model, out_dir), 1, r"export folder .*exported is not empty")
+
+
+def test_one_model_folder_is_one_model_however_it_is_spelled(tiny_dir, images, tmp_path, monkeypatch):
+    """Relative, with ./ and a trailing /, absolute, and without local-dir: are one model: one
+    settings id, so a job resumes whichever is typed, also from rows written with another."""
+    from pez_cli.config import settings_id
+    from pez_cli.results import json_line
+
+    monkeypatch.chdir(tiny_dir.parent)
+    spellings = [f"local-dir:{tiny_dir.name}", f"local-dir:./{tiny_dir.name}/", f"local-dir:{tiny_dir}", tiny_dir.name]
+    out = tmp_path / "rows.jsonl"
+    first = run("batch", *images, "--out", out, "--model", spellings[0], *FAST)
+    assert first.exit_code == 0 and "3 done" in first.stderr, first.stderr
+    for spelling in spellings[1:]:
+        again = run("batch", *images, "--out", out, "--model", spelling, *FAST)
+        assert again.exit_code == 0 and "0 done, 3 already done" in again.stderr, (spelling, again.stderr)
+    rows = rows_of(out)
+    assert len(rows) == 3 and {r["model"] for r in rows} == {f"local-dir:{tiny_dir}"}
+    # Rows written before models were named by their resolved path: a relative spelling and its id.
+    old = []
+    for row in rows:
+        settings = {**row["settings"], "model": f"local-dir:./{tiny_dir.name}"}
+        old.append({**row, "model": settings["model"], "settings": settings, "settings_id": settings_id(settings)})
+    assert old[0]["settings_id"] != rows[0]["settings_id"]
+    out.write_text("".join(json_line(r) + "\n" for r in old))
+    resumed = run("batch", *images, "--out", out, "--model", f"local-dir:{tiny_dir}", *FAST)
+    assert resumed.exit_code == 0 and "0 done, 3 already done" in resumed.stderr, resumed.stderr
+    data = json.loads(run("invert", images[0], "--model", tiny_dir.name, *FAST, "--json").stdout)
+    assert data["model"] == f"local-dir:{tiny_dir}"
+    empty = tmp_path / "no-config"
+    empty.mkdir()
+    assert_one_line_error(run("invert", images[0], "--model", empty, *FAST), 1,
+                          r"model folder .*no-config has no open_clip_config.json \(a local-dir: model needs one\)")
+
+
+def test_subject_and_template_together_are_a_usage_error(tiny_model, images):
+    result = run("style", *images, "--model", tiny_model, *FAST, "--template", "a dog in the style of {}", "--subject", "a cat")
+    assert_one_line_error(result, 2, "--subject and --template do not go together")
+
+
+def test_one_image_is_one_image(tiny_model, images, tmp_path):
+    result = run("batch", images[0], "--out", tmp_path / "r.jsonl", "--model", tiny_model, *FAST)
+    assert result.exit_code == 0 and "pez batch: 1 image, 1 done" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["invert", "style", "distill", "batch", "render", "merge", "export"])
+def test_help_reads_at_80_columns_in_panels(command):
+    result = run(command, "--help", env={"COLUMNS": "80"})
+    assert result.exit_code == 0
+    lines = result.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80, max(lines, key=len)
+    assert lines[0].startswith(f"Usage: pez {command} [OPTIONS]") and "{" not in lines[0]
+    assert not any(kind in result.stdout for kind in ("<bool>", "<str>", "<int>", "<float>", "<list[str]>"))
+    if command in ("invert", "style", "distill", "batch"):
+        for panel in ("Model and device:", "Optimization:", "Vocabulary and priors:", "Settings sources:", "Output:"):
+            assert panel in lines, panel
+        assert any(line.strip().startswith("--steps N ") for line in lines)
+        assert any(line.strip().startswith("--lr X ") for line in lines)
+    if command == "batch":
+        assert "Batch:" in lines and "Ray:" in lines
+    if command in ("invert", "style"):
+        assert "Render:" in lines

@@ -157,11 +157,20 @@ def test_fp16_on_cpu_is_refused(pez_factory):
         pez_factory(precision="fp16")
 
 
-@pytest.mark.slow
-def test_compile_gives_the_same_prompt(pez_factory):
+def test_compile_is_ignored_off_cuda_with_a_note(pez_factory, monkeypatch, caplog):
+    """--compile applies on CUDA only (benchmarks/gpu_check.py checks it gives the same prompt
+    there); on the CPU it is never called and the run is the plain one."""
+    import logging
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.compile was called on the CPU")
+
     eager = pez_factory(prompt_len=4, steps=5).distill(SECRET)
-    compiled = pez_factory(prompt_len=4, steps=5, compile=True).distill(SECRET)
+    monkeypatch.setattr(torch, "compile", refuse)
+    with caplog.at_level(logging.INFO, logger="pez"):
+        compiled = pez_factory(prompt_len=4, steps=5, compile=True).distill(SECRET)
     assert compiled.token_ids == eager.token_ids
+    assert "--compile applies on CUDA only" in caplog.text
 
 
 def test_a_step_keeps_its_state_in_place_so_it_can_be_a_cuda_graph(pez_factory):

@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -163,3 +164,72 @@ def test_presets_list_their_sd_model():
     assert rendering.sd_model_for("ViT-L-14/openai") == rendering.SD15
     assert rendering.default_judge("ViT-H-14/laion2b_s32b_b79k") != "ViT-H-14/laion2b_s32b_b79k"
     assert rendering.default_judge("ViT-L-14/openai") != "ViT-L-14/openai"
+
+
+def test_the_judge_model_is_named_by_its_flag(tiny_model, sd_dir, judge_model, tmp_path):
+    """A judge that cannot load says --judge-model, not --model, after the prompt was printed;
+    a judge folder given without local-dir: is taken as one."""
+    image = make_image(tmp_path / "x.png")
+    args = ["invert", image, "--model", tiny_model, "--steps", "2", "--prompt-len", "2", "--render", "--sd-model", sd_dir,
+            *RENDER, "--out", tmp_path / "o"]
+    result = run(*args, "--judge-model", "ViT-B-32/openai")  # not cached, and the hub is off in tests
+    assert result.exit_code == 1 and result.stdout.strip()  # the prompt came first
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: judge model: could not download weights for 'ViT-B-32/openai'"), result.stderr
+    assert "point --judge-model at a local copy" in last and "--model at" not in last
+    folder = judge_model[len("local-dir:"):]
+    data = json.loads(run(*args, "--judge-model", folder, "--json").stdout)
+    assert data["render_similarity"]["judge_model"] == judge_model
+
+
+def test_plain_invert_render_names_its_files_on_stderr(tiny_model, sd_dir, judge_model, tmp_path):
+    """Without a terminal and without --json, stdout holds the prompt alone and stderr says where
+    the renders and the contact sheet went (not with --quiet)."""
+    image = make_image(tmp_path / "x.png")
+    args = ["invert", image, "--model", tiny_model, "--steps", "2", "--prompt-len", "2", "--render", "--sd-model", sd_dir,
+            *RENDER, "--judge-model", judge_model, "--out", tmp_path / "o"]
+    result = run(*args)
+    assert result.exit_code == 0, result.stderr
+    assert len(result.stdout.splitlines()) == 1
+    lines = result.stderr.splitlines()
+    renders = next(line for line in lines if line.startswith("renders: "))[len("renders: "):].split(", ")
+    sheet = next(line for line in lines if line.startswith("contact sheet: "))[len("contact sheet: "):]
+    assert len(renders) == 2 and all(Path(r).is_file() for r in renders) and Path(sheet).is_file()
+    assert run(*args, "--quiet").stderr == ""
+
+
+def test_file_slugs_end_at_a_word():
+    assert rendering.slug("a lighthouse on a cliff at sunset, dramatic sky and stormy seas") == \
+        "a-lighthouse-on-a-cliff-at-sunset"
+    assert len(rendering.slug("x" * 60)) == 40 and rendering.slug("!!!") == "prompt"
+    assert rendering.slug("a red cat") == "a-red-cat"
+
+
+def test_renders_carry_metadata_that_sd_parsers_reads(sd_dir, tmp_path):
+    """The `parameters` text is AUTOMATIC1111's, sampler name included, so the UIs' own readers
+    (sd-parsers) recover the prompt, negative prompt, steps, sampler, CFG, seed, size and model."""
+    from sd_parsers import ParserManager
+
+    result = run("render", "a red, fluffy cat", "--sd-model", sd_dir, *RENDER, "--out", tmp_path, "--seed", "4",
+                 "--negative-prompt", "blurry", "--guidance", "7.5")
+    assert result.exit_code == 0, result.stderr
+    for i, path in enumerate(result.stdout.splitlines()):
+        info = ParserManager().parse(path)
+        assert info is not None and info.generator.name == "AUTOMATIC1111"
+        [sampler] = info.samplers
+        assert [p.value for p in sampler.prompts] == ["a red, fluffy cat"]
+        assert [p.value for p in sampler.negative_prompts] == ["blurry"]
+        assert sampler.name == "DDIM"  # the tiny pipeline's DDIMScheduler, as A1111 names it
+        assert sampler.parameters == {"steps": "2", "cfg_scale": "7.5", "seed": str(4 + i)}
+        assert info.metadata["Size"] == "32x32" and sampler.model.name == str(sd_dir)
+
+
+def test_sampler_names_are_a1111s():
+    from types import SimpleNamespace
+
+    def scheduler(name, karras=False):
+        return type(name, (), {"config": SimpleNamespace(use_karras_sigmas=karras)})()
+
+    assert rendering.sampler_name(scheduler("EulerAncestralDiscreteScheduler")) == "Euler a"
+    assert rendering.sampler_name(scheduler("DPMSolverMultistepScheduler", karras=True)) == "DPM++ 2M Karras"
+    assert rendering.sampler_name(scheduler("FancyNewScheduler")) == "FancyNew"

@@ -22,6 +22,7 @@ from pez_cli.cli.display import (
     log_to_stderr,
     progress_mode,
 )
+from pez_cli.cli.help import GroupedHelp
 from pez_cli.cli.options import (
     OUTPUT_OPTIONS,
     SETTING_OPTIONS,
@@ -32,7 +33,7 @@ from pez_cli.cli.options import (
     with_common_options,
     with_options,
 )
-from pez_cli.errors import PezError
+from pez_cli.errors import PezError, UsageError
 from pez_cli.render import RenderOptions
 
 app = typer.Typer(
@@ -58,11 +59,11 @@ class RenderAfter:
     options: RenderOptions
 
 
-RENDER_OPTIONS = options_for(RenderOptions, unset_none=False, prefix="render_")
+RENDER_OPTIONS = options_for(RenderOptions, unset_none=False, prefix="render_", panel="Render")
 with_render_after = with_options(
     cli_options(
-        ("render", Annotated[bool, typer.Option("--render", help="Render the prompt with Stable Diffusion, score it and write a contact sheet.")], False),
-        ("judge_model", Annotated[Optional[str], typer.Option("--judge-model", show_default=False,
+        ("render", Annotated[bool, typer.Option("--render", rich_help_panel="Render", help="Render the prompt with Stable Diffusion, score it and write a contact sheet.")], False),
+        ("judge_model", Annotated[Optional[str], typer.Option("--judge-model", show_default=False, metavar="MODEL", rich_help_panel="Render",
                                                               help="CLIP that scores renders against the originals (default: one other than --model).")], None),
     ) + RENDER_OPTIONS,
     "after", lambda render, judge_model, **kw: RenderAfter(render, judge_model, RenderOptions(**kw)),
@@ -75,6 +76,16 @@ def step_progress(reporter: Reporter) -> Callable[[Any], None]:
         if reporter.due(p.step == p.steps):
             best = p.best()[0]
             reporter.progress("step", p.step, p.steps, f"best {best.similarity:.4f}  {p.best_prompts()[0]}")
+
+    return update
+
+
+def render_progress(reporter: Reporter, options: RenderOptions) -> Callable[[int, int], None]:
+    """Rendering's progress: denoising steps of all renders, and which render is running."""
+    def update(done: int, total: int) -> None:
+        if reporter.due(done == total):
+            image = min((max(done, 1) - 1) // options.steps + 1, options.images)
+            reporter.progress("denoising step", done, total, f"render {image}/{options.images}, {options.steps} steps each")
 
     return update
 
@@ -116,22 +127,25 @@ def optimize_and_print(common: Common, kind: str, targets_of: Callable[[Any], An
         if options is not None:
             with Reporter(progress_mode(common.quiet, common.progress)) as reporter:
                 data.update(render_after(settings, after, options, fill(result.prompt) if fill else result.prompt,
-                                         originals, reporter))
+                                         originals, reporter, common.quiet))
     finally:
         if common.json:
             emit_json(data)
 
 
-def render_after(settings, after: RenderAfter, options: RenderOptions, text: str, originals, reporter: Reporter) -> dict:
+def render_after(settings, after: RenderAfter, options: RenderOptions, text: str, originals, reporter: Reporter,
+                 quiet: bool = False) -> dict:
+    from pez_cli.config import canonical_model
     from pez_cli.models import pick_device
     from pez_cli.render import default_judge, render_and_judge
 
-    judge_model = after.judge_model or default_judge([name for name, _ in settings.models()])
+    judge_model = canonical_model(after.judge_model) if after.judge_model else default_judge([n for n, _ in settings.models()])
     done = render_and_judge(options, text, originals, pick_device(settings.device), judge_model,
-                            reporter.stage, reporter.steps("render"))
-    reporter.note(f"renders: {', '.join(done['renders'])}")
-    reporter.note(f"contact sheet: {done['contact_sheet']}")
-    reporter.note(f"render similarity {done['render_similarity']['mean']:.4f} (judge {judge_model})")
+                            reporter.stage, render_progress(reporter, options))
+    if not quiet:  # where the files went, in a terminal or not (stdout holds only the prompt)
+        reporter.warn(f"renders: {', '.join(done['renders'])}")
+        reporter.warn(f"contact sheet: {done['contact_sheet']}")
+        reporter.warn(f"render similarity {done['render_similarity']['mean']:.4f} (judge {judge_model})")
     return done
 
 
@@ -144,12 +158,12 @@ def image_job(images: list[str], null: bool, common: Common, after: RenderAfter,
                        after, pil, template)
 
 
-@app.command()
+@app.command(cls=GroupedHelp)
 @handles_errors
 @with_render_after
 @with_common_options
 def invert(
-    images: Annotated[list[str], typer.Argument(help=IMAGES_HELP, metavar="IMAGE...")],
+    images: Annotated[list[str], typer.Argument(help=IMAGES_HELP, metavar="IMAGE")],
     null: NullOption = False,
     common: Common = None,
     after: RenderAfter = None,
@@ -158,14 +172,14 @@ def invert(
     image_job(images, null, common, after)
 
 
-@app.command()
+@app.command(cls=GroupedHelp)
 @handles_errors
 @with_render_after
 @with_common_options
 def style(
-    images: Annotated[list[str], typer.Argument(help="Images of one style: " + IMAGES_HELP, metavar="DIR|IMAGE...")],
-    template: Annotated[Optional[str], typer.Option("--template", "-t", help='Also print this template filled with the prompt, e.g. "a tiger in the style of {}".')] = None,
-    subject: Annotated[Optional[str], typer.Option("--subject", help='With --render: render "SUBJECT in the style of {prompt}" (when no --template).')] = None,
+    images: Annotated[list[str], typer.Argument(help="Images of one style: " + IMAGES_HELP, metavar="DIR|IMAGE")],
+    template: Annotated[Optional[str], typer.Option("--template", "-t", help='Also print this template filled with the prompt, e.g. "a tiger in the style of {}".', metavar="TEXT")] = None,
+    subject: Annotated[Optional[str], typer.Option("--subject", help='With --render: render "SUBJECT in the style of {prompt}" (when no --template).', metavar="TEXT", rich_help_panel="Render")] = None,
     null: NullOption = False,
     common: Common = None,
     after: RenderAfter = None,
@@ -173,17 +187,20 @@ def style(
     """Learn a prompt for the style shared by several images; optionally fill a template."""
     if template is not None and "{}" not in template:
         raise PezError(f"--template must contain {{}} where the style prompt goes, got {template!r}")
+    if template is not None and subject:
+        raise UsageError("--subject and --template do not go together: put the subject in the template, "
+                         "e.g. --template \"a tiger in the style of {}\"")
     if template is None and subject:
         template = f"{subject} in the style of {{}}"
     image_job(images, null, common, after, template)
 
 
-@app.command()
+@app.command(cls=GroupedHelp)
 @handles_errors
 @with_common_options
 def distill(
     text: Annotated[Optional[str], typer.Argument(help="The (long) prompt to distill.", show_default=False)] = None,
-    file: Annotated[Optional[Path], typer.Option("--file", "-f", help="Read the text from this file (- for stdin).", dir_okay=False, allow_dash=True)] = None,
+    file: Annotated[Optional[Path], typer.Option("--file", "-f", help="Read the text from this file (- for stdin).", dir_okay=False, allow_dash=True, metavar="FILE")] = None,
     common: Common = None,
 ) -> None:
     """Find a short prompt (default 8 tokens) that CLIP places near TEXT."""
@@ -193,26 +210,26 @@ def distill(
     optimize_and_print(common, "text", lambda pez: pez.text_features([text]), {"text": text})
 
 
-@app.command()
+@app.command(cls=GroupedHelp)
 @handles_errors
 @with_common_options
 def batch(
-    inputs: Annotated[list[str], typer.Argument(help=IMAGES_HELP, metavar="INPUT...")],
-    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Result file (JSONL or CSV), appended and resumable; - for stdout.", show_default=False)] = None,
-    fmt: Annotated[Optional[str], typer.Option("--format", help="jsonl or csv (default: an existing --out's own, else from its extension, else jsonl).", show_default=False)] = None,
-    recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Descend into sub-folders of folder inputs.")] = False,
-    batch_images: Annotated[Optional[int], typer.Option("--batch-images", help="Images optimized together (default: 64 on CUDA, else 16).", show_default=False)] = None,
-    sidecar: Annotated[bool, typer.Option("--sidecar", help="Also write the prompt to a caption file next to each image.")] = False,
-    sidecar_ext: Annotated[str, typer.Option("--sidecar-ext", help="Caption file extension.")] = ".txt",
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing caption files and PNG copies.")] = False,
-    png_metadata: Annotated[Optional[Path], typer.Option("--png-metadata", help="Write a PNG copy of each image with the prompt in its metadata into DIR.", metavar="DIR", file_okay=False)] = None,
-    force: Annotated[bool, typer.Option("--force", help="Redo images already in --out.")] = False,
-    shard: Annotated[Optional[str], typer.Option("--shard", help="Only this part of the inputs, K/N (1 <= K <= N), split by path hash.", metavar="K/N")] = None,
+    inputs: Annotated[list[str], typer.Argument(help=IMAGES_HELP, metavar="INPUT")],
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Result file (JSONL or CSV), appended and resumable; - for stdout.", show_default=False, metavar="FILE", rich_help_panel="Batch")] = None,
+    fmt: Annotated[Optional[str], typer.Option("--format", help="jsonl or csv (default: an existing --out's own, else from its extension, else jsonl).", show_default=False, metavar="jsonl|csv", rich_help_panel="Batch")] = None,
+    recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Descend into sub-folders of folder inputs.", rich_help_panel="Batch")] = False,
+    batch_images: Annotated[Optional[int], typer.Option("--batch-images", help="Images optimized together (default: 64 on CUDA, else 16).", show_default=False, metavar="N", rich_help_panel="Batch")] = None,
+    sidecar: Annotated[bool, typer.Option("--sidecar", help="Also write the prompt to a caption file next to each image.", rich_help_panel="Batch")] = False,
+    sidecar_ext: Annotated[str, typer.Option("--sidecar-ext", help="Caption file extension (default: .txt).", show_default=False, metavar="EXT", rich_help_panel="Batch")] = ".txt",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing caption files and PNG copies.", rich_help_panel="Batch")] = False,
+    png_metadata: Annotated[Optional[Path], typer.Option("--png-metadata", help="Write a PNG copy of each image with the prompt in its metadata into DIR.", metavar="DIR", file_okay=False, rich_help_panel="Batch")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Redo images already in --out.", rich_help_panel="Batch")] = False,
+    shard: Annotated[Optional[str], typer.Option("--shard", help="Only this part of the inputs, K/N (1 <= K <= N), split by path hash.", metavar="K/N", rich_help_panel="Batch")] = None,
     null: NullOption = False,
-    ray: Annotated[bool, typer.Option("--ray", help="Run on a Ray cluster (needs pez-cli[ray]); inputs must be on a file system all nodes see.")] = False,
-    ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="auto (a running cluster), local (start one), or a cluster address (default: Ray's own resolution).", show_default=False)] = None,
-    ray_workers: Annotated[Optional[int], typer.Option("--ray-workers", help="Workers, each with the model loaded (default: the cluster's GPUs, else 1).", show_default=False)] = None,
-    ray_gpus: Annotated[Optional[float], typer.Option("--ray-gpus-per-worker", help="GPUs per worker (default: 1 on a cluster with GPUs, else 0).", show_default=False)] = None,
+    ray: Annotated[bool, typer.Option("--ray", help="Run on a Ray cluster (needs pez-cli[ray]); inputs must be on a file system all nodes see.", rich_help_panel="Ray")] = False,
+    ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="auto (a running cluster), local (start one), or a cluster address (default: Ray's own resolution).", show_default=False, metavar="ADDRESS", rich_help_panel="Ray")] = None,
+    ray_workers: Annotated[Optional[int], typer.Option("--ray-workers", help="Workers, each with the model loaded (default: the cluster's GPUs, else 1).", show_default=False, metavar="N", rich_help_panel="Ray")] = None,
+    ray_gpus: Annotated[Optional[float], typer.Option("--ray-gpus-per-worker", help="GPUs per worker (default: 1 on a cluster with GPUs, else 0).", show_default=False, metavar="G", rich_help_panel="Ray")] = None,
     common: Common = None,
 ) -> None:
     """One prompt PER IMAGE for many images: resumable, shardable, written as it goes."""
@@ -233,11 +250,11 @@ def batch(
     log_to_stderr(common.verbose)
     started = time.monotonic()
     with Reporter(progress_mode(common.quiet, common.progress)) as reporter:
-        def progress(done: float, total: int, step: int, steps: int) -> None:
+        def progress(p) -> None:  # images done (rows written) first; the running group after
             if reporter.due():
-                rate = 60 * done / max(time.monotonic() - started, 1e-9)
-                group = f"  group step {step}/{steps}" if steps else ""
-                reporter.progress("images", done, total, f"{rate:.1f} img/min{group}")
+                rate = 60 * p.done / max(time.monotonic() - started, 1e-9)
+                group = f"{p.running} running, step {p.steps and p.step}/{p.steps}" if p.running else ""
+                reporter.progress("images", p.done, p.total, group, rate=f"{rate:.1f} img/min")
 
         failures = FailureLines(reporter, common.quiet)
         summary = job.run(paths, on_status=reporter.stage, on_progress=progress, on_encode=reporter.steps("encoding"),
@@ -254,12 +271,12 @@ def batch(
         raise typer.Exit(EXIT_PARTIAL)
 
 
-@app.command()
+@app.command(cls=GroupedHelp)
 @handles_errors
 def merge(
-    files: Annotated[list[Path], typer.Argument(help="Result files written by `pez batch` (e.g. one per shard).", metavar="FILE...", dir_okay=False)],
-    out: Annotated[str, typer.Option("--out", "-o", help="Merged file; - for stdout.")] = "-",
-    fmt: Annotated[Optional[str], typer.Option("--format", help="jsonl or csv (default: from --out's extension, else jsonl).", show_default=False)] = None,
+    files: Annotated[list[Path], typer.Argument(help="Result files written by `pez batch` (e.g. one per shard).", metavar="FILE", dir_okay=False)],
+    out: Annotated[str, typer.Option("--out", "-o", help="Merged file; - for stdout (default).", show_default=False, metavar="FILE")] = "-",
+    fmt: Annotated[Optional[str], typer.Option("--format", help="jsonl or csv (default: from --out's extension, else jsonl).", show_default=False, metavar="jsonl|csv")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists.")] = False,
 ) -> None:
     """Combine batch result files: one row per image and settings, sorted by path."""
@@ -274,7 +291,7 @@ def merge(
 RENDER_SETTINGS = [o for o in SETTING_OPTIONS if o.field in ("model", "seed", "device")]
 
 
-@app.command()
+@app.command(cls=GroupedHelp)
 @handles_errors
 @with_options(SOURCE_OPTIONS + RENDER_SETTINGS + OUTPUT_OPTIONS, "common", Common.build)
 @with_options(RENDER_OPTIONS, "options", RenderOptions)
@@ -293,7 +310,8 @@ def render(
         raise PezError("the prompt to render is empty")
     started = time.monotonic()
     with Reporter(progress_mode(common.quiet, common.progress)) as reporter:
-        images, paths = render_prompt(options, prompt, pick_device(settings.device), reporter.stage, reporter.steps("render"))
+        images, paths = render_prompt(options, prompt, pick_device(settings.device), reporter.stage,
+                                      render_progress(reporter, options))
     if common.json:
         emit_json({"prompt": prompt, "sd_model": options.sd_model, "renders": [str(p) for p in paths],
                    "seed": options.seed, "sd_steps": options.steps, "guidance": options.guidance,
@@ -303,7 +321,7 @@ def render(
         emit_lines([str(p) for p in paths])
 
 
-@app.command()
+@app.command(cls=GroupedHelp)
 @handles_errors
 def models(
     json_out: Annotated[bool, typer.Option("--json", help="Print a JSON list instead of a table.")] = False,
@@ -322,7 +340,7 @@ def models(
     emit_lines(["  ".join([c.ljust(w) for c, w in zip(row, widths)] + [row[-1]]).rstrip() for row in table])
 
 
-@app.command()
+@app.command(cls=GroupedHelp)
 @handles_errors
 def export(
     model: Annotated[str, typer.Argument(help=MODEL_HELP, show_default=False)],
@@ -334,7 +352,7 @@ def export(
     with Reporter("rich" if sys.stderr.isatty() else "") as reporter:
         reporter.stage(f"Exporting {model} ...")
         out = export_model(model, folder)
-    emit_lines([f"local-dir:{out}"])
+    emit_lines([f"local-dir:{out.resolve()}"])  # absolute: the same model wherever pez runs from
 
 
 def _version(value: bool) -> None:

@@ -110,18 +110,25 @@ class Reporter:
     """Progress on stderr: a spinner or a bar on a terminal, or occasional plain lines.
 
     Used as a context manager around a library call that reports through callbacks; text from
-    the user (paths, prompts) is never read as rich markup."""
+    the user (paths, prompts) is never read as rich markup. A progress line puts what always
+    matters first (the count, the rate, the time left) and gives the rest of the terminal's
+    width to the text after it (the best prompt so far), cut with an ellipsis, so it reads in
+    an 80-column terminal as in a 200-column one."""
 
-    def __init__(self, mode: str):
+    # Terminals at least this wide also get a bar.
+    BAR_WIDTH_FROM = 110
+
+    def __init__(self, mode: str, console: Any = None):
         from rich.console import Console
 
         self.mode = mode
-        self.console = Console(stderr=True, highlight=False) if mode else None
+        self.console = (console or Console(stderr=True, highlight=False)) if mode else None
         self._status = None
         self._bar = None
         self._task = None
         self._label = ""
         self._last = 0.0
+        self._started = time.monotonic()
 
     def __enter__(self) -> "Reporter":
         return self
@@ -159,26 +166,40 @@ class Reporter:
             return True
         return False
 
-    def progress(self, label: str, done: float, total: int, info: str = "") -> None:
-        if self.mode == "plain":
-            self.console.print(f"{label} {int(done)}/{total}  {info}", markup=False, soft_wrap=True)
-        elif self.mode == "rich":
-            if self._bar is None or label != self._label:
+    def progress(self, label: str, done: float, total: int, info: str = "", rate: str | None = None) -> None:
+        """`label done/total  rate  time left  info`; rate defaults to `done` per second since
+        this label's progress began."""
+        if self._label != label or (self.mode == "rich" and self._bar is None):
+            self._started = time.monotonic()
+            if self.mode == "rich":
                 self._start_bar(label)
-            self._bar.update(self._task, completed=done, total=total, info=info)
+            self._label = label
+        elapsed = max(time.monotonic() - self._started, 1e-9)
+        if rate is None:
+            rate = f"{done / elapsed:.1f} {label}/s" if done else ""
+        left = remaining(done, total, elapsed)
+        left = f"{left} left" if left else ""
+        if self.mode == "plain":
+            parts = [f"{label} {int(done)}/{total}", rate, left, info]
+            self.console.print("  ".join(p for p in parts if p), markup=False, soft_wrap=True)
+        elif self.mode == "rich":
+            self._bar.update(self._task, completed=done, total=total, info=info, rate=rate, left=left)
 
     def _start_bar(self, label: str) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+        from rich.table import Column
 
         self._stop()
-        self._label = label
+        bar = [BarColumn(bar_width=20)] if self.console.width >= self.BAR_WIDTH_FROM else []
         self._bar = Progress(
-            TextColumn(label, markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TimeRemainingColumn(), TextColumn("{task.fields[info]}", markup=False),
-            console=self.console, transient=True,
+            TextColumn(label, markup=False), MofNCompleteColumn(), TextColumn("{task.fields[rate]}", markup=False),
+            TextColumn("{task.fields[left]}", markup=False), *bar,
+            TextColumn("{task.fields[info]}", markup=False,
+                       table_column=Column(ratio=1, no_wrap=True, overflow="ellipsis")),
+            console=self.console, transient=True, expand=True,
         )
         self._bar.start()
-        self._task = self._bar.add_task(label, total=None, info="")
+        self._task = self._bar.add_task(label, total=None, info="", rate="", left="")
 
     def steps(self, label: str) -> Callable[[int, int], None]:
         """A callback for (done, total) step counts, drawn when due."""
@@ -224,10 +245,23 @@ class FailureLines:
             self.reporter.warn(f"... and {hidden} more images failed{where}")
 
 
+def remaining(done: float, total: int, elapsed: float) -> str:
+    """The time left at the rate so far, as H:MM:SS ('' before there is a rate)."""
+    if done <= 0 or total <= done:
+        return ""
+    seconds = int(elapsed * (total - done) / done)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def plural(n: int, noun: str) -> str:
+    """'1 image', '2 images'."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def batch_summary(s, shard) -> str:
     """The one-line summary `pez batch` ends with on stderr."""
     where = f" (shard {shard})" if shard else ""
-    text = f"pez batch{where}: {s.total} images, {s.done} done, {s.skipped} already done, {s.failed} failed"
+    text = f"pez batch{where}: {plural(s.total, 'image')}, {s.done} done, {s.skipped} already done, {s.failed} failed"
     if s.duplicates:
         text += f"; {s.duplicates} inputs named a file already given (done once)"
     if s.unreadable:

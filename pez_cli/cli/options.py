@@ -17,6 +17,8 @@ from pez_cli.config import Settings, resolve
 
 TYPES = {"str": str, "int": int, "float": float, "bool": bool, "Path": Path, "list[str]": list[str],
          "str | list[str]": list[str]}
+# What --help shows for a value of each type when a setting names nothing better.
+METAVARS = {"str": "TEXT", "int": "N", "float": "X", "Path": "PATH", "list[str]": "TEXT", "str | list[str]": "TEXT"}
 # Repeatable options read from an environment variable as ONE value (click would split it at
 # spaces, which local-dir: paths may hold): {field: variable}, applied by Common.settings().
 ENV_FALLBACKS: dict[str, str] = {}
@@ -32,11 +34,12 @@ class Option:
     default: Any
 
 
-def options_for(cls: type, unset_none: bool, prefix: str = "") -> list[Option]:
+def options_for(cls: type, unset_none: bool, prefix: str = "", panel: str | None = None) -> list[Option]:
     """Typer options for the flagged fields of a dataclass declared with setting().
 
     unset_none: every option defaults to None, meaning "not given" (settings have layers below
-    the flags: config files, presets, defaults); booleans then get --x/--no-x forms."""
+    the flags: config files, presets, defaults); booleans then get --x/--no-x forms. panel:
+    where --help lists the options whose setting names no panel of its own."""
     out = []
     for f in dataclasses.fields(cls):
         meta = f.metadata
@@ -53,7 +56,9 @@ def options_for(cls: type, unset_none: bool, prefix: str = "") -> list[Option]:
             ENV_FALLBACKS[f.name] = envvar
             envvar = None
         help_text = f"{meta['help']} (default: {shown(f)})" + (f" [env var: {meta['envvar']}]" if meta["envvar"] and not envvar else "")
-        option = typer.Option(*names, help=help_text, envvar=envvar, metavar=meta["metavar"], show_default=False)
+        metavar = meta["metavar"] or ("|".join(meta["choices"]) if meta["choices"] else METAVARS.get(kind))
+        option = typer.Option(*names, help=help_text, envvar=envvar, metavar=metavar, show_default=False,
+                              rich_help_panel=meta.get("panel") or panel)
         typ = TYPES[kind]
         optional = unset_none or f.default is None
         out.append(Option(prefix + f.name, f.name, Annotated[Optional[typ] if optional else typ, option], default))
@@ -98,17 +103,21 @@ def cli_options(*specs: tuple[str, Any, Any]) -> list[Option]:
 
 
 SOURCE_OPTIONS = cli_options(
-    ("preset", Annotated[Optional[str], typer.Option("--preset", "-p", envvar="PEZ_PRESET", show_default=False,
+    ("preset", Annotated[Optional[str], typer.Option("--preset", "-p", envvar="PEZ_PRESET", show_default=False, metavar="NAME",
+                                                      rich_help_panel="Settings sources",
                                                       help="Named settings: paper, sd15, sd2, sdxl, fast (see `pez models`).")], None),
-    ("config", Annotated[Optional[Path], typer.Option("--config", "-c", dir_okay=False,
+    ("config", Annotated[Optional[Path], typer.Option("--config", "-c", dir_okay=False, metavar="FILE",
+                                                       rich_help_panel="Settings sources",
                                                        help="TOML file of settings (overrides --preset).")], None),
 )
 OUTPUT_OPTIONS = cli_options(
-    ("json", Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of the prompt.")], False),
-    ("quiet", Annotated[bool, typer.Option("--quiet", "-q", help="No progress or status on stderr.")], False),
-    ("progress", Annotated[Optional[bool], typer.Option("--progress/--no-progress", show_default=False,
+    ("json", Annotated[bool, typer.Option("--json", rich_help_panel="Output",
+                                          help="Print one JSON object on stdout instead of the prompt.")], False),
+    ("quiet", Annotated[bool, typer.Option("--quiet", "-q", rich_help_panel="Output", help="No progress or status on stderr.")], False),
+    ("progress", Annotated[Optional[bool], typer.Option("--progress/--no-progress", show_default=False, rich_help_panel="Output",
                                                         help="Progress on stderr on or off (default: on for a terminal).")], None),
-    ("verbose", Annotated[bool, typer.Option("--verbose", "-v", help="Also note on stderr the fallbacks pez takes.")], False),
+    ("verbose", Annotated[bool, typer.Option("--verbose", "-v", rich_help_panel="Output",
+                                             help="Also note on stderr the fallbacks pez takes.")], False),
 )
 
 

@@ -1,0 +1,56 @@
+"""`pez COMMAND --help`: the options in panels (Model and device, Optimization, ...), laid out
+by click's own formatter, which wraps to any width and moves a long option's help under it,
+so the help reads at 80 columns as well as at 200."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import typer.core
+
+# Panels in the order help shows them; options without one are in "Options".
+PANELS = ("Arguments", "Options", "Model and device", "Optimization", "Vocabulary and priors", "Render", "Batch",
+          "Ray", "Settings sources", "Output")
+
+
+def panel_of(param: Any) -> str:
+    if param.param_type_name == "argument":
+        return "Arguments"
+    return getattr(param, "rich_help_panel", None) or "Options"
+
+
+def argument_name(param: Any) -> str:
+    """IMAGE, or IMAGE... for an argument that takes several."""
+    name = param.display_name_raw
+    return name if param.nargs == 1 or name.endswith("...") else name + "..."
+
+
+class GroupedHelp(typer.core.TyperCommand):
+    """A command whose --help lists its options panel by panel, in plain text."""
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        """[OPTIONS] IMAGE... (an optional argument in brackets)."""
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                name = argument_name(param)
+                pieces.append(name if param.required else f"[{name}]")
+        return pieces
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        self.format_usage(ctx, formatter)
+        self.format_help_text(ctx, formatter)
+        groups: dict[str, list[tuple[str, str]]] = {}
+        for param in self.get_params(ctx):
+            if getattr(param, "hidden", False):
+                continue
+            if param.param_type_name == "argument":
+                record = (argument_name(param), getattr(param, "help", None) or "")
+            else:
+                record = param.get_help_record(ctx)
+            if record:
+                groups.setdefault(panel_of(param), []).append(record)
+        for name in sorted(groups, key=lambda n: PANELS.index(n) if n in PANELS else len(PANELS)):
+            with formatter.section(name):
+                formatter.write_dl(groups[name], col_max=26)
+        self.format_epilog(ctx, formatter)
