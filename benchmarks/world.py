@@ -2,6 +2,7 @@
 
     python benchmarks/world.py                 # train (or reuse) the world model, print its report
     python benchmarks/world.py --steps 200 --width 64 --cache /tmp/w   # a smaller one
+    python benchmarks/world.py --captions varied --export-demo pez_cli/demo_world   # `pez demo`'s
 
 Scenes are drawn procedurally: one or two shapes (circle, square, triangle, star, diamond,
 cross), each with a colour and a size, at a position, on a coloured background, captioned
@@ -368,6 +369,45 @@ def world_lm(steps=1500, seed=0, width=64, layers=2, captions="fixed", cache: Pa
     return folder, report
 
 
+# Scenes shipped with `pez demo` are drawn from this seed: neither model saw them.
+DEMO_SEED = 30_000
+DEMO_SCENES = 4
+
+
+def export_demo(dest: Path, clip_folder: Path, lm_folder: Path, n: int = DEMO_SCENES) -> Path:
+    """Write pez's offline demo world (pez_cli/demo_world): the CLIP in fp16 safetensors
+    (`local-dir:` layout), the language model, and n held-out scenes with their captions."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    dest = Path(dest)
+    (dest / "clip").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(clip_folder / "open_clip_config.json", dest / "clip" / "open_clip_config.json")
+    state = load_file(str(clip_folder / "open_clip_model.safetensors"))
+    save_file({k: v.half() if v.is_floating_point() else v for k, v in state.items()},
+              str(dest / "clip" / "open_clip_model.safetensors"))
+    if (dest / "lm").exists():
+        shutil.rmtree(dest / "lm")
+    shutil.copytree(lm_folder, dest / "lm", ignore=shutil.ignore_patterns("world_lm.json"))
+    (dest / "scenes").mkdir(exist_ok=True)
+    listing = []
+    drawn = scenes(DEMO_SEED, 200)
+    chosen, seen = [], set()
+    for scene in drawn:  # varied: one shape in n - 1 different places, then two shapes
+        position = scene.shapes[0]["position"]
+        if len(scene.shapes) == 1 and position not in seen and len(chosen) < n - 1:
+            seen.add(position)
+            chosen.append(scene)
+    chosen.append(next(scene for scene in drawn if len(scene.shapes) == 2))
+    for i, scene in enumerate(chosen):
+        name = f"scenes/scene{i}.png"
+        draw(scene).save(dest / name)
+        listing.append({"image": name, "caption": scene.caption})
+    (dest / "scenes.json").write_text(json.dumps(listing, indent=2) + "\n")
+    return dest
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=1500)
@@ -380,7 +420,16 @@ def main(argv=None):
                     help="train on one caption template (fixed) or on varied phrasings of the same facts")
     ap.add_argument("--samples", type=Path, help="also write a few example scenes (PNG + captions) here")
     ap.add_argument("--lm", action="store_true", help="train (or reuse) the world's language model instead")
+    ap.add_argument("--export-demo", type=Path, metavar="DIR",
+                    help="write pez's offline demo world (pez_cli/demo_world) from this world's CLIP and language model")
     args = ap.parse_args(argv)
+    if args.export_demo:
+        log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+        clip, _ = world_model(args.steps, args.batch, args.seed, args.width, args.layers, args.cache, log=log,
+                              captions=args.captions)
+        lm, _ = world_lm(seed=args.seed, captions=args.captions, cache=args.cache, log=log)
+        print(export_demo(args.export_demo, clip, lm))
+        return
     if args.lm:
         folder, lm_report = world_lm(seed=args.seed, captions=args.captions, cache=args.cache,
                                      log=lambda m: print(m, file=sys.stderr, flush=True))

@@ -21,10 +21,14 @@ def test_wheel_ships_the_presets(tmp_path):
     shipped = {f"pez_cli/configs/{p.name}" for p in (ROOT / "configs").glob("*.toml")}
     assert shipped and shipped <= names
     assert {"pez_cli/cli/__init__.py", "pez_cli/cli/commands.py"} <= names
+    demo = ROOT / "pez_cli" / "demo_world"
+    shipped_demo = {p.relative_to(ROOT).as_posix() for p in demo.rglob("*") if p.is_file()}
+    assert "pez_cli/demo_world/clip/open_clip_model.safetensors" in shipped_demo and shipped_demo <= names  # pez demo
     # Installed from the wheel, the package finds its presets beside itself.
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
-    code = "from pez_cli.config import preset_names, resolve; print(preset_names()); print(resolve(preset='paper').settings.steps)"
+    code = ("from pez_cli.config import preset_names, resolve; print(preset_names()); from pez_cli.demo import scenes; "
+            "assert all(s.image.is_file() for s in scenes()); print(resolve(preset='paper').settings.steps)")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
                          env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"}, timeout=120)
     assert run.returncode == 0, run.stderr
