@@ -9,12 +9,17 @@
 Model: a randomly initialised open_clip ViT-B-32 (its JSON config, no weights needed: speed
 does not depend on the weights). Targets: image features of random images.
 
-Cases:
+Cases 1 to 3 compare the loops like for like: the same steps, pez without refinement (its
+loop and the scoring of printed prompts the loop does); case 7 compares what a user runs.
   1. one image, restarts 1: ms per step, paper loop vs pez;
   2. N images, each with its own prompt: the paper loop solving them one after another vs
      pez solving them as one batch; total time and the throughput ratio;
   3. peak memory of each: RSS growth during the loop on the CPU (sampled), peak allocated
-     memory on a GPU; on the CPU also the packed weight copies pez makes once per model.
+     memory on a GPU; also pez with refinement (3 rounds) after its loop, case 2's images;
+     on the CPU the packed weight copies pez makes once per model.
+  7. (--default-run) the whole default run: pez with today's defaults (its default steps,
+     refinement included) against the paper loop at --paper-steps (300), one image and N images;
+     the paper loop's steps per image are timed once and scaled to --paper-steps.
   5. (--latency, alone) one image, ViT-H-14, 1000 steps: the wall time of the paper loop, pez
      and pez --cuda-graph, warm-up included; then ViT-bigG-14's step time (a 120-step run minus
      a 20-step one, so warm-up and capture cancel) and memory.
@@ -333,7 +338,11 @@ def main(argv=None):
     ap.add_argument("--lm-timing", action="store_true", help="only case 6: one image with and without --lm")
     ap.add_argument("--lm-width", type=int, default=768, help="case 6: the random GPT-2's width (GPT-2: 768)")
     ap.add_argument("--lm-layers", type=int, default=12, help="case 6: the random GPT-2's layers (GPT-2: 12)")
-    ap.add_argument("--probe", choices=["paper", "pez"], help=argparse.SUPPRESS)  # internal: memory probe
+    ap.add_argument("--default-run", action=argparse.BooleanOptionalAction, default=True,
+                    help="case 7: the whole default run against the paper loop at --paper-steps")
+    ap.add_argument("--paper-steps", type=int, default=300, help="case 7: the paper loop's steps")
+    ap.add_argument("--default-steps", type=int, help=argparse.SUPPRESS)  # tests only: case 7 with fewer steps
+    ap.add_argument("--probe", choices=["paper", "pez", "pez-refine"], help=argparse.SUPPRESS)  # internal: memory probe
     args = ap.parse_args(argv)
     variant_specs = [v for v in args.variants.split(",") if v]
     for spec in variant_specs:  # checked before anything slow runs
@@ -366,24 +375,28 @@ def main(argv=None):
     feats = image_targets(loaded, args.images, device)
     targets = [feats[i : i + 1] for i in range(args.images)]
 
-    def make_pez(precision: str, compile_: bool, restarts: int = 1) -> tuple[Pez, float]:
+    def make_pez(precision: str, compile_: bool, restarts: int = 1, refine: int = 0,
+                 defaults: bool = False) -> tuple[Pez, float]:
+        """pez on a fresh copy of the model: like for like (--steps, `refine` rounds) or, with
+        `defaults`, today's default settings (steps and refinement)."""
         before = allocated_mb()
         model = build_model(args.arch, device)
         model.clip.visual = None
-        settings = Settings(model=model.name, device=str(device), prompt_len=args.prompt_len, steps=args.steps,
-                            precision=precision, compile=compile_, restarts=restarts)
+        run = ({"steps": args.default_steps} if args.default_steps else {}) if defaults else {"steps": args.steps, "refine": refine}
+        settings = Settings(model=model.name, device=str(device), prompt_len=args.prompt_len,
+                            precision=precision, compile=compile_, restarts=restarts, **run)
         engine = Pez(settings, model=model)
         engine.pack_weights()  # once per model (CPU), not part of a loop; reported separately
         return engine, allocated_mb() - before
 
-    pez, pez_resident = make_pez(args.precision, args.compile)
+    pez, pez_resident = make_pez(args.precision, args.compile, refine=3 if args.probe == "pez-refine" else 0)
     # The paper loop runs on the fp32 model that made the targets, now without its image tower.
     ref_resident = sum(t.numel() * t.element_size() for t in (*loaded.clip.parameters(), *loaded.clip.buffers())) / 2**20
     if device.type != "cuda":
         pez_resident = ref_resident = 0.0
 
     if args.probe:  # one loop in this fresh process; print its peak RSS growth
-        if args.probe == "paper":
+        if args.probe == "paper":  # "pez-refine": pez's loop, then 3 rounds of refinement
             _, mb = time_reference(loaded, targets, args.steps, args.prompt_len, device, warm=False)
         else:
             _, mb = time_pez(pez, targets, args.steps, device, warm=False)
@@ -411,12 +424,17 @@ def main(argv=None):
     rows["batch"] = dict(images=args.images, reference_seconds=refn, pez_seconds=pezn, ratio=refn / pezn,
                          reference_images_per_minute=60 * args.images / refn, pez_images_per_minute=60 * args.images / pezn,
                          reference_peak_mb=refn_mem, pez_peak_mb=pezn_mem)
+    if device.type == "cuda":  # refinement's peak, case 2's images (on the CPU: a probe below)
+        refined, resident = make_pez(args.precision, args.compile, refine=3)
+        _, rows["batch"]["pez_refine_peak_mb"] = time_pez(refined, targets, args.steps, device, resident_mb=resident)
+        del refined
 
     if device.type == "cpu":  # RSS high-water marks need a fresh process per measurement
         ref1_mem = probe_memory("paper", 1, args)
         pez1_mem = probe_memory("pez", 1, args)
         refn_mem = probe_memory("paper", args.images, args)
         pezn_mem = probe_memory("pez", args.images, args)
+        rows["batch"]["pez_refine_peak_mb"] = probe_memory("pez-refine", args.images, args)
         for key, value in (("reference_peak_mb", ref1_mem), ("pez_peak_mb", pez1_mem)):
             rows["single"][key] = value
         for key, value in (("reference_peak_mb", refn_mem), ("pez_peak_mb", pezn_mem)):
@@ -443,6 +461,19 @@ def main(argv=None):
     for row in sweep:
         row["vs_1"] = row["ms_per_step"] / sweep[0]["ms_per_step"]
     rows["restarts"] = sweep
+    # Case 7: the whole default run (default steps, refinement) against the paper loop at
+    # --paper-steps; the paper loop's per-step time is steady, so it is timed at --steps and scaled.
+    if args.default_run:
+        del pez
+        pez, _ = make_pez(args.precision, args.compile, defaults=True)
+        scale = args.paper_steps / args.steps
+        whole = []
+        for n in sorted({1, args.images}):
+            paper = (ref1 if n == 1 else refn) * scale
+            seconds, _ = time_pez(pez, targets[:n], pez.settings.steps, device)
+            whole.append(dict(images=n, paper_steps=args.paper_steps, paper_seconds=paper, pez_steps=pez.settings.steps,
+                              pez_refine=pez.settings.refine, pez_seconds=seconds, ratio=paper / seconds))
+        rows["default_run"] = whole
 
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     meta = dict(rounds=args.rounds, arch=args.arch, device=str(device), gpu=gpu, cpu=platform.processor() or platform.machine(),
@@ -450,7 +481,8 @@ def main(argv=None):
                 precision=args.precision, pez_autocast=main_autocast, compile=args.compile)
     mem_kind = "peak allocated MB" if device.type == "cuda" else "RSS growth MB"
     lines = [
-        f"pez vs the paper's loop: {args.arch} (random init), prompt_len {args.prompt_len}, {args.steps} steps, "
+        f"pez vs the paper's loop, like for like (pez without refinement): {args.arch} (random init), "
+        f"prompt_len {args.prompt_len}, {args.steps} steps, "
         f"device {device}{' (' + gpu + ')' if gpu else ''}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "",
         "| case | paper loop | pez | ratio |",
@@ -463,6 +495,9 @@ def main(argv=None):
         f"| 3. case 1 {mem_kind} | {ref1_mem:.0f} | {pez1_mem:.0f} | |",
         f"| 3. case 2 {mem_kind} | {refn_mem:.0f} | {pezn_mem:.0f} | |",
     ]
+    if "pez_refine_peak_mb" in rows["batch"]:
+        lines.append(f"| 3. case 2 with 3 rounds of refinement, {mem_kind} | {refn_mem:.0f} | "
+                     f"{rows['batch']['pez_refine_peak_mb']:.0f} | |")
     if packed_mb:
         lines.append(f"| 3. packed weight copies, once per model, MB | 0 | {packed_mb:.0f} | |")
     if variants:
@@ -472,6 +507,13 @@ def main(argv=None):
         lines += [f"| {v['variant']} | {v['seconds']:.3f} | {v['ms_per_step']:.2f} | "
                   f"{'-' if v['peak_mb'] is None else format(v['peak_mb'], '.0f')} | {v['warmup_seconds']:.1f} "
                   f"| {v['ratio']:.1f}x |" for v in variants]
+    if rows.get("default_run"):
+        first = rows["default_run"][0]
+        lines += ["", f"7. the whole default run: pez's defaults ({first['pez_steps']} steps, {first['pez_refine']} rounds of "
+                  f"refinement) against the paper loop at {args.paper_steps} steps:", "",
+                  "| images | paper loop s | pez s | ratio |", "| ---: | ---: | ---: | ---: |"]
+        lines += [f"| {r['images']} | {r['paper_seconds']:.2f} | {r['pez_seconds']:.2f} | {r['ratio']:.1f}x |"
+                  for r in rows["default_run"]]
     if sweep:
         lines += ["", f"4. one image with restarts (pez --precision {args.precision}):", "",
                   "| restarts | ms per step | vs the first |", "| ---: | ---: | ---: |"]

@@ -20,6 +20,7 @@ from pez_cli.config import Settings, settings_id
 from pez_cli.errors import ConfigError, InputError, Interrupted, first_line
 from pez_cli.files import atomic_write, location
 from pez_cli.images import IMAGE_SUFFIXES, load_image, png_bytes
+from pez_cli.render import copy_parameters
 from pez_cli.results import ResultWriter, format_for, latest, read_entries
 
 # Images decoded and encoded by the image tower at a time.
@@ -114,9 +115,10 @@ def write_sidecar(image: Path, ext: str, prompt: str, overwrite: bool) -> bool:
     return True
 
 
-def write_png_copy(image: Path, folder: Path, prompt: str, details: dict[str, Any], sha: str, overwrite: bool,
+def write_png_copy(image: Path, folder: Path, parameters: str, details: dict[str, Any], sha: str, overwrite: bool,
                    protected: set[str] = frozenset()) -> Path | None:
-    """A PNG copy of the image with the prompt in its text metadata. Never lands on an input
+    """A PNG copy of the image with `parameters` (the A1111 block) and pez's details in its text
+    metadata. Never lands on an input
     (the original included) nor on a copy of another image that has the same name; returns
     None when the copy exists and overwrite is off."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -128,7 +130,7 @@ def write_png_copy(image: Path, folder: Path, prompt: str, details: dict[str, An
             raise InputError(f"PNG copy {target} would replace an input")
     if os.path.lexists(target) and not overwrite:
         return None
-    atomic_write(target, png_bytes(load_image(image), prompt, {**details, "source_sha256": sha}))
+    atomic_write(target, png_bytes(load_image(image), parameters, {**details, "source_sha256": sha}))
     return target
 
 
@@ -409,7 +411,8 @@ class _Run:
                 self.summary.sidecars_kept += 1
             if job.png_dir is not None:
                 details = {"prompt": prompt, "similarity": similarity, "model": job.settings.model, "settings_id": job.sid}
-                write_png_copy(item.path, job.png_dir, prompt, details, item.sha256, job.overwrite, self.protected)
+                parameters = copy_parameters(prompt, job.settings.model, job.settings.seed, similarity, job.settings.sd_model)
+                write_png_copy(item.path, job.png_dir, parameters, details, item.sha256, job.overwrite, self.protected)
         except (OSError, InputError) as e:
             item.error = f"cannot write the caption or PNG copy of {item.key}: {getattr(e, 'strerror', None) or e}"
             self.fail(item)

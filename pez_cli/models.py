@@ -27,6 +27,11 @@ OFFLINE_HINT = (
     "to run offline, point --model at a local copy: local-dir:/path/to/folder "
     "(a folder with open_clip_config.json and open_clip_model.safetensors)"
 )
+# Printed prompts are encoded in passes of at most this many residual-stream values (rows x
+# positions x width), so refinement's candidates for a whole batch group keep memory flat: a
+# pass's widest activation (the MLP's, 4x) is then 32 MB in fp32. ViT-H-14 at 16 tokens: 113
+# texts a pass (about 2,000 tokens, enough to fill a GPU); ViT-B-32: 227.
+ENCODE_ELEMENTS = 2 ** 21
 MODEL_FLAG = "--model"  # the flag OFFLINE_HINT names; load_model(flag=...) names another
 
 
@@ -145,7 +150,8 @@ class TextTower(nn.Module):
         return proj(x) if isinstance(proj, nn.Linear) else x @ proj  # (B, D)
 
     def encode_ids(self, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Normalized features (N, D) of token id sequences that each end in the EOT id."""
+        """Normalized features (N, D) of token id sequences that each end in the EOT id, in
+        passes of at most ENCODE_ELEMENTS residual-stream values (rows x length x width)."""
         device = self.token_embedding.weight.device
         out = torch.empty(len(sequences), self.output_dim, device=device)
         by_len: dict[int, list[int]] = {}
@@ -153,10 +159,13 @@ class TextTower(nn.Module):
             if seq[-1] != self.end_id:
                 raise ValueError("sequence must end with the end-of-text id")
             by_len.setdefault(len(seq), []).append(i)
-        for rows in by_len.values():
-            ids = torch.tensor([list(sequences[i]) for i in rows], device=device)
-            feats = self.forward(self.token_embedding(ids))
-            out[torch.tensor(rows, device=device)] = F.normalize(feats.float(), dim=-1)
+        for length, rows in by_len.items():
+            chunk = max(1, ENCODE_ELEMENTS // (length * self.width))  # memory flat in the number of texts
+            for at in range(0, len(rows), chunk):
+                part = rows[at:at + chunk]
+                ids = torch.tensor([list(sequences[i]) for i in part], device=device)
+                feats = self.forward(self.token_embedding(ids))
+                out[torch.tensor(part, device=device)] = F.normalize(feats.float(), dim=-1)
         return out
 
 

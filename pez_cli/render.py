@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import re
 import textwrap
 import warnings
@@ -199,12 +200,8 @@ class Renderer:
     def parameters_text(self, prompt: str, seed: int, size: int) -> str:
         """The `parameters` PNG text that Stable Diffusion UIs read back."""
         o = self.options
-        lines = [prompt]
-        if o.negative_prompt:
-            lines.append(f"Negative prompt: {o.negative_prompt}")
-        lines.append(f"Steps: {o.steps}, Sampler: {self.scheduler_name}, CFG scale: {o.guidance:g}, "
-                     f"Seed: {seed}, Size: {size}x{size}, Model: {o.sd_model}")
-        return "\n".join(lines)
+        return a1111_parameters(prompt, o.negative_prompt, steps=o.steps, sampler=self.scheduler_name, guidance=o.guidance,
+                                seed=seed, size=(size, size), model=o.sd_model)
 
     def close(self) -> None:
         self.pipe = None
@@ -232,6 +229,61 @@ def sampler_name(scheduler: Any) -> str:
     found = A1111_SAMPLERS.get(name, name.removesuffix("Scheduler"))
     karras = getattr(getattr(scheduler, "config", None), "use_karras_sigmas", False)
     return f"{found} Karras" if karras is True else found
+
+
+# The scheduler each default Stable Diffusion ships (its scheduler_config.json on the Hub), so
+# a PNG copy can name the sampler a render of its prompt would use without loading the model.
+SHIPPED_SCHEDULERS = {SD15: "PNDMScheduler", SD21_BASE: "PNDMScheduler", SDXL: "EulerDiscreteScheduler"}
+NATIVE_SIZES = {SD15: 512, SD21_BASE: 512, SDXL: 1024}
+
+
+def a1111_parameters(prompt: str, negative_prompt: str = "", *, steps: int, sampler: str | None, guidance: float, seed: int,
+                     size: tuple[int, int] | None, model: str | None, extra: dict[str, Any] | None = None) -> str:
+    """The `parameters` text AUTOMATIC1111's web UI writes (prompt, negative prompt, one settings
+    line), which the UIs and readers such as sd-parsers parse back; `extra` adds keys to the
+    settings line (commas and colons in their values become spaces so the line stays parseable);
+    keys whose value is None are left out."""
+    lines = [prompt]
+    if negative_prompt:
+        lines.append(f"Negative prompt: {negative_prompt}")
+    fields = {"Steps": steps, "Sampler": sampler, "CFG scale": f"{guidance:g}", "Seed": seed,
+              "Size": None if size is None else f"{size[0]}x{size[1]}", "Model": model, **(extra or {})}
+    lines.append(", ".join(f"{key}: {re.sub(r'[,:]', ' ', str(value))}" for key, value in fields.items() if value is not None))
+    return "\n".join(lines)
+
+
+def shipped_sampler(sd_model: str) -> str | None:
+    """The A1111 name of the sampler a Stable Diffusion model ships with, read without loading
+    it: the defaults from SHIPPED_SCHEDULERS, a local diffusers folder from its
+    scheduler/scheduler_config.json; None when unknown (another hub id)."""
+    name = SHIPPED_SCHEDULERS.get(sd_model)
+    config = Path(sd_model) / "scheduler" / "scheduler_config.json"
+    if name is None and config.is_file():
+        try:
+            data = json.loads(config.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        name = str(data.get("_class_name", ""))
+        found = A1111_SAMPLERS.get(name, name.removesuffix("Scheduler")) or None
+        return f"{found} Karras" if found and data.get("use_karras_sigmas") is True else found
+    return None if name is None else A1111_SAMPLERS.get(name, name.removesuffix("Scheduler"))
+
+
+def copy_parameters(prompt: str, clip_models: str | Sequence[str], seed: int, similarity: float | None,
+                    sd_model: str | None = None) -> str:
+    """The `parameters` block of a `pez batch --png-metadata` copy: the render `pez invert
+    --render` would make of this prompt with its defaults (sd_model, else the Stable Diffusion
+    matching the CLIP; its shipped sampler; --sd-steps; --guidance; the settings' seed; the native
+    size of the default models), plus the CLIP that found the prompt and its similarity, so "send
+    to txt2img" in a UI starts from what pez would render."""
+    sd_model = sd_model or sd_model_for(clip_models)
+    defaults = RenderOptions()
+    models = [clip_models] if isinstance(clip_models, str) else list(clip_models)
+    extra = {"Pez CLIP": " + ".join(models), "Pez similarity": None if similarity is None else f"{similarity:.4f}"}
+    native = NATIVE_SIZES.get(sd_model)
+    return a1111_parameters(prompt, defaults.negative_prompt, steps=defaults.steps, sampler=shipped_sampler(sd_model),
+                            guidance=defaults.guidance, seed=seed, size=None if native is None else (native, native),
+                            model=sd_model, extra=extra)
 
 
 def slug(text: str, limit: int = 40) -> str:
@@ -358,12 +410,22 @@ def render_and_judge(options: RenderOptions, prompt: str, originals: Sequence[Im
                      judge_model: str, on_status: Callable[[str], None] = lambda m: None,
                      on_step: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Render `prompt`, score the renders against the originals with a judge CLIP, write the
-    PNGs and a contact sheet (never over an earlier one). Returns what to report."""
+    PNGs and a contact sheet (never over an earlier one). Returns what to report. When the
+    judge cannot be loaded the renders and a sheet without scores are still written, and the
+    ModelError raised carries them as `partial`."""
     images, paths = render_prompt(options, prompt, device, on_status, on_step)
     on_status(f"Scoring renders with {judge_model} ...")
-    scores = judge(judge_model, originals, images, device)
+    try:
+        scores, failure = judge(judge_model, originals, images, device), None
+    except ModelError as e:  # the renders are kept: the sheet is written without scores
+        scores, failure = None, e
     buffer = io.BytesIO()
     contact_sheet(originals, images, prompt, scores).save(buffer, format="PNG")
     sheet = write_new(options.out_dir, f"{slug(prompt)}-seed{options.seed}-sheet", ".png", buffer.getvalue())
-    return {"rendered_prompt": prompt, "sd_model": options.sd_model, "renders": [str(p) for p in paths],
+    done = {"rendered_prompt": prompt, "sd_model": options.sd_model, "renders": [str(p) for p in paths],
             "contact_sheet": str(sheet), "render_similarity": scores}
+    if failure is not None:
+        error = ModelError(f"{failure}; the renders and a contact sheet without scores are in {options.out_dir}")
+        error.partial = done  # what was written, for the caller to report
+        raise error
+    return done

@@ -51,9 +51,9 @@ def rows_of(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def kill_after_lines(cmd: list[str], out: Path, lines: int, timeout: float) -> None:
+def kill_after_lines(cmd: list[str], out: Path, lines: int, timeout: float, env: dict | None = None) -> None:
     """Start cmd, wait until `out` has at least `lines` lines, then kill it with SIGKILL."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     try:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and (not out.exists() or len(out.read_text().splitlines()) < lines):

@@ -17,11 +17,17 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_speed_benchmark_smoke(tmp_path):
     out = tmp_path / "speed.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--device", "cpu", "--images", "2",
-           "--steps", "2", "--rounds", "1", "--prompt-len", "4", "--restarts", "1,2", "--json", str(out)]
+           "--steps", "2", "--rounds", "1", "--prompt-len", "4", "--restarts", "1,2", "--default-steps", "3", "--json", str(out)]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
     assert "| 1. one image: ms per step |" in run.stdout
     data = json.loads(out.read_text())
+    # Case 7: the default run (refinement on) against the paper loop scaled to its 300 steps.
+    assert [(r["images"], r["pez_steps"], r["pez_refine"], r["paper_steps"]) for r in data["default_run"]] == [
+        (1, 3, 3, 300), (2, 3, 3, 300)]
+    assert data["default_run"][0]["paper_seconds"] == pytest.approx(data["single"]["reference_ms_per_step"] * 300 / 1000)
+    assert "7. the whole default run" in run.stdout and "with 3 rounds of refinement" in run.stdout
+    assert data["batch"]["pez_refine_peak_mb"] >= 0
     assert data["batch"]["images"] == 2 and data["meta"]["prompt_len"] == 4
     assert [r["restarts"] for r in data["restarts"]] == [1, 2] and data["restarts"][0]["vs_1"] == 1.0
     assert "| restarts | ms per step |" in run.stdout

@@ -83,3 +83,21 @@ def test_quickgelu_weights_get_quickgelu(monkeypatch):
         with pytest.raises(ModelError, match="stop here"):
             load_model(name, torch.device("cpu"))
     assert seen == [("ViT-L-14", "openai", True), ("ViT-B-32", "laion2b_s34b_b79k", False)]
+
+
+def test_many_texts_are_encoded_in_bounded_passes(loaded, monkeypatch):
+    """Refinement scores thousands of candidates at once: they run in passes of at most
+    ENCODE_ELEMENTS values, with the features of one pass for all."""
+    from pez_cli import models
+
+    texts = [f"a {c} {s} on the {p}" for c in ("red", "blue", "green") for s in ("cat", "dog", "boat", "star")
+             for p in ("left", "right", "top")] + ["x", "a very long caption of a lighthouse at night"]
+    whole = loaded.encode_texts(texts)
+    rows_seen = []
+    forward = type(loaded.text).forward
+    monkeypatch.setattr(type(loaded.text), "forward", lambda self, x: rows_seen.append(x.shape[0]) or forward(self, x))
+    length = len(loaded.tokenize(texts[0]))
+    monkeypatch.setattr(models, "ENCODE_ELEMENTS", 5 * length * loaded.text.width)  # five texts of that length a pass
+    chunked = loaded.encode_texts(texts)
+    assert max(rows_seen) == 5 and sum(rows_seen) == len(texts)
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)

@@ -5,8 +5,11 @@ tests skip, saying why, only when Ray is not installed or cannot start here."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -119,3 +122,54 @@ def test_ray_option_errors(tiny_model, folder, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
     assert_one_line_error(run("batch", folder, "--out", out, "--model", tiny_model, "--ray"), 1,
                           r"--ray needs Ray Data.*pip install 'pez-cli\[ray\]'")
+
+
+@pytest.mark.slow
+def test_a_killed_driver_takes_its_cluster_with_it(tiny_model, tmp_path):
+    """kill -9 of a driver that started its own cluster (--ray-address local): the raylet, the
+    GCS and the workers are gone within seconds; Ray's two node agents have seen the raylet die
+    and are on their way out (Ray gives their last report to the dead GCS 60 s, README)."""
+    psutil = pytest.importorskip("psutil")
+    pytest.importorskip("ray", reason="Ray is not installed (pip install 'pez-cli[ray]')")
+    d = tmp_path / "in"
+    d.mkdir()
+    for i in range(4):
+        make_image(d / f"k{i}.png", (50 * i, 200 - 40 * i, 90), size=(32 + i, 32))
+    out = tmp_path / "rows.jsonl"
+    # This cluster's session files (a short path: Ray's sockets live under it and socket paths
+    # are limited to about 100 characters).
+    ray_tmp = Path(tempfile.mkdtemp(prefix="pez-ray-"))
+    cmd = [sys.executable, "-m", "pez_cli", "batch", str(d), "--out", str(out), "--model", tiny_model, "--steps", "60",
+           "--prompt-len", "3", "--device", "cpu", "--batch-images", "1", "--ray", "--ray-address", "local", "--quiet"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": str(ray_tmp)}
+    started = time.time() - 1
+
+    def ours():  # Ray's processes started since this test began (they rename themselves: ray::DashboardAgent)
+        found = []
+        for proc in psutil.process_iter(["name", "cmdline", "create_time"]):
+            try:
+                text = " ".join([proc.info["name"] or "", *(proc.info["cmdline"] or [])])
+                if (proc.info["create_time"] >= started and proc.status() != psutil.STATUS_ZOMBIE
+                        and any(word in text for word in ("ray::", "raylet", "gcs_server", "dashboard", "default_worker"))):
+                    found.append(proc)
+            except psutil.Error:
+                pass
+        return found
+
+    agents = {"ray::DashboardAgent", "ray::RuntimeEnvAgent"}
+    try:
+        kill_after_lines(cmd, out, 1, timeout=300, env=env)
+        deadline = time.monotonic() + 30
+        while {p.name() for p in ours()} - agents and time.monotonic() < deadline:
+            time.sleep(0.5)
+        others = sorted({p.name() for p in ours()} - agents)
+        assert not others, others
+        log = next(ray_tmp.glob("ray/session_*/logs/dashboard_agent.log"))
+        deadline = time.monotonic() + 30
+        while "parent is dead" not in log.read_text(errors="replace") and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert "parent is dead" in log.read_text(errors="replace")
+    finally:
+        for proc in ours():  # not to leave the agents' minute to the next test
+            proc.kill()
+        shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -177,6 +177,14 @@ def test_the_judge_model_is_named_by_its_flag(tiny_model, sd_dir, judge_model, t
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("Error: judge model: could not download weights for 'ViT-B-32/openai'"), result.stderr
     assert "point --judge-model at a local copy" in last and "--model at" not in last
+    # The renders are kept and a contact sheet without scores is written; --json reports them.
+    assert last.endswith(f"the renders and a contact sheet without scores are in {tmp_path / 'o'}")
+    sheets = list((tmp_path / "o").glob("*-sheet.png"))
+    assert len(sheets) == 1 and len(list((tmp_path / "o").glob("*.png"))) == 3
+    failed = run(*args, "--judge-model", "ViT-B-32/openai", "--json")
+    assert failed.exit_code == 1
+    partial = json.loads(failed.stdout)
+    assert partial["render_similarity"] is None and Path(partial["contact_sheet"]).is_file() and len(partial["renders"]) == 2
     folder = judge_model[len("local-dir:"):]
     data = json.loads(run(*args, "--judge-model", folder, "--json").stdout)
     assert data["render_similarity"]["judge_model"] == judge_model
@@ -222,6 +230,37 @@ def test_renders_carry_metadata_that_sd_parsers_reads(sd_dir, tmp_path):
         assert sampler.name == "DDIM"  # the tiny pipeline's DDIMScheduler, as A1111 names it
         assert sampler.parameters == {"steps": "2", "cfg_scale": "7.5", "seed": str(4 + i)}
         assert info.metadata["Size"] == "32x32" and sampler.model.name == str(sd_dir)
+
+
+def test_batch_png_copies_carry_metadata_that_sd_parsers_reads(tiny_model, sd_dir, tmp_path):
+    """A `pez batch --png-metadata` copy carries the render pez would make of its prompt (the
+    settings' Stable Diffusion and its shipped sampler, --sd-steps, --guidance, seed, size),
+    complete enough for sd-parsers, plus the CLIP that found it."""
+    from sd_parsers import ParserManager
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    make_image(folder / "red.png", (220, 20, 20), size=(40, 30))
+    meta = tmp_path / "meta"
+    for sd_model, sampler, size in ((None, "PLMS", "512x512"), (sd_dir, "DDIM", None)):
+        out = tmp_path / f"rows-{sampler}.jsonl"  # sd_model does not identify a result: a new file
+        config = tmp_path / "pez.toml"
+        config.write_text(f'sd_model = "{sd_model}"\n')
+        extra = [] if sd_model is None else ["--config", config]
+        result = run("batch", folder, "-o", out, "--png-metadata", meta, "--model", tiny_model, "--steps", "3",
+                     "--seed", "7", "--overwrite", *extra)
+        assert result.exit_code == 0, result.stderr
+        row = json.loads(out.read_text().splitlines()[-1])
+        info = ParserManager().parse(meta / "red.png")
+        assert info is not None and info.generator.name == "AUTOMATIC1111"
+        [found] = info.samplers
+        assert [p.value for p in found.prompts] == [row["prompt"]]
+        assert found.name == sampler
+        assert found.parameters == {"steps": "25", "cfg_scale": "9", "seed": "7"}
+        assert found.model.name == (str(sd_model) if sd_model else rendering.SD21_BASE)
+        assert info.metadata.get("Size") == size
+        assert info.metadata["Pez CLIP"] == tiny_model.replace(":", " ")
+        assert float(info.metadata["Pez similarity"]) == pytest.approx(row["similarity"], abs=1e-4)
 
 
 def test_sampler_names_are_a1111s():

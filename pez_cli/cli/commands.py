@@ -127,21 +127,28 @@ def optimize_and_print(common: Common, kind: str, targets_of: Callable[[Any], An
         if options is not None:
             with Reporter(progress_mode(common.quiet, common.progress)) as reporter:
                 data.update(render_after(settings, after, options, fill(result.prompt) if fill else result.prompt,
-                                         originals, reporter, common.quiet))
+                                         originals, reporter, common.quiet, data))
     finally:
         if common.json:
             emit_json(data)
 
 
 def render_after(settings, after: RenderAfter, options: RenderOptions, text: str, originals, reporter: Reporter,
-                 quiet: bool = False) -> dict:
+                 quiet: bool = False, data: dict | None = None) -> dict:
     from pez_cli.config import canonical_model
+    from pez_cli.errors import ModelError
     from pez_cli.models import pick_device
     from pez_cli.render import default_judge, render_and_judge
 
     judge_model = canonical_model(after.judge_model) if after.judge_model else default_judge([n for n, _ in settings.models()])
-    done = render_and_judge(options, text, originals, pick_device(settings.device), judge_model,
-                            reporter.stage, render_progress(reporter, options))
+    try:
+        done = render_and_judge(options, text, originals, pick_device(settings.device), judge_model,
+                                reporter.stage, render_progress(reporter, options))
+    except ModelError as e:
+        partial = getattr(e, "partial", None)
+        if partial is not None and data is not None:
+            data.update(partial)  # --json still reports the files written
+        raise
     if not quiet:  # where the files went, in a terminal or not (stdout holds only the prompt)
         reporter.warn(f"renders: {', '.join(done['renders'])}")
         reporter.warn(f"contact sheet: {done['contact_sheet']}")
@@ -319,6 +326,64 @@ def render(
                    "seconds": round(time.monotonic() - started, 3)})
     else:
         emit_lines([str(p) for p in paths])
+
+
+@app.command(cls=GroupedHelp)
+@handles_errors
+def demo(
+    scenes: Annotated[Optional[int], typer.Option("--scenes", metavar="N", show_default="all 4",
+                                                  help="How many of the shipped scenes to invert.")] = None,
+    lm: Annotated[Optional[bool], typer.Option("--lm/--no-lm", show_default="on when transformers is installed",
+                                     help="Use the demo world's language model (needs pez-cli[lm]).")] = None,
+    steps: Annotated[int, typer.Option("--steps", metavar="N", help="Optimization steps per scene.")] = 300,
+    seed: Annotated[int, typer.Option("--seed", metavar="N", help="Random seed.")] = 0,
+    device: Annotated[str, typer.Option("--device", metavar="DEVICE", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object per scene (JSON Lines) instead of text.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or notes on stderr.")] = False,
+) -> None:
+    """Try pez offline: recover the prompts of a few scenes with a small CLIP that ships with pez.
+
+    The model knows only a toy world of coloured shapes (benchmarks/world.py); each scene has
+    its true caption, printed beside the prompt pez finds, both scored by the same CLIP.
+    Nothing is downloaded."""
+    from pez_cli import demo as demos
+    from pez_cli.errors import ConfigError
+
+    if scenes is not None and scenes < 1:
+        raise ConfigError(f"--scenes must be at least 1, got {scenes}")
+    use_lm = demos.lm_available() if lm is None else lm
+    if use_lm and not demos.lm_available():
+        raise PezError("--lm needs transformers: pip install 'pez-cli[lm]'")
+    settings = demos.demo_settings(lm=use_lm, seed=seed, device=device, steps=steps)
+    mode = progress_mode(quiet, None)
+    with Reporter(mode) as reporter:
+        if not use_lm:
+            reporter.note("note: without transformers (pip install 'pez-cli[lm]') the demo runs without its language "
+                          "model, and the prompts read less like text")
+        reporter.stage("Loading the demo world's CLIP" + (" and language model" if use_lm else "") + " ...")
+
+        def started(i: int, n: int, scene) -> None:
+            reporter.stage(f"Scene {i + 1}/{n}: {scene.image.name} ...")
+
+        def finished(done) -> None:
+            r = done.result
+            if json_out:
+                emit_json({"image": str(done.scene.image), "caption": done.scene.caption,
+                           "caption_similarity": round(done.caption_similarity, 6), **r.to_dict(flat=True)})
+                return
+            reporter.clear()  # the lines go above any progress
+            emit_lines([f"{done.scene.image}", f"  true caption  {done.caption_similarity:.4f}  {done.scene.caption}",
+                        f"  pez prompt    {r.similarity:.4f}  {r.prompt}", ""])
+
+        results = demos.run_demo(settings, scenes, on_scene=started, on_progress=step_progress(reporter),
+                                 on_result=finished)
+    if results and results[-1].result.interrupted:
+        reporter.note("Interrupted; the scene that was running shows its best prompt so far.")
+        raise typer.Exit(EXIT_INTERRUPTED)
+    lm_flag = f" --lm {demos.LM_DIR}" if use_lm else ""
+    reporter.note(f"The numbers are the CLIP's similarity to the image. Same run by hand: pez invert IMAGE "
+                  f"--model local-dir:{demos.CLIP_DIR}{lm_flag} --steps {steps} --seed {seed}. "
+                  "Your own images: pez invert IMAGE (downloads a real CLIP).")
 
 
 @app.command(cls=GroupedHelp)

@@ -144,6 +144,10 @@ class Reporter:
             self._bar.stop()
             self._bar = None
 
+    def clear(self) -> None:
+        """Take down the spinner or bar, so lines printed next stand alone."""
+        self._stop()
+
     def stage(self, message: str) -> None:
         """What is happening now ("Loading ..."): a spinner, or a plain line."""
         from rich.text import Text
