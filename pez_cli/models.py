@@ -29,9 +29,9 @@ OFFLINE_HINT = (
 )
 # Printed prompts are encoded in passes of at most this many residual-stream values (rows x
 # positions x width), so refinement's candidates for a whole batch group keep memory flat: a
-# pass's widest activation (the MLP's, 4x) is then 32 MB in fp32. ViT-H-14 at 16 tokens: 113
-# texts a pass (about 2,000 tokens, enough to fill a GPU); ViT-B-32: 227.
-ENCODE_ELEMENTS = 2 ** 21
+# pass's widest activation (the MLP's, 4x) is then 16 MB in fp32. ViT-H-14 at 16 tokens: 56
+# texts a pass (1,000 tokens, enough to keep a GPU busy); ViT-B-32: 113.
+ENCODE_ELEMENTS = 2 ** 20
 MODEL_FLAG = "--model"  # the flag OFFLINE_HINT names; load_model(flag=...) names another
 
 

@@ -26,6 +26,9 @@ from pez_cli.optimize import Best, PromptOptimizer
 TOP_K = 8
 # Words the language model proposes per position and round, for a swap and for an insertion.
 LM_K = 8
+# Problems whose token gradients are taken together: each holds a (len, allowed) score matrix
+# (16 x 49,408 floats, 3 MB) until its candidates are drawn.
+GRADIENT_PROBLEMS = 4
 
 
 def token_gradients(opt: PromptOptimizer, problems: Sequence[int], prompts: Sequence[list[int]]) -> list[torch.Tensor]:
@@ -36,10 +39,10 @@ def token_gradients(opt: PromptOptimizer, problems: Sequence[int], prompts: Sequ
     for i, ids in enumerate(prompts):
         by_len.setdefault(len(ids), []).append(i)
     for k, space in enumerate(opt.spaces):
-        allowed = space.vocab.embeddings[space.vocab.allowed_ids]  # (A, W)
+        embeddings, allowed_ids = space.vocab.embeddings, space.vocab.allowed_ids  # (V, W), (A,)
         targets, weights = opt.full_targets[k], opt.full_weights
         for rows in by_len.values():
-            ids = torch.tensor([[space.start_id, *prompts[i], space.end_id] for i in rows], device=allowed.device)
+            ids = torch.tensor([[space.start_id, *prompts[i], space.end_id] for i in rows], device=embeddings.device)
             emb = space.vocab.embeddings[ids].detach().requires_grad_(True)  # (B, L + 2, W)
             feats = F.normalize(space.tower(emb).to(targets.dtype), dim=-1)  # (B, D)
             owners = torch.tensor([problems[i] for i in rows], device=feats.device)
@@ -47,7 +50,8 @@ def token_gradients(opt: PromptOptimizer, problems: Sequence[int], prompts: Sequ
             loss = clip_loss(sims[:, None, :], weights[owners][:, None, :], opt.sign, space.weight)
             (grad,) = torch.autograd.grad(loss, [emb])
             for b, i in enumerate(rows):
-                part = grad[b, 1:-1].to(allowed.dtype) @ allowed.T  # (L, A)
+                # Against the whole vocabulary, then the allowed columns: no copy of the matrix.
+                part = (grad[b, 1:-1].to(embeddings.dtype) @ embeddings.T)[:, allowed_ids]  # (L, A)
                 out[i] = part if out[i] is None else out[i] + part
     return out
 
@@ -79,6 +83,14 @@ def lm_candidates(ids: list[int], proposed: Sequence[Sequence[int]], longest: in
     return out
 
 
+def _gradients_in_chunks(opt: PromptOptimizer, order: list[int], current: dict[int, list[int]]):
+    """(problem, its token gradients) for every problem, GRADIENT_PROBLEMS at a time, so the
+    (len, allowed) score matrices held at once do not grow with the number of problems."""
+    for at in range(0, len(order), GRADIENT_PROBLEMS):
+        chunk = order[at:at + GRADIENT_PROBLEMS]
+        yield from zip(chunk, token_gradients(opt, chunk, [current[p] for p in chunk]))
+
+
 def refine(opt: PromptOptimizer, bests: list[Best]) -> list[Best]:
     """Up to settings.refine rounds for every problem at once. `bests` is updated in place as
     rounds finish (so an interrupted refinement keeps its rounds) and returned; a refined
@@ -90,9 +102,8 @@ def refine(opt: PromptOptimizer, bests: list[Best]) -> list[Best]:
         if not current:
             break
         order = sorted(current)
-        grads = token_gradients(opt, order, [current[p] for p in order])
         proposals: list[tuple[int, list[int]]] = []
-        for p, g in zip(order, grads):
+        for p, g in _gradients_in_chunks(opt, order, current):
             mine = candidates(current[p], g, vocab.allowed_ids)
             if fluency is not None:
                 ids = current[p]

@@ -272,7 +272,19 @@ def test_one_image_is_one_image(tiny_model, images, tmp_path):
     assert result.exit_code == 0 and "pez batch: 1 image, 1 done" in result.stderr
 
 
-@pytest.mark.parametrize("command", ["invert", "style", "distill", "batch", "render", "merge", "export"])
+def test_top_level_help_lists_every_command_whole_at_80_columns():
+    result = run("--help", env={"COLUMNS": "80"})
+    assert result.exit_code == 0
+    lines = result.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80, max(lines, key=len)
+    assert "<bool>" not in result.stdout and "╭" not in result.stdout
+    assert not any(line.endswith("...") for line in lines[1:])  # no command's description cut short
+    for command in ("invert", "style", "distill", "batch", "merge", "render", "demo", "models", "export"):
+        assert any(line.startswith(f"  {command} ") for line in lines), command
+    assert "`pez demo`" in result.stdout
+
+
+@pytest.mark.parametrize("command", ["invert", "style", "distill", "batch", "render", "merge", "export", "demo"])
 def test_help_reads_at_80_columns_in_panels(command):
     result = run(command, "--help", env={"COLUMNS": "80"})
     assert result.exit_code == 0

@@ -22,7 +22,7 @@ from pez_cli.cli.display import (
     log_to_stderr,
     progress_mode,
 )
-from pez_cli.cli.help import GroupedHelp
+from pez_cli.cli.help import GroupedHelp, PlainGroup
 from pez_cli.cli.options import (
     OUTPUT_OPTIONS,
     SETTING_OPTIONS,
@@ -38,6 +38,8 @@ from pez_cli.render import RenderOptions
 
 app = typer.Typer(
     name="pez",
+    cls=PlainGroup,
+    epilog="New to pez? `pez demo` recovers prompts offline, with a small model that ships with pez.",
     help="Turn images into hard text prompts with PEZ (Hard Prompts Made Easy) on CLIP.",
     no_args_is_help=True,
     add_completion=False,

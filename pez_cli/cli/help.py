@@ -54,3 +54,25 @@ class GroupedHelp(typer.core.TyperCommand):
             with formatter.section(name):
                 formatter.write_dl(groups[name], col_max=26)
         self.format_epilog(ctx, formatter)
+
+
+class PlainGroup(typer.core.TyperGroup):
+    """`pez --help`: the commands in click's plain layout, like each command's help (no
+    boxes, no `<bool>` metavars)."""
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        self.format_usage(ctx, formatter)
+        self.format_help_text(ctx, formatter)
+        self.format_options(ctx, formatter)  # the options, then the commands (format_commands)
+        self.format_epilog(ctx, formatter)
+
+    def format_commands(self, ctx: Any, formatter: Any) -> None:
+        """Each command with the whole first line of its help, wrapped rather than cut."""
+        rows = []
+        for name in self.list_commands(ctx):
+            command = self.get_command(ctx, name)
+            if command is not None and not command.hidden:
+                rows.append((name, (command.help or "").strip().split("\n")[0]))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
