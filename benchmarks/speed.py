@@ -352,18 +352,15 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
-    if args.latency:
-        found = latency(args, device)
-        print("\n".join(latency_lines(found, device)))
-        if args.json:
-            args.json.write_text(json.dumps({"meta": vars(args) | {"json": None}, "latency": found}, indent=2))
-        return found
-    if args.lm_timing:
-        found = lm_timing(args, device)
-        print("\n".join(lm_lines(found, device)))
-        if args.json:
-            args.json.write_text(json.dumps({"meta": vars(args) | {"json": None}, "lm": found}, indent=2))
-        return found
+    # Cases that run alone: (chosen, measure, its lines, its key in --json).
+    for chosen, measure, lines_of, key in ((args.latency, latency, latency_lines, "latency"),
+                                           (args.lm_timing, lm_timing, lm_lines, "lm")):
+        if chosen:
+            found = measure(args, device)
+            print("\n".join(lines_of(found, device)))
+            if args.json:
+                args.json.write_text(json.dumps({"meta": vars(args) | {"json": None}, key: found}, indent=2))
+            return found
 
     def allocated_mb() -> float:
         return torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0

@@ -7,6 +7,7 @@ similarity between renders and originals with a CLIP that did not do the optimiz
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import re
@@ -222,13 +223,17 @@ A1111_SAMPLERS = {
 }
 
 
+def a1111_sampler(class_name: str, karras: Any = False) -> str | None:
+    """A diffusers scheduler class's sampler name as A1111 writes it (Karras sigmas add
+    " Karras"); the class name without "Scheduler" for one it has no name for; None for none."""
+    found = A1111_SAMPLERS.get(class_name, class_name.removesuffix("Scheduler")) or None
+    return f"{found} Karras" if found and karras is True else found
+
+
 def sampler_name(scheduler: Any) -> str:
-    """A scheduler's sampler name as A1111 writes it (Karras sigmas add " Karras"); the class
-    name without "Scheduler" for one it has no name for."""
-    name = type(scheduler).__name__
-    found = A1111_SAMPLERS.get(name, name.removesuffix("Scheduler"))
+    """A scheduler object's sampler name as A1111 writes it (see a1111_sampler)."""
     karras = getattr(getattr(scheduler, "config", None), "use_karras_sigmas", False)
-    return f"{found} Karras" if karras is True else found
+    return a1111_sampler(type(scheduler).__name__, karras)
 
 
 # The scheduler each default Stable Diffusion ships (its scheduler_config.json on the Hub), so
@@ -252,21 +257,21 @@ def a1111_parameters(prompt: str, negative_prompt: str = "", *, steps: int, samp
     return "\n".join(lines)
 
 
+@functools.lru_cache(maxsize=8)  # asked once per PNG copy of a batch: the folder is read once
 def shipped_sampler(sd_model: str) -> str | None:
     """The A1111 name of the sampler a Stable Diffusion model ships with, read without loading
     it: the defaults from SHIPPED_SCHEDULERS, a local diffusers folder from its
     scheduler/scheduler_config.json; None when unknown (another hub id)."""
-    name = SHIPPED_SCHEDULERS.get(sd_model)
+    if sd_model in SHIPPED_SCHEDULERS:
+        return a1111_sampler(SHIPPED_SCHEDULERS[sd_model])
     config = Path(sd_model) / "scheduler" / "scheduler_config.json"
-    if name is None and config.is_file():
-        try:
-            data = json.loads(config.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-        name = str(data.get("_class_name", ""))
-        found = A1111_SAMPLERS.get(name, name.removesuffix("Scheduler")) or None
-        return f"{found} Karras" if found and data.get("use_karras_sigmas") is True else found
-    return None if name is None else A1111_SAMPLERS.get(name, name.removesuffix("Scheduler"))
+    if not config.is_file():
+        return None
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return a1111_sampler(str(data.get("_class_name", "")), data.get("use_karras_sigmas"))
 
 
 def copy_parameters(prompt: str, clip_models: str | Sequence[str], seed: int, similarity: float | None,
