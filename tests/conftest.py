@@ -6,6 +6,11 @@ from pathlib import Path
 # Set before anything imports huggingface_hub, which reads it once at import time.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+# One intra-op thread, set before torch loads (subprocesses inherit it). The tiny test models
+# run as fast on one thread as on two, and with two, OpenMP's threads wait on each other at every
+# barrier when another job holds a core: the suite slowed about 3x beside one busy process.
+# Results do not depend on it: the pinned prompts are the same on one thread and on two.
+os.environ["OMP_NUM_THREADS"] = "1"
 
 import pytest  # noqa: E402
 
