@@ -3,12 +3,15 @@
     python benchmarks/batch.py                      # 64 images, random ViT-B-32, CPU
     python benchmarks/batch.py --groups 8,16,32 --json batch.json
     python benchmarks/batch.py --ray --images 32     # also the whole job on a local Ray (2 workers)
+    python benchmarks/batch.py --scale               # whole jobs of 200, 2,000 and 20,000 image files
 
 Both sides use the code paths of the commands: `pez invert` is `Pez.solve` on one image's
 features; `pez batch` is `pez_cli.batch.solve_in_groups` over groups of --batch-images images. The
 model is loaded once for both (which favours the one-by-one side: the real command also
 loads the model for every image). Images: random pixels through a randomly initialised
 ViT-B-32 (weights do not change speed). Prints images per minute and the ratio.
+
+--scale runs whole jobs at several sizes instead (see benchmarks/scale.py).
 
 With --ray it also times the whole `pez batch` job, files in and rows out, model loading
 included: locally, and on a Ray cluster started on this machine with 2 workers (each loading
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -40,7 +44,7 @@ def whole_jobs(args) -> tuple[dict, dict]:
 
     from pez_cli.batch import BatchJob
     from pez_cli.models import save_local_dir
-    from pez_cli.ray_batch import RayOptions
+    from pez_cli.ray_batch import RayOptions, RayRunner
     from pez_cli.results import read_rows
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -55,9 +59,9 @@ def whole_jobs(args) -> tuple[dict, dict]:
             Image.fromarray(pixels).save(paths[-1])
         settings = Settings(model=f"local-dir:{folder}", device="cpu", steps=args.steps, prompt_len=args.prompt_len)
         timed = {}
-        for name, ray in (("local", None), ("ray", RayOptions("local", args.ray_workers))):
+        for name, runner in (("local", None), ("ray", RayRunner(RayOptions("local", args.ray_workers)))):
             start = time.perf_counter()
-            summary = BatchJob(settings, out=str(work / f"{name}.jsonl"), group_size=16, ray=ray).run(paths)
+            summary = BatchJob(settings, out=str(work / f"{name}.jsonl"), group_size=16, runner=runner).run(paths)
             timed[name] = {"seconds": time.perf_counter() - start, "done": summary.done}
         prompts = [{r["path"]: r["prompt"] for r in read_rows(work / f"{name}.jsonl")} for name in ("local", "ray")]
         if prompts[0] != prompts[1]:
@@ -66,6 +70,11 @@ def whole_jobs(args) -> tuple[dict, dict]:
 
 
 def main(argv=None):
+    given = sys.argv[1:] if argv is None else list(argv)
+    if "--scale" in given:
+        import scale
+
+        return scale.main([a for a in given if a != "--scale"])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="auto")
     ap.add_argument("--arch", default="ViT-B-32")

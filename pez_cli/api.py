@@ -25,8 +25,9 @@ from pez_cli.beam import beam_search
 from pez_cli.config import Settings, settings_id
 from pez_cli.errors import Interrupted
 from pez_cli.images import load_image
-from pez_cli.models import LoadedModel, check_shared_vocabulary, load_model, pick_device, precision_name, resolve_precision
-from pez_cli.optimize import Best, PromptOptimizer, Space, check_prompt_len
+from pez_cli.models import LoadedModel, check_shared_vocabulary, compute_on, load_model, resolve_precision
+from pez_cli.objective import Space
+from pez_cli.optimize import Best, PromptOptimizer, check_prompt_len
 from pez_cli.refine import refine
 from pez_cli.vocab import Vocabulary
 
@@ -122,9 +123,8 @@ class Pez:
         settings.validate()
         specs = settings.models()
         given = [model] if isinstance(model, LoadedModel) else list(model or [])
-        self.device = given[0].device if given else pick_device(settings.device)
-        # Results record the arithmetic that made them: the precision `auto` resolves to here.
-        self.settings = settings = dataclasses.replace(settings, precision=precision_name(settings.precision, self.device))
+        self.device, precision = compute_on(given[0].device if given else settings.device, settings.precision)
+        self.settings = settings = dataclasses.replace(settings, precision=precision)
         if given and len(given) != len(specs):
             raise ValueError(f"{len(given)} loaded models for {len(specs)} in the settings")
         self.models = given or [load_model(name, self.device) for name, _ in specs]

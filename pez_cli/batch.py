@@ -1,8 +1,10 @@
 """Batch jobs: one prompt per image, written as soon as each group of images finishes.
 
-A `BatchJob` plans (shard, skip what `--out` already holds with the same file hash and
-settings, refuse side outputs that would land on a user's file) and runs images a group at a
-time through `Pez.solve`. It reports through callbacks and never prints.
+A `BatchJob` selects its inputs (shard, duplicates, side outputs that would land on a user's
+file), then streams them: each input is hashed and checked against the rows `--out` already
+holds as the job reaches it, and images are read, encoded and optimized a group at a time. What
+runs a group is a runner: `LocalRunner` here, `ray_batch.RayRunner` on a cluster; both hand
+rows back to the job, the only writer. It reports through callbacks and never prints.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -23,8 +25,6 @@ from pez_cli.images import IMAGE_SUFFIXES, load_image, png_bytes
 from pez_cli.render import copy_parameters
 from pez_cli.results import ResultWriter, format_for, latest, read_entries
 
-# Images decoded and encoded by the image tower at a time.
-ENCODE_CHUNK = 32
 HASH_BLOCK = 1 << 20
 
 
@@ -194,9 +194,9 @@ def default_group_size(device) -> int:
 class BatchProgress:
     """Where a batch job stands, handed to on_progress."""
 
-    done: int  # images finished (their rows written, or about to be)
+    done: int  # images finished by this run (their rows written)
     running: int  # images in the group optimizing now (0 on Ray, where groups run on the workers)
-    total: int  # images this run has to do
+    total: int  # images this run has to do, as far as it knows (already done ones found so far left out)
     step: int = 0  # the running group's step
     steps: int = 0
 
@@ -220,16 +220,32 @@ def solve_in_groups(pez, features, size: int, on_progress: Callable[[BatchProgre
 
 
 @dataclass
-class Plan:
-    todo: list[Pending]  # images to optimize (or to record as errors)
-    restore: list[tuple[Pending, dict[str, Any]]]  # done images whose side outputs are missing, with their row
-    protected: set[str]  # locations no side output may replace
-    summary: Summary
+class Input:
+    """One selected input as the stream reaches it: what the job must do with it."""
+
+    item: Pending
+    previous: list[str]  # file hashes with a successful row for this path and these settings
+
+
+@dataclass
+class Group:
+    """What a runner optimizes at once, read and decoded ahead of the group running now."""
+
+    items: list[Pending] = field(default_factory=list)  # images to optimize, in order
+    images: list[Any] = field(default_factory=list)  # their decoded pictures (local runs)
+    failed: list[Pending] = field(default_factory=list)  # inputs that became errors (unreadable, clashes)
+    restore: list[tuple[Pending, dict[str, Any]]] = field(default_factory=list)  # done, a side output missing
+    skipped: int = 0  # already done
 
 
 @dataclass
 class BatchJob:
-    """One prompt per image for many images. Validated on construction, before any model loads."""
+    """One prompt per image for many images. Validated on construction, before any model loads.
+
+    The job streams: inputs are hashed, checked against --out, read and encoded a group at a
+    time, so the first rows come after one group's work whatever the number of images, and
+    memory does not grow with it. `runner` decides where groups run: LocalRunner (this process,
+    the default) or ray_batch.RayRunner."""
 
     settings: Settings
     out: str | None = None  # result file (JSONL or CSV), appended and resumable; "-": stdout
@@ -239,14 +255,12 @@ class BatchJob:
     overwrite: bool = False  # replace existing caption files and PNG copies
     force: bool = False  # redo images that --out already holds
     shard: Shard | None = None  # only this part of the inputs
-    group_size: int | None = None  # images optimized together; None: default_group_size(device)
-    ray: Any = None  # ray_batch.RayOptions: run on a Ray cluster instead of this process
+    group_size: int | None = None  # images optimized together; None: the runner's default
+    runner: Any = None  # LocalRunner() (default) or ray_batch.RayRunner
     identity: dict[str, Any] = field(init=False)  # the settings stored with every row
     sid: str = field(init=False)
 
     def __post_init__(self) -> None:
-        from pez_cli.models import pick_device, precision_name
-
         settings = self.settings.for_target("image").validate()
         if self.out is None and self.sidecar_ext is None and self.png_dir is None:
             raise ConfigError("nothing to write: give --out FILE, --sidecar or --png-metadata DIR")
@@ -255,96 +269,38 @@ class BatchJob:
         if self.sidecar_ext is not None:
             self.sidecar_ext = check_sidecar_ext(self.sidecar_ext)
         self.fmt = format_for(self.out, self.fmt)
+        if self.runner is None:
+            self.runner = LocalRunner()
+        self.runner.check(self)
         # The arithmetic decides the prompt, so rows record the precision `auto` resolves to
-        # on the device that computes them: here, or on a Ray worker.
-        if self.ray is not None:
-            from pez_cli import ray_batch
-
-            if self.shard is not None:
-                raise ConfigError("--ray and --shard do not go together: Ray spreads the work itself")
-            self.ray.validate()
-            ray_batch.connect(self.ray)
-            _, gpus = ray_batch.plan_workers(self.ray)
-            precision = ray_batch.worker_precision(settings.precision, gpus)
-        else:
-            precision = precision_name(settings.precision, pick_device(settings.device))
-        self.settings = replace(settings, precision=precision)
+        # on the device that computes them (here, or on a Ray worker): the runner knows which.
+        self.settings = replace(settings, precision=self.runner.precision(settings))
         self.identity = self.settings.identity()
         self.sid = settings_id(self.identity)
-
-    def plan(self, paths: Sequence[Path], rows: Iterable[dict[str, Any]] = ()) -> Plan:
-        """This shard's images, each file once, minus those `rows` (of --out) hold a prompt
-        for with these settings; images whose caption would hit another file become errors."""
-        done = latest(rows)
-        protected = protected_locations(paths, self.out)
-        conflicts = caption_conflicts(paths, self.sidecar_ext, protected) if self.sidecar_ext else {}
-        plan = Plan([], [], protected, Summary())
-        seen: set[str] = set()
-        for path in paths:
-            key = str(path)
-            if self.shard is not None and not self.shard.owns(key):
-                continue
-            if key in seen or os.path.realpath(path) in seen:
-                plan.summary.duplicates += 1
-                continue
-            seen.update((key, os.path.realpath(path)))
-            plan.summary.total += 1
-            try:
-                sha = file_sha256(path)
-            except OSError as e:
-                plan.todo.append(Pending(path, key, None, f"cannot read {key}: {e.strerror or e}"))
-                continue
-            item = Pending(path, key, sha, conflicts.get(location(path)))
-            previous = None if self.force else done.get((key, sha, self.sid))
-            if previous is not None and not previous.get("error"):
-                plan.summary.skipped += 1
-                if item.error is None and self._missing_outputs(item):
-                    plan.restore.append((item, previous))
-            elif not self.force and self.out is None and item.error is None and not self._missing_outputs(item):
-                plan.summary.skipped += 1  # without a result file, existing side outputs mark an image done
-            else:
-                plan.todo.append(item)
-        return plan
-
-    def _missing_outputs(self, item: Pending) -> bool:
-        """Whether a side output of this job is missing for the image (existing ones count, as
-        they are kept without --overwrite; with it, nothing counts as done without a row)."""
-        if self.overwrite:
-            return True
-        if self.sidecar_ext and not os.path.lexists(sidecar_path(item.path, self.sidecar_ext)):
-            return True
-        return self.png_dir is not None and png_copy_of(item.path, self.png_dir, item.sha256, self.sid) is None
 
     def run(
         self,
         paths: Sequence[Path],
-        pez=None,
         on_status: Callable[[str], None] = lambda message: None,
         on_progress: Callable[[BatchProgress], None] | None = None,
         on_failure: Callable[[Pending], None] = lambda item: None,
-        on_encode: Callable[[int, int], None] = lambda done, total: None,
     ) -> Summary:
-        """Plan and run. on_encode(images encoded, images to encode) comes as the images are
-        read and encoded (all before the first group); on_progress(BatchProgress) every step;
-        on_failure(item) for each image that becomes an error row.
-        Ctrl-C keeps every finished group and returns a summary marked interrupted. --out is
-        locked for the whole run."""
+        """Run the job on `paths`. on_progress(BatchProgress) every step; on_failure(item) for
+        each image that becomes an error row. Ctrl-C keeps every finished group and returns a
+        summary marked interrupted. --out is locked for the whole run."""
         writer = ResultWriter(self.out, self.fmt) if self.out else None
         summary = Summary()
         try:
             entries = read_entries(writer.path)[0] if writer is not None and writer.path is not None else []
-            plan = self.plan(paths, (e.row for e in entries if e.row is not None))
-            summary = plan.summary
             summary.unreadable = sum(e.row is None for e in entries)
-            job = _Run(self, summary, writer, plan.protected, on_failure)
-            job.restore(plan.restore)
-            if plan.todo and self.ray is not None:
-                from pez_cli import ray_batch
-
-                on_status(f"Running {len(plan.todo)} images on Ray ...")
-                ray_batch.run(job, plan.todo, self.ray, self.group_size, on_progress)
-            elif plan.todo:
-                job.run(plan.todo, pez, on_status, on_progress, on_encode)
+            done = {} if self.force else latest(e.row for e in entries if e.row is not None)
+            del entries
+            selected = self.select(paths, summary)
+            protected = protected_locations(selected, self.out)
+            conflicts = caption_conflicts(selected, self.sidecar_ext, protected) if self.sidecar_ext else {}
+            job = _Run(self, summary, writer, protected, done, on_failure, on_progress)
+            inputs = self._inputs(selected, done, conflicts)
+            self.runner.run(job, inputs, on_status)
         except (KeyboardInterrupt, Interrupted):
             summary.interrupted = True
         finally:
@@ -356,44 +312,210 @@ class BatchJob:
                     writer.close()
         return summary
 
+    def select(self, paths: Sequence[Path], summary: Summary) -> list[Path]:
+        """This shard's inputs, each file once (by name and by what the name resolves to)."""
+        selected: list[Path] = []
+        seen: set[str] = set()
+        for path in paths:
+            key = str(path)
+            if self.shard is not None and not self.shard.owns(key):
+                continue
+            real = os.path.realpath(path)
+            if key in seen or real in seen:
+                summary.duplicates += 1
+                continue
+            seen.update((key, real))
+            selected.append(path)
+        summary.total = len(selected)
+        return selected
+
+    def _inputs(self, selected: Sequence[Path], done: dict[tuple, dict[str, Any]],
+                conflicts: dict[str, str]) -> Iterator[Input]:
+        """The selected inputs, lazily, each with the hashes --out holds a prompt for."""
+        by_key: dict[str, list[str]] = {}
+        for key, sha, sid in done:
+            row = done[(key, sha, sid)]
+            if sid == self.sid and sha and not row.get("error"):
+                by_key.setdefault(key, []).append(sha)
+        for path in selected:
+            key = str(path)
+            yield Input(Pending(path, key, None, conflicts.get(location(path))), by_key.get(key, []))
+
+    def missing_outputs(self, item: Pending) -> bool:
+        """Whether a side output of this job is missing for the image (existing ones count, as
+        they are kept without --overwrite; with it, nothing counts as done without a row)."""
+        if self.overwrite:
+            return True
+        if self.sidecar_ext and not os.path.lexists(sidecar_path(item.path, self.sidecar_ext)):
+            return True
+        return self.png_dir is not None and png_copy_of(item.path, self.png_dir, item.sha256, self.sid) is None
+
+    def decide(self, entry: Input) -> str:
+        """Hash one input and say what it needs: "done" (a row for this content and these
+        settings, or without --out its side outputs, exist), "failed" (item.error says why)
+        or "todo"."""
+        item = entry.item
+        try:
+            item.sha256 = file_sha256(item.path)
+        except OSError as e:
+            item.error = f"cannot read {item.key}: {e.strerror or e}"
+            return "failed"
+        if item.sha256 in entry.previous:
+            return "done"
+        if not self.force and self.out is None and item.error is None and not self.missing_outputs(item):
+            return "done"  # without a result file, existing side outputs mark an image done
+        return "failed" if item.error is not None else "todo"
+
+    def settle_done(self, item: Pending, done: dict[tuple, dict[str, Any]], group: Group) -> None:
+        """An input found done: counted, and its missing side outputs restored from its row."""
+        group.skipped += 1
+        row = done.get((item.key, item.sha256, self.sid))
+        if row is not None and item.error is None and self.missing_outputs(item):
+            group.restore.append((item, row))
+
+
+def read_groups(job: BatchJob, inputs: Iterable[Input], done: dict[tuple, dict[str, Any]], size: int) -> Iterator[Group]:
+    """Groups of `size` images to optimize, decoded: each input hashed, checked and read, in
+    order; what is done or failed on the way travels with the next group."""
+    group = Group()
+    for entry in inputs:
+        item, verdict = entry.item, job.decide(entry)
+        if verdict == "done":
+            job.settle_done(item, done, group)
+        elif verdict == "failed":
+            group.failed.append(item)
+        else:
+            try:
+                group.images.append(load_image(item.path))
+                group.items.append(item)
+            except InputError as e:
+                item.error = str(e)
+            except Exception as e:
+                item.error = f"cannot read image {item.key}: {first_line(e)}"
+            if item.error is not None:
+                group.failed.append(item)
+        if len(group.items) >= size:
+            yield group
+            group = Group()
+    if group.items or group.failed or group.restore or group.skipped:
+        yield group
+
+
+def read_ahead(groups: Iterator[Group], depth: int = 1) -> Iterator[Group]:
+    """Iterate `groups` with the next `depth` groups read in a background thread (hashing and
+    image decoding wait on the disk or run in C, so they overlap the optimization). An error
+    in the reader is raised here, in order; leaving the loop early stops the reader."""
+    import queue
+    import threading
+
+    pipe: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def put(value) -> bool:
+        while not stop.is_set():
+            try:
+                pipe.put(value, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def reader() -> None:
+        try:
+            for group in groups:
+                if not put((group, None)):
+                    return
+            put((end, None))
+        except BaseException as e:  # handed over to the consumer, raised there
+            put((None, e))
+
+    thread = threading.Thread(target=reader, name="pez-batch-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            value, error = pipe.get()
+            if error is not None:
+                raise error
+            if value is end:
+                return
+            yield value
+    finally:
+        stop.set()
+
+
+class LocalRunner:
+    """Groups optimized in this process, the next group read while this one runs. The image
+    tower stays loaded (each group is encoded when its turn comes): it costs the tower's
+    weights for the whole job and saves holding every image's features."""
+
+    def __init__(self, pez=None):
+        self.pez = pez  # an already loaded Pez (tests, benchmarks); loaded on run otherwise
+
+    def check(self, job: BatchJob) -> None:
+        pass
+
+    def precision(self, settings: Settings) -> str:
+        from pez_cli.models import compute_on
+
+        return self.pez.settings.precision if self.pez is not None else compute_on(settings.device, settings.precision)[1]
+
+    def run(self, job: "_Run", inputs: Iterable[Input], on_status: Callable[[str], None]) -> None:
+        from pez_cli.api import Pez
+
+        pez = self.pez
+        if pez is None:
+            on_status(f"Loading {job.job.settings.model_label} ...")
+            pez = Pez(job.job.settings, keep_image_tower=True)
+        size = job.job.group_size or default_group_size(pez.device)
+        on_status(f"Reading the first {size} images ...")
+        for group in read_ahead(read_groups(job.job, inputs, job.done, size)):
+            job.settle(group)
+            if not group.items:
+                continue
+            feats = pez.image_features(group.images)
+            group.images.clear()
+
+            running = len(group.items)
+
+            def progress(p, running=running):
+                job.progress(running, p.step, p.steps)
+
+            for _, results, seconds in solve_in_groups(pez, feats, len(group.items), progress):
+                if results[0].interrupted:  # unfinished prompts are not results
+                    job.summary.interrupted = True
+                    return
+                for item, result in zip(group.items, results):
+                    job.accept(item, result_row(item, result, seconds))
+
 
 @dataclass
 class _Run:
-    """One run of a job: writes side outputs and rows as groups finish."""
+    """One run of a job: the only writer of side outputs and rows, whatever the runner."""
 
     job: BatchJob
     summary: Summary
     writer: ResultWriter | None
     protected: set[str]
+    done: dict[tuple, dict[str, Any]]  # --out's rows by key
     on_failure: Callable[[Pending], None]
+    on_progress: Callable[[BatchProgress], None] | None = None
 
-    def run(self, todo: list[Pending], pez, on_status, on_progress, on_encode=None) -> None:
-        from pez_cli.api import Pez
+    def progress(self, running: int = 0, step: int = 0, steps: int = 0) -> None:
+        if self.on_progress is not None:
+            s = self.summary
+            self.on_progress(BatchProgress(s.done + s.failed, running, s.total - s.skipped, step, steps))
 
-        if pez is None:
-            on_status(f"Loading {self.job.settings.model_label} ...")
-            pez = Pez(self.job.settings, keep_image_tower=False)
-        on_status(f"Encoding {len(todo)} images ...")
-        good, feats = self.encode(pez, todo, on_encode)
-        size = self.job.group_size or default_group_size(pez.device)
-        for start, results, seconds in solve_in_groups(pez, feats, size, on_progress):
-            if results[0].interrupted:  # unfinished prompts are not results
-                self.summary.interrupted = True
-                return
-            for item, result in zip(good[start:start + size], results):
-                if self.side_outputs(item, result.prompt, result.similarity) and self.writer is not None:
-                    self.writer.write(result_row(item, result, seconds))
-                self.summary.done += item.error is None
-
-    def encode(self, pez, todo: Sequence[Pending], on_encode=None):
-        """encode_images, with an error row for each image that failed."""
-        good, feats, failed = encode_images(pez, todo, on_encode)
-        for item in failed:
+    def settle(self, group: Group) -> None:
+        """What a group brings besides images to optimize: skips, restores, failures."""
+        self.summary.skipped += group.skipped
+        self.restore(group.restore)
+        for item in group.failed:
             self.fail(item)
-        return good, feats
+        self.progress()
 
     def accept(self, item: Pending, row: dict[str, Any]) -> None:
-        """A row computed elsewhere (a Ray worker): side outputs, then the row itself."""
+        """A finished image's row (computed here or on a Ray worker): side outputs, then the row."""
         if row.get("error"):
             item.error = row["error"]
             self.fail(item)
@@ -401,6 +523,7 @@ class _Run:
             if self.writer is not None:
                 self.writer.write(row)
             self.summary.done += 1
+        self.progress()
 
     def side_outputs(self, item: Pending, prompt: str, similarity: float | None) -> bool:
         """Caption and PNG copy, each written whole, before the row that marks the image done.
@@ -433,32 +556,23 @@ class _Run:
         self.on_failure(item)
 
 
-def encode_images(pez, todo: Sequence[Pending], on_encode: Callable[[int, int], None] | None = None):
-    """Decode and encode images in chunks, calling on_encode(done, total) after each. Returns
-    the good items, their features (N, D) (a tuple, one per model, for several; None when
-    there are none) and the items that failed, each with its error: one image never aborts a job."""
-    good, feats, failed = [], [], []
-    for start in range(0, len(todo), ENCODE_CHUNK):
-        images = []
-        for item in todo[start:start + ENCODE_CHUNK]:
-            if item.error is None:
-                try:
-                    images.append(load_image(item.path))
-                    good.append(item)
-                    continue
-                except InputError as e:
-                    item.error = str(e)
-                except Exception as e:
-                    item.error = f"cannot read image {item.key}: {first_line(e)}"
-            failed.append(item)
-        if images:
-            chunk = pez.image_features(images)
-            feats.append((chunk,) if isinstance(chunk, torch.Tensor) else chunk)
-        if on_encode is not None:
-            on_encode(min(start + ENCODE_CHUNK, len(todo)), len(todo))
-    if not feats:
-        return good, None, failed
-    return good, tuple(torch.cat(per_model) for per_model in zip(*feats)), failed
+def encode_images(pez, todo: Sequence[Pending]):
+    """Decode and encode images that are already hashed. Returns the good items, their
+    features (N, D) (a tuple, one per model, for several; None when there are none) and the
+    items that failed, each with its error: one image never aborts a job."""
+    good, images, failed = [], [], []
+    for item in todo:
+        if item.error is None:
+            try:
+                images.append(load_image(item.path))
+                good.append(item)
+                continue
+            except InputError as e:
+                item.error = str(e)
+            except Exception as e:
+                item.error = f"cannot read image {item.key}: {first_line(e)}"
+        failed.append(item)
+    return good, (pez.image_features(images) if images else None), failed
 
 
 def result_row(item: Pending, result, seconds: float) -> dict[str, Any]:

@@ -77,6 +77,15 @@ def precision_name(precision: str, device: torch.device) -> str:
     return names[resolve_precision(precision, device)]
 
 
+def compute_on(device: str | torch.device, precision: str) -> tuple[torch.device, str]:
+    """Where a run computes and in what arithmetic, decided once for every runner (a command,
+    a batch job, a Ray worker): the device a --device name picks (or the device a loaded
+    model is on) and the precision name --precision resolves to there. Rows and results
+    record that name, since the arithmetic decides the prompt."""
+    where = device if isinstance(device, torch.device) else pick_device(device)
+    return where, precision_name(precision, where)
+
+
 class TextTower(nn.Module):
     """The CLIP text encoder of an open_clip model, run on embeddings.
 

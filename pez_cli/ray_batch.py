@@ -1,10 +1,12 @@
 """`pez batch --ray`: the same job, the same rows, on a Ray cluster (Ray Data).
 
-The driver plans as a local job does (file hashes, rows already in --out, side-output
-clashes), then maps the images still to do over a pool of actors with
-`Dataset.map_batches(Worker, compute=ActorPoolStrategy(size=N))` (Ray 2.x). Each actor loads
-the model once and runs the same batched engine as local `pez batch`; it catches failures per
-image (an error row, never a failed block) and returns rows as JSON strings.
+The driver selects the inputs as a local job does (shard, duplicates, side-output clashes) and
+notes which file hashes --out already has a row for; it hashes and reads nothing. It maps the
+inputs over a pool of actors with `Dataset.map_batches(Worker, compute=ActorPoolStrategy(size=N))`
+(Ray 2.x), which Ray Data runs as a stream. Each actor loads the model once, hashes each input
+of its block, answers "done" for those --out already holds, and runs the others through the same
+engine as local `pez batch` (batch.BatchJob.decide, encode_images, solve_in_groups); it catches
+failures per image (an error row, never a failed block) and returns rows as JSON strings.
 
 Exactly-once output with at-least-once compute: the driver is the only writer. It streams
 rows back (`iter_batches`), writes each image's side outputs and then its row (appended,
@@ -20,11 +22,14 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from pez_cli.batch import BatchJob, Group, Input, Pending, encode_images, error_row, result_row, solve_in_groups
 from pez_cli.errors import ConfigError, first_line
+from pez_cli.models import compute_on
+from pez_cli.results import json_line
 
 RAY_PIP = "pip install 'pez-cli[ray]'  (or: pip install 'ray[data]')"
 
@@ -91,76 +96,108 @@ def worker_precision(precision: str, gpus_per_worker: float) -> str:
 
     @ray.remote(num_cpus=0.01, num_gpus=gpus_per_worker)
     def resolve(name: str) -> str:
-        from pez_cli.models import pick_device, precision_name
-
-        return precision_name(name, pick_device("auto"))
+        return compute_on("auto", name)[1]
 
     return ray.get(resolve.remote(precision))
 
 
 class Worker:
-    """A Ray Data actor: the model loaded once, each batch of images a group of problems.
-    SETTINGS is set on a subclass made per job (see run): no constructor arguments to keep in
-    the object store."""
+    """A Ray Data actor: the model loaded once, each batch of inputs hashed, checked, read and
+    optimized as one group. JOB (the batch job, without its runner) is set on a subclass made
+    per job (see RayRunner.run): no constructor arguments to keep in the object store."""
 
-    SETTINGS: dict[str, Any] = {}
+    JOB: BatchJob | None = None
 
     def __init__(self):
         from pez_cli.api import Pez
-        from pez_cli.config import Settings
 
-        self.pez = Pez(Settings(**self.SETTINGS), keep_image_tower=True)  # it encodes every batch
+        self.job = self.JOB
+        self.pez = Pez(self.job.settings, keep_image_tower=True)  # it encodes every batch
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         import numpy as np
 
-        from pez_cli.batch import Pending, encode_images, error_row, result_row, solve_in_groups
-        from pez_cli.results import json_line
-
-        items = [Pending(Path(os.fsdecode(bytes(p))), os.fsdecode(bytes(k)), str(s) or None, str(e) or None)
-                 for p, k, s, e in zip(batch["path"], batch["key"], batch["sha256"], batch["error"])]
-        identity = self.pez.settings.identity()
-        from pez_cli.config import settings_id
-
-        sid = settings_id(identity)
+        job = self.job
         rows: list[dict[str, Any]] = []
-        good, feats, failed = encode_images(self.pez, items)
-        rows.extend(error_row(item, identity, sid) for item in failed)
+        todo = []
+        for p, k, previous, e in zip(batch["path"], batch["key"], batch["previous"], batch["error"]):
+            item = Pending(Path(os.fsdecode(bytes(p))), os.fsdecode(bytes(k)), None, str(e) or None)
+            verdict = job.decide(Input(item, str(previous).split(",") if previous else []))
+            if verdict == "done":
+                rows.append({"path": item.key, "sha256": item.sha256, DONE: True})
+            elif verdict == "failed":
+                rows.append(error_row(item, job.identity, job.sid))
+            else:
+                todo.append(item)
+        good, feats, failed = encode_images(self.pez, todo)
+        rows.extend(error_row(item, job.identity, job.sid) for item in failed)
         for start, results, seconds in solve_in_groups(self.pez, feats, max(1, len(good))):
             rows.extend(result_row(item, result, seconds) for item, result in zip(good[start:], results))
         return {"row": np.array([json_line(r) for r in rows], dtype=object)}
 
 
-def run(job_run, todo: list, options: RayOptions, group_size: int | None,
-        on_progress: Callable[[Any], None] | None) -> None:
-    """Map `todo` over the cluster and hand each row, as it streams back, to job_run.accept."""
-    import logging
+# A worker's answer for an input that is already done (its hash has a row, or its side outputs exist).
+DONE = "_pez_done"
 
-    import ray.data
 
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False  # pez reports progress itself
-    logging.getLogger("ray.data").setLevel(logging.ERROR)
-    workers, gpus = plan_workers(options)
-    size = group_size or (64 if gpus else 16)
-    items = [{"path": os.fsencode(str(item.path)), "key": os.fsencode(item.key), "sha256": item.sha256 or "",
-              "error": item.error or ""} for item in todo]
-    by_key = {item.key: item for item in todo}
-    worker = type("PezWorker", (Worker,), {"SETTINGS": asdict(job_run.job.settings)})
-    dataset = ray.data.from_items(items).map_batches(
-        worker, batch_size=size,
-        compute=ray.data.ActorPoolStrategy(size=workers), num_gpus=gpus, num_cpus=1, batch_format="numpy",
-    )
-    done = 0
-    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-        for text in batch["row"]:
-            row = json.loads(text)
-            item = by_key.pop(row["path"], None)
-            if item is None:  # a block computed twice (a worker retried): the row is already written
-                continue
-            job_run.accept(item, row)
-            done += 1
-            if on_progress is not None:
-                from pez_cli.batch import BatchProgress
+class RayRunner:
+    """Groups run on a Ray cluster's workers (Ray Data's streaming execution: inputs are
+    hashed, read, encoded and optimized on the workers, block by block, with backpressure);
+    the driver only lists the inputs, writes side outputs and rows, and reports."""
 
-                on_progress(BatchProgress(done, 0, len(todo)))
+    def __init__(self, options: RayOptions):
+        self.options = options
+
+    def check(self, job: BatchJob) -> None:
+        if job.shard is not None:
+            raise ConfigError("--ray and --shard do not go together: Ray spreads the work itself")
+        self.options.validate()
+        connect(self.options)
+        self.workers, self.gpus = plan_workers(self.options)
+
+    def precision(self, settings) -> str:
+        return worker_precision(settings.precision, self.gpus)
+
+    def run(self, job_run, inputs, on_status: Callable[[str], None]) -> None:
+        """Map the inputs over the cluster and hand each row, as it streams back, to the job."""
+        import copy
+        import logging
+
+        import ray.data
+
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False  # pez reports progress itself
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
+        job = job_run.job
+        size = job.group_size or (64 if self.gpus else 16)
+        pending: dict[str, Pending] = {}
+        items = []
+        for entry in inputs:
+            pending[entry.item.key] = entry.item
+            items.append({"path": os.fsencode(str(entry.item.path)), "key": os.fsencode(entry.item.key),
+                          "previous": ",".join(entry.previous), "error": entry.item.error or ""})
+        if not items:
+            return
+        shipped = copy.copy(job)
+        shipped.runner = None
+        worker = type("PezWorker", (Worker,), {"JOB": shipped})
+        on_status(f"Running {len(items)} images on Ray ...")
+        dataset = ray.data.from_items(items).map_batches(
+            worker, batch_size=size,
+            compute=ray.data.ActorPoolStrategy(size=self.workers), num_gpus=self.gpus, num_cpus=1,
+            batch_format="numpy",
+        )
+        del items
+        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+            for text in batch["row"]:
+                row = json.loads(text)
+                item = pending.pop(row["path"], None)
+                if item is None:  # a block computed twice (a worker retried): the row is already written
+                    continue
+                item.sha256 = row.get("sha256")
+                if row.get(DONE):
+                    group = Group()
+                    job.settle_done(item, job_run.done, group)
+                    job_run.settle(group)
+                else:
+                    job_run.accept(item, row)

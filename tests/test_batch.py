@@ -218,20 +218,69 @@ def test_ctrl_c_keeps_finished_groups_and_resumes(tiny_model, folder, tmp_path, 
     assert len(rows_of(out)) == 7
 
 
-def test_encoding_reports_progress(tiny_model, folder, tmp_path, monkeypatch):
-    """Images are encoded before the first group: the job reports how many so far (an
-    unreadable one counts too), and the CLI draws it."""
-    monkeypatch.setattr(jobs, "ENCODE_CHUNK", 3)
-    (folder / "img9.png").write_bytes(b"not a png")
+def test_groups_stream_hashed_read_and_encoded_one_at_a_time(tiny_model, folder, tmp_path):
+    """A job hashes, reads and encodes a group only when it comes to it: group 1's rows are
+    in --out before group 2 is encoded, no encoding holds more than one group, an unreadable
+    image becomes an error row where the stream reaches it, and progress counts it."""
+    from pez_cli.api import Pez
     from pez_cli.config import Settings
 
-    calls = []
-    job = jobs.BatchJob(Settings(model=tiny_model, device="cpu", steps=2, prompt_len=3), out=str(tmp_path / "a.jsonl"))
-    summary = job.run(sorted(folder.glob("*.png")), on_encode=lambda done, total: calls.append((done, total)))
-    assert calls == [(3, 8), (6, 8), (8, 8)]
-    assert (summary.done, summary.failed) == (7, 1)
-    result = run("batch", folder, "--out", tmp_path / "b.jsonl", "--model", tiny_model, *FAST, "--progress")
-    assert result.exit_code == 3 and "encoding 8/8" in result.stderr
+    (folder / "img3.png").write_bytes(b"not a png")  # in the second group of 3
+    out = tmp_path / "a.jsonl"
+    settings = Settings(model=tiny_model, device="cpu", steps=2, prompt_len=3)
+    events = []
+
+    class Watched(Pez):
+        def image_features(self, images):
+            events.append(("encode", len(images), len(out.read_text().splitlines()) if out.exists() else 0))
+            return super().image_features(images)
+
+        def solve(self, targets, *args, **kwargs):
+            events.append(("solve", len(targets)))
+            return super().solve(targets, *args, **kwargs)
+
+    progress = []
+    job = jobs.BatchJob(settings, out=str(out), group_size=3, runner=jobs.LocalRunner(Watched(settings)))
+    summary = job.run(sorted(folder.glob("*.png")), on_progress=lambda p: progress.append((p.done, p.total)))
+    assert events == [("encode", 3, 0), ("solve", 3), ("encode", 3, 4), ("solve", 3)]  # 3 rows + img3's error row
+    assert (summary.done, summary.failed, summary.total) == (6, 1, 7)
+    assert [r["path"].endswith("img3.png") for r in rows_of(out) if r["error"]] == [True]
+    assert progress[-1] == (7, 7) and (3, 7) in progress
+
+
+# Runs `pez ARGS` with the image named NAME hanging forever when the job reads it, after it
+# writes MARKER: a kill -9 can then land exactly while the job reads and encodes a later group.
+HANG_READING = """
+import pathlib, sys, time
+import pez_cli.batch as batch
+name, marker = sys.argv[1], pathlib.Path(sys.argv[2])
+real = batch.load_image
+def load_image(path):
+    if pathlib.Path(path).name == name:
+        marker.write_text("reading")
+        time.sleep(3600)
+    return real(path)
+batch.load_image = load_image
+sys.argv = ["pez", *sys.argv[3:]]
+from pez_cli.cli import main
+main()
+"""
+
+
+def test_sigkill_while_reading_a_later_group_keeps_finished_rows(tiny_model, folder, tmp_path):
+    """kill -9 while the job reads and encodes group 2: group 1's rows are already written and
+    survive whole; the rerun does every other image exactly once and keeps them as they were."""
+    out, marker = tmp_path / "out.jsonl", tmp_path / "reading"
+    args = ["batch", str(folder), "--out", str(out), "--model", tiny_model, *FAST, "--quiet"]
+    kill_after_lines([sys.executable, "-c", HANG_READING, "img3.png", str(marker), *args], out, 3, timeout=240)
+    assert marker.exists()  # killed while reading the second group
+    first = rows_of(out)
+    assert [Path(r["path"]).name for r in first] == ["img0.png", "img1.png", "img2.png"]
+    rerun = subprocess.run([sys.executable, "-m", "pez_cli", *args], capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    rows = rows_of(out)
+    assert rows[:3] == first
+    assert sorted(r["path"] for r in rows) == sorted(str(p) for p in folder.glob("*.png"))  # each once
 
 
 def test_an_image_encodes_to_the_same_bits_alone_and_among_others(load_tiny, tmp_path):

@@ -245,16 +245,16 @@ def batch(
     from pez_cli.batch import BatchJob, parse_shard
     from pez_cli.images import collect_paths
 
-    options = None
+    runner = None  # this process
     if ray or ray_address is not None or ray_workers is not None or ray_gpus is not None:
-        from pez_cli.ray_batch import RayOptions
-
         if not ray:
             raise PezError("--ray-address, --ray-workers and --ray-gpus-per-worker need --ray")
-        options = RayOptions(ray_address, ray_workers, ray_gpus)
+        from pez_cli.ray_batch import RayOptions, RayRunner
+
+        runner = RayRunner(RayOptions(ray_address, ray_workers, ray_gpus))
     job = BatchJob(common.settings(), out=out, fmt=fmt, sidecar_ext=sidecar_ext if sidecar else None,
                    png_dir=png_metadata, overwrite=overwrite, force=force,
-                   shard=parse_shard(shard) if shard is not None else None, group_size=batch_images, ray=options)
+                   shard=parse_shard(shard) if shard is not None else None, group_size=batch_images, runner=runner)
     paths = collect_paths(inputs, sys.stdin, recursive=recursive, missing_ok=True, null=null)
     log_to_stderr(common.verbose)
     started = time.monotonic()
@@ -266,8 +266,7 @@ def batch(
                 reporter.progress("images", p.done, p.total, group, rate=f"{rate:.1f} img/min")
 
         failures = FailureLines(reporter, common.quiet)
-        summary = job.run(paths, on_status=reporter.stage, on_progress=progress, on_encode=reporter.steps("encoding"),
-                          on_failure=failures)
+        summary = job.run(paths, on_status=reporter.stage, on_progress=progress, on_failure=failures)
         failures.close(rows_written=out is not None and out != "-")
     if not common.quiet:
         sys.stderr.write(batch_summary(summary, job.shard) + "\n")
