@@ -18,7 +18,7 @@ import re
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -397,10 +397,30 @@ def resolve(
     return Resolved(Settings(**values).validate(), sources)
 
 
+# Stable Diffusion models pez renders with by default, by the CLIP that optimized the prompt.
+SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+SD21_BASE = "stabilityai/stable-diffusion-2-1-base"
+SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
+
+
+def sd_model_for(clip_models: str | Sequence[str]) -> str:
+    """The Stable Diffusion whose text encoders are (closest to) these CLIPs: SDXL when one is
+    ViT-bigG-14, SD 1.5 for ViT-L-14, else SD 2.1-base."""
+    archs = [name.split("/", 1)[0] for name in ([clip_models] if isinstance(clip_models, str) else clip_models)]
+    if any(arch.startswith("ViT-bigG-14") for arch in archs):
+        return SDXL
+    if archs[0].startswith("ViT-L-14"):
+        return SD15
+    return SD21_BASE
+
+
+def sd_model_for_settings(settings) -> str:
+    """The settings' Stable Diffusion model, else the one whose text encoder matches the CLIP."""
+    return settings.sd_model or sd_model_for([name for name, _ in settings.models()])
+
+
 def presets_overview() -> list[dict[str, Any]]:
     """The defaults and each preset: CLIP model, Stable Diffusion model, length, steps."""
-    from pez_cli.render import sd_model_for_settings
-
     rows = []
     for name in [None, *preset_names()]:
         settings = resolve(preset=name).settings.for_target("image")

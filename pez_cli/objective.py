@@ -17,13 +17,27 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
 if TYPE_CHECKING:
     from pez_cli.lm import Fluency
-    from pez_cli.optimize import Space
+    from pez_cli.models import TextTower
+    from pez_cli.vocab import Vocabulary
+
+
+@dataclass
+class Space:
+    """One CLIP's part in a joint optimization: its text tower, vocabulary, start and end
+    tokens, weight, and a function giving normalized features (n, D) of printed prompts."""
+
+    tower: TextTower
+    vocab: Vocabulary
+    weight: float
+    start_id: int
+    end_id: int
+    score_texts: Callable[[list[str]], torch.Tensor]
 
 
 def clip_loss(sims: torch.Tensor, weights: torch.Tensor, sign: float, space_weight: float) -> torch.Tensor:

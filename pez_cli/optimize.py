@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from pez_cli.config import Settings
 from pez_cli.errors import ConfigError, first_line
 from pez_cli.models import TextTower
-from pez_cli.objective import Objective, Score, clip_loss
+from pez_cli.objective import Objective, Score, Space, clip_loss
 from pez_cli.vocab import Vocabulary, project_jointly
 
 log = logging.getLogger("pez")
@@ -172,19 +172,6 @@ class _Candidates:
     ids: list[torch.Tensor] = field(default_factory=list)  # (A, L) per step
     scores: list[torch.Tensor] = field(default_factory=list)  # (A,) ids' scores per step
     steps: list[int] = field(default_factory=list)
-
-
-@dataclass
-class Space:
-    """One CLIP's part in a joint optimization: its text tower, vocabulary, start and end
-    tokens, weight, and a function giving normalized features (n, D) of printed prompts."""
-
-    tower: TextTower
-    vocab: Vocabulary
-    weight: float
-    start_id: int
-    end_id: int
-    score_texts: Callable[[list[str]], torch.Tensor]
 
 
 def init_ids(vocab: Vocabulary, text: str, prompt_len: int) -> list[int]:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from pez_cli import hub
-from pez_cli.config import MAX_SEED, check_fields, setting
+from pez_cli.config import MAX_SEED, SD15, SD21_BASE, SDXL, check_fields, sd_model_for, sd_model_for_settings, setting
 from pez_cli.errors import ConfigError, ModelError, RenderError, first_line, is_out_of_memory
 from pez_cli.images import png_bytes
 
@@ -28,24 +28,10 @@ if TYPE_CHECKING:  # torch is imported when rendering, not for the CLI's option 
     import torch
 
 DIFFUSERS_PIP = "pip install 'diffusers>=0.30' 'transformers>=4.40' accelerate"
-SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-SD21_BASE = "stabilityai/stable-diffusion-2-1-base"
-SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
 # Contact sheet geometry, in pixels.
 TILE = 256
 GAP = 8
 TEXT_LINE = 16
-
-
-def sd_model_for(clip_models: str | Sequence[str]) -> str:
-    """The Stable Diffusion whose text encoders are (closest to) these CLIPs: SDXL when one is
-    ViT-bigG-14, SD 1.5 for ViT-L-14, else SD 2.1-base."""
-    archs = [name.split("/", 1)[0] for name in ([clip_models] if isinstance(clip_models, str) else clip_models)]
-    if any(arch.startswith("ViT-bigG-14") for arch in archs):
-        return SDXL
-    if archs[0].startswith("ViT-L-14"):
-        return SD15
-    return SD21_BASE
 
 
 # Judges, in order of preference: the first whose architecture did not optimize is used.
@@ -94,11 +80,6 @@ class RenderOptions:
         """These options with what comes from the settings filled in (SD model, seed), validated."""
         return replace(self, sd_model=self.sd_model or sd_model_for_settings(settings),
                        seed=settings.seed if self.seed is None else self.seed).validate()
-
-
-def sd_model_for_settings(settings) -> str:
-    """The settings' Stable Diffusion model, else the one whose text encoder matches the CLIP."""
-    return settings.sd_model or sd_model_for([name for name, _ in settings.models()])
 
 
 def _diffusers():

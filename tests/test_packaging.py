@@ -33,3 +33,38 @@ def test_wheel_ships_the_presets(tmp_path):
                          env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"}, timeout=120)
     assert run.returncode == 0, run.stderr
     assert "'paper'" in run.stdout and run.stdout.strip().endswith("3000")
+
+
+def test_no_module_of_pez_imports_one_that_imports_it_back():
+    """The modules form a one-way graph (lazy and type-checking imports included): no cycle,
+    e.g. batch <-> ray_batch or config <-> render."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "pez_cli"
+    graph: dict[str, set[str]] = {}
+    for file in root.rglob("*.py"):
+        name = ".".join(("pez_cli", *file.relative_to(root).with_suffix("").parts)).removesuffix(".__init__")
+        deps = set()
+        for node in ast.walk(ast.parse(file.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pez_cli"):
+                deps.add(node.module)
+                deps.update(f"{node.module}.{a.name}" for a in node.names)  # `from pez_cli import batch`
+            elif isinstance(node, ast.Import):
+                deps.update(a.name for a in node.names if a.name.startswith("pez_cli"))
+        graph[name] = deps
+    packages = {"pez_cli", "pez_cli.cli"}  # importing a package's __init__ is not a module edge
+    edges = {m: {d for d in deps if d in graph and d not in packages and d != m} for m, deps in graph.items()}
+
+    def cycle_from(start):
+        stack = [(start, (start,))]
+        while stack:
+            node, path = stack.pop()
+            for nxt in edges[node]:
+                if nxt == start:
+                    return path + (start,)
+                if nxt not in path:
+                    stack.append((nxt, path + (nxt,)))
+        return None
+
+    cycles = [c for m in edges if m not in packages and (c := cycle_from(m))]
+    assert not cycles, cycles[:3]
