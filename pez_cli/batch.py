@@ -23,7 +23,7 @@ from pez_cli.errors import ConfigError, InputError, Interrupted, first_line
 from pez_cli.files import atomic_write, location
 from pez_cli.images import IMAGE_SUFFIXES, load_image, png_bytes
 from pez_cli.render import copy_parameters
-from pez_cli.results import ResultWriter, format_for, latest, read_entries
+from pez_cli.results import ResultWriter, done_rows, format_for
 
 HASH_BLOCK = 1 << 20
 
@@ -291,10 +291,9 @@ class BatchJob:
         writer = ResultWriter(self.out, self.fmt) if self.out else None
         summary = Summary()
         try:
-            entries = read_entries(writer.path)[0] if writer is not None and writer.path is not None else []
-            summary.unreadable = sum(e.row is None for e in entries)
-            done = {} if self.force else latest(e.row for e in entries if e.row is not None)
-            del entries
+            done, summary.unreadable = done_rows(writer.path if writer is not None else None)
+            if self.force:
+                done = {}
             selected = self.select(paths, summary)
             protected = protected_locations(selected, self.out)
             conflicts = caption_conflicts(selected, self.sidecar_ext, protected) if self.sidecar_ext else {}

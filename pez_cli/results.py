@@ -5,6 +5,7 @@ ones. Paths that are not valid UTF-8 and names with line separators round-trip e
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import csv
 import fcntl
@@ -175,8 +176,8 @@ class Entry:
     row: dict[str, Any] | None
 
 
-def _jsonl_entries(text: str) -> Iterator[Entry]:
-    for line in text.split("\n"):  # only \n: names may hold U+2028, U+0085 or \r
+def _jsonl_entries(lines: Iterable[str]) -> Iterator[Entry]:
+    for line in lines:
         if not line.strip():
             continue
         try:
@@ -186,39 +187,81 @@ def _jsonl_entries(text: str) -> Iterator[Entry]:
         yield Entry(line, row if _valid(row) else None)
 
 
-def _csv_entries(text: str) -> Iterator[Entry]:
-    """CSV records, resynchronising after damage: a stray quote costs its own line only."""
-    lines = text.split("\n")
-    i = 1 if lines and lines[0].rstrip("\r") == CSV_HEADER.decode() else 0
-    while i < len(lines):
-        j, record = i, lines[i]
-        while record.count('"') % 2 and j + 1 < len(lines) and j - i < CSV_RECORD_LINES:
+def _csv_entries(lines: Iterable[str]) -> Iterator[Entry]:
+    """CSV records, resynchronising after damage: a stray quote costs its own line only.
+    Reads at most CSV_RECORD_LINES lines ahead of the record it parses."""
+    source = iter(lines)
+    ahead: collections.deque[str] = collections.deque()
+
+    def fill(n: int) -> bool:  # at least n lines ahead, if the file has them
+        while len(ahead) < n:
+            line = next(source, None)
+            if line is None:
+                return False
+            ahead.append(line)
+        return True
+
+    if fill(1) and ahead[0].rstrip("\r") == CSV_HEADER.decode():
+        ahead.popleft()
+    while fill(1):
+        j, record = 0, ahead[0]
+        while record.count('"') % 2 and j < CSV_RECORD_LINES and fill(j + 2):
             j += 1
-            record += "\n" + lines[j]
+            record += "\n" + ahead[j]
         if not record.strip():
-            i = j + 1
+            for _ in range(j + 1):
+                ahead.popleft()
             continue
         try:
             [cells] = list(csv.reader([record], strict=True))
             row = _from_csv(cells)
         except (ValueError, KeyError, csv.Error):
-            yield Entry(lines[i], None)
-            i += 1
+            yield Entry(ahead.popleft(), None)
             continue
+        for _ in range(j + 1):
+            ahead.popleft()
         yield Entry(record, row if _valid(row) else None)
-        i = j + 1
+
+
+def _lines(path: Path) -> Iterator[str]:
+    """The file's lines, split only at \n (names may hold U+2028, U+0085 or \r), one at a
+    time; a torn last line (no \n: the writer was killed) is left out."""
+    with open(path, "rb") as f:
+        for raw in f:
+            if raw.endswith(b"\n"):
+                yield raw[:-1].decode(**ENCODING)
+
+
+def iter_entries(path: Path) -> tuple[Iterator[Entry], str | None]:
+    """The entries of a result file, read as they are consumed (memory does not grow with the
+    file), and its format. Missing, empty and non-regular files have none."""
+    found = sniff_format(path)
+    if found is None:
+        return iter(()), None
+    return (_csv_entries if found == "csv" else _jsonl_entries)(_lines(path)), found
 
 
 def read_entries(path: Path, fmt: str | None = None) -> tuple[list[Entry], str | None]:
-    """The entries of a result file and its format; a torn last line (the writer was killed)
-    is left out. Missing, empty and non-regular files have none."""
-    found = sniff_format(path)
-    if found is None:
-        return [], fmt
-    data = path.read_bytes()
-    text = data[: data.rfind(b"\n") + 1].decode(**ENCODING)
-    entries = _csv_entries(text) if found == "csv" else _jsonl_entries(text)
-    return list(entries), found
+    """The entries of a result file and its format, all at once (see iter_entries)."""
+    entries, found = iter_entries(path)
+    return list(entries), found or fmt
+
+
+def done_rows(path: Path | None) -> tuple[dict[tuple, dict[str, Any]], int]:
+    """What resuming needs from a result file, read a line at a time: the row that counts for
+    each key (by `supersedes`), kept slim (prompt, similarity, error), and the number of
+    damaged lines."""
+    done: dict[tuple, dict[str, Any]] = {}
+    damaged = 0
+    for entry in (iter_entries(path)[0] if path is not None else ()):
+        row = entry.row
+        if row is None:
+            damaged += 1
+            continue
+        key = row_key(row)
+        if supersedes(row, done.get(key)):
+            done[key] = {"prompt": row.get("prompt"), "similarity": row.get("similarity"), "error": row.get("error")}
+    return done, damaged
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
@@ -322,22 +365,37 @@ class ResultWriter:
         done = Compacted()
         if self.path is None or not self.regular:
             return done
-        entries, fmt = read_entries(self.path)
-        winners = {id(row) for row in latest(e.row for e in entries if e.row is not None).values()}
-        kept = [e for e in entries if e.row is not None and id(e.row) in winners]
-        damaged = [e for e in entries if e.row is None]
-        if len(kept) == len(entries):
+        # Two passes, a line at a time: which entry wins each key (its position and whether it
+        # is an error is all `supersedes` needs), then the rewrite, only if something goes.
+        winners: dict[tuple, tuple[int, dict[str, Any]]] = {}
+        damaged: list[str] = []  # few: moved first, so a crash in the rewrite loses none
+        count = 0
+        for count, entry in enumerate(iter_entries(self.path)[0], 1):
+            if entry.row is None:
+                damaged.append(entry.text)
+                continue
+            key = row_key(entry.row)
+            if supersedes(entry.row, winners.get(key, (0, None))[1]):
+                winners[key] = (count, {"error": entry.row.get("error")})
+        if not damaged and len(winners) == count:
             return done
+        keep = {index for index, _ in winners.values()}
+        del winners
         target = Path(os.path.realpath(self.path))  # a link named as --out stays a link
         if damaged:
             done.damaged_file = damaged_path(target)
-            append_lines(done.damaged_file, [e.text for e in damaged])
+            append_lines(done.damaged_file, damaged)
             done.moved = len(damaged)
+        entries, fmt = iter_entries(self.path)
         mode = stat.S_IMODE(os.stat(target).st_mode)
         with replacing(target, "w", newline="", **ENCODING) as f:
-            f.write("".join(([CSV_HEADER.decode() + "\n"] if fmt == "csv" else []) + [e.text + "\n" for e in kept]))
+            if fmt == "csv":
+                f.write(CSV_HEADER.decode() + "\n")
+            for index, entry in enumerate(entries, 1):
+                if entry.row is not None and index in keep:
+                    f.write(entry.text + "\n")
             os.chmod(f.fileno(), mode)
-        done.dropped = len(entries) - len(kept) - len(damaged)
+        done.dropped = count - len(keep) - len(damaged)
         return done
 
     def close(self) -> None:
