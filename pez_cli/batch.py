@@ -467,7 +467,8 @@ class LocalRunner:
             on_status(f"Loading {job.job.settings.model_label} ...")
             pez = Pez(job.job.settings, keep_image_tower=True)
         size = job.job.group_size or default_group_size(pez.device)
-        on_status(f"Reading the first {size} images ...")
+        first = min(size, job.summary.total)
+        on_status(f"Reading the first {first} images ..." if first < job.summary.total else f"Reading {first} images ...")
         for group in read_ahead(read_groups(job.job, inputs, job.done, size)):
             job.settle(group)
             if not group.items:
