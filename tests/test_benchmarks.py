@@ -229,3 +229,18 @@ def test_device_script_usage(tmp_path):
     run = subprocess.run(["bash", str(script), "run", "gpu_check=cuda_graph", "gpu_check="], capture_output=True, text=True,
                          cwd=tmp_path, env={**os.environ, "OUT": str(tmp_path / "out")})
     assert run.returncode == 2 and "unknown part gpu_check=" in run.stderr and not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_batch_scale_benchmark_smoke(tmp_path):
+    """`benchmarks/batch.py --scale` at two tiny sizes: every job writes every row, the table
+    prints, and the kill -9 and resume leave each image exactly once."""
+    out = tmp_path / "scale.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "batch.py"), "--scale", "--sizes", "6,12", "--no-ray", "--steps", "1",
+           "--prompt-len", "2", "--json", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT / "benchmarks")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| local, after | 12 |" in done.stdout and "exactly once: True" in done.stdout
+    figures = json.loads(out.read_text())
+    assert all(figures[f"{mode}-{n}"]["done"] == n for mode in ("local-before", "local") for n in (6, 12))
+    assert figures["kill"]["exactly_once"] and figures["kill"]["rows"] == 12
