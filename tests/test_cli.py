@@ -201,7 +201,7 @@ def test_version_and_module_entry_point():
 @pytest.mark.slow
 def test_real_sigint_in_a_subprocess(tiny_model, images):
     """A real Ctrl-C: the best prompt so far on stdout, exit code 130."""
-    cmd = [sys.executable, "-m", "pez_cli", "invert", str(images[0]), "--model", tiny_model,
+    cmd = [sys.executable, "-X", "faulthandler", "-m", "pez_cli", "invert", str(images[0]), "--model", tiny_model,
            "--steps", "1000000", "--prompt-len", "4", "--progress"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
     try:
@@ -209,7 +209,11 @@ def test_real_sigint_in_a_subprocess(tiny_model, images):
             if line.startswith("step "):
                 break
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=120)
+        try:
+            out, err = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:  # show where it is stuck: faulthandler prints every thread's stack
+            proc.send_signal(signal.SIGABRT)
+            raise AssertionError(f"no exit 120 s after SIGINT; its stacks:\n{proc.communicate(timeout=30)[1][-6000:]}") from None
     finally:
         proc.kill()
     assert proc.returncode == 130, err
