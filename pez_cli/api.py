@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence, Union
@@ -208,11 +209,14 @@ class Pez:
         every: int = 1,
         steps: int | None = None,
         on_stage: Callable[[str], None] | None = None,
+        stop: threading.Event | None = None,
     ) -> list[PromptResult]:
         """Optimize independent problems, one (n_i, D) target tensor each (one per model with
         several models), and return their best prompts. kind ('image' or 'text') picks the default prompt length; on_progress is called
         every `every` steps and after the last; steps overrides settings.steps; on_stage(text) is
-        told when the search after the loop (the beam, refinement) starts.
+        told when the search after the loop (the beam, refinement) starts; `stop`, once set,
+        ends the loop after the current step as Ctrl-C does (a front end's Stop button, or a
+        Ctrl-C whose KeyboardInterrupt Python lost, e.g. raised inside a finalizer).
 
         Ctrl-C (KeyboardInterrupt) returns the best prompts so far, marked interrupted; before
         the first step it raises Interrupted.
@@ -229,6 +233,8 @@ class Pez:
         try:
             while not opt.finished():
                 opt.step()
+                if stop is not None and stop.is_set():
+                    raise KeyboardInterrupt
                 if on_progress is not None and (opt.step_count % every == 0 or opt.finished()):
                     on_progress(Progress(opt.step_count, settings.steps, self, opt))
             bests = opt.best()

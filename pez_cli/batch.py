@@ -201,7 +201,8 @@ class BatchProgress:
     steps: int = 0
 
 
-def solve_in_groups(pez, features, size: int, on_progress: Callable[[BatchProgress], None] | None = None):
+def solve_in_groups(pez, features, size: int, on_progress: Callable[[BatchProgress], None] | None = None,
+                    stop=None):
     """One prompt per row of features (N, D), `size` images per Pez.solve. Yields (index of
     the group's first image, its results, seconds per image) as each group finishes."""
     parts = () if features is None else (features,) if isinstance(features, torch.Tensor) else tuple(features)
@@ -215,7 +216,7 @@ def solve_in_groups(pez, features, size: int, on_progress: Callable[[BatchProgre
 
         began = time.monotonic()
         targets = [tuple(f[start + i:start + i + 1] for f in parts) for i in range(n)]  # one tensor per model
-        results = pez.solve(targets, "image", on_progress=progress)
+        results = pez.solve(targets, "image", on_progress=progress, stop=stop)
         yield start, results, (time.monotonic() - began) / n
 
 
@@ -448,8 +449,9 @@ class LocalRunner:
     tower stays loaded (each group is encoded when its turn comes): it costs the tower's
     weights for the whole job and saves holding every image's features."""
 
-    def __init__(self, pez=None):
+    def __init__(self, pez=None, stop=None):
         self.pez = pez  # an already loaded Pez (tests, benchmarks); loaded on run otherwise
+        self.stop = stop  # a threading.Event that ends the running group as Ctrl-C does (Pez.solve)
 
     def check(self, job: BatchJob) -> None:
         pass
@@ -481,7 +483,7 @@ class LocalRunner:
             def progress(p, running=running):
                 job.progress(running, p.step, p.steps)
 
-            for _, results, seconds in solve_in_groups(pez, feats, len(group.items), progress):
+            for _, results, seconds in solve_in_groups(pez, feats, len(group.items), progress, self.stop):
                 if results[0].interrupted:  # unfinished prompts are not results
                     job.summary.interrupted = True
                     return

@@ -169,6 +169,27 @@ def test_ctrl_c_prints_best_so_far_and_exits_130(tiny_model, images, monkeypatch
     assert plain.exit_code == 130 and plain.stdout.strip() == data["prompt"]
 
 
+def test_a_ctrl_c_whose_keyboardinterrupt_python_lost_still_stops(tiny_model, images, monkeypatch):
+    """Ctrl-C also sets a flag the loop checks every step: when the KeyboardInterrupt itself is
+    dropped (Python does that to one raised inside a finalizer), the run still stops there,
+    with the best prompt so far and exit 130, as a plain Ctrl-C does."""
+    from pez_cli.cli import display
+    from pez_cli.optimize import PromptOptimizer
+
+    original = PromptOptimizer.step
+
+    def step(self):
+        original(self)
+        if self.step_count == 3:
+            display.STOP.set()  # what the SIGINT handler does, with no exception getting through
+
+    monkeypatch.setattr(PromptOptimizer, "step", step)
+    result = run("invert", images[0], "--model", tiny_model, "--steps", "100", "--prompt-len", "4", "--json")
+    assert result.exit_code == 130, result.stderr
+    data = json.loads(result.stdout)
+    assert data["interrupted"] is True and data["steps_done"] == 3 and data["prompt"]
+
+
 def test_ctrl_c_before_the_first_step(tiny_model, images, monkeypatch):
     _interrupt_at(monkeypatch, 0)
     result = run("invert", images[0], "--model", tiny_model, "--steps", "100")

@@ -13,6 +13,7 @@ from pez_cli import __version__
 from pez_cli.cli.display import (
     EXIT_INTERRUPTED,
     EXIT_PARTIAL,
+    STOP,
     FailureLines,
     Reporter,
     batch_summary,
@@ -107,7 +108,7 @@ def optimize_and_print(common: Common, kind: str, targets_of: Callable[[Any], An
         pez = Pez(settings, keep_image_tower=False)
         targets = targets_of(pez)
         loop = time.monotonic()
-        [result] = pez.solve([targets], kind, on_progress=step_progress(reporter), on_stage=reporter.stage)
+        [result] = pez.solve([targets], kind, on_progress=step_progress(reporter), on_stage=reporter.stage, stop=STOP)
         data = {**result.to_dict(flat=True), "device": str(pez.device), **inputs,
                 "seconds": round(time.monotonic() - loop, 3), "total_seconds": round(time.monotonic() - started, 3)}
         del pez, targets  # free the optimizing model before anything else is loaded
@@ -242,10 +243,10 @@ def batch(
     common: Common = None,
 ) -> None:
     """One prompt PER IMAGE for many images: resumable, shardable, written as it goes."""
-    from pez_cli.batch import BatchJob, parse_shard
+    from pez_cli.batch import BatchJob, LocalRunner, parse_shard
     from pez_cli.images import collect_paths
 
-    runner = None  # this process
+    runner = LocalRunner(stop=STOP)  # this process
     if ray or ray_address is not None or ray_workers is not None or ray_gpus is not None:
         if not ray:
             raise PezError("--ray-address, --ray-workers and --ray-gpus-per-worker need --ray")
