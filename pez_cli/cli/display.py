@@ -31,9 +31,8 @@ def fail(message: str, code: int = EXIT_ERROR) -> None:
     raise typer.Exit(code)
 
 
-# Set by Ctrl-C (SIGINT) while a command runs, and passed to the long loops as their `stop`:
-# Python drops a KeyboardInterrupt that lands in a finalizer, and the loop would run on (seen
-# once in the tests on a loaded machine: 16,000 steps after SIGINT).
+# Set by Ctrl-C (SIGINT) while a command runs, and passed to the long loops as their `stop`, so
+# the loop stops after its step even where the KeyboardInterrupt itself does not reach it.
 STOP = threading.Event()
 
 
