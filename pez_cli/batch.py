@@ -385,15 +385,12 @@ def read_groups(job: BatchJob, inputs: Iterable[Input], done: dict[tuple, dict[s
         elif verdict == "failed":
             group.failed.append(item)
         else:
-            try:
-                group.images.append(load_image(item.path))
-                group.items.append(item)
-            except InputError as e:
-                item.error = str(e)
-            except Exception as e:
-                item.error = f"cannot read image {item.key}: {first_line(e)}"
-            if item.error is not None:
+            picture = read_image(item)
+            if picture is None:
                 group.failed.append(item)
+            else:
+                group.images.append(picture)
+                group.items.append(item)
         if len(group.items) >= size:
             yield group
             group = Group()
@@ -558,22 +555,29 @@ class _Run:
         self.on_failure(item)
 
 
+def read_image(item: Pending):
+    """The item's picture, or None with item.error saying why: one image never aborts a job."""
+    try:
+        return load_image(item.path)
+    except InputError as e:
+        item.error = str(e)
+    except Exception as e:
+        item.error = f"cannot read image {item.key}: {first_line(e)}"
+    return None
+
+
 def encode_images(pez, todo: Sequence[Pending]):
     """Decode and encode images that are already hashed. Returns the good items, their
     features (N, D) (a tuple, one per model, for several; None when there are none) and the
     items that failed, each with its error: one image never aborts a job."""
     good, images, failed = [], [], []
     for item in todo:
-        if item.error is None:
-            try:
-                images.append(load_image(item.path))
-                good.append(item)
-                continue
-            except InputError as e:
-                item.error = str(e)
-            except Exception as e:
-                item.error = f"cannot read image {item.key}: {first_line(e)}"
-        failed.append(item)
+        picture = read_image(item) if item.error is None else None
+        if picture is None:
+            failed.append(item)
+        else:
+            images.append(picture)
+            good.append(item)
     return good, (pez.image_features(images) if images else None), failed
 
 
