@@ -285,9 +285,11 @@ class BatchJob:
         on_status: Callable[[str], None] = lambda message: None,
         on_progress: Callable[[BatchProgress], None] | None = None,
         on_failure: Callable[[Pending], None] = lambda item: None,
+        on_row: Callable[[dict[str, Any]], None] = lambda row: None,
     ) -> Summary:
         """Run the job on `paths`. on_progress(BatchProgress) every step; on_failure(item) for
-        each image that becomes an error row. Ctrl-C keeps every finished group and returns a
+        each image that becomes an error row; on_row(row) for each row this run writes (a
+        prompt's or an error's; also without --out), after its side outputs. Ctrl-C keeps every finished group and returns a
         summary marked interrupted. --out is locked for the whole run."""
         writer = ResultWriter(self.out, self.fmt) if self.out else None
         summary = Summary()
@@ -298,7 +300,7 @@ class BatchJob:
             selected = self.select(paths, summary)
             protected = protected_locations(selected, self.out)
             conflicts = caption_conflicts(selected, self.sidecar_ext, protected) if self.sidecar_ext else {}
-            job = _Run(self, summary, writer, protected, done, on_failure, on_progress)
+            job = _Run(self, summary, writer, protected, done, on_failure, on_progress, on_row)
             inputs = self._inputs(selected, done, conflicts)
             self.runner.run(job, inputs, on_status)
         except (KeyboardInterrupt, Interrupted):
@@ -499,6 +501,7 @@ class _Run:
     done: dict[tuple, dict[str, Any]]  # --out's rows by key
     on_failure: Callable[[Pending], None]
     on_progress: Callable[[BatchProgress], None] | None = None
+    on_row: Callable[[dict[str, Any]], None] = lambda row: None
 
     def progress(self, running: int = 0, step: int = 0, steps: int = 0) -> None:
         if self.on_progress is not None:
@@ -522,6 +525,7 @@ class _Run:
             if self.writer is not None:
                 self.writer.write(row)
             self.summary.done += 1
+            self.on_row(row)
         self.progress()
 
     def side_outputs(self, item: Pending, prompt: str, similarity: float | None) -> bool:
@@ -550,9 +554,11 @@ class _Run:
 
     def fail(self, item: Pending) -> None:
         self.summary.failed += 1
+        row = error_row(item, self.job.identity, self.job.sid)
         if self.writer is not None:
-            self.writer.write(error_row(item, self.job.identity, self.job.sid))
+            self.writer.write(row)
         self.on_failure(item)
+        self.on_row(row)
 
 
 def read_image(item: Pending):

@@ -144,6 +144,10 @@ class Settings:
         local models are named by their resolved path (canonical_model)."""
         if isinstance(self.model, (list, tuple)):  # one model is always a plain name
             self.model = self.model[0] if len(self.model) == 1 else list(self.model)
+        for f in fields(self):  # 0 and 0.0 are one value, with one settings id, whichever front end gave it
+            value = getattr(self, f.name)
+            if f.type.startswith("float") and isinstance(value, int) and not isinstance(value, bool):
+                setattr(self, f.name, float(value))
         check_fields(self)
         self.model = canonical_models(self.model)
         self.models()

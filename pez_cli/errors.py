@@ -53,3 +53,16 @@ def is_out_of_memory(e: BaseException) -> bool:
     text = str(e).lower()
     return isinstance(e, RuntimeError) and any(
         phrase in text for phrase in ("out of memory", "not enough memory", "can't allocate memory"))
+
+
+def user_message(e: BaseException) -> str | None:
+    """The one-line message a front end shows for an error the user can act on (pez's own
+    errors, running out of memory, the disk or file system failing); None for a bug."""
+    if isinstance(e, PezError):
+        return str(e)
+    if is_out_of_memory(e):
+        return "out of memory; try a smaller model, fewer --restarts or a shorter --prompt-len"
+    if isinstance(e, OSError):  # the disk or the file system: full, read-only, gone
+        where = f": {e.filename}" if e.filename else ""
+        return f"{e.strerror or first_line(e)}{where}"
+    return None

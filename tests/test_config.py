@@ -87,3 +87,12 @@ def test_unknown_key_and_wrong_type_name_the_key(tmp_path):
 def test_invalid_numbers(field, value, message):
     with pytest.raises(ConfigError, match=message):
         resolve(flags={field: value})
+
+
+def test_a_whole_number_given_for_a_float_setting_has_the_same_settings_id():
+    from pez_cli.config import settings_id
+
+    given = Settings(prior=0, lr=1, lm_weight=2).validate()  # a web form's number, or the Python API
+    assert (given.prior, given.lr, given.lm_weight) == (0.0, 1.0, 2.0)
+    assert all(type(v) is float for v in (given.prior, given.lr, given.lm_weight))
+    assert settings_id(given.identity()) == settings_id(Settings(prior=0.0, lr=1.0, lm_weight=2.0).validate().identity())
