@@ -1,4 +1,4 @@
-"""Text inputs: the prompt to distill, from an argument, a file or stdin."""
+"""Text inputs: the prompt to distill (from an argument, a file or stdin) and the style template."""
 
 from __future__ import annotations
 
@@ -30,3 +30,9 @@ def read_text(text: str | None, file: Path | None, stdin: TextIO | None = None) 
     if not text:
         raise InputError("the text to distill is empty")
     return text
+
+
+def check_template(template: str | None) -> None:
+    """A style template must say where the prompt goes: {}."""
+    if template is not None and "{}" not in template:
+        raise InputError(f"--template must contain {{}} where the style prompt goes, got {template!r}")

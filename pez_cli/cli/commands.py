@@ -22,6 +22,7 @@ from pez_cli.cli.display import (
     handles_errors,
     log_to_stderr,
     progress_mode,
+    result_data,
 )
 from pez_cli.cli.help import GroupedHelp, PlainGroup
 from pez_cli.cli.options import (
@@ -109,12 +110,9 @@ def optimize_and_print(common: Common, kind: str, targets_of: Callable[[Any], An
         targets = targets_of(pez)
         loop = time.monotonic()
         [result] = pez.solve([targets], kind, on_progress=step_progress(reporter), on_stage=reporter.stage, stop=STOP)
-        data = {**result.to_dict(flat=True), "device": str(pez.device), **inputs,
-                "seconds": round(time.monotonic() - loop, 3), "total_seconds": round(time.monotonic() - started, 3)}
+        data = result_data(result, pez.device, inputs, loop, started, template)
         del pez, targets  # free the optimizing model before anything else is loaded
     fill = (lambda p: template.replace("{}", p)) if template else None
-    if fill:
-        data.update(template=template, styled=fill(result.prompt))
     if result.interrupted:
         reporter.note(f"Interrupted after {result.steps_done} steps; best prompt so far:")
     if not common.json:  # printed before any rendering, so a failed render loses nothing
@@ -195,8 +193,9 @@ def style(
     after: RenderAfter = None,
 ) -> None:
     """Learn a prompt for the style shared by several images; optionally fill a template."""
-    if template is not None and "{}" not in template:
-        raise PezError(f"--template must contain {{}} where the style prompt goes, got {template!r}")
+    from pez_cli.inputs import check_template
+
+    check_template(template)
     if template is not None and subject:
         raise UsageError("--subject and --template do not go together: put the subject in the template, "
                          "e.g. --template \"a tiger in the style of {}\"")
@@ -386,6 +385,55 @@ def demo(
     reporter.note(f"The numbers are the CLIP's similarity to the image. Same run by hand: pez invert IMAGE "
                   f"--model local-dir:{demos.CLIP_DIR}{lm_flag} --steps {steps} --seed {seed}. "
                   "Your own images: pez invert IMAGE (downloads a real CLIP).")
+
+
+@app.command(cls=GroupedHelp)
+@handles_errors
+@with_options(SOURCE_OPTIONS + SETTING_OPTIONS, "common", Common.build)
+def serve(
+    host: Annotated[str, typer.Option("--host", metavar="ADDRESS", rich_help_panel="Server",
+                                      help="Address to listen on. Anything but 127.0.0.1 lets other machines use the page (and this machine).")] = "127.0.0.1",
+    port: Annotated[Optional[int], typer.Option("--port", metavar="N", show_default="7860, or the next free port", rich_help_panel="Server",
+                                                help="Port to listen on.")] = None,
+    share: Annotated[bool, typer.Option("--share", rich_help_panel="Server",
+                                        help="Also make a PUBLIC link through Gradio's share servers: anyone with it can run jobs here.")] = False,
+    root: Annotated[Optional[list[Path]], typer.Option("--root", metavar="DIR", show_default="the current folder", rich_help_panel="Server",
+                                                       help="A folder the page may read folder inputs from and write result files into (repeatable); paths outside are refused.")] = None,
+    demo_world: Annotated[bool, typer.Option("--demo", rich_help_panel="Server",
+                                             help="Start with the offline demo world's CLIP (and language model): try the page with no download.")] = False,
+    judge_model: Annotated[Optional[str], typer.Option("--judge-model", show_default=False, metavar="MODEL", rich_help_panel="Server",
+                                                       help="CLIP that scores renders (default: one other than --model).")] = None,
+    common: Common = None,
+) -> None:
+    """A local web page: drop images, watch the prompt form, stop, render, run batches (needs pez-cli[ui]).
+
+    The page's settings start from the flags given here (and --preset, --config); runs go one
+    at a time, others wait in a queue the page shows. Ctrl-C stops the server and removes its
+    temporary folder (uploads, downloads)."""
+    from pez_cli.cli.serve import ServeConfig, start
+
+    flags = dict(common.flags)
+    if demo_world:
+        from pez_cli import demo as demos
+
+        flags["model"] = flags.get("model") or f"local-dir:{demos.CLIP_DIR}"
+        flags["steps"] = flags.get("steps") or demos.DEMO_STEPS
+        if demos.lm_available():
+            flags["lm"] = flags.get("lm") or str(demos.LM_DIR)
+    cfg = ServeConfig(roots=list(root or [Path.cwd()]), preset=common.preset, config=common.config, flags=flags,
+                      judge_model=judge_model)
+    serving = start(cfg, host=host, port=port, share=share)
+    try:
+        sys.stderr.write(f"pez serve: {serving.url}  (Ctrl-C stops the server)\n")
+        if serving.share_url:
+            sys.stderr.write(f"pez serve: PUBLIC link, anyone with it can run jobs here: {serving.share_url}\n")
+        sys.stderr.flush()
+        while True:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        sys.stderr.write("pez serve: stopped\n")
+    finally:
+        serving.close()
 
 
 @app.command(cls=GroupedHelp)

@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator
 
 import typer
 
-from pez_cli.errors import PezError, first_line, is_out_of_memory
+from pez_cli.errors import PezError, user_message
 
 EXIT_ERROR = 1
 EXIT_PARTIAL = 3  # batch: some images failed; the others were written
@@ -56,12 +56,10 @@ def user_errors() -> Iterator[None]:
     except KeyboardInterrupt:
         fail("interrupted", EXIT_INTERRUPTED)
     except Exception as e:
-        if is_out_of_memory(e):
-            fail("out of memory; try a smaller model, fewer --restarts or a shorter --prompt-len")
-        if isinstance(e, OSError):  # the disk or the file system: full, read-only, gone
-            where = f": {e.filename}" if e.filename else ""
-            fail(f"{e.strerror or first_line(e)}{where}")
-        raise
+        message = user_message(e)
+        if message is None:
+            raise
+        fail(message)
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
@@ -83,6 +81,17 @@ def emit_json(obj: Any) -> None:
 
     sys.stdout.write(json_line(obj) + "\n")
     sys.stdout.flush()
+
+
+def result_data(result, device, inputs: dict[str, Any], loop_started: float, started: float,
+                template: str | None = None) -> dict[str, Any]:
+    """The JSON object `--json` prints for one optimization (`pez serve` shows the same)."""
+    now = time.monotonic()
+    data = {**result.to_dict(flat=True), "device": str(device), **inputs,
+            "seconds": round(now - loop_started, 3), "total_seconds": round(now - started, 3)}
+    if template:
+        data.update(template=template, styled=template.replace("{}", result.prompt))
+    return data
 
 
 def emit_lines(lines: list[str]) -> None:

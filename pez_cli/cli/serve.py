@@ -1,0 +1,686 @@
+"""`pez serve`: a local web page (Gradio) over the same library calls as the commands.
+
+Gradio is imported only here, and only when the command runs (pez-cli[ui]). The page's
+settings are the CLI's: the same declarations (config.setting) make its fields, the same
+resolve() merges them (page fields count as flags, over --preset, --config and defaults) and
+the same one-line messages report what is wrong. A run happens in a worker thread through
+Pez.solve or BatchJob.run; the page's Stop sets the `stop` event those check after every step,
+so Stop keeps the best prompt, as Ctrl-C does.
+
+Safe by default: the server binds to 127.0.0.1; folder inputs and result files must lie inside
+the folders named with --root; uploads and everything the page offers for download live in one
+temporary folder, removed when the server stops; nothing is written beside a user's images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+from pez_cli.cli.display import PROGRESS_INTERVAL_S, remaining, result_data
+from pez_cli.config import Settings, preset_names, resolve, sd_model_for_settings
+from pez_cli.errors import ConfigError, InputError, PezError, first_line, user_message
+from pez_cli.images import IMAGE_SUFFIXES
+
+log = logging.getLogger("pez")
+
+UI_PIP = 'pip install "pez-cli[ui]"'
+# The settings the page shows, in order; every other setting comes from --preset, --config,
+# the flags `pez serve` was started with, or its default.
+MAIN_FIELDS = ("model", "steps", "prompt_len", "vocab", "lm", "seed")
+MORE_FIELDS = ("lm_weight", "beam", "restarts", "refine", "prior", "block", "init")  # under "More settings"
+PAGE_FIELDS = MAIN_FIELDS + MORE_FIELDS
+# How often a running job's page is updated at most (each update decodes the best prompt).
+UPDATE_INTERVAL_S = PROGRESS_INTERVAL_S
+# Steps before a time left is shown: the first steps' rate says little.
+RATE_AFTER_STEPS = 5
+BATCH_HEADERS = ["image", "prompt", "similarity", "error"]
+
+
+def _gradio():
+    try:
+        import gradio
+    except ImportError:
+        raise PezError(f"pez serve needs Gradio: {UI_PIP}") from None
+    return gradio
+
+
+# -- page values <-> settings --------------------------------------------------------------
+def _field(name: str) -> dataclasses.Field:
+    return next(f for f in dataclasses.fields(Settings) if f.name == name)
+
+
+def _flag(name: str) -> str:
+    return _field(name).metadata["flag_name"] or "--" + name.replace("_", "-")
+
+
+def page_value(name: str, settings: Settings) -> Any:
+    """What a page field shows for a setting's value."""
+    value = getattr(settings, name)
+    if isinstance(value, list):
+        return "\n".join(value)
+    return value
+
+
+def flag_value(name: str, value: Any) -> Any:
+    """A page field's value as the CLI flag would give it (None: not given)."""
+    kind = _field(name).type.replace(" | None", "")
+    if isinstance(value, str):
+        value = value.strip()
+        if kind in ("list[str]", "str | list[str]"):
+            items = [line.strip() for line in value.splitlines() if line.strip()]
+            return (items[0] if len(items) == 1 and kind == "str | list[str]" else items) or None
+        if kind == "int" and value:
+            try:
+                return int(value)
+            except ValueError:
+                raise ConfigError(f"{_flag(name)} must be a whole number, got {value!r}") from None
+        return value or None
+    if kind == "int" and isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+@dataclass
+class ServeConfig:
+    """What `pez serve` was started with."""
+
+    roots: list[Path]  # folders the page may read folder inputs from and write result files into
+    preset: str | None = None
+    config: Path | None = None
+    flags: dict[str, Any] = field(default_factory=dict)  # settings given as flags: the page's starting values
+    judge_model: str | None = None
+
+
+# -- one running job -----------------------------------------------------------------------
+class Live:
+    """A running job's state as the page shows it; written by the worker thread."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.version = 0
+        self.stage = "Starting ..."
+        self.step = self.steps = 0
+        self.best = ""
+        self.score: float | None = None
+        self.done = self.total = 0  # batch: images
+        self.rows: list[list[Any]] = []
+        self.started = time.monotonic()
+        self._drawn = 0.0
+
+    def _changed(self) -> None:
+        self.version += 1
+
+    def set_stage(self, text: str) -> None:
+        with self.lock:
+            self.stage = text
+            self._changed()
+
+    def due(self, final: bool) -> bool:
+        now = time.monotonic()
+        if final or now - self._drawn >= UPDATE_INTERVAL_S:
+            self._drawn = now
+            return True
+        return False
+
+    def on_progress(self, p) -> None:
+        """Pez.solve's on_progress: the step always, the best prompt when due (and at step 1)."""
+        if self.step == 0:
+            with self.lock:
+                self.started = time.monotonic()  # time left counts from the loop, not the loading
+        if self.due(p.step == 1 or p.step == p.steps):
+            best = p.best()[0]
+            with self.lock:
+                self.step, self.steps, self.best, self.score = p.step, p.steps, best.prompt, float(best.printed)
+                self.stage = ""
+                self._changed()
+        else:
+            self.step, self.steps = p.step, p.steps
+
+    def on_batch(self, p) -> None:
+        """BatchJob.run's on_progress."""
+        if self.due(False):
+            with self.lock:
+                self.done, self.total, self.step, self.steps = p.done, p.total, p.step, p.steps
+                self._changed()
+
+    def on_row(self, row: dict[str, Any]) -> None:
+        with self.lock:
+            score = row.get("similarity")
+            self.rows.append([Path(row["path"]).name, row.get("prompt") or "", "" if score is None else round(score, 4),
+                              row.get("error") or ""])
+            self.done += 1
+            self._changed()
+
+    def line(self) -> str:
+        """The progress line: step, time left, best score."""
+        with self.lock:
+            if not self.steps:
+                return self.stage
+            elapsed = time.monotonic() - self.started
+            left = remaining(self.step, self.steps, elapsed) if self.step >= RATE_AFTER_STEPS else ""
+            parts = [f"step {self.step}/{self.steps}", f"{left} left" if left else "",
+                     f"best {self.score:.4f}" if self.score is not None else "", self.stage]
+            return " · ".join(p for p in parts if p)
+
+    def batch_line(self) -> str:
+        with self.lock:
+            parts = [f"images {self.done}/{self.total}" if self.total else "",
+                     f"group step {self.step}/{self.steps}" if self.steps else "", self.stage]
+            return " · ".join(p for p in parts if p) or "Starting ..."
+
+
+# -- the server's state, shared by every page ------------------------------------------------
+class Server:
+    """Loaded models (kept between runs), the temporary folder, the stop events of running jobs."""
+
+    def __init__(self, cfg: ServeConfig, tmp: Path):
+        self.cfg = cfg
+        self.roots = [Path(os.path.realpath(r)) for r in cfg.roots]
+        self.tmp = tmp
+        self.models: dict[tuple[str, str], Any] = {}
+        self.lms: dict[tuple[str, str], Any] = {}
+        self.stops: dict[str, threading.Event] = {}
+        self.start = resolve(cfg.preset, cfg.config, cfg.flags).settings  # fails early on a bad flag
+
+    # settings and paths
+    def settings(self, preset: str | None, values: Sequence[Any]) -> Settings:
+        """The run's settings: page fields over the server's flags, --config, the preset, defaults."""
+        flags = dict(self.cfg.flags)
+        for name, value in zip(PAGE_FIELDS, values):
+            flags[name] = flag_value(name, value)
+        return resolve(preset or None, self.cfg.config, flags).settings
+
+    def page_values(self, preset: str | None) -> list[Any]:
+        settings = resolve(preset or None, self.cfg.config, self.cfg.flags).settings
+        return [page_value(name, settings) for name in PAGE_FIELDS]
+
+    def inside(self, text: str, what: str) -> Path:
+        """A path typed on the page, relative to the first --root; refused outside every --root."""
+        path = Path(text).expanduser()
+        if not path.is_absolute():
+            path = self.roots[0] / path
+        real = Path(os.path.realpath(path))
+        if not any(real == root or root in real.parents for root in self.roots):
+            roots = ", ".join(str(r) for r in self.roots)
+            raise InputError(f"{what} {text} is outside the folders this server may use (--root {roots})")
+        return path
+
+    def image_paths(self, files: Sequence[str] | None, folder: str | None, recursive: bool = False,
+                    missing_ok: bool = False) -> list[Path]:
+        from pez_cli.images import collect_paths
+
+        inputs = [str(f) for f in files or []]
+        if folder and folder.strip():
+            inputs.append(str(self.inside(folder.strip(), "folder")))
+        if not inputs:
+            raise InputError("no images: drop one or more images, or name a folder")
+        return collect_paths(inputs, recursive=recursive, missing_ok=missing_ok)
+
+    def scratch(self, token: str, name: str) -> Path:
+        """A fresh folder for this page's files of one kind, inside the temporary folder."""
+        safe = hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()[:16]  # a client names its session
+        folder = self.tmp / "pages" / safe / name
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        return folder
+
+    # models, kept loaded between runs
+    def pez(self, settings: Settings):
+        from pez_cli.api import Pez
+        from pez_cli.models import load_model, pick_device
+
+        device = pick_device(settings.device)
+        loaded = []
+        for name, _ in settings.models():
+            key = (name, str(device))
+            if key not in self.models:
+                self.models[key] = load_model(name, device)
+            loaded.append(self.models[key])
+        lm = None
+        if settings.uses_lm:
+            from pez_cli.lm import load_lm
+
+            key = (settings.lm, str(device))
+            if key not in self.lms:
+                self.lms[key] = load_lm(settings.lm, device)
+            lm = self.lms[key]
+        return Pez(settings, model=loaded, keep_image_tower=True, lm=lm)
+
+    def loaded_label(self, settings: Settings) -> str:
+        names = [name for name, _ in settings.models()]
+        fresh = [n for n in names if not any(key[0] == n for key in self.models)]
+        return f"Loading {settings.model_label} ..." if fresh else f"Preparing {settings.model_label} ..."
+
+    # running a job
+    def stream(self, token: str, work: Callable[[Live, threading.Event], Any]) -> Iterator[tuple[str, Any]]:
+        """Run work(live, stop) in a thread; yield ("live", live) when its state changes, then
+        ("done", value) or ("error", "Error: ..."). Leaving early (the page closed) stops it."""
+        stop = threading.Event()
+        self.stops[token] = stop
+        live = Live()
+        box: dict[str, Any] = {}
+
+        def target() -> None:
+            try:
+                box["value"] = work(live, stop)
+            except BaseException as e:  # reported on the page
+                box["error"] = e
+
+        thread = threading.Thread(target=target, name="pez-serve-run", daemon=True)
+        thread.start()
+        seen = -1
+        try:
+            while thread.is_alive():
+                thread.join(0.1)
+                if live.version != seen:
+                    seen = live.version
+                    yield "live", live
+            if live.version != seen:  # what changed in its last moments
+                yield "live", live
+            if "error" in box:
+                yield "error", error_line(box["error"])
+            else:
+                yield "done", box["value"]
+        finally:
+            stop.set()  # nothing if it finished; the page went away otherwise
+            thread.join()
+            if self.stops.get(token) is stop:
+                del self.stops[token]
+
+    def stop(self, token: str) -> None:
+        event = self.stops.get(token)
+        if event is not None:
+            event.set()
+
+
+def error_line(e: BaseException) -> str:
+    """The line the CLI would print for an error; a bug's first line, its traceback in the log."""
+    message = user_message(e)
+    if message is None:
+        log.error("pez serve: a run failed", exc_info=e)
+        message = f"{first_line(e)} (a bug in pez; the server's terminal has the traceback)"
+    return f"Error: {message}"
+
+
+# -- the jobs a page runs ----------------------------------------------------------------------
+def optimize_work(server: Server, kind: str, preset, values, files=None, folder=None, text=None, template=None):
+    """One optimization as `pez invert`, `pez style` or `pez distill` does it."""
+    from pez_cli.images import load_images
+
+    def work(live: Live, stop: threading.Event):
+        settings = server.settings(preset, values)
+        if kind == "style":
+            from pez_cli.inputs import check_template
+
+            check_template(template or None)
+        if kind == "text":
+            if not text or not text.strip():
+                raise InputError("no text to distill")
+            inputs = {"text": text}
+        else:
+            paths = server.image_paths(files, folder)
+            pil = load_images(paths)
+            inputs = {"images": [str(p) for p in paths]}
+        started = time.monotonic()
+        live.set_stage(server.loaded_label(settings))
+        pez = server.pez(settings)
+        targets = pez.text_features([text]) if kind == "text" else pez.image_features(pil)
+        loop = time.monotonic()
+        [result] = pez.solve([targets], "text" if kind == "text" else "image", on_progress=live.on_progress,
+                             on_stage=live.set_stage, stop=stop)
+        return result, result_data(result, pez.device, inputs, loop, started, template if kind == "style" else None)
+
+    return work
+
+
+def result_texts(result, data: dict[str, Any]) -> tuple[str, str]:
+    """The notes under a result: similarity per model and round trip, or where it stopped."""
+    if result.interrupted:
+        return f"Stopped after {result.steps_done} steps; best prompt so far (similarity {result.similarity:.4f}).", ""
+    each = ", ".join(f"{name} {value:.4f}" for name, value in result.similarities.items())
+    trip = "re-tokenizes to exactly the optimized ids" if result.round_trip else "re-tokenizes differently from the optimized ids"
+    fluency = f" · fluency {result.fluency:.3f}" if result.fluency == result.fluency else ""
+    return "", f"similarity {result.similarity:.4f} ({each}) · {trip}{fluency} · {data['seconds']:.1f} s"
+
+
+def batch_work(server: Server, token: str, preset, values, files, folder, recursive, out, fmt):
+    """A batch job as `pez batch` runs it; the same result file resumes."""
+    from pez_cli.batch import BatchJob, LocalRunner
+
+    def work(live: Live, stop: threading.Event):
+        settings = server.settings(preset, values)
+        paths = server.image_paths(files, folder, recursive=recursive, missing_ok=True)
+        fmt_ = fmt or None
+        target = server.inside(out, "result file") if out and out.strip() else \
+            server.scratch(token, "batch") / f"pez-batch.{fmt_ or 'jsonl'}"
+        live.set_stage(server.loaded_label(settings))
+        pez = server.pez(settings.for_target("image"))
+        job = BatchJob(settings, out=str(target), fmt=fmt_, runner=LocalRunner(pez=pez, stop=stop))
+        summary = job.run(paths, on_status=live.set_stage, on_progress=live.on_batch, on_row=live.on_row)
+        download = server.scratch(token, "download") / target.name
+        shutil.copyfile(target, download)  # what the page offers: a copy, served from the temporary folder
+        return summary, job, download
+
+    return work
+
+
+def _whole(value: Any, flag: str) -> int:
+    """A page number that must be a whole number (RenderOptions checks its range)."""
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    if isinstance(value, (int, float)) and float(value).is_integer():
+        return int(value)
+    raise InputError(f"{flag} must be a whole number, got {value!r}")
+
+
+def render_work(server: Server, token: str, preset, values, prompt, files, folder, sd_model, judge_model, images, sd_steps,
+                size=None):
+    """`--render`: renders of the prompt beside the originals, scored by the judge, and the sheet."""
+    from pez_cli.config import canonical_model
+    from pez_cli.images import load_images
+    from pez_cli.models import pick_device
+    from pez_cli.render import RenderOptions, default_judge, render_and_judge
+
+    def work(live: Live, stop: threading.Event):
+        settings = server.settings(preset, values)
+        if not prompt or not prompt.strip():
+            raise InputError("no prompt to render: run an inversion first, or type one")
+        paths = server.image_paths(files, folder)
+        originals = load_images(paths)
+        options = RenderOptions(sd_model=(sd_model or "").strip() or None, images=_whole(images, "--images"),
+                                steps=_whole(sd_steps, "--sd-steps"), out_dir=server.scratch(token, "renders"),
+                                size=_whole(size, "--size") if size not in (None, "") else None)
+        options = options.for_settings(settings)
+        judge = canonical_model(judge_model.strip()) if judge_model and judge_model.strip() else \
+            server.cfg.judge_model or default_judge([n for n, _ in settings.models()])
+
+        def steps(done: int, total: int) -> None:
+            with live.lock:
+                live.stage = f"denoising step {done}/{total}"
+                live._changed()
+
+        done = render_and_judge(options, prompt.strip(), originals, pick_device(settings.device), judge,
+                                live.set_stage, steps)
+        return paths, done, judge
+
+    return work
+
+
+# -- the page ------------------------------------------------------------------------------
+def _component(gr, name: str, value: Any):
+    """A page field for a setting, from its declaration: label, help, choices."""
+    f = _field(name)
+    meta = f.metadata
+    kind = f.type.replace(" | None", "")
+    label = f"{name.replace('_', ' ')} ({_flag(name)})"
+    common = dict(label=label, info=meta["help"].split(". ")[0].rstrip(".") + ".", elem_id=f"setting-{name}", min_width=160)
+    if name == "vocab":
+        return gr.Dropdown(choices=["words", "all"], value=value, allow_custom_value=True, **common)
+    if meta["choices"]:
+        return gr.Dropdown(choices=list(meta["choices"]), value=value, **common)
+    if kind == "bool":
+        return gr.Checkbox(value=bool(value), **common)
+    if kind == "int" and f.default is None:  # a Number cannot be left empty (unset): text
+        return gr.Textbox(value="" if value is None else str(value), placeholder=meta["shown_default"] or "", **common)
+    if kind == "int":
+        return gr.Number(value=value, precision=0, **common)
+    if kind == "float":
+        return gr.Number(value=value, **common)
+    lines = kind in ("list[str]", "str | list[str]")
+    return gr.Textbox(value=value or "", lines=1, max_lines=6 if lines else 1,
+                      placeholder=(meta["shown_default"] or "") + ("; one per line" if lines else ""), **common)
+
+
+def build_page(server: Server):
+    """The Gradio Blocks of the page."""
+    gr = _gradio()
+    start = [page_value(name, server.start) for name in PAGE_FIELDS]
+    image_types = sorted(IMAGE_SUFFIXES)
+    with gr.Blocks(title="pez", analytics_enabled=False) as page:
+        gr.Markdown("# pez\nHard text prompts from images with PEZ, on this machine. "
+                    f"Folders and result files: inside {', '.join(str(r) for r in server.roots)}.")
+        with gr.Accordion("Settings", open=True):
+            preset = gr.Dropdown(choices=[("defaults", "")] + [(n, n) for n in preset_names()], value=server.cfg.preset or "",
+                                 label="preset (--preset)", info="Named settings; choosing one fills the fields below.",
+                                 elem_id="setting-preset")
+            values = dict(zip(PAGE_FIELDS, start))
+            with gr.Row():
+                main = [_component(gr, name, values[name]) for name in MAIN_FIELDS]
+            with gr.Accordion("More settings", open=False):
+                with gr.Row():
+                    more = [_component(gr, name, values[name]) for name in MORE_FIELDS]
+            settings_fields = main + more
+        preset.change(server.page_values, inputs=preset, outputs=settings_fields, api_visibility="private")
+        run_group = dict(concurrency_limit=1, concurrency_id="pez-run")  # one run at a time; others queue
+
+        def optimize_tab(kind: str, title: str):
+            with gr.Tab(title, id=kind):
+                with gr.Row():
+                    with gr.Column():
+                        if kind == "text":
+                            text = gr.Textbox(label="Text to distill", lines=4, elem_id=f"{kind}-text")
+                            files = folder = template = None
+                        else:
+                            files = gr.File(file_count="multiple", file_types=image_types, type="filepath",
+                                            label="Images (one prompt shared by all)", elem_id=f"{kind}-files")
+                            folder = gr.Textbox(label="or a folder", placeholder="a folder inside --root",
+                                                elem_id=f"{kind}-folder")
+                            text = None
+                            template = gr.Textbox(label="Template", value="a tiger in the style of {}",
+                                                  elem_id=f"{kind}-template") if kind == "style" else None
+                        with gr.Row():
+                            run = gr.Button("Run", variant="primary", elem_id=f"{kind}-run")
+                            stop = gr.Button("Stop", elem_id=f"{kind}-stop")
+                    with gr.Column():
+                        progress = gr.Markdown("", elem_id=f"{kind}-progress")
+                        best = gr.Textbox(label="Best prompt so far", interactive=False, elem_id=f"{kind}-best")
+                        prompt = gr.Textbox(label="Prompt", buttons=["copy"], interactive=True, elem_id=f"{kind}-prompt")
+                        styled = gr.Textbox(label="Styled", buttons=["copy"], interactive=False,
+                                            elem_id=f"{kind}-styled") if kind == "style" else None
+                        scores = gr.Markdown("", elem_id=f"{kind}-scores")
+                        status = gr.Markdown("", elem_id=f"{kind}-status")
+                        with gr.Accordion("JSON (as --json prints it)", open=False):
+                            data = gr.Code(language="json", elem_id=f"{kind}-json")
+                if kind != "text":
+                    render_section(gr, server, kind, preset, settings_fields, prompt, files, folder, run_group)
+            outputs = [progress, best, prompt, scores, status, data] + ([styled] if styled is not None else [])
+
+            def handler(request, *args):
+                tok = session(request)
+                if kind == "text":
+                    text_, rest = args[0], args[1:]
+                    work = optimize_work(server, kind, rest[0], rest[1:], text=text_)
+                elif kind == "style":
+                    files_, folder_, template_, rest = args[0], args[1], args[2], args[3:]
+                    work = optimize_work(server, kind, rest[0], rest[1:], files_, folder_, template=template_)
+                else:
+                    files_, folder_, rest = args[0], args[1], args[2:]
+                    work = optimize_work(server, kind, rest[0], rest[1:], files_, folder_)
+                out = dict.fromkeys(outputs, gr.skip())
+                yield {**out, best: "", prompt: "", scores: "", status: "", data: "", progress: "Starting ..."}
+                for what, value in server.stream(tok, work):
+                    if what == "live":
+                        yield {**out, progress: value.line(), best: value.best}
+                    elif what == "error":
+                        yield {**out, progress: "", status: value}
+                    else:
+                        result, payload = value
+                        note, line = result_texts(result, payload)
+                        from pez_cli.results import json_line
+
+                        done = {**out, progress: "", best: result.prompt, prompt: result.prompt, scores: line,
+                                status: note, data: json_line(payload)}
+                        if styled is not None:
+                            done[styled] = payload.get("styled", "")
+                        yield done
+
+            inputs = [text] if kind == "text" else [files, folder] + ([template] if template is not None else [])
+            run.click(takes_request(gr, handler), inputs=inputs + [preset] + settings_fields, outputs=outputs, api_name=kind,
+                      show_progress="hidden", **run_group)
+            stop.click(stopper(gr, server), api_name=f"{kind}_stop", concurrency_limit=None, show_progress="hidden")
+
+        optimize_tab("invert", "Invert")
+        optimize_tab("style", "Style")
+        optimize_tab("text", "Distill")
+        batch_tab(gr, server, preset, settings_fields, run_group, image_types)
+    return page
+
+
+def takes_request(gr, handler: Callable) -> Callable:
+    """handler(request, *inputs): Gradio passes the request (its session) as the first argument."""
+    handler.__annotations__ = {"request": gr.Request}
+    return handler
+
+
+def session(request) -> str:
+    """Which page (browser tab, or API client) a call comes from."""
+    return getattr(request, "session_hash", None) or "anonymous"
+
+
+def stopper(gr, server: Server) -> Callable:
+    """Stop's handler: ends this page's running job after its current step."""
+    return takes_request(gr, lambda request: server.stop(session(request)))
+
+
+def render_section(gr, server: Server, kind: str, preset, settings_fields, prompt, files, folder, run_group) -> None:
+    with gr.Accordion("Render with Stable Diffusion", open=False):
+        with gr.Row():
+            sd_model = gr.Textbox(label="Stable Diffusion (--sd-model)", value=sd_model_for_settings(server.start),
+                                  elem_id=f"{kind}-sd-model")
+            judge = gr.Textbox(label="Judge CLIP (--judge-model)", value=server.cfg.judge_model or "",
+                               placeholder="one other than --model", elem_id=f"{kind}-judge")
+            count = gr.Number(label="renders (--images)", value=4, precision=0, elem_id=f"{kind}-images")
+            sd_steps = gr.Number(label="denoising steps (--sd-steps)", value=25, precision=0, elem_id=f"{kind}-sd-steps")
+            size = gr.Textbox(label="size (--size)", placeholder="the model's native size", elem_id=f"{kind}-size")
+        render = gr.Button("Render", elem_id=f"{kind}-render")
+        status = gr.Markdown("", elem_id=f"{kind}-render-status")
+        gallery = gr.Gallery(label="Original and renders (judge's similarity)", columns=5, elem_id=f"{kind}-gallery")
+        sheet = gr.File(label="Contact sheet", elem_id=f"{kind}-sheet")
+
+    def handler(request, prompt_, files_, folder_, sd_model_, judge_, count_, sd_steps_, size_, preset_, *values):
+        tok = session(request)
+        work = render_work(server, tok, preset_, values, prompt_, files_, folder_, sd_model_, judge_, count_, sd_steps_, size_)
+        for what, value in server.stream(tok, work):
+            if what == "live":
+                yield {status: value.stage, gallery: gr.skip(), sheet: gr.skip()}
+            elif what == "error":
+                yield {status: value, gallery: gr.skip(), sheet: gr.skip()}
+            else:
+                paths, done, judge_name = value
+                scores = done["render_similarity"]
+                items = [(str(p), f"original {p.name}") for p in paths]
+                items += [(r, f"render {i + 1}: {s:.4f}") for i, (r, s) in enumerate(zip(done["renders"], scores["per_render"]))]
+                yield {status: f"render similarity {scores['mean']:.4f} (judge {judge_name})", gallery: items,
+                       sheet: done["contact_sheet"]}
+
+    inputs = [prompt, files, folder, sd_model, judge, count, sd_steps, size, preset] + settings_fields
+    render.click(takes_request(gr, handler), inputs=inputs,
+                 outputs=[status, gallery, sheet], api_name=f"{kind}_render", show_progress="hidden", **run_group)
+
+
+def batch_tab(gr, server: Server, preset, settings_fields, run_group, image_types) -> None:
+    with gr.Tab("Batch", id="batch"):
+        with gr.Row():
+            with gr.Column():
+                files = gr.File(file_count="multiple", file_types=image_types, type="filepath",
+                                label="Images (one prompt each)", elem_id="batch-files")
+                folder = gr.Textbox(label="or a folder", placeholder="a folder inside --root", elem_id="batch-folder")
+                recursive = gr.Checkbox(label="with sub-folders (--recursive)", value=False, elem_id="batch-recursive")
+                out = gr.Textbox(label="Result file (--out)", placeholder="a file inside --root, to resume later; "
+                                 "empty: a temporary file to download", elem_id="batch-out")
+                fmt = gr.Dropdown(choices=[("from the file", ""), ("jsonl", "jsonl"), ("csv", "csv")], value="",
+                                  label="format (--format)", elem_id="batch-format")
+                with gr.Row():
+                    run = gr.Button("Run batch", variant="primary", elem_id="batch-run")
+                    stop = gr.Button("Stop", elem_id="batch-stop")
+            with gr.Column():
+                progress = gr.Markdown("", elem_id="batch-progress")
+                status = gr.Markdown("", elem_id="batch-status")
+                table = gr.Dataframe(headers=BATCH_HEADERS, value=[], interactive=False, wrap=True, elem_id="batch-table")
+                download = gr.File(label="Result file", elem_id="batch-download")
+
+    def handler(request, files_, folder_, recursive_, out_, fmt_, preset_, *values):
+        from pez_cli.cli.display import batch_summary
+
+        tok = session(request)
+        work = batch_work(server, tok, preset_, values, files_, folder_, recursive_, out_, fmt_)
+        skip = {download: gr.skip()}
+        yield {**skip, progress: "Starting ...", status: "", table: []}
+        live_rows: list = []
+        for what, value in server.stream(tok, work):
+            if what == "live":
+                live_rows = list(value.rows)
+                yield {**skip, progress: value.batch_line(), status: "", table: live_rows}
+            elif what == "error":
+                yield {**skip, progress: "", status: value, table: gr.skip()}
+            else:
+                summary, job, path = value
+                yield {progress: "", status: batch_summary(summary, job.shard).replace("run the same command", "run it"),
+                       table: gr.skip(), download: str(path)}
+
+    run.click(takes_request(gr, handler), inputs=[files, folder, recursive, out, fmt, preset] + settings_fields,
+              outputs=[progress, status, table, download], api_name="batch", show_progress="hidden", **run_group)
+    stop.click(stopper(gr, server), api_name="batch_stop", concurrency_limit=None, show_progress="hidden")
+
+
+# -- serving -------------------------------------------------------------------------------
+@dataclass
+class Serving:
+    """A started server: its address, and how to stop it (which removes the temporary folder)."""
+
+    url: str
+    share_url: str | None
+    page: Any
+    tmp: Path
+    server: Server
+    previous_temp_dir: str | None = None
+
+    def close(self) -> None:
+        try:
+            self.page.close()
+        finally:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            if self.previous_temp_dir is None:
+                os.environ.pop("GRADIO_TEMP_DIR", None)
+            else:
+                os.environ["GRADIO_TEMP_DIR"] = self.previous_temp_dir
+
+
+def start(cfg: ServeConfig, host: str = "127.0.0.1", port: int | None = None, share: bool = False) -> Serving:
+    """Start the page's server in the background and return at once (tests and `pez serve`)."""
+    for root in cfg.roots:
+        if not Path(root).is_dir():
+            raise InputError(f"--root {root} is not a folder")
+    tmp = Path(tempfile.mkdtemp(prefix="pez-serve-"))
+    previous = os.environ.get("GRADIO_TEMP_DIR")
+    try:
+        # Uploads and downloads live in this folder; Gradio reads the variable for each upload.
+        os.environ["GRADIO_TEMP_DIR"] = str(tmp)
+        os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+        server = Server(cfg, tmp)
+        gr = _gradio()
+        page = build_page(server)
+        page.queue(default_concurrency_limit=1)
+        try:
+            _, url, share_url = page.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=True,
+                                            quiet=True, inbrowser=False, show_error=True, theme=gr.themes.Soft())
+        except OSError as e:
+            raise InputError(f"cannot listen on {host}:{port or 'a port from 7860'}: {first_line(e)}") from None
+        return Serving(url.rstrip("/"), share_url, page, tmp, server, previous)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if previous is None:
+            os.environ.pop("GRADIO_TEMP_DIR", None)
+        else:
+            os.environ["GRADIO_TEMP_DIR"] = previous
+        raise

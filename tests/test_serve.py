@@ -1,0 +1,417 @@
+"""`pez serve`: the page in a real browser (headless Chromium from the system's packages, driven
+by Playwright), the same page through Gradio's Python client, and the server's safety.
+
+The browser tests are marked `browser` (deselect with -m "not browser" where no Chromium is
+installed); .ci/run installs Debian's chromium for them."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import make_image, run
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "samples" / "chelsea.png"
+STEPS = 20  # the server's starting --steps: short runs that finish
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """The server's --root: three images, a damaged one, a sample photo."""
+    root = tmp_path_factory.mktemp("root")
+    make_image(root / "a.png", (200, 30, 30))
+    make_image(root / "b.png", (30, 200, 30))
+    make_image(root / "c.png", (30, 30, 200))
+    (root / "bad.png").write_bytes(b"this is not a PNG")
+    shutil.copyfile(SAMPLE, root / SAMPLE.name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def served(folder, tiny_model):
+    """The page on 127.0.0.1, started in this process as `pez serve --model TINY --steps 20 --root FOLDER`."""
+    pytest.importorskip("gradio", reason="pez serve needs pez-cli[ui]")
+    from pez_cli.cli.serve import ServeConfig, start
+
+    serving = start(ServeConfig(roots=[folder], flags={"model": tiny_model, "steps": STEPS}))
+    yield serving
+    serving.close()
+    assert not serving.tmp.exists()  # uploads and downloads are gone with the server
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the browser tests need playwright (pez-cli[dev])")
+    exe = os.environ.get("PEZ_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        pytest.fail("no Chromium: install it (apt-get install chromium) or deselect these tests with -m 'not browser'")
+    with sync_api.sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=exe, args=CHROMIUM_FLAGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser, served):
+    context = browser.new_context(viewport={"width": 1280, "height": 1000}, accept_downloads=True,
+                                  permissions=["clipboard-read", "clipboard-write"])
+    tab = context.new_page()
+    tab.set_default_timeout(60_000)
+    tab.goto(served.url)
+    tab.wait_for_selector("#invert-run")
+    yield tab
+    context.close()
+
+
+def cli_prompt(image: Path, tiny_model: str, *flags) -> dict:
+    result = run("invert", image, "--model", tiny_model, "--steps", STEPS, "--json", *flags)
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def watch(tab, kind: str) -> None:
+    """Record every value the progress line and the best prompt show, as the page draws them."""
+    tab.evaluate("""kind => { window.seen = {progress: [], best: []};
+        window.watcher = setInterval(() => {
+          const p = document.querySelector(`#${kind}-progress`).innerText.trim();
+          const b = document.querySelector(`#${kind}-best textarea`).value;
+          if (p && window.seen.progress.at(-1) !== p) window.seen.progress.push(p);
+          if (b && window.seen.best.at(-1) !== b) window.seen.best.push(b);
+        }, 10); }""", kind)
+
+
+def wait_for_text(tab, selector: str, pattern: str) -> str:
+    tab.wait_for_function("([s, p]) => new RegExp(p).test(document.querySelector(s).innerText)", arg=[selector, pattern])
+    return tab.inner_text(selector)
+
+
+def upload(tab, kind: str, paths) -> None:
+    tab.set_input_files(f"#{kind}-files input[type=file]", [str(p) for p in paths])
+    names = [Path(p).name for p in paths]  # a list of several shows each name's stem and suffix apart
+    tab.wait_for_function("([s, names]) => { const t = document.querySelector(s).innerText.replace(/\\s+/g, '');"
+                          " return names.every(n => t.includes(n)); }", arg=[f"#{kind}-files", names])
+
+
+# -- in a real browser ---------------------------------------------------------------------
+@pytest.mark.browser
+@pytest.mark.slow
+def test_page_inverts_as_the_cli_does_then_streams_stops_and_copies(page, folder, tiny_model, tmp_path):
+    upload(page, "invert", [folder / SAMPLE.name])
+    page.click("#invert-run")
+    page.wait_for_function("document.querySelector('#invert-prompt textarea').value.length > 0")
+    prompt = page.input_value("#invert-prompt textarea")
+    cli = cli_prompt(folder / SAMPLE.name, tiny_model)
+    assert prompt == cli["prompt"]  # the same settings and seed: the same prompt as `pez invert`
+    assert f"similarity {cli['similarity']:.4f}" in page.inner_text("#invert-scores")
+    shot = tmp_path / "serve.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if os.environ.get("PEZ_SCREENSHOT"):  # README's screenshot: PEZ_SCREENSHOT=samples/pez-serve.png pytest -k page_inverts
+        shutil.copyfile(shot, os.environ["PEZ_SCREENSHOT"])
+
+    # A long run: the step counter and the best prompt change while it runs; Stop keeps the best.
+    page.fill("#setting-steps input", "1000000")
+    watch(page, "invert")
+    page.click("#invert-run")
+    page.wait_for_function("window.seen.best.length >= 2 && window.seen.progress.filter(p => /^step /.test(p)).length >= 3")
+    page.click("#invert-stop")
+    status = wait_for_text(page, "#invert-status", "Stopped after")
+    seen = page.evaluate("window.seen")
+    steps = [int(re.match(r"step (\d+)/1000000", p).group(1)) for p in seen["progress"] if p.startswith("step ")]
+    assert steps == sorted(steps) and len(set(steps)) >= 3, seen["progress"]
+    assert len(set(seen["best"])) >= 2, seen["best"]
+    stopped = int(re.search(r"Stopped after (\d+) steps", status).group(1))
+    assert steps[-1] <= stopped < 1_000_000
+    best = page.input_value("#invert-prompt textarea")
+    assert best and best == page.input_value("#invert-best textarea")
+
+    # Copy puts the prompt on the clipboard.
+    page.click("#invert-prompt button[aria-label=Copy]")
+    assert page.evaluate("navigator.clipboard.readText()") == best
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_page_batch_of_three_fills_the_table_and_downloads_the_csv(page, folder, tiny_model, tmp_path):
+    images = [folder / n for n in ("a.png", "b.png", "c.png")]
+    page.click("button[role=tab]:has-text('Batch')")
+    upload(page, "batch", images)
+    out = folder / "page-results.csv"
+    page.fill("#batch-out textarea", out.name)  # relative to --root
+    page.click("#batch-run")
+    summary = wait_for_text(page, "#batch-status", r"pez batch: 3 images, 3 done")
+    assert "0 failed" in summary
+    with page.expect_download() as download:
+        page.click("#batch-download a")
+    saved = tmp_path / "download.csv"
+    download.value.save_as(saved)
+    with open(saved, newline="", encoding="utf-8") as f:
+        got = {Path(r["path"]).name: r["prompt"] for r in csv.DictReader(f)}
+    assert got.keys() == {"a.png", "b.png", "c.png"}
+    table = page.inner_text("#batch-table")
+    assert all(name in table and prompt in table for name, prompt in got.items())  # a row per image
+    assert saved.read_bytes() == out.read_bytes()  # the download is the result file under --root
+
+    # The same prompts as `pez batch`, and the page's result file resumes from the CLI.
+    other = tmp_path / "cli.csv"
+    done = run("batch", *images, "--model", tiny_model, "--steps", STEPS, "--out", other, "--quiet")
+    assert done.exit_code == 0, done.stderr
+    with open(other, newline="", encoding="utf-8") as f:
+        assert {Path(r["path"]).name: r["prompt"] for r in csv.DictReader(f)} == got
+    again = run("batch", *[str(p) for p in page_paths(out)], "--model", tiny_model, "--steps", STEPS, "--out", out)
+    assert again.exit_code == 0, again.stderr
+    assert "3 already done" in again.stderr
+
+
+def page_paths(result_file: Path) -> list[str]:
+    with open(result_file, newline="", encoding="utf-8") as f:
+        return [r["path"] for r in csv.DictReader(f)]
+
+
+@pytest.mark.browser
+def test_page_shows_the_cli_error_line_for_a_bad_image(page, folder, tiny_model):
+    upload(page, "invert", [folder / "bad.png"])
+    page.click("#invert-run")
+    shown = wait_for_text(page, "#invert-status", "^Error: ")
+    cli = run("invert", folder / "bad.png", "--model", tiny_model)
+    assert cli.exit_code == 1
+    name = lambda line: re.sub(r"\S*bad\.png", "bad.png", line.strip())  # the page names its uploaded copy
+    assert name(shown) == name(cli.stderr)
+    assert name(shown).startswith("Error: not an image")
+
+
+@pytest.mark.browser
+def test_page_refuses_a_folder_outside_root(page, folder, tmp_path):
+    make_image(tmp_path / "outside.png")
+    page.fill("#invert-folder textarea", str(tmp_path))
+    page.click("#invert-run")
+    shown = wait_for_text(page, "#invert-status", "^Error: ")
+    assert shown.strip() == (f"Error: folder {tmp_path} is outside the folders this server may use "
+                             f"(--root {os.path.realpath(folder)})")
+
+
+# -- through Gradio's Python client (no browser) ---------------------------------------------
+def settings_values(served, **changes) -> list:
+    """The page's settings fields, in order, as the page starts (with `changes`)."""
+    from pez_cli.cli.serve import PAGE_FIELDS
+
+    values = dict(zip(PAGE_FIELDS, served.server.page_values(None)))
+    values.update(changes)
+    return [values[name] for name in PAGE_FIELDS]
+
+
+def wait_for_output(job, test, timeout: float = 60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = [o for o in job.outputs() if test(o)]
+        if found:
+            return found[-1]
+        time.sleep(0.05)
+    raise AssertionError(f"no such output in {job.outputs()}")
+
+
+@pytest.mark.slow
+def test_client_invert_gives_the_cli_json_and_stop_keeps_the_best_prompt(served, folder, tiny_model):
+    from gradio_client import Client, handle_file
+
+    client = Client(served.url, verbose=False)
+    image = [handle_file(str(folder / "a.png"))]
+    progress, best, prompt, scores, status, data = client.predict(image, "", "", *settings_values(served), api_name="/invert")
+    cli = cli_prompt(folder / "a.png", tiny_model)
+    page = json.loads(data)
+    assert prompt == best == cli["prompt"] and status == ""
+    assert page.keys() == cli.keys()  # the object `pez invert --json` prints
+    for key in ("prompt", "similarity", "similarities", "token_ids", "round_trip", "best_step", "settings_id", "model",
+                "steps", "prompt_len"):
+        assert page[key] == cli[key], key
+
+    # A long run streams its progress; Stop (from the same client session) keeps the best prompt.
+    job = client.submit(image, "", "", *settings_values(served, steps=1_000_000), api_name="/invert")
+    wait_for_output(job, lambda o: o[0].startswith("step ") and o[1])
+    client.predict(api_name="/invert_stop")
+    progress, best, prompt, scores, status, data = job.result(timeout=60)
+    assert status.startswith("Stopped after ") and prompt
+    stopped = json.loads(data)
+    assert stopped["interrupted"] is True and stopped["prompt"] == prompt and stopped["steps_done"] < 1_000_000
+
+
+@pytest.mark.slow
+def test_client_second_session_waits_in_the_queue_not_an_error(served, folder):
+    from gradio_client import Client, handle_file
+    from gradio_client.utils import Status
+
+    first, second = Client(served.url, verbose=False), Client(served.url, verbose=False)
+    image = [handle_file(str(folder / "a.png"))]
+    running = first.submit(image, "", "", *settings_values(served, steps=1_000_000), api_name="/invert")
+    wait_for_output(running, lambda o: o[0].startswith("step "))
+    waiting = second.submit(image, "", "", *settings_values(served), api_name="/invert")
+    deadline = time.monotonic() + 30
+    while waiting.status().code != Status.IN_QUEUE and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert waiting.status().code == Status.IN_QUEUE  # queued behind the first session's run
+    assert not waiting.done()
+    second.predict(api_name="/invert_stop")  # another session's Stop does not stop the first run
+    time.sleep(0.5)
+    assert not running.done()
+    first.predict(api_name="/invert_stop")
+    assert running.result(timeout=60)[4].startswith("Stopped after ")
+    assert waiting.result(timeout=60)[2]  # then the queued run ran to the end
+    assert waiting.result()[4] == ""
+
+
+def test_client_refuses_paths_outside_root(served, tmp_path):
+    from gradio_client import Client
+
+    client = Client(served.url, verbose=False)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    make_image(outside / "x.png")
+    status = client.predict(None, str(outside), "", *settings_values(served), api_name="/invert")[4]
+    assert status.startswith(f"Error: folder {outside} is outside the folders this server may use")
+    status = client.predict(None, "../" * 12 + str(outside).lstrip("/"), "", *settings_values(served), api_name="/invert")[4]
+    assert "is outside the folders this server may use" in status
+    progress, status, table, download = client.predict(None, str(served.server.roots[0]), False, str(outside / "rows.csv"), "csv",
+                                                       "", *settings_values(served), api_name="/batch")
+    assert status.startswith(f"Error: result file {outside / 'rows.csv'} is outside")
+    assert not (outside / "rows.csv").exists()
+
+
+def test_bad_settings_show_the_cli_error_line(served, folder, tiny_model):
+    from gradio_client import Client, handle_file
+
+    client = Client(served.url, verbose=False)
+    status = client.predict([handle_file(str(folder / "a.png"))], "", "", *settings_values(served, steps=0),
+                            api_name="/invert")[4]
+    cli = run("invert", folder / "a.png", "--model", tiny_model, "--steps", 0)
+    assert status == cli.stderr.strip() and status.startswith("Error: ")
+    status = client.predict([handle_file(str(folder / "a.png"))], "", "", *settings_values(served, prompt_len="two"),
+                            api_name="/invert")[4]
+    assert status == "Error: --prompt-len must be a whole number, got 'two'"
+
+
+# -- the command ---------------------------------------------------------------------------
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_pez_serve_listens_only_on_loopback_and_ctrl_c_removes_its_temporary_folder(folder, tiny_model, tmp_path):
+    psutil = pytest.importorskip("psutil")
+    pytest.importorskip("gradio")
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    port = free_port()
+    env = {**os.environ, "TMPDIR": str(temp)}
+    cmd = [sys.executable, "-m", "pez_cli", "serve", "--model", tiny_model, "--port", str(port), "--root", str(folder)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as from a terminal
+    try:
+        line = proc.stderr.readline()
+        assert line.strip() == f"pez serve: http://127.0.0.1:{port}  (Ctrl-C stops the server)", line + proc.stderr.read()
+        [made] = list(temp.glob("pez-serve-*"))
+        listening = [c.laddr for c in psutil.Process(proc.pid).net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+        assert listening and all(addr.ip == "127.0.0.1" for addr in listening), listening
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as response:
+            assert response.status == 200 and b"<html" in response.read()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "pez serve: stopped" in err and "Traceback" not in err
+    assert not made.exists()  # uploads and downloads went with the server
+
+
+def test_pez_serve_help_and_its_one_line_errors(tiny_model, tmp_path, monkeypatch):
+    shown = run("serve", "--help")
+    assert shown.exit_code == 0
+    for flag in ("--host", "--port", "--share", "--root", "--demo", "--model", "--steps", "--preset"):
+        assert flag in shown.stdout
+    assert "PUBLIC" in shown.stdout  # --share says what it does
+    from helpers import assert_one_line_error
+
+    assert_one_line_error(run("serve", "--model", tiny_model, "--root", tmp_path / "nowhere"), 1, r"--root .*nowhere is not a folder")
+    assert_one_line_error(run("serve", "--model", tiny_model, "--steps", 0, "--root", tmp_path), 1, r"steps must be at least 1")
+    monkeypatch.setitem(sys.modules, "gradio", None)  # as if pez-cli[ui] were not installed
+    assert_one_line_error(run("serve", "--model", tiny_model, "--root", tmp_path), 1, r"needs Gradio: pip install \"pez-cli\[ui\]\"")
+
+
+def test_root_checks_resolve_links_and_dot_dots(tmp_path):
+    from pez_cli.cli.serve import ServeConfig, Server
+    from pez_cli.errors import InputError
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "sub").mkdir(parents=True)
+    outside.mkdir()
+    (root / "link").symlink_to(outside)
+    server = Server(ServeConfig(roots=[root]), tmp_path / "tmp")
+    assert server.inside("sub", "folder") == root / "sub"  # relative to the first --root
+    assert server.inside(str(root / "sub" / "rows.csv"), "result file") == root / "sub" / "rows.csv"
+    for bad in (str(outside), "../outside", "sub/../../outside", "link", "link/rows.csv", "/"):
+        with pytest.raises(InputError, match="is outside the folders this server may use"):
+            server.inside(bad, "folder")
+
+
+@pytest.fixture(scope="module")
+def sd_and_judge(tmp_path_factory):
+    pytest.importorskip("diffusers")
+    from pez_cli.testing import save_tiny_clip, save_tiny_sd
+
+    sd = save_tiny_sd(tmp_path_factory.mktemp("sd") / "tiny-sd")
+    judge = f"local-dir:{save_tiny_clip(tmp_path_factory.mktemp('judge') / 'judge', seed=1)}"
+    return sd, judge
+
+
+@pytest.mark.slow
+def test_client_render_scores_as_invert_render_does(served, folder, tiny_model, sd_and_judge, tmp_path):
+    from gradio_client import Client, handle_file
+
+    sd, judge = sd_and_judge
+    cli = run("invert", folder / "a.png", "--model", tiny_model, "--steps", STEPS, "--render", "--sd-model", sd,
+              "--images", 2, "--sd-steps", 2, "--size", 32, "--judge-model", judge, "--out", tmp_path / "o", "--json")
+    assert cli.exit_code == 0, cli.stderr
+    data = json.loads(cli.stdout)
+    client = Client(served.url, verbose=False)
+    status, gallery, sheet = client.predict(data["prompt"], [handle_file(str(folder / "a.png"))], "", str(sd), judge, 2, 2, "32",
+                                            "", *settings_values(served), api_name="/invert_render")
+    assert status == f"render similarity {data['render_similarity']['mean']:.4f} (judge {judge})"
+    assert len(gallery) == 3  # the original and two renders, each with the judge's score
+    scores = [float(item["caption"].rsplit(" ", 1)[1]) for item in gallery[1:]]
+    assert scores == pytest.approx(data["render_similarity"]["per_render"], abs=1e-4)
+    assert Path(sheet).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_client_distill_and_style_give_the_cli_prompts(served, folder, tiny_model):
+    from gradio_client import Client, handle_file
+
+    client = Client(served.url, verbose=False)
+    text = "a red square on a blue mat"
+    page = client.predict(text, "", *settings_values(served), api_name="/text")
+    cli = run("distill", text, "--model", tiny_model, "--steps", STEPS, "--json")
+    assert json.loads(page[5])["prompt"] == page[2] == json.loads(cli.stdout)["prompt"]
+    images = [folder / "a.png", folder / "b.png"]
+    template = "a tiger in the style of {}"
+    page = client.predict([handle_file(str(p)) for p in images], "", template, "", *settings_values(served), api_name="/style")
+    cli = json.loads(run("style", *images, "--model", tiny_model, "--steps", STEPS, "--template", template, "--json").stdout)
+    assert page[2] == cli["prompt"] and page[6] == cli["styled"] == template.replace("{}", cli["prompt"])
+    bad = client.predict([handle_file(str(images[0]))], "", "no placeholder", "", *settings_values(served), api_name="/style")
+    assert bad[4] == "Error: --template must contain {} where the style prompt goes, got 'no placeholder'"
