@@ -116,11 +116,6 @@ def test_page_inverts_as_the_cli_does_then_streams_stops_and_copies(page, folder
     cli = cli_prompt(folder / SAMPLE.name, tiny_model)
     assert prompt == cli["prompt"]  # the same settings and seed: the same prompt as `pez invert`
     assert f"similarity {cli['similarity']:.4f}" in page.inner_text("#invert-scores")
-    shot = tmp_path / "serve.png"
-    page.screenshot(path=str(shot), full_page=True)
-    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    if os.environ.get("PEZ_SCREENSHOT"):  # README's screenshot: PEZ_SCREENSHOT=samples/pez-serve.png pytest -k page_inverts
-        shutil.copyfile(shot, os.environ["PEZ_SCREENSHOT"])
 
     # A long run: the step counter and the best prompt change while it runs; Stop keeps the best.
     page.fill("#setting-steps input", "1000000")
@@ -174,6 +169,40 @@ def test_page_batch_of_three_fills_the_table_and_downloads_the_csv(page, folder,
     again = run("batch", *[str(p) for p in page_paths(out)], "--model", tiny_model, "--steps", STEPS, "--out", out)
     assert again.exit_code == 0, again.stderr
     assert "3 already done" in again.stderr
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_demo_page_with_the_language_model_and_the_readme_screenshot(browser, tmp_path):
+    """`pez serve --demo`: the shipped world's CLIP and language model, offline. This test makes
+    README's screenshot: PEZ_SCREENSHOT=samples/pez-serve.png pytest -k readme_screenshot."""
+    pytest.importorskip("transformers")
+    from pez_cli import demo as demos
+    from pez_cli.cli.serve import ServeConfig, demo_flags, start
+
+    scene = demos.scenes()[0].image
+    serving = start(ServeConfig(roots=[tmp_path], flags=demo_flags({"steps": 100})))
+    try:
+        context = browser.new_context(viewport={"width": 1280, "height": 900})
+        tab = context.new_page()
+        tab.set_default_timeout(120_000)
+        tab.goto(serving.url)
+        upload(tab, "invert", [scene])
+        tab.click("#invert-run")
+        tab.wait_for_function("document.querySelector('#invert-prompt textarea').value.length > 0")
+        prompt = tab.input_value("#invert-prompt textarea")
+        assert "fluency" in tab.inner_text("#invert-scores")  # the language model took part
+        shot = tmp_path / "serve.png"
+        tab.screenshot(path=str(shot), full_page=True)
+        context.close()
+    finally:
+        serving.close()
+    cli = run("invert", scene, "--model", f"local-dir:{demos.CLIP_DIR}", "--lm", demos.LM_DIR, "--steps", 100)
+    assert cli.exit_code == 0, cli.stderr
+    assert prompt == cli.stdout.strip()
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if os.environ.get("PEZ_SCREENSHOT"):
+        shutil.copyfile(shot, os.environ["PEZ_SCREENSHOT"])
 
 
 def page_paths(result_file: Path) -> list[str]:
@@ -415,3 +444,41 @@ def test_client_distill_and_style_give_the_cli_prompts(served, folder, tiny_mode
     assert page[2] == cli["prompt"] and page[6] == cli["styled"] == template.replace("{}", cli["prompt"])
     bad = client.predict([handle_file(str(images[0]))], "", "no placeholder", "", *settings_values(served), api_name="/style")
     assert bad[4] == "Error: --template must contain {} where the style prompt goes, got 'no placeholder'"
+
+
+@pytest.mark.slow
+def test_client_batch_of_a_folder_resumes_and_keeps_models_loaded(served, folder, tiny_model):
+    from gradio_client import Client
+
+    client = Client(served.url, verbose=False)
+    out = folder / "folder-rows.jsonl"
+    args = (None, str(folder), False, out.name, "", "", *settings_values(served))
+    progress, status, table, download = client.predict(*args, api_name="/batch")
+    assert status.startswith("pez batch: 5 images, 4 done, 0 already done, 1 failed")
+    rows = {r[0]: r for r in table["data"]}
+    assert rows["bad.png"][3].startswith("not an image") and rows["a.png"][1]
+    loaded = dict(served.server.models)
+    progress, status, table, download = client.predict(*args, api_name="/batch")
+    assert status.startswith("pez batch: 5 images, 0 done, 4 already done, 1 failed")  # resumed: only the error is redone
+    assert served.server.models == loaded and len(loaded) == 1  # the model was not loaded again
+    again = run("batch", folder, "--model", tiny_model, "--steps", STEPS, "--out", out)
+    assert "4 already done" in again.stderr  # the CLI resumes the page's result file
+    assert Path(download).read_bytes() != b""
+
+
+def test_host_says_where_the_server_listens(tiny_model, tmp_path):
+    pytest.importorskip("gradio")
+    import socket
+
+    from pez_cli.cli.serve import ServeConfig, start
+
+    port = free_port()
+    serving = start(ServeConfig(roots=[tmp_path], flags={"model": tiny_model}), host="127.0.0.2", port=port)
+    try:
+        assert serving.url == f"http://127.0.0.2:{port}"
+        socket.create_connection(("127.0.0.2", port), timeout=10).close()
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=10).close()
+    finally:
+        serving.close()
+    assert not serving.tmp.exists()

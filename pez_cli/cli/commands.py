@@ -410,16 +410,9 @@ def serve(
     The page's settings start from the flags given here (and --preset, --config); runs go one
     at a time, others wait in a queue the page shows. Ctrl-C stops the server and removes its
     temporary folder (uploads, downloads)."""
-    from pez_cli.cli.serve import ServeConfig, start
+    from pez_cli.cli.serve import ServeConfig, demo_flags, start
 
-    flags = dict(common.flags)
-    if demo_world:
-        from pez_cli import demo as demos
-
-        flags["model"] = flags.get("model") or f"local-dir:{demos.CLIP_DIR}"
-        flags["steps"] = flags.get("steps") or demos.DEMO_STEPS
-        if demos.lm_available():
-            flags["lm"] = flags.get("lm") or str(demos.LM_DIR)
+    flags = demo_flags(common.flags) if demo_world else common.flags
     cfg = ServeConfig(roots=list(root or [Path.cwd()]), preset=common.preset, config=common.config, flags=flags,
                       judge_model=judge_model)
     serving = start(cfg, host=host, port=port, share=share)

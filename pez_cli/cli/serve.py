@@ -90,6 +90,19 @@ def flag_value(name: str, value: Any) -> Any:
     return value
 
 
+def demo_flags(flags: dict[str, Any]) -> dict[str, Any]:
+    """--demo: the offline demo world's CLIP, its steps and (with transformers) its language
+    model, where the flags name none."""
+    from pez_cli import demo as demos
+
+    out = dict(flags)
+    out["model"] = out.get("model") or f"local-dir:{demos.CLIP_DIR}"
+    out["steps"] = out.get("steps") or demos.DEMO_STEPS
+    if demos.lm_available():
+        out["lm"] = out.get("lm") or str(demos.LM_DIR)
+    return out
+
+
 @dataclass
 class ServeConfig:
     """What `pez serve` was started with."""
@@ -626,7 +639,7 @@ def batch_tab(gr, server: Server, preset, settings_fields, run_group, image_type
             else:
                 summary, job, path = value
                 yield {progress: "", status: batch_summary(summary, job.shard).replace("run the same command", "run it"),
-                       table: gr.skip(), download: str(path)}
+                       table: live_rows, download: str(path)}
 
     run.click(takes_request(gr, handler), inputs=[files, folder, recursive, out, fmt, preset] + settings_fields,
               outputs=[progress, status, table, download], api_name="batch", show_progress="hidden", **run_group)
