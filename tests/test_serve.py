@@ -105,15 +105,29 @@ def upload(tab, kind: str, paths) -> None:
                           " return names.every(n => t.includes(n)); }", arg=[f"#{kind}-files", names])
 
 
+def drop(tab, kind: str, path: Path) -> None:
+    """Drag a file onto the drop area, as a user drops it from a file manager."""
+    import base64
+
+    transfer = tab.evaluate_handle(
+        """([name, b64]) => { const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+           const dt = new DataTransfer(); dt.items.add(new File([bytes], name, {type: 'image/png'})); return dt; }""",
+        [path.name, base64.b64encode(path.read_bytes()).decode()])
+    for event in ("dragenter", "dragover", "drop"):
+        tab.dispatch_event(f"#{kind}-files button.upload-container", event, {"dataTransfer": transfer})
+    tab.wait_for_function("([s, n]) => document.querySelector(s).innerText.replace(/\\s+/g, '').includes(n)",
+                          arg=[f"#{kind}-files", path.name])
+
+
 # -- in a real browser ---------------------------------------------------------------------
 @pytest.mark.browser
 @pytest.mark.slow
 def test_page_inverts_as_the_cli_does_then_streams_stops_and_copies(page, folder, tiny_model, tmp_path):
-    upload(page, "invert", [folder / SAMPLE.name])
+    drop(page, "invert", SAMPLE)
     page.click("#invert-run")
     page.wait_for_function("document.querySelector('#invert-prompt textarea').value.length > 0")
     prompt = page.input_value("#invert-prompt textarea")
-    cli = cli_prompt(folder / SAMPLE.name, tiny_model)
+    cli = cli_prompt(SAMPLE, tiny_model)
     assert prompt == cli["prompt"]  # the same settings and seed: the same prompt as `pez invert`
     assert f"similarity {cli['similarity']:.4f}" in page.inner_text("#invert-scores")
 
