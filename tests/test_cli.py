@@ -143,9 +143,14 @@ def test_bad_models_are_one_line_errors(images, tmp_path):
     assert_one_line_error(run("invert", images[0], "--model", f"local-dir:{tmp_path / 'x'}"), 1, r"model folder not found")
 
 
-def test_usage_errors_exit_2():
-    assert run("invert").exit_code == 2
-    assert run("invert", "x.png", "--steps", "many").exit_code == 2
+def test_usage_errors_exit_2_in_one_line_that_says_where_the_help_is():
+    assert_one_line_error(run("invert"), 2, r"^Error: Missing argument 'IMAGE' \(see pez invert --help\)$")
+    assert_one_line_error(run("invert", "x.png", "--steps", "many"), 2, r"Invalid value for '--steps'.*\(see pez invert --help\)$")
+    assert_one_line_error(run("demo", "--scenes", "two"), 2, r"Invalid value for '--scenes'")
+    assert_one_line_error(run("invert", "x.png", "--bogus"), 2, r"No such option: --bogus")
+    assert_one_line_error(run("bogus"), 2, r"No such command 'bogus' \(see pez --help\)")
+    bare = run()  # no command: the help, as a usage error
+    assert bare.exit_code == 2 and "Commands:" in bare.stderr and "invert" in bare.stderr
 
 
 def _interrupt_at(monkeypatch, at_step):

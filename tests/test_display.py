@@ -52,3 +52,15 @@ def test_plain_lines_say_the_same(capsys):
 def test_time_left():
     assert remaining(0, 10, 5.0) == "" and remaining(10, 10, 5.0) == ""
     assert remaining(1, 3601, 1.0) == "1:00:00"
+
+
+def test_no_rate_or_time_left_from_the_first_moments():
+    """Step 1 comes a moment after progress begins: a rate from that moment would be nonsense
+    (it once read 456204.7 step/s)."""
+    console = Console(file=io.StringIO(), width=80, color_system=None)
+    reporter = Reporter("plain", console=console)
+    reporter.progress("step", 1, 1_000_000, "best 0.1 a prompt")
+    assert console.file.getvalue().splitlines()[-1] == "step 1/1000000  best 0.1 a prompt"
+    reporter._started -= 10
+    reporter.progress("step", 100, 1_000_000, "best 0.2 a prompt")
+    assert console.file.getvalue().splitlines()[-1].startswith("step 100/1000000  10.0 step/s  27:46:")

@@ -23,6 +23,8 @@ EXIT_INTERRUPTED = 130
 PROGRESS_INTERVAL_S = 0.25
 # Plain (non-terminal) progress lines, when forced with --progress, come at most this often.
 PLAIN_PROGRESS_INTERVAL_S = 5.0
+# A rate and a time left are shown once progress has run this long.
+RATE_AFTER_S = 0.5
 
 
 def fail(message: str, code: int = EXIT_ERROR) -> None:
@@ -208,9 +210,10 @@ class Reporter:
                 self._start_bar(label)
             self._label = label
         elapsed = max(time.monotonic() - self._started, 1e-9)
+        measured = elapsed >= RATE_AFTER_S  # the first step's interval says nothing of the rate
         if rate is None:
-            rate = f"{done / elapsed:.1f} {label}/s" if done else ""
-        left = remaining(done, total, elapsed)
+            rate = f"{done / elapsed:.1f} {label}/s" if done and measured else ""
+        left = remaining(done, total, elapsed) if measured else ""
         left = f"{left} left" if left else ""
         if self.mode == "plain":
             parts = [f"{label} {int(done)}/{total}", rate, left, info]

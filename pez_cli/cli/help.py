@@ -4,13 +4,17 @@ so the help reads at 80 columns as well as at 200."""
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import typer.core
 
+# The click that typer runs on: its own copy in newer typer releases (typer._click), else click.
+click = getattr(typer.core, "_click", None) or __import__("click")
+
 # Panels in the order help shows them; options without one are in "Options".
 PANELS = ("Arguments", "Options", "Model and device", "Optimization", "Vocabulary and priors", "Render", "Batch",
-          "Ray", "Settings sources", "Output")
+          "Ray", "Server", "Settings sources", "Output")
 
 
 def panel_of(param: Any) -> str:
@@ -56,9 +60,35 @@ class GroupedHelp(typer.core.TyperCommand):
         self.format_epilog(ctx, formatter)
 
 
+def usage_line(e: Any) -> str:
+    """A command-line mistake as one line: what is wrong, then where the help is."""
+    ctx = getattr(e, "ctx", None)
+    where = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+    return f"Error: {e.format_message().strip().rstrip('.')}{where}"
+
+
 class PlainGroup(typer.core.TyperGroup):
     """`pez --help`: the commands in click's plain layout, like each command's help (no
-    boxes, no `<bool>` metavars)."""
+    boxes, no `<bool>` metavars). Usage mistakes are one line on stderr, exit 2, like every
+    other error."""
+
+    def main(self, args: Any = None, prog_name: Any = None, complete_var: Any = None, standalone_mode: bool = True,
+             **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as e:  # bare `pez`: the help, as click shows it
+            e.show()
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            sys.stderr.write(usage_line(e) + "\n")
+            sys.stderr.flush()
+            sys.exit(e.exit_code)
+        except click.exceptions.Abort:  # Ctrl-C outside a command's own handling (while starting)
+            sys.stderr.write("Error: interrupted\n")
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
 
     def format_help(self, ctx: Any, formatter: Any) -> None:
         self.format_usage(ctx, formatter)
