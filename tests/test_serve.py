@@ -219,6 +219,34 @@ def test_demo_page_with_the_language_model_and_the_readme_screenshot(browser, tm
         shutil.copyfile(shot, os.environ["PEZ_SCREENSHOT"])
 
 
+@pytest.mark.browser
+@pytest.mark.slow
+def test_a_second_tab_sees_its_place_in_the_queue(browser, served, folder):
+    tabs = []
+    for _ in range(2):
+        context = browser.new_context(viewport={"width": 1280, "height": 1000})
+        tab = context.new_page()
+        tab.set_default_timeout(60_000)
+        tab.goto(served.url)
+        upload(tab, "invert", [folder / "a.png"])
+        tabs.append(tab)
+    first, second = tabs
+    try:
+        first.fill("#setting-steps input", "1000000")
+        first.click("#invert-run")
+        wait_for_text(first, "#invert-progress", "^step ")
+        second.click("#invert-run")
+        wait_for_text(second, "#invert-progress", r"queue: 1/1")  # waiting its turn, not an error
+        assert second.inner_text("#invert-status").strip() == ""
+        first.click("#invert-stop")
+        wait_for_text(first, "#invert-status", "Stopped after")
+        second.wait_for_function("document.querySelector('#invert-prompt textarea').value.length > 0")  # then it ran
+        assert "queue" not in second.inner_text("#invert-progress")
+    finally:
+        for tab in tabs:
+            tab.context.close()
+
+
 def page_paths(result_file: Path) -> list[str]:
     with open(result_file, newline="", encoding="utf-8") as f:
         return [r["path"] for r in csv.DictReader(f)]
@@ -478,6 +506,8 @@ def test_client_batch_of_a_folder_resumes_and_keeps_models_loaded(served, folder
     again = run("batch", folder, "--model", tiny_model, "--steps", STEPS, "--out", out)
     assert "4 already done" in again.stderr  # the CLI resumes the page's result file
     assert Path(download).read_bytes() != b""
+    written = {p.name for p in folder.iterdir()} - {"a.png", "b.png", "c.png", "bad.png", SAMPLE.name}
+    assert written <= {"page-results.csv", "folder-rows.jsonl"}, written  # nothing beside the images but the named files
 
 
 def test_host_says_where_the_server_listens(tiny_model, tmp_path):

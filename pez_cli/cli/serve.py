@@ -539,7 +539,7 @@ def build_page(server: Server):
 
             inputs = [text] if kind == "text" else [files, folder] + ([template] if template is not None else [])
             run.click(takes_request(gr, handler), inputs=inputs + [preset] + settings_fields, outputs=outputs, api_name=kind,
-                      show_progress="hidden", **run_group)
+                      show_progress="minimal", show_progress_on=[progress], **run_group)  # a queued run shows its place
             stop.click(stopper(gr, server), api_name=f"{kind}_stop", concurrency_limit=None, show_progress="hidden")
 
         optimize_tab("invert", "Invert")
@@ -598,7 +598,8 @@ def render_section(gr, server: Server, kind: str, preset, settings_fields, promp
 
     inputs = [prompt, files, folder, sd_model, judge, count, sd_steps, size, preset] + settings_fields
     render.click(takes_request(gr, handler), inputs=inputs,
-                 outputs=[status, gallery, sheet], api_name=f"{kind}_render", show_progress="hidden", **run_group)
+                 outputs=[status, gallery, sheet], api_name=f"{kind}_render", show_progress="minimal", show_progress_on=[status],
+                 **run_group)
 
 
 def batch_tab(gr, server: Server, preset, settings_fields, run_group, image_types) -> None:
@@ -642,7 +643,8 @@ def batch_tab(gr, server: Server, preset, settings_fields, run_group, image_type
                        table: live_rows, download: str(path)}
 
     run.click(takes_request(gr, handler), inputs=[files, folder, recursive, out, fmt, preset] + settings_fields,
-              outputs=[progress, status, table, download], api_name="batch", show_progress="hidden", **run_group)
+              outputs=[progress, status, table, download], api_name="batch", show_progress="minimal", show_progress_on=[progress],
+              **run_group)
     stop.click(stopper(gr, server), api_name="batch_stop", concurrency_limit=None, show_progress="hidden")
 
 
