@@ -526,3 +526,18 @@ def test_host_says_where_the_server_listens(tiny_model, tmp_path):
     finally:
         serving.close()
     assert not serving.tmp.exists()
+
+
+def test_a_run_on_another_model_frees_the_last_one(tiny_model, tmp_path):
+    from pez_cli.cli.serve import PAGE_FIELDS, Server, ServeConfig
+    from pez_cli.testing import save_tiny_clip
+
+    other = f"local-dir:{save_tiny_clip(tmp_path / 'other', seed=3)}"
+    server = Server(ServeConfig(roots=[tmp_path], flags={"model": tiny_model}), tmp_path / "tmp")
+    values = dict(zip(PAGE_FIELDS, server.page_values(None)))
+    first = server.pez(server.settings(None, list(values.values())))
+    again = server.pez(server.settings(None, list(values.values())))
+    assert again.model is first.model  # kept loaded between runs
+    values["model"] = other
+    switched = server.pez(server.settings(None, list(values.values())))
+    assert switched.model is not first.model and [k[0] for k in server.models] == [other]  # the first was let go

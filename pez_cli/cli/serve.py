@@ -164,6 +164,8 @@ class Live:
         if self.due(False):
             with self.lock:
                 self.done, self.total, self.step, self.steps = p.done, p.total, p.step, p.steps
+                if p.steps:
+                    self.stage = ""  # a group optimizes: "Reading ..." is over
                 self._changed()
 
     def on_row(self, row: dict[str, Any]) -> None:
@@ -249,25 +251,29 @@ class Server:
 
     # models, kept loaded between runs
     def pez(self, settings: Settings):
+        """A Pez for these settings on the models of the last run when they are the same ones;
+        models no longer named are freed before new ones load (a GPU holds one set)."""
         from pez_cli.api import Pez
         from pez_cli.models import load_model, pick_device
 
         device = pick_device(settings.device)
-        loaded = []
-        for name, _ in settings.models():
-            key = (name, str(device))
+        wanted = [(name, str(device)) for name, _ in settings.models()]
+        wanted_lm = [(settings.lm, str(device))] if settings.uses_lm else []
+        if any(key not in wanted for key in self.models) or any(key not in wanted_lm for key in self.lms):
+            self.models = {k: v for k, v in self.models.items() if k in wanted}
+            self.lms = {k: v for k, v in self.lms.items() if k in wanted_lm}
+            free_memory(device)
+        for key in wanted:
             if key not in self.models:
-                self.models[key] = load_model(name, device)
-            loaded.append(self.models[key])
+                self.models[key] = load_model(key[0], device)
         lm = None
-        if settings.uses_lm:
+        if wanted_lm:
             from pez_cli.lm import load_lm
 
-            key = (settings.lm, str(device))
-            if key not in self.lms:
-                self.lms[key] = load_lm(settings.lm, device)
-            lm = self.lms[key]
-        return Pez(settings, model=loaded, keep_image_tower=True, lm=lm)
+            if wanted_lm[0] not in self.lms:
+                self.lms[wanted_lm[0]] = load_lm(settings.lm, device)
+            lm = self.lms[wanted_lm[0]]
+        return Pez(settings, model=[self.models[key] for key in wanted], keep_image_tower=True, lm=lm)
 
     def loaded_label(self, settings: Settings) -> str:
         names = [name for name, _ in settings.models()]
@@ -314,6 +320,17 @@ class Server:
         event = self.stops.get(token)
         if event is not None:
             event.set()
+
+
+def free_memory(device) -> None:
+    """Give back what dropped models held."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def error_line(e: BaseException) -> str:
