@@ -529,7 +529,7 @@ def test_host_says_where_the_server_listens(tiny_model, tmp_path):
 
 
 def test_a_run_on_another_model_frees_the_last_one(tiny_model, tmp_path):
-    from pez_cli.cli.serve import PAGE_FIELDS, Server, ServeConfig
+    from pez_cli.cli.serve import PAGE_FIELDS, ServeConfig, Server
     from pez_cli.testing import save_tiny_clip
 
     other = f"local-dir:{save_tiny_clip(tmp_path / 'other', seed=3)}"
