@@ -358,6 +358,13 @@ def test_client_refuses_paths_outside_root(served, tmp_path):
                                                        "", *settings_values(served), api_name="/batch")
     assert status.startswith(f"Error: result file {outside / 'rows.csv'} is outside")
     assert not (outside / "rows.csv").exists()
+    import urllib.error
+    import urllib.request
+
+    for path in (outside / "x.png", served.server.roots[0] / "a.png", Path("/etc/passwd")):  # Gradio's file route serves none
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{served.url}/gradio_api/file={path}", timeout=30)
+        assert refused.value.code == 403
 
 
 def test_bad_settings_show_the_cli_error_line(served, folder, tiny_model):
