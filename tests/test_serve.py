@@ -410,12 +410,19 @@ def test_pez_serve_listens_only_on_loopback_and_ctrl_c_removes_its_temporary_fol
 
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as response:
             assert response.status == 200 and b"<html" in response.read()
+        from gradio_client import Client, handle_file  # Ctrl-C while a run is going: it ends, the server too
+
+        client = Client(f"http://127.0.0.1:{port}", verbose=False)
+        values = [tiny_model, 1_000_000, "", "words", "", 0, 0.1, 32, 1, 3, 0.0, "", ""]  # PAGE_FIELDS' order
+        job = client.submit([handle_file(str(folder / "a.png"))], "", "", *values, api_name="/invert")
+        wait_for_output(job, lambda o: o[0].startswith("step "))
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
     assert proc.returncode == 0, err
     assert "pez serve: stopped" in err and "Traceback" not in err
+    assert out == ""  # stdout stays empty (Gradio's own chatter is kept off it)
     assert not made.exists()  # uploads and downloads went with the server
 
 

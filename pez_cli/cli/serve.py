@@ -678,9 +678,24 @@ class Serving:
     previous_temp_dir: str | None = None
 
     def close(self) -> None:
+        """Stop running jobs after their step, stop the server, remove the temporary folder."""
+        import contextlib
+        import io
+
+        for event in list(self.server.stops.values()):
+            event.set()
+        http = getattr(self.page, "server", None)
+        if http is not None and hasattr(http, "force_exit"):
+            http.force_exit = True  # uvicorn would wait 5 s for open streams (a page watching a run) to close
+        quiet = [logging.getLogger(name) for name in ("uvicorn", "uvicorn.error")]  # the cut streams' tracebacks
         try:
-            self.page.close()
+            for logger in quiet:
+                logger.disabled = True
+            with contextlib.redirect_stdout(io.StringIO()):  # Gradio prints "Closing server ..."; stdout is not ours to fill
+                self.page.close()
         finally:
+            for logger in quiet:
+                logger.disabled = False
             shutil.rmtree(self.tmp, ignore_errors=True)
             if self.previous_temp_dir is None:
                 os.environ.pop("GRADIO_TEMP_DIR", None)
