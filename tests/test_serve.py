@@ -490,7 +490,7 @@ def test_client_distill_and_style_give_the_cli_prompts(served, folder, tiny_mode
 
     client = Client(served.url, verbose=False)
     text = "a red square on a blue mat"
-    page = client.predict(text, "", *settings_values(served), api_name="/text")
+    page = client.predict(text, "", *settings_values(served), api_name="/distill")
     cli = run("distill", text, "--model", tiny_model, "--steps", STEPS, "--json")
     assert json.loads(page[5])["prompt"] == page[2] == json.loads(cli.stdout)["prompt"]
     images = [folder / "a.png", folder / "b.png"]

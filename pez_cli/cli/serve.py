@@ -353,7 +353,7 @@ def optimize_work(server: Server, kind: str, preset, values, files=None, folder=
             from pez_cli.inputs import check_template
 
             check_template(template or None)
-        if kind == "text":
+        if kind == "distill":
             if not text or not text.strip():
                 raise InputError("no text to distill")
             inputs = {"text": text}
@@ -364,9 +364,9 @@ def optimize_work(server: Server, kind: str, preset, values, files=None, folder=
         started = time.monotonic()
         live.set_stage(server.loaded_label(settings))
         pez = server.pez(settings)
-        targets = pez.text_features([text]) if kind == "text" else pez.image_features(pil)
+        targets = pez.text_features([text]) if kind == "distill" else pez.image_features(pil)
         loop = time.monotonic()
-        [result] = pez.solve([targets], "text" if kind == "text" else "image", on_progress=live.on_progress,
+        [result] = pez.solve([targets], "text" if kind == "distill" else "image", on_progress=live.on_progress,
                              on_stage=live.set_stage, stop=stop)
         return result, result_data(result, pez.device, inputs, loop, started, template if kind == "style" else None)
 
@@ -497,7 +497,7 @@ def build_page(server: Server):
             with gr.Tab(title, id=kind):
                 with gr.Row():
                     with gr.Column():
-                        if kind == "text":
+                        if kind == "distill":
                             text = gr.Textbox(label="Text to distill", lines=4, elem_id=f"{kind}-text")
                             files = folder = template = None
                         else:
@@ -521,13 +521,13 @@ def build_page(server: Server):
                         status = gr.Markdown("", elem_id=f"{kind}-status")
                         with gr.Accordion("JSON (as --json prints it)", open=False):
                             data = gr.Code(language="json", elem_id=f"{kind}-json")
-                if kind != "text":
+                if kind != "distill":
                     render_section(gr, server, kind, preset, settings_fields, prompt, files, folder, run_group)
             outputs = [progress, best, prompt, scores, status, data] + ([styled] if styled is not None else [])
 
             def handler(request, *args):
                 tok = session(request)
-                if kind == "text":
+                if kind == "distill":
                     text_, rest = args[0], args[1:]
                     work = optimize_work(server, kind, rest[0], rest[1:], text=text_)
                 elif kind == "style":
@@ -554,14 +554,14 @@ def build_page(server: Server):
                             done[styled] = payload.get("styled", "")
                         yield done
 
-            inputs = [text] if kind == "text" else [files, folder] + ([template] if template is not None else [])
+            inputs = [text] if kind == "distill" else [files, folder] + ([template] if template is not None else [])
             run.click(takes_request(gr, handler), inputs=inputs + [preset] + settings_fields, outputs=outputs, api_name=kind,
                       show_progress="minimal", show_progress_on=[progress], **run_group)  # a queued run shows its place
             stop.click(stopper(gr, server), api_name=f"{kind}_stop", concurrency_limit=None, show_progress="hidden")
 
         optimize_tab("invert", "Invert")
         optimize_tab("style", "Style")
-        optimize_tab("text", "Distill")
+        optimize_tab("distill", "Distill")
         batch_tab(gr, server, preset, settings_fields, run_group, image_types)
     return page
 
