@@ -12,6 +12,7 @@ import difflib
 import gc
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -472,10 +473,12 @@ def _create(name: str, open_name: str, pretrained: str | None, quick_gelu: bool,
     import open_clip
 
     try:
-        # weights_only: a .bin/.pth checkpoint is unpickled without running any code in it.
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            open_name, pretrained=pretrained, device=device, force_quick_gelu=quick_gelu, weights_only=True
-        )
+        with warnings.catch_warnings():  # torch's note on a checkpoint's pickle protocol would precede pez's one line
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            # weights_only: a .bin/.pth checkpoint is unpickled without running any code in it.
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                open_name, pretrained=pretrained, device=device, force_quick_gelu=quick_gelu, weights_only=True
+            )
     except Exception as e:  # open_clip wraps download and parse failures in many types
         if open_name.startswith("hf-hub:"):
             raise ModelError(f"could not load model {name!r} from the Hugging Face Hub "

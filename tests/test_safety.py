@@ -6,6 +6,8 @@ import json
 import os
 import pickle
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -176,6 +178,11 @@ def test_pickled_weights_cannot_run_code(tmp_path, photos):
     torch.save({"state_dict": _Payload(marker)}, folder / "open_clip_pytorch_model.bin", pickle_protocol=pickle.HIGHEST_PROTOCOL)
     result = run("invert", photos / "a.png", "--model", f"local-dir:{folder}", *FAST)
     assert_one_line_error(result, 1, "could not load model")
+    assert not marker.exists()
+    # As a user sees it, warnings not captured: still one line (torch warns about the pickle first).
+    shown = subprocess.run([sys.executable, "-W", "default", "-m", "pez_cli", "invert", str(photos / "a.png"), "--model",
+                            f"local-dir:{folder}", *map(str, FAST)], capture_output=True, text=True, timeout=300)
+    assert shown.returncode == 1 and len(shown.stderr.strip().splitlines()) == 1, shown.stderr
     assert not marker.exists()
 
 
