@@ -413,7 +413,9 @@ def test_pez_serve_listens_only_on_loopback_and_ctrl_c_removes_its_temporary_fol
         from gradio_client import Client, handle_file  # Ctrl-C while a run is going: it ends, the server too
 
         client = Client(f"http://127.0.0.1:{port}", verbose=False)
-        values = [tiny_model, 1_000_000, "", "words", "", 0, 0.1, 32, 1, 3, 0.0, "", ""]  # PAGE_FIELDS' order
+        from pez_cli.cli.serve import ServeConfig, Server
+
+        values = Server(ServeConfig(roots=[folder], flags={"model": tiny_model, "steps": 1_000_000}), temp).page_values(None)
         job = client.submit([handle_file(str(folder / "a.png"))], "", "", *values, api_name="/invert")
         wait_for_output(job, lambda o: o[0].startswith("step "))
         proc.send_signal(signal.SIGINT)
