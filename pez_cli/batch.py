@@ -289,8 +289,9 @@ class BatchJob:
     ) -> Summary:
         """Run the job on `paths`. on_progress(BatchProgress) every step; on_failure(item) for
         each image that becomes an error row; on_row(row) for each row this run writes (a
-        prompt's or an error's; also without --out), after its side outputs. Ctrl-C keeps every finished group and returns a
-        summary marked interrupted. --out is locked for the whole run."""
+        prompt's or an error's; also without --out), after its side outputs. Ctrl-C keeps
+        every finished group and returns a summary marked interrupted. --out is locked for the
+        whole run."""
         writer = ResultWriter(self.out, self.fmt) if self.out else None
         summary = Summary()
         try:

@@ -112,11 +112,10 @@ def optimize_and_print(common: Common, kind: str, targets_of: Callable[[Any], An
         [result] = pez.solve([targets], kind, on_progress=step_progress(reporter), on_stage=reporter.stage, stop=STOP)
         data = result_data(result, pez.device, inputs, loop, started, template)
         del pez, targets  # free the optimizing model before anything else is loaded
-    fill = (lambda p: template.replace("{}", p)) if template else None
     if result.interrupted:
         reporter.note(f"Interrupted after {result.steps_done} steps; best prompt so far:")
     if not common.json:  # printed before any rendering, so a failed render loses nothing
-        emit_lines([result.prompt] + ([data["styled"]] if fill else []))
+        emit_lines([result.prompt] + ([data["styled"]] if "styled" in data else []))
         if not result.interrupted:
             note = "" if result.round_trip else " (re-tokenizes differently from the optimized ids)"
             reporter.note(f"similarity {result.similarity:.4f}{note}")
@@ -127,7 +126,7 @@ def optimize_and_print(common: Common, kind: str, targets_of: Callable[[Any], An
     try:
         if options is not None:
             with Reporter(progress_mode(common.quiet, common.progress)) as reporter:
-                data.update(render_after(settings, after, options, fill(result.prompt) if fill else result.prompt,
+                data.update(render_after(settings, after, options, data.get("styled", result.prompt),
                                          originals, reporter, common.quiet, data))
     finally:
         if common.json:

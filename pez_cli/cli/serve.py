@@ -125,8 +125,8 @@ class Live:
         self.step = self.steps = 0
         self.best = ""
         self.score: float | None = None
-        self.done = self.total = 0  # batch: images
-        self.rows: list[list[Any]] = []
+        self.total = 0  # batch: images this run has to do
+        self.rows: list[list[Any]] = []  # batch: each row written so far (its count is the images done)
         self.started = time.monotonic()
         self._drawn = 0.0
 
@@ -163,7 +163,7 @@ class Live:
         """BatchJob.run's on_progress."""
         if self.due(False):
             with self.lock:
-                self.done, self.total, self.step, self.steps = p.done, p.total, p.step, p.steps
+                self.total, self.step, self.steps = p.total, p.step, p.steps
                 if p.steps:
                     self.stage = ""  # a group optimizes: "Reading ..." is over
                 self._changed()
@@ -173,7 +173,6 @@ class Live:
             score = row.get("similarity")
             self.rows.append([Path(row["path"]).name, row.get("prompt") or "", "" if score is None else round(score, 4),
                               row.get("error") or ""])
-            self.done += 1
             self._changed()
 
     def line(self) -> str:
@@ -189,7 +188,7 @@ class Live:
 
     def batch_line(self) -> str:
         with self.lock:
-            parts = [f"images {self.done}/{self.total}" if self.total else "",
+            parts = [f"images {len(self.rows)}/{self.total}" if self.total else "",
                      f"group step {self.step}/{self.steps}" if self.steps else "", self.stage]
             return " · ".join(p for p in parts if p) or "Starting ..."
 
@@ -434,13 +433,8 @@ def render_work(server: Server, token: str, preset, values, prompt, files, folde
         judge = canonical_model(judge_model.strip()) if judge_model and judge_model.strip() else \
             server.cfg.judge_model or default_judge([n for n, _ in settings.models()])
 
-        def steps(done: int, total: int) -> None:
-            with live.lock:
-                live.stage = f"denoising step {done}/{total}"
-                live._changed()
-
         done = render_and_judge(options, prompt.strip(), originals, pick_device(settings.device), judge,
-                                live.set_stage, steps)
+                                live.set_stage, lambda n, total: live.set_stage(f"denoising step {n}/{total}"))
         return paths, done, judge
 
     return work
@@ -697,10 +691,15 @@ class Serving:
             for logger in quiet:
                 logger.disabled = False
             shutil.rmtree(self.tmp, ignore_errors=True)
-            if self.previous_temp_dir is None:
-                os.environ.pop("GRADIO_TEMP_DIR", None)
-            else:
-                os.environ["GRADIO_TEMP_DIR"] = self.previous_temp_dir
+            _restore_temp_dir(self.previous_temp_dir)
+
+
+def _restore_temp_dir(previous: str | None) -> None:
+    """GRADIO_TEMP_DIR as it was before the server set it."""
+    if previous is None:
+        os.environ.pop("GRADIO_TEMP_DIR", None)
+    else:
+        os.environ["GRADIO_TEMP_DIR"] = previous
 
 
 def start(cfg: ServeConfig, host: str = "127.0.0.1", port: int | None = None, share: bool = False) -> Serving:
@@ -726,8 +725,5 @@ def start(cfg: ServeConfig, host: str = "127.0.0.1", port: int | None = None, sh
         return Serving(url.rstrip("/"), share_url, page, tmp, server, previous)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if previous is None:
-            os.environ.pop("GRADIO_TEMP_DIR", None)
-        else:
-            os.environ["GRADIO_TEMP_DIR"] = previous
+        _restore_temp_dir(previous)
         raise
