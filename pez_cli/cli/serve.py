@@ -690,6 +690,8 @@ class Serving:
         finally:
             for logger in quiet:
                 logger.disabled = False
+            self.server.models.clear()  # Gradio may keep the page (and so the server) alive: free the models
+            self.server.lms.clear()
             shutil.rmtree(self.tmp, ignore_errors=True)
             _restore_temp_dir(self.previous_temp_dir)
 
