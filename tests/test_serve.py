@@ -100,6 +100,11 @@ def wait_for_text(tab, selector: str, pattern: str) -> str:
 
 def upload(tab, kind: str, paths) -> None:
     tab.set_input_files(f"#{kind}-files input[type=file]", [str(p) for p in paths])
+    listed(tab, kind, paths)
+
+
+def listed(tab, kind: str, paths) -> None:
+    """Wait until the drop area lists every file."""
     names = [Path(p).name for p in paths]  # a list of several shows each name's stem and suffix apart
     tab.wait_for_function("([s, names]) => { const t = document.querySelector(s).innerText.replace(/\\s+/g, '');"
                           " return names.every(n => t.includes(n)); }", arg=[f"#{kind}-files", names])
@@ -115,8 +120,7 @@ def drop(tab, kind: str, path: Path) -> None:
         [path.name, base64.b64encode(path.read_bytes()).decode()])
     for event in ("dragenter", "dragover", "drop"):
         tab.dispatch_event(f"#{kind}-files button.upload-container", event, {"dataTransfer": transfer})
-    tab.wait_for_function("([s, n]) => document.querySelector(s).innerText.replace(/\\s+/g, '').includes(n)",
-                          arg=[f"#{kind}-files", path.name])
+    listed(tab, kind, [path])
 
 
 # -- in a real browser ---------------------------------------------------------------------
