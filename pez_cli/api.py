@@ -191,7 +191,7 @@ class Pez:
 
     def spaces(self) -> list[Space]:
         """What the optimizer needs of each model."""
-        return [Space(m.text, v, w, m.tokenizer.sot_token_id, m.tokenizer.eot_token_id, m.encode_texts)
+        return [Space(m.text, v, w, m.tokenizer.sot_token_id, m.tokenizer.eot_token_id, m.encode_texts, m.tokenize)
                 for m, v, w in zip(self.models, self.vocabs, self.weights)]
 
     def split(self, problem: Features) -> tuple[torch.Tensor, ...]:

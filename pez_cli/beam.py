@@ -45,10 +45,10 @@ def beam_search(opt: PromptOptimizer, bests: list[Best], width: int) -> list[Bes
         if not grown:
             break
         texts = [vocab.decode(ids) for _, ids, _ in grown]
-        per_space = objective.similarities([p for p, _, _ in grown], texts)
+        per_text = objective.similarities([p for p, _, _ in grown], texts)  # [text][model]
         ranked: dict[int, list[tuple[float, int]]] = {p: [] for p in problems}
         for j, (p, _, start) in enumerate(grown):
-            similarity = objective.joint([values[j] for values in per_space])
+            similarity = objective.joint(per_text[j])
             ranked[p].append((objective.sign * similarity + objective.lm_weight * start, j))
         for p in problems:
             seen: set[str] = set()
@@ -56,6 +56,6 @@ def beam_search(opt: PromptOptimizer, bests: list[Best], width: int) -> list[Bes
             for _, j in sorted(ranked[p], key=lambda r: -r[0]):  # stable: ties keep the proposal order
                 if texts[j] not in seen and len(beams[p]) < width:
                     seen.add(texts[j])
-                    each = [values[j] for values in per_space]
+                    each = per_text[j]
                     beams[p].append((grown[j][1], texts[j], objective.joint(each), each))
     return bests

@@ -30,7 +30,8 @@ if TYPE_CHECKING:
 @dataclass
 class Space:
     """One CLIP's part in a joint optimization: its text tower, vocabulary, start and end
-    tokens, weight, and a function giving normalized features (n, D) of printed prompts."""
+    tokens, weight, a function giving normalized features (n, D) of printed prompts, and the
+    tokens a printed prompt reads as (start and end included)."""
 
     tower: TextTower
     vocab: Vocabulary
@@ -38,6 +39,7 @@ class Space:
     start_id: int
     end_id: int
     score_texts: Callable[[list[str]], torch.Tensor]
+    tokenize: Callable[[str], list[int]]
 
 
 def clip_loss(sims: torch.Tensor, weights: torch.Tensor, sign: float, space_weight: float) -> torch.Tensor:
@@ -72,14 +74,21 @@ class Objective:
         self.lm_weight = lm_weight
 
     def similarities(self, problems: Sequence[int], texts: Sequence[str]) -> list[list[float]]:
-        """Each model's mean cosine of printed texts to their problems' targets: [space][text]."""
+        """Each model's mean cosine of printed texts to their problems' targets: [text][space]."""
+        if not texts:
+            return []
         out = []
         for k, space in enumerate(self.spaces):
             feats = space.score_texts(list(texts)).to(self.targets[k].dtype)  # (n, D_k)
             owners = torch.tensor(list(problems), device=feats.device)
             sims = torch.einsum("nmd,nd->nm", self.targets[k][owners], feats)  # (n, n_max)
             out.append((sims * self.weights[owners]).sum(-1).tolist())
-        return out
+        return [list(each) for each in zip(*out)]
+
+    def reads_as(self, text: str, ids: Sequence[int]) -> bool:
+        """Whether every model reads `text` as exactly the prompt tokens `ids`: then its features
+        are those of the ids, and so is its similarity."""
+        return all(space.tokenize(text) == [space.start_id, *ids, space.end_id] for space in self.spaces)
 
     def joint(self, each: Sequence[float]) -> float:
         """The weighted similarity over the models (exactly the similarity itself for one)."""
@@ -92,15 +101,21 @@ class Objective:
         value = self.sign * similarity
         return value + self.lm_weight * fluency if self.fluency is not None else value
 
-    def score(self, problems: Sequence[int], texts: Sequence[str]) -> list[Score]:
-        """Printed texts scored for their problems (texts[i] for problems[i]), in batched passes."""
+    def score(self, problems: Sequence[int], texts: Sequence[str],
+              known: Sequence[Sequence[float] | None] | None = None) -> list[Score]:
+        """Printed texts scored for their problems (texts[i] for problems[i]), in batched passes.
+        known[i], where given, is each model's similarity of texts[i] already computed (the loop's
+        own, for a text that reads as its ids); only the other texts are encoded."""
         if not texts:
             return []
-        per_space = self.similarities(problems, texts)
+        known = list(known) if known is not None else [None] * len(texts)
+        todo = [j for j, each in enumerate(known) if each is None]
+        for j, each in zip(todo, self.similarities([problems[j] for j in todo], [texts[j] for j in todo])):
+            known[j] = each
         fluency = self.fluency.of(texts) if self.fluency is not None else [math.nan] * len(texts)
         out = []
-        for j, flu in enumerate(fluency):
-            each = [values[j] for values in per_space]
+        for each, flu in zip(known, fluency):
+            each = list(each)
             similarity = self.joint(each)
             out.append(Score(similarity, each, flu, self.value(similarity, flu)))
         return out

@@ -132,18 +132,18 @@ class GraphedStep:
     into the graph's own input before each replay. Captured after GRAPH_WARMUP eager steps (as
     CUDA graphs require); the capture itself computes nothing, so no step is lost or repeated."""
 
-    def __init__(self, body: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], weights: torch.Tensor):
+    def __init__(self, body: Callable[[torch.Tensor], tuple[torch.Tensor, ...]], weights: torch.Tensor):
         self.weights = weights.clone()
         self.graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize()
         with torch.cuda.graph(self.graph):
             self.outputs = body(self.weights)
 
-    def replay(self, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def replay(self, weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if weights.data_ptr() != self.weights.data_ptr():
             self.weights.copy_(weights, non_blocking=True)
         self.graph.replay()
-        return self.outputs[0].clone(), self.outputs[1].clone()  # the next replay overwrites them
+        return tuple(out.clone() for out in self.outputs)  # the next replay overwrites them
 
 
 @dataclass
@@ -171,6 +171,7 @@ class _Candidates:
     active: list[list[int]] = field(default_factory=list)  # problems, in row order, at each step
     ids: list[torch.Tensor] = field(default_factory=list)  # (A, L) per step
     scores: list[torch.Tensor] = field(default_factory=list)  # (A,) ids' scores per step
+    each: list[torch.Tensor] = field(default_factory=list)  # (A, models) each model's own part of them
     steps: list[int] = field(default_factory=list)
 
 
@@ -260,7 +261,7 @@ class PromptOptimizer:
         if start is not None and all(first.vocab.allows(i) for i in start):  # the --init text is a candidate itself
             for p in range(problems):
                 self.scored[p].add(tuple(start))
-            self._score_printed([(p, start, None, 0) for p in range(problems)])
+            self._score_printed([(p, start, None, None, 0) for p in range(problems)])
 
     @property
     def prompt(self) -> torch.Tensor:
@@ -293,11 +294,11 @@ class PromptOptimizer:
         """One PEZ step for every active problem."""
         weights = self._batch_weights()
         if self.graph is not None:
-            chosen, score = self.graph.replay(weights)
+            chosen, score, each = self.graph.replay(weights)
             self.last_ids = self.graph_ids
         elif self.graphed:  # warm-up steps run on a side stream, as CUDA graph capture wants
             with side_stream(self.step_number.device):
-                chosen, score = self._step_body(weights)
+                chosen, score, each = self._step_body(weights)
             self.warm_steps += 1
             if self.warm_steps >= GRAPH_WARMUP:  # warm: the next steps replay a capture
                 ids = self.last_ids
@@ -312,24 +313,26 @@ class PromptOptimizer:
                     self.graph_ids = self.last_ids
                 self.last_ids = ids  # the capture computed nothing: this step's ids are the warm-up's
         else:
-            chosen, score = self._step_body(weights)
+            chosen, score, each = self._step_body(weights)
         self.step_count += 1
         self.pending.active.append(self.active)
         self.pending.ids.append(chosen)
         self.pending.scores.append(score)
+        self.pending.each.append(each)
         self.pending.steps.append(self.step_count)
         if self.step_count % self.flush_every == 0:
             self.flush()
 
-    def _step_body(self, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _step_body(self, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The step's arithmetic, all on the device: no host sync, no branch on a tensor's value,
         state updated in place (so it can be captured as a CUDA graph). weights: (A, n_max)
-        this step's sampled targets. Returns the leading candidate's ids (A, L) and score (A,)."""
+        this step's sampled targets. Returns the leading candidate's ids (A, L), its score (A,)
+        and each model's own similarity of it (A, models)."""
         problems, restarts, length = len(self.active), self.restarts, self.length
         with torch.no_grad():
             ids = project_jointly([s.vocab for s in self.spaces], [s.weight for s in self.spaces], self.prompts)  # (A*R, L)
         self.last_ids = ids
-        universal = None
+        universal, parts = None, []
         for k, (space, forward, scale) in enumerate(zip(self.spaces, self.forwards, self.loss_scales)):
             projected = space.vocab.embeddings[ids].requires_grad_(True)  # (A*R, L, W_k)
             rows = projected.shape[0]
@@ -344,6 +347,7 @@ class PromptOptimizer:
             self.prompts[k].grad = grad / scale
             with torch.no_grad():
                 part = (sims.detach() * self.all_weights[:, None, :]).sum(-1)  # (A, R)
+                parts.append(part)
                 part = part if space.weight == 1.0 else part * space.weight
                 universal = part if universal is None else universal + part
         self.optimizer.step()
@@ -355,11 +359,12 @@ class PromptOptimizer:
             arange = torch.arange(problems, device=universal.device)
             score = universal[arange, pick]
             chosen = ids.view(problems, restarts, length)[arange, pick]  # (A, L)
+            each = torch.stack([part[arange, pick] for part in parts], dim=-1)  # (A, models)
             better = self.sign * score > self.sign * self.ids_score
             self.ids_score.copy_(torch.where(better, score, self.ids_score))
             self.ids_best.copy_(torch.where(better[:, None], chosen, self.ids_best))
             self.ids_step.copy_(torch.where(better, self.step_number, self.ids_step))
-        return chosen, score
+        return chosen, score, each
 
     def flush(self) -> None:
         """Score the pending candidates as printed text (each distinct prompt once per problem),
@@ -369,14 +374,15 @@ class PromptOptimizer:
             return
         ids = torch.cat(pending.ids).tolist()  # one transfer for all the steps
         scores = torch.cat(pending.scores).tolist()
-        queued: list[tuple[int, list[int], float, int]] = []
+        each = torch.cat(pending.each).tolist()
+        queued: list[tuple[int, list[int], float | None, list[float] | None, int]] = []
         row = 0
         for active, step in zip(pending.active, pending.steps):
             for p in active:
                 key = tuple(ids[row])
                 if key not in self.scored[p]:
                     self.scored[p].add(key)
-                    queued.append((p, ids[row], scores[row], step))
+                    queued.append((p, ids[row], scores[row], each[row], step))
                 row += 1
         if queued:
             self._score_printed(queued)
@@ -386,12 +392,17 @@ class PromptOptimizer:
             if tired:
                 self._leave(tired)
 
-    def _score_printed(self, queued: list[tuple[int, list[int], float | None, int]]) -> None:
-        """Update each problem's printed best from (problem, ids, the ids' score, step); a score
-        of None is the printed text's own (ids that are the text's own tokens)."""
-        texts = [self.vocab.decode(ids) for _, ids, _, _ in queued]
-        scores = self.objective.score([p for p, _, _, _ in queued], texts)
-        for (p, ids, ids_score, step), text, score in zip(queued, texts, scores):
+    def _score_printed(self, queued: list[tuple[int, list[int], float | None, list[float] | None, int]]) -> None:
+        """Update each problem's printed best from (problem, ids, the ids' score, each model's part
+        of it, step); a score of None is the printed text's own (ids that are the text's own
+        tokens). A text that every model reads as exactly its ids has the ids' features, so the
+        loop's own similarities are its printed ones and it is not encoded again (with --vocab
+        words, every text: that pass cost a third of a CPU step)."""
+        texts = [self.vocab.decode(ids) for _, ids, _, _, _ in queued]
+        known = [each if each is not None and self.objective.reads_as(text, ids) else None
+                 for (_, ids, _, each, _), text in zip(queued, texts)]
+        scores = self.objective.score([p for p, _, _, _, _ in queued], texts, known)
+        for (p, ids, ids_score, _, step), text, score in zip(queued, texts, scores):
             best = self.printed[p]
             if best is None or score.value > best.objective:  # ties keep the earlier
                 self.printed[p] = Best.scored(ids, score.similarity if ids_score is None else ids_score, step, text, score)

@@ -94,9 +94,9 @@ class EmulatedCapture:
     def replay(self, weights):
         self.weights.copy_(weights)
         before = self.opt.last_ids
-        chosen, score = self.body(self.weights)
+        outputs = self.body(self.weights)
         with torch.no_grad():
-            for t, value in zip((*self.outputs, self.ids), (chosen, score, self.opt.last_ids)):
+            for t, value in zip((*self.outputs, self.ids), (*outputs, self.opt.last_ids)):
                 t.copy_(value)
         self.opt.last_ids = before
-        return self.outputs[0].clone(), self.outputs[1].clone()
+        return tuple(t.clone() for t in self.outputs)

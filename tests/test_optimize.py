@@ -29,6 +29,24 @@ def _score(pez, ids, target):
     return float(feats[0] @ target[0])
 
 
+@pytest.mark.parametrize("vocab", ["words", "all"])
+def test_a_text_that_reads_as_its_ids_is_not_encoded_again(pez_factory, monkeypatch, vocab):
+    """The loop already has the features of a candidate whose printed text re-tokenizes to its
+    ids; only the other texts are encoded to score them as printed."""
+    pez = pez_factory(vocab=vocab, prompt_len=4, steps=24)
+    target = pez.text_features([SECRET])
+    encode = pez.model.encode_texts
+    encoded: list[str] = []
+    monkeypatch.setattr(pez.model, "encode_texts", lambda texts: (encoded.extend(texts), encode(texts))[1])
+    [result] = pez.solve([target])
+    if vocab == "words":  # every whole-word candidate reads as its ids
+        assert result.round_trip and encoded == []
+    else:  # any token: many candidates print as text that tokenizes otherwise, and are encoded
+        assert encoded
+    # Either way the printed score is the printed text's own.
+    assert result.similarity == pytest.approx(float(encode([result.prompt])[0] @ target[0]), abs=1e-5)
+
+
 @pytest.mark.slow
 def test_known_target_is_recovered(pez_factory):
     """Target = text features of a secret prompt; PEZ finds a prompt very close to it."""
