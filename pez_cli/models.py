@@ -150,7 +150,14 @@ class TextTower(nn.Module):
         seq_len = x.shape[1]
         cast = self.transformer.get_cast_dtype()
         x = x.to(cast) + self.positional_embedding[:seq_len].to(cast)  # (B, T, W)
-        x = self.transformer(x, attn_mask=self.attn_mask[:seq_len, :seq_len])
+        mask = self.attn_mask[:seq_len, :seq_len]
+        blocks = self.transformer.resblocks
+        if self._ends_at_eot(x):
+            for block in blocks[:-1]:
+                x = block(x, attn_mask=mask)
+            x = self._last_block_at_eot(blocks[-1], x, mask)  # (B, 1 or 2, W)
+        else:
+            x = self.transformer(x, attn_mask=mask)
         x = self.ln_final(x[:, -1])  # (B, W): LayerNorm is per position; EOT is last
         proj = self.text_projection
         if proj is None:
@@ -158,6 +165,31 @@ class TextTower(nn.Module):
         if self.packed_projection is not None and packing.use_packed(x, proj):
             return self.packed_projection.apply(x, None)
         return proj(x) if isinstance(proj, nn.Linear) else x @ proj  # (B, D)
+
+    def _ends_at_eot(self, x: torch.Tensor) -> bool:
+        """Whether the last block can run for the EOT position alone: only its output there is
+        read, so the other positions need only their keys and values (the block's MLP and output
+        projection, three quarters of its products, run for one position). Taken where that is
+        the same arithmetic bit for bit (packed fp32 products on the CPU, whose rows do not
+        depend on how many there are; tests check it), for open_clip's plain block."""
+        from open_clip.transformer import ResidualAttentionBlock
+
+        blocks = getattr(self.transformer, "resblocks", None)
+        if not blocks or not getattr(self.transformer, "batch_first", False) or getattr(self.transformer, "grad_checkpointing", False):
+            return False
+        last = blocks[-1]
+        return (type(last) is ResidualAttentionBlock and not hasattr(last, "ln_1_kv")
+                and isinstance(last.attn, packing.PackedSelfAttention)
+                and packing.use_packed(x, last.attn.in_proj_weight))
+
+    @staticmethod
+    def _last_block_at_eot(block: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """open_clip's ResidualAttentionBlock at the last position: (B, T, W) -> (B, keep, W). One
+        sequence keeps its last two positions: a one-row product takes another kernel in oneDNN,
+        which rounds otherwise."""
+        keep = 1 if x.shape[0] > 1 else 2
+        x_end = x[:, -keep:] + block.ls_1(block.attn.last_queries(block.ln_1(x), mask.to(x.dtype), keep))
+        return x_end + block.ls_2(block.mlp(block.ln_2(x_end)))
 
     def encode_ids(self, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
         """Normalized features (N, D) of token id sequences that each end in the EOT id, in

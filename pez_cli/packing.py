@@ -193,6 +193,19 @@ class PackedSelfAttention(nn.Module):
         out = out.transpose(1, 2).reshape(batch, seq, width)
         return self.packed_out.apply(out, self.out_proj.bias), None
 
+    def last_queries(self, x: torch.Tensor, attn_mask: torch.Tensor | None, keep: int) -> torch.Tensor:
+        """Self-attention's output at the last `keep` positions only: (B, T, W) -> (B, keep, W).
+        Attention runs for every position as in forward (one query alone rounds differently
+        there), the output projection for the kept ones (packed rows do not depend on how many
+        there are, from two rows up)."""
+        batch, seq, width = x.shape
+        heads = self.num_heads
+        qkv = self.packed_in.apply(x, self.in_proj_bias)  # (B, T, 3W)
+        q, k, v = qkv.view(batch, seq, 3, heads, width // heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, W/H)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)[:, :, -keep:]  # (B, H, keep, W/H)
+        out = out.transpose(1, 2).reshape(batch, keep, width)
+        return self.packed_out.apply(out, self.out_proj.bias)
+
 
 def pack_modules(root: nn.Module, rows_hint: int) -> int:
     """Swap the frozen nn.Linear and self-attention modules under `root` for packed ones.

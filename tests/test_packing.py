@@ -7,6 +7,7 @@ from helpers import run
 from pez_cli import packing
 from pez_cli.api import Pez
 from pez_cli.config import Settings
+from pez_cli.models import TextTower
 from pez_cli.packing import PackedLinear, PackedSelfAttention
 from pez_cli.reference import pez_step_ids
 from pez_cli.testing import random_targets
@@ -68,6 +69,37 @@ def test_a_sequence_gets_the_same_bits_alone_or_in_a_batch(pair):
         batch = packed.model.text(x)
         for i in (0, 5, 15):
             assert torch.equal(packed.model.text(x[i : i + 1].clone())[0], batch[i])
+
+
+@pytest.fixture(scope="module")
+def b32_text_tower():
+    """A packed text tower of ViT-B-32's text width (512, MLP 2048), two layers, random weights:
+    at this size a one-row product takes another oneDNN kernel than a many-row one."""
+    import open_clip
+
+    torch.manual_seed(0)
+    clip = open_clip.model.CLIP(embed_dim=512, vision_cfg={"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
+                                text_cfg={"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 2})
+    clip.requires_grad_(False)
+    tower = TextTower(clip, end_id=49407)
+    packing.pack_modules(tower.transformer, rows_hint=tower.context_length)
+    return tower
+
+
+@needs_onednn
+@pytest.mark.parametrize("rows", [1, 3])
+def test_the_last_block_at_the_end_token_alone_gives_the_same_bits(b32_text_tower, monkeypatch, rows):
+    """The packed tower runs its last block's MLP for the end position only (the last two for one
+    sequence); features and input gradients are exactly those of the whole block."""
+    tower = b32_text_tower
+    x = torch.randn(rows, 18, tower.width, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    assert tower._ends_at_eot(x)
+    short = tower(x)
+    (g_short,) = torch.autograd.grad(short.square().sum(), x)
+    monkeypatch.setattr(TextTower, "_ends_at_eot", lambda self, x: False)
+    whole = tower(x)
+    (g_whole,) = torch.autograd.grad(whole.square().sum(), x)
+    assert torch.equal(short, whole) and torch.equal(g_short, g_whole)
 
 
 @needs_onednn
