@@ -123,6 +123,8 @@ class TextTower(nn.Module):
         self.width = int(self.token_embedding.weight.shape[1])
         self.amp_dtype: torch.dtype | None = None  # set by set_precision
         self.packed_projection: packing.PackedWeight | None = None  # set by packing.apply
+        # (first embedding (W,), each block's (keys, values)) of a shared first position: _forward
+        self.start_states: tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]] | None = None
 
     def set_precision(self, dtype: torch.dtype | None) -> None:
         """Keep the weights in `dtype` (None: as loaded) and run forward under autocast."""
@@ -139,7 +141,11 @@ class TextTower(nn.Module):
         return int(proj.out_features if isinstance(proj, nn.Linear) else proj.shape[1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Features (B, D), not normalized, of embedded sequences x (B, T, W) ending in EOT."""
+        """Features (B, D), not normalized, of embedded sequences x (B, T, W) ending in EOT.
+
+        On the packed CPU path a first position shared by every sequence (the start token's
+        embedding, in every pez run) is a constant: its keys and values in each block are
+        computed once and kept, and no gradient flows back to it."""
         if self.amp_dtype is None:
             return self._forward(x)
         # No cast cache: the weights are already in amp_dtype, and CUDA graph capture needs it off.
@@ -149,13 +155,22 @@ class TextTower(nn.Module):
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         seq_len = x.shape[1]
         cast = self.transformer.get_cast_dtype()
+        packed = self._packed_blocks(x)
+        first = self._first_position_states(x) if packed else None
         x = x.to(cast) + self.positional_embedding[:seq_len].to(cast)  # (B, T, W)
-        mask = self.attn_mask[:seq_len, :seq_len]
+        mask = self.attn_mask[:seq_len, :seq_len].to(x.dtype)
         blocks = self.transformer.resblocks
-        if self._ends_at_eot(x):
-            for block in blocks[:-1]:
-                x = block(x, attn_mask=mask)
-            x = self._last_block_at_eot(blocks[-1], x, mask)  # (B, 1 or 2, W)
+        if packed:
+            if first is not None:  # the first position's keys and values are known: run the others
+                x, mask = x[:, 1:], mask[1:]  # (B, T - 1, W), (T - 1, T)
+            prefixes = first or [None] * len(blocks)
+            for block, prefix in zip(blocks[:-1], prefixes):
+                x = self._packed_block(block, x, mask, prefix, keep=x.shape[1])
+            # Only the EOT position's output of the last block is read: the other positions need
+            # only their keys and values (its MLP and output projection, three quarters of its
+            # products, run for one position). One sequence keeps its last two positions: a
+            # one-row product takes another kernel in oneDNN, which rounds otherwise.
+            x = self._packed_block(blocks[-1], x, mask, prefixes[-1], keep=1 if x.shape[0] > 1 else 2)
         else:
             x = self.transformer(x, attn_mask=mask)
         x = self.ln_final(x[:, -1])  # (B, W): LayerNorm is per position; EOT is last
@@ -166,30 +181,48 @@ class TextTower(nn.Module):
             return self.packed_projection.apply(x, None)
         return proj(x) if isinstance(proj, nn.Linear) else x @ proj  # (B, D)
 
-    def _ends_at_eot(self, x: torch.Tensor) -> bool:
-        """Whether the last block can run for the EOT position alone: only its output there is
-        read, so the other positions need only their keys and values (the block's MLP and output
-        projection, three quarters of its products, run for one position). Taken where that is
-        the same arithmetic bit for bit (packed fp32 products on the CPU, whose rows do not
-        depend on how many there are; tests check it), for open_clip's plain block."""
+    def _packed_blocks(self, x: torch.Tensor) -> bool:
+        """Whether the blocks can run as `_packed_block`: the same arithmetic bit for bit as
+        open_clip's (packed fp32 products on the CPU, whose rows do not depend on how many
+        there are; tests check it), for open_clip's plain block."""
         from open_clip.transformer import ResidualAttentionBlock
 
         blocks = getattr(self.transformer, "resblocks", None)
         if not blocks or not getattr(self.transformer, "batch_first", False) or getattr(self.transformer, "grad_checkpointing", False):
             return False
-        last = blocks[-1]
-        return (type(last) is ResidualAttentionBlock and not hasattr(last, "ln_1_kv")
-                and isinstance(last.attn, packing.PackedSelfAttention)
-                and packing.use_packed(x, last.attn.in_proj_weight))
+        return (all(type(b) is ResidualAttentionBlock and not hasattr(b, "ln_1_kv")
+                    and isinstance(b.attn, packing.PackedSelfAttention) for b in blocks)
+                and packing.use_packed(x, blocks[0].attn.in_proj_weight))
 
     @staticmethod
-    def _last_block_at_eot(block: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """open_clip's ResidualAttentionBlock at the last position: (B, T, W) -> (B, keep, W). One
-        sequence keeps its last two positions: a one-row product takes another kernel in oneDNN,
-        which rounds otherwise."""
-        keep = 1 if x.shape[0] > 1 else 2
-        x_end = x[:, -keep:] + block.ls_1(block.attn.last_queries(block.ln_1(x), mask.to(x.dtype), keep))
+    def _packed_block(block: nn.Module, x: torch.Tensor, mask: torch.Tensor,
+                      prefix: tuple[torch.Tensor, torch.Tensor] | None, keep: int) -> torch.Tensor:
+        """open_clip's ResidualAttentionBlock at x's last `keep` positions: (B, T, W) -> (B, keep, W).
+        prefix: the keys and values of positions before x's, shared by every sequence."""
+        x_end = x[:, -keep:] + block.ls_1(block.attn.last_queries(block.ln_1(x), mask, keep, prefix))
         return x_end + block.ls_2(block.mlp(block.ln_2(x_end)))
+
+    def _first_position_states(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """Each block's keys and values (H, 1, W/H) at the first position when every sequence of
+        x (B, T, W) starts with the same embedding, computed once per embedding; else None. A
+        causal tower's first position sees only itself, so these are constants, and with two
+        rows its products round as in a batch. Taken from four positions up: with two queries
+        left, attention rounds otherwise."""
+        first = x[0, 0]
+        if x.shape[1] < 4 or not torch.equal(x[:, 0], first.expand(x.shape[0], -1)):
+            return None
+        if self.start_states is None or not torch.equal(self.start_states[0], first):
+            cast = self.transformer.get_cast_dtype()
+            with torch.no_grad():
+                h = (first.to(cast) + self.positional_embedding[0].to(cast)).expand(2, 1, -1)  # (2, 1, W)
+                mask = self.attn_mask[:1, :1].to(h.dtype)
+                states = []
+                for block in self.transformer.resblocks:
+                    _, k, v = block.attn.queries_keys_values(block.ln_1(h))  # (2, H, 1, W/H)
+                    states.append((k[0], v[0]))
+                    h = self._packed_block(block, h, mask, None, keep=1)
+            self.start_states = (first.detach().clone(), states)
+        return self.start_states[1]
 
     def encode_ids(self, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
         """Normalized features (N, D) of token id sequences that each end in the EOT id, in

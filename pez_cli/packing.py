@@ -186,25 +186,34 @@ class PackedSelfAttention(nn.Module):
             return self.original[0](query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
                                     attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal)
         batch, seq, width = query.shape
-        heads = self.num_heads
-        qkv = self.packed_in.apply(query, self.in_proj_bias)  # (B, T, 3W)
-        q, k, v = qkv.view(batch, seq, 3, heads, width // heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, W/H)
+        q, k, v = self.queries_keys_values(query)  # 3 x (B, H, T, W/H)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, T, W/H)
         out = out.transpose(1, 2).reshape(batch, seq, width)
         return self.packed_out.apply(out, self.out_proj.bias), None
 
-    def last_queries(self, x: torch.Tensor, attn_mask: torch.Tensor | None, keep: int) -> torch.Tensor:
+    def last_queries(self, x: torch.Tensor, attn_mask: torch.Tensor | None, keep: int,
+                     prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Self-attention's output at the last `keep` positions only: (B, T, W) -> (B, keep, W).
         Attention runs for every position as in forward (one query alone rounds differently
         there), the output projection for the kept ones (packed rows do not depend on how many
-        there are, from two rows up)."""
+        there are, from two rows up). `prefix`: keys and values (H, P, W/H) of P positions before
+        x's, shared by every sequence (attn_mask is then (T, P + T))."""
         batch, seq, width = x.shape
-        heads = self.num_heads
-        qkv = self.packed_in.apply(x, self.in_proj_bias)  # (B, T, 3W)
-        q, k, v = qkv.view(batch, seq, 3, heads, width // heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, W/H)
+        q, k, v = self.queries_keys_values(x)  # 3 x (B, H, T, W/H)
+        if prefix is not None:
+            shape = (batch, *prefix[0].shape)
+            k = torch.cat([prefix[0].expand(shape), k], dim=2)  # (B, H, P + T, W/H)
+            v = torch.cat([prefix[1].expand(shape), v], dim=2)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)[:, :, -keep:]  # (B, H, keep, W/H)
         out = out.transpose(1, 2).reshape(batch, keep, width)
         return self.packed_out.apply(out, self.out_proj.bias)
+
+    def queries_keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The packed input projection of x (B, T, W), split per head: 3 x (B, H, T, W/H)."""
+        batch, seq, width = x.shape
+        qkv = self.packed_in.apply(x, self.in_proj_bias)  # (B, T, 3W)
+        q, k, v = qkv.view(batch, seq, 3, self.num_heads, width // self.num_heads).permute(2, 0, 3, 1, 4)
+        return q, k, v
 
 
 def pack_modules(root: nn.Module, rows_hint: int) -> int:
@@ -276,6 +285,7 @@ def unpack_tower(tower) -> None:
     """Back to the plain modules (before the weights change dtype: packed copies would not)."""
     unpack_modules(tower.transformer)
     tower.packed_projection = None
+    tower.start_states = None  # computed with the packed products
 
 
 def packed_bytes(tower, vocab) -> int:

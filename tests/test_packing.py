@@ -87,19 +87,53 @@ def b32_text_tower():
 
 
 @needs_onednn
-@pytest.mark.parametrize("rows", [1, 3])
-def test_the_last_block_at_the_end_token_alone_gives_the_same_bits(b32_text_tower, monkeypatch, rows):
+@pytest.mark.parametrize("rows,shared,length", [(1, True, 18), (3, False, 18), (3, True, 18), (16, True, 18),
+                                                (2, True, 4), (2, True, 3), (1, True, 2)])
+def test_the_packed_blocks_give_the_same_bits_as_open_clips(b32_text_tower, monkeypatch, rows, shared, length):
     """The packed tower runs its last block's MLP for the end position only (the last two for one
-    sequence); features and input gradients are exactly those of the whole block."""
+    sequence), and a first position shared by every sequence once, from kept keys and values:
+    features, and input gradients after the first position, are exactly open_clip's blocks'."""
     tower = b32_text_tower
-    x = torch.randn(rows, 18, tower.width, generator=torch.Generator().manual_seed(2), requires_grad=True)
-    assert tower._ends_at_eot(x)
+    g = torch.Generator().manual_seed(rows * 100 + length)
+    x = torch.randn(rows, length, tower.width, generator=g)
+    if shared:
+        x[:, 0] = torch.randn(tower.width, generator=g)
+    x.requires_grad_(True)
+    assert tower._packed_blocks(x)
+    kept = tower._first_position_states(x)
+    assert (kept is not None) == (shared and length >= 4)
     short = tower(x)
     (g_short,) = torch.autograd.grad(short.square().sum(), x)
-    monkeypatch.setattr(TextTower, "_ends_at_eot", lambda self, x: False)
+    if kept is not None:
+        assert torch.equal(tower.start_states[0], x[0, 0].detach())
+        assert not g_short[:, 0].any()  # a constant: no gradient flows back to it
+    monkeypatch.setattr(TextTower, "_packed_blocks", lambda self, x: False)
     whole = tower(x)
     (g_whole,) = torch.autograd.grad(whole.square().sum(), x)
-    assert torch.equal(short, whole) and torch.equal(g_short, g_whole)
+    assert torch.equal(short, whole) and torch.equal(g_short[:, 1:], g_whole[:, 1:])
+    if kept is None:
+        assert torch.equal(g_short, g_whole)
+
+
+@needs_onednn
+def test_the_first_position_kept_is_that_of_the_sequences_run(b32_text_tower, monkeypatch):
+    """A new shared first embedding replaces the kept one; unpacking the weights drops it."""
+    tower = b32_text_tower
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(4, 6, tower.width, generator=g)
+    x[:, 0] = x[0, 0].clone()
+    y = x.clone()
+    y[:, 0] = torch.randn(tower.width, generator=g)
+    with torch.no_grad():
+        kept = [tower(x), tower(y), tower(x)]
+        assert torch.equal(tower.start_states[0], x[0, 0])
+        monkeypatch.setattr(TextTower, "_first_position_states", lambda self, x: None)
+        whole = [tower(x), tower(y)]
+    assert torch.equal(kept[0], whole[0]) and torch.equal(kept[1], whole[1]) and torch.equal(kept[2], whole[0])
+    assert not torch.equal(whole[0], whole[1])
+    packing.unpack_tower(tower)
+    assert tower.start_states is None
+    packing.pack_modules(tower.transformer, rows_hint=tower.context_length)
 
 
 @needs_onednn
