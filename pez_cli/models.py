@@ -33,6 +33,9 @@ OFFLINE_HINT = (
 # pass's widest activation (the MLP's, 4x) is then 16 MB in fp32. ViT-H-14 at 16 tokens: 56
 # texts a pass (1,000 tokens, enough to keep a GPU busy); ViT-B-32: 113.
 ENCODE_ELEMENTS = 2 ** 20
+# Sequence length from which the packed tower runs a shared first position once (kept keys and
+# values): below it, the attention over the fewer queries left does not round as open_clip's.
+FIRST_KEPT_FROM = 6
 MODEL_FLAG = "--model"  # the flag OFFLINE_HINT names; load_model(flag=...) names another
 
 
@@ -199,17 +202,18 @@ class TextTower(nn.Module):
                       prefix: tuple[torch.Tensor, torch.Tensor] | None, keep: int) -> torch.Tensor:
         """open_clip's ResidualAttentionBlock at x's last `keep` positions: (B, T, W) -> (B, keep, W).
         prefix: the keys and values of positions before x's, shared by every sequence."""
-        x_end = x[:, -keep:] + block.ls_1(block.attn.last_queries(block.ln_1(x), mask, keep, prefix))
+        x_end = (x if keep == x.shape[1] else x[:, -keep:])  # no slice kept in the graph when whole
+        x_end = x_end + block.ls_1(block.attn.last_queries(block.ln_1(x), mask, keep, prefix))
         return x_end + block.ls_2(block.mlp(block.ln_2(x_end)))
 
     def _first_position_states(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
         """Each block's keys and values (H, 1, W/H) at the first position when every sequence of
         x (B, T, W) starts with the same embedding, computed once per embedding; else None. A
         causal tower's first position sees only itself, so these are constants, and with two
-        rows its products round as in a batch. Taken from four positions up: with two queries
-        left, attention rounds otherwise."""
+        rows its products round as in a batch. Taken from FIRST_KEPT_FROM positions up: with
+        fewer queries left, attention rounds otherwise (two left on one CPU, three on another)."""
         first = x[0, 0]
-        if x.shape[1] < 4 or not torch.equal(x[:, 0], first.expand(x.shape[0], -1)):
+        if x.shape[1] < FIRST_KEPT_FROM or not torch.equal(x[:, 0], first.expand(x.shape[0], -1)):
             return None
         if self.start_states is None or not torch.equal(self.start_states[0], first):
             cast = self.transformer.get_cast_dtype()

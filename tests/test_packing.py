@@ -7,7 +7,7 @@ from helpers import run
 from pez_cli import packing
 from pez_cli.api import Pez
 from pez_cli.config import Settings
-from pez_cli.models import TextTower
+from pez_cli.models import FIRST_KEPT_FROM, TextTower
 from pez_cli.packing import PackedLinear, PackedSelfAttention
 from pez_cli.reference import pez_step_ids
 from pez_cli.testing import random_targets
@@ -88,7 +88,7 @@ def b32_text_tower():
 
 @needs_onednn
 @pytest.mark.parametrize("rows,shared,length", [(1, True, 18), (3, False, 18), (3, True, 18), (16, True, 18),
-                                                (2, True, 4), (2, True, 3), (1, True, 2)])
+                                                (2, True, FIRST_KEPT_FROM), (2, True, FIRST_KEPT_FROM - 1), (2, True, 3), (1, True, 2)])
 def test_the_packed_blocks_give_the_same_bits_as_open_clips(b32_text_tower, monkeypatch, rows, shared, length):
     """The packed tower runs its last block's MLP for the end position only (the last two for one
     sequence), and a first position shared by every sequence once, from kept keys and values:
@@ -101,7 +101,7 @@ def test_the_packed_blocks_give_the_same_bits_as_open_clips(b32_text_tower, monk
     x.requires_grad_(True)
     assert tower._packed_blocks(x)
     kept = tower._first_position_states(x)
-    assert (kept is not None) == (shared and length >= 4)
+    assert (kept is not None) == (shared and length >= FIRST_KEPT_FROM)
     short = tower(x)
     (g_short,) = torch.autograd.grad(short.square().sum(), x)
     if kept is not None:
