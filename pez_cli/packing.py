@@ -204,7 +204,9 @@ class PackedSelfAttention(nn.Module):
             shape = (batch, *prefix[0].shape)
             k = torch.cat([prefix[0].expand(shape), k], dim=2)  # (B, H, P + T, W/H)
             v = torch.cat([prefix[1].expand(shape), v], dim=2)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)[:, :, -keep:]  # (B, H, keep, W/H)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, T, W/H)
+        if keep < seq:  # a whole-length slice would still cost a zero-filled copy in the backward pass
+            out = out[:, :, -keep:]  # (B, H, keep, W/H)
         out = out.transpose(1, 2).reshape(batch, keep, width)
         return self.packed_out.apply(out, self.out_proj.bias)
 

@@ -23,6 +23,9 @@ log = logging.getLogger("pez")
 
 # Vocabulary rows scored per matmul in the projection; bounds the (chunk, rows) score block.
 VOCAB_CHUNK = 8192
+# Columns per block in row_max's first pass: a plain max over a row keeps an index per element
+# and does not vectorize; a block's amax does (a (256, 8192) block: 2.4 -> 0.5 ms on 2 cores).
+MAX_BLOCK = 128
 
 
 def token_text(tokenizer: Any, token_id: int) -> str:
@@ -267,6 +270,24 @@ class Vocabulary:
         return self.tokenizer.encode(text) == [int(i) for i in ids]
 
 
+def row_max(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """scores.max(dim=1) of (R, C) scores, the same values and indices (the first maximal one,
+    NaN counting as maximal), in two passes: each block of MAX_BLOCK columns' amax, then the
+    plain max within each row's first maximal block."""
+    rows, cols = scores.shape
+    if cols < 2 * MAX_BLOCK:
+        return scores.max(dim=1)
+    whole = cols - cols % MAX_BLOCK
+    blocks = scores[:, :whole].reshape(rows, -1, MAX_BLOCK).amax(dim=2)  # (R, C // MAX_BLOCK)
+    if whole < cols:  # the remainder is one more, shorter block
+        blocks = torch.cat([blocks, scores[:, whole:].amax(dim=1, keepdim=True)], dim=1)
+    score, block = blocks.max(dim=1)  # (R,)
+    # The block's columns; a short last block repeats its last column, after the real ones.
+    where = (block[:, None] * MAX_BLOCK + torch.arange(MAX_BLOCK, device=scores.device)).clamp_max(cols - 1)  # (R, B)
+    inner = scores.gather(1, where).max(dim=1).indices  # (R,)
+    return score, where.gather(1, inner[:, None]).squeeze(1)
+
+
 def project_jointly(vocabs: Sequence[Vocabulary], weights: Sequence[float], xs: Sequence[torch.Tensor]) -> torch.Tensor:
     """The allowed token ids nearest to continuous prompts in several embedding spaces at once:
     argmax over tokens of the weighted sum of each space's cosine (minus the first vocabulary's
@@ -285,7 +306,7 @@ def project_jointly(vocabs: Sequence[Vocabulary], weights: Sequence[float], xs: 
             scores = part if scores is None else scores + part
         if first.penalty is not None:
             scores = scores - first.penalty[start:start + VOCAB_CHUNK]
-        score, arg = scores.max(dim=1)  # (R,)
+        score, arg = row_max(scores)  # (R,)
         if best is None:
             best, idx = score, arg
         else:

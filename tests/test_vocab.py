@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pez_cli.errors import ConfigError
-from pez_cli.vocab import Vocabulary, pad_id
+from pez_cli.vocab import MAX_BLOCK, Vocabulary, pad_id, row_max
 
 
 @pytest.fixture
@@ -27,6 +27,25 @@ def test_projection_is_nearest_allowed_token_by_cosine(model):
     ids = vocab.allowed_ids[torch.tensor([5, 500, 5000])]
     noisy = vocab.embeddings[ids] * 3.0  # scaling keeps the cosine nearest token
     assert vocab.project(noisy).tolist() == ids.tolist()
+
+
+@pytest.mark.parametrize("cols", [MAX_BLOCK - 1, 2 * MAX_BLOCK, 5 * MAX_BLOCK + 37, 8192])
+@pytest.mark.parametrize("kind", ["normal", "ties", "nan", "one finite"])
+def test_row_max_is_torch_max_values_and_first_indices(cols, kind):
+    g = torch.Generator().manual_seed(cols)
+    scores = torch.randn(9, cols, generator=g)
+    if kind == "ties":  # many equal maxima per row: the first one's index
+        scores = torch.randint(0, 3, (9, cols), generator=g).float()
+    elif kind == "nan":  # NaN counts as maximal, the first one wins
+        scores[0, cols // 2] = scores[1, 3] = scores[1, -1] = scores[2, -1] = float("nan")
+    elif kind == "one finite":  # the maximum alone in a short last block
+        scores.fill_(float("-inf"))
+        scores[:, -1] = 1.0
+    values, indices = row_max(scores)
+    expected = scores.max(dim=1)
+    assert torch.equal(values.isnan(), expected.values.isnan())
+    assert torch.equal(values.nan_to_num(), expected.values.nan_to_num())
+    assert torch.equal(indices, expected.indices)
 
 
 def test_blocklist_and_ascii_only(model):
