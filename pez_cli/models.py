@@ -202,8 +202,7 @@ class TextTower(nn.Module):
                       prefix: tuple[torch.Tensor, torch.Tensor] | None, keep: int) -> torch.Tensor:
         """open_clip's ResidualAttentionBlock at x's last `keep` positions: (B, T, W) -> (B, keep, W).
         prefix: the keys and values of positions before x's, shared by every sequence."""
-        x_end = (x if keep == x.shape[1] else x[:, -keep:])  # no slice kept in the graph when whole
-        x_end = x_end + block.ls_1(block.attn.last_queries(block.ln_1(x), mask, keep, prefix))
+        x_end = packing.last_positions(x, keep) + block.ls_1(block.attn.last_queries(block.ln_1(x), mask, keep, prefix))
         return x_end + block.ls_2(block.mlp(block.ln_2(x_end)))
 
     def _first_position_states(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]] | None:

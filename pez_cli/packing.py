@@ -143,6 +143,12 @@ class PackedLinear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
+def last_positions(x: torch.Tensor, keep: int) -> torch.Tensor:
+    """The last `keep` positions of x (..., T, C); x itself when that is all of them, since even a
+    whole-length slice costs a zero-filled copy in the backward pass."""
+    return x if keep == x.shape[-2] else x[..., -keep:, :]
+
+
 class PackedSelfAttention(nn.Module):
     """A frozen nn.MultiheadAttention (batch-first) whose fp32 CPU self-attention uses packed weights.
 
@@ -198,15 +204,13 @@ class PackedSelfAttention(nn.Module):
         there), the output projection for the kept ones (packed rows do not depend on how many
         there are, from two rows up). `prefix`: keys and values (H, P, W/H) of P positions before
         x's, shared by every sequence (attn_mask is then (T, P + T))."""
-        batch, seq, width = x.shape
+        batch, _, width = x.shape
         q, k, v = self.queries_keys_values(x)  # 3 x (B, H, T, W/H)
         if prefix is not None:
             shape = (batch, *prefix[0].shape)
             k = torch.cat([prefix[0].expand(shape), k], dim=2)  # (B, H, P + T, W/H)
             v = torch.cat([prefix[1].expand(shape), v], dim=2)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, T, W/H)
-        if keep < seq:  # a whole-length slice would still cost a zero-filled copy in the backward pass
-            out = out[:, :, -keep:]  # (B, H, keep, W/H)
+        out = last_positions(F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask), keep)  # (B, H, keep, W/H)
         out = out.transpose(1, 2).reshape(batch, keep, width)
         return self.packed_out.apply(out, self.out_proj.bias)
 
