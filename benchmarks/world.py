@@ -211,6 +211,7 @@ class WorldReport:
     heldout: int
     seconds: float
     losses: list[float] = field(default_factory=list)  # every 50 steps
+    logit_scale: float | None = None  # the trained model's exp(logit_scale) (None: a report from before it was kept)
 
 
 def heldout_top1(model, tokenizer, n: int = 128, seed: int = 10_000) -> float:
@@ -222,13 +223,22 @@ def heldout_top1(model, tokenizer, n: int = 128, seed: int = 10_000) -> float:
     return sum(batch[i].caption == batch[j].caption for i, j in enumerate(best)) / n
 
 
+# How a world CLIP's temperature is trained: "learned" (from CLIP's 1/0.07, clamped at 100; the
+# tiny world models end near 18 and score captions near 0.95) or "fixed" at 100, where real CLIPs
+# (OpenAI ViT-L/14, OpenCLIP ViT-H/14 and bigG) end: its cosines then spread like a real CLIP's.
+LOGIT_SCALES = ("learned", "fixed")
+
+
 def train(steps: int, batch: int, seed: int, width: int, layers: int, lr: float = 1e-3, log=None,
-          captions: str = "fixed"):
+          captions: str = "fixed", logit_scale: str = "learned"):
     import open_clip
 
     torch.manual_seed(seed)
     cfg = model_config(width, layers)
     model = open_clip.model.CLIP(**cfg)
+    if logit_scale == "fixed":
+        model.logit_scale.data.fill_(math.log(100))
+        model.logit_scale.requires_grad_(False)
     tokenizer = open_clip.get_tokenizer("ViT-B-32")  # the real BPE vocabulary, 77 context
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     warmup = max(1, steps // 20)
@@ -262,15 +272,18 @@ def train(steps: int, batch: int, seed: int, width: int, layers: int, lr: float 
                 log(f"step {step}/{steps} loss {float(loss):.4f} ({time.monotonic() - start:.0f}s)")
     model.eval()
     top1 = heldout_top1(model, tokenizer)
-    report = WorldReport(steps, batch, seed, width, layers, losses[-1], top1, 128, time.monotonic() - start, losses)
+    report = WorldReport(steps, batch, seed, width, layers, losses[-1], top1, 128, time.monotonic() - start, losses,
+                         round(float(model.logit_scale.exp()), 3))
     return model, cfg, report
 
 
-def cache_key(steps, batch, seed, width, layers, captions="fixed") -> str:
+def cache_key(steps, batch, seed, width, layers, captions="fixed", logit_scale="learned") -> str:
     key = {"v": 1, "steps": steps, "batch": batch, "seed": seed, "width": width, "layers": layers,
            "image": IMAGE_SIZE, "positions": TEXT_POSITIONS}
     if captions != "fixed":  # models trained before caption styles existed keep their keys
         key["captions"] = captions
+    if logit_scale != "learned":  # and so do models trained before the fixed scale existed
+        key["logit_scale"] = logit_scale
     text = json.dumps(key)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -279,15 +292,15 @@ DEFAULT_CACHE = Path.home() / ".cache" / "pez-bench"
 
 
 def world_model(steps=1500, batch=128, seed=0, width=128, layers=3, cache: Path = DEFAULT_CACHE, log=None,
-                captions="fixed"):
+                captions="fixed", logit_scale="learned"):
     """The trained world model's `local-dir:` folder and report, trained once and cached."""
     from pez_cli.models import save_local_dir
 
-    folder = Path(cache) / f"world-{cache_key(steps, batch, seed, width, layers, captions)}"
+    folder = Path(cache) / f"world-{cache_key(steps, batch, seed, width, layers, captions, logit_scale)}"
     report_path = folder / "world.json"
     if report_path.is_file():
         return folder, WorldReport(**json.loads(report_path.read_text()))
-    model, cfg, report = train(steps, batch, seed, width, layers, log=log, captions=captions)
+    model, cfg, report = train(steps, batch, seed, width, layers, log=log, captions=captions, logit_scale=logit_scale)
     save_local_dir(model, cfg, {"mean": list(MEAN), "std": list(STD)}, folder)
     report_path.write_text(json.dumps(asdict(report), indent=2))  # written last: marks the cache complete
     return folder, report
@@ -296,22 +309,89 @@ def world_model(steps=1500, batch=128, seed=0, width=128, layers=3, cache: Path 
 # -- the language model --------------------------------------------------------------------
 # Scenes whose captions train the language model are drawn from seeds this far from the CLIPs'.
 LM_SEED_OFFSET = 50_000
-LM_TEXTS = 20_000  # captions the language model is trained on
+LM_TEXTS = 20_000  # texts the language model is trained on
+# What a world language model reads: "captions" (only the world's captions: it knows their
+# grammar exactly) or "mixed" (everyday sentences that use the captions' words, with the
+# captions a minority, as in a real language model's data: it likes fluent text whether or not
+# it describes a scene).
+LM_CORPORA = ("captions", "mixed")
+MIXED_CAPTION_SHARE = 0.2  # captions among a mixed corpus's texts
+
+# Everyday words of the mixed corpus, beside the captions' own.
+NOUNS = ("car", "house", "dog", "cat", "book", "table", "hat", "door", "box", "ball", "cup", "bag", "chair", "bird",
+         "tree", "flower", "window", "wall", "shirt", "coat", "dress", "bike", "boat", "lamp", "kite", "plate", "bowl",
+         "bottle", "shoe", "scarf", "flag", "sign", "picture", "painting", "photo", "sky", "sea", "hill", "train", "bus")
+PLACES = ("house", "room", "street", "page", "screen", "picture", "photo", "shelf", "garden", "stairs", "hill", "road",
+          "map", "list", "stage", "bridge", "table", "wall")
+PEOPLE = ("she", "he", "we", "they", "i", "my sister", "the boy", "the girl", "my friend", "the old man", "a woman",
+          "the teacher", "our neighbour")
+VERBS = ("saw", "bought", "found", "painted", "drew", "carried", "picked", "wanted", "liked", "lost", "made", "had",
+         "wore", "sold", "kept")
+ADJECTIVES = ("old", "new", "big", "little", "tiny", "huge", "bright", "dark", "pretty", "nice", "long", "short")
+# Phrases that use the captions' words in other senses: things (said after a verb too), then others.
+THINGS = ("the star of the show", "a diamond ring", "a circle of friends", "a square meal", "the red cross",
+          "the green light", "a white lie", "the yellow pages", "a large crowd")
+IDIOMS = (*THINGS, "a black cat crossed the road", "once in a blue moon", "a small world", "on the other hand",
+          "at the end of the day", "in the middle of the night")
+POSITION_SIDES = {"on the left": "on the left side of the", "on the right": "on the right side of the",
+                  "at the top": "at the top of the", "at the bottom": "at the bottom of the", "in the center": "in the center of the"}
 
 
-def caption_words() -> list[str]:
-    """Every word (and the comma) a caption of either style can hold."""
-    words = {"a", "and", "on", "background", "with", ","} | set(COLORS) | set(SHAPES) | set(SIZES)
-    for position in ONE_POSITIONS:
-        words.update(position.split())
+def everyday_sentence(rng: random.Random) -> str:
+    """A sentence of everyday English that shares the captions' words (colours, sizes, shapes in
+    other senses, positions, "a ... and a ...", "background") without describing a scene."""
+    c = lambda: rng.choice(list(COLORS))  # noqa: E731
+    n = lambda: rng.choice(NOUNS)  # noqa: E731
+    adj = lambda: rng.choice(list(SIZES) + list(ADJECTIVES) + list(COLORS))  # noqa: E731
+    person, verb, place = rng.choice(PEOPLE), rng.choice(VERBS), rng.choice(PLACES)
+    position = rng.choice(list(ONE_POSITIONS))
+    forms = (
+        lambda: f"{person} {verb} a {rng.choice(list(SIZES))} {c()} {n()}",
+        lambda: f"{person} {verb} a {c()} {n()} and a {adj()} {n()}",
+        lambda: f"the {c()} {n()} {position}",
+        lambda: f"there is a {adj()} {n()} {POSITION_SIDES[position]} {place}",
+        lambda: f"a {adj()} {n()} with a {c()} {n()}",
+        lambda: f"{person} {verb} the {n()} {position}",
+        lambda: f"{person} drew a {c()} {rng.choice(SHAPES)} {POSITION_SIDES[position]} {place}",
+        lambda: f"a photo of a {n()} on a {c()} background",
+        lambda: f"{person} stood in the background with a {c()} {n()}",
+        lambda: f"the {n()} in the center of the {place} is {c()}",
+        lambda: f"{rng.choice(IDIOMS)}",
+        lambda: f"{person} {verb} {rng.choice(THINGS)}",
+        lambda: f"{person} {verb} a {adj()} {n()} , and {rng.choice(PEOPLE)} {rng.choice(VERBS)} a {c()} one",
+        lambda: f"a {rng.choice(list(SIZES))} {c()} {n()} {position} of the {place}",
+        lambda: f"{person} {verb} a {c()} {rng.choice(SHAPES)} on the {n()}",
+    )
+    return rng.choice(forms)()
+
+
+def everyday_words() -> list[str]:
+    words = set(NOUNS) | set(PLACES) | set(VERBS) | set(ADJECTIVES)
+    for text in (*PEOPLE, *IDIOMS, *POSITION_SIDES.values(), "there is with of the one is stood drew in"):
+        words.update(text.split())
     return sorted(words)
 
 
-def lm_captions(seed: int, n: int, captions: str = "fixed") -> list[str]:
-    """Captions of n scenes drawn from `seed`, phrased as the CLIPs of that world were trained."""
+def caption_words(corpus: str = "captions") -> list[str]:
+    """Every word (and the comma) a caption of either style can hold; with the mixed corpus, also
+    the everyday sentences' words."""
+    words = {"a", "and", "on", "background", "with", ","} | set(COLORS) | set(SHAPES) | set(SIZES)
+    for position in ONE_POSITIONS:
+        words.update(position.split())
+    if corpus == "mixed":
+        words.update(everyday_words())
+    return sorted(words)
+
+
+def lm_captions(seed: int, n: int, captions: str = "fixed", corpus: str = "captions") -> list[str]:
+    """Texts for a world language model: captions of n scenes drawn from `seed`, phrased as the
+    CLIPs of that world were trained; with the mixed corpus, most of them everyday sentences."""
     rng = random.Random(seed)
     out = []
     for _ in range(n):
+        if corpus == "mixed" and rng.random() >= MIXED_CAPTION_SHARE:
+            out.append(everyday_sentence(rng))
+            continue
         scene = random_scene(rng)
         out.append(scene.caption if captions == "fixed" else varied_caption(scene, rng))
     return out
@@ -327,6 +407,8 @@ class LMReport:
     caption_fluency: float  # mean log-probability per token (end included) of held-out true captions
     shuffled_fluency: float  # the same captions, words shuffled
     seconds: float
+    corpus: str = "captions"
+    everyday_fluency: float | None = None  # held-out everyday sentences (mixed corpus)
 
 
 def mean_logprob(model, tokenizer, texts: list[str]) -> float:
@@ -340,30 +422,38 @@ def mean_logprob(model, tokenizer, texts: list[str]) -> float:
     return total / len(texts)
 
 
-def lm_cache_key(steps, seed, width, layers, captions) -> str:
+def lm_cache_key(steps, seed, width, layers, captions, corpus="captions") -> str:
     key = {"v": 1, "kind": "lm", "steps": steps, "seed": seed, "width": width, "layers": layers, "captions": captions,
-           "texts": LM_TEXTS, "words": caption_words()}
+           "texts": LM_TEXTS, "words": caption_words(corpus)}
+    if corpus != "captions":  # language models trained before the mixed corpus keep their keys
+        key["corpus"] = corpus
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:12]
 
 
-def world_lm(steps=1500, seed=0, width=64, layers=2, captions="fixed", cache: Path = DEFAULT_CACHE, log=None):
+def world_lm(steps=1500, seed=0, width=64, layers=2, captions="fixed", cache: Path = DEFAULT_CACHE, log=None,
+             corpus="captions"):
     """The world language model's folder (save_pretrained) and report, trained once and cached."""
     from pez_cli.testing import save_lm, tiny_gpt2, train_lm, word_tokenizer
 
-    folder = Path(cache) / f"lm-{lm_cache_key(steps, seed, width, layers, captions)}"
+    folder = Path(cache) / f"lm-{lm_cache_key(steps, seed, width, layers, captions, corpus)}"
     report_path = folder / "world_lm.json"
     if report_path.is_file():
         return folder, LMReport(**json.loads(report_path.read_text()))
     start = time.monotonic()
-    tokenizer = word_tokenizer(caption_words())
+    tokenizer = word_tokenizer(caption_words(corpus))
     model = tiny_gpt2(tokenizer, seed, width=width, layers=layers, heads=2, positions=48)
-    texts = lm_captions(LM_SEED_OFFSET + seed, LM_TEXTS, captions)
+    texts = lm_captions(LM_SEED_OFFSET + seed, LM_TEXTS, captions, corpus)
     losses = train_lm(model, tokenizer, texts, steps, batch=64, seed=seed, log=log)
     heldout = [s.caption for s in scenes(LM_SEED_OFFSET + seed + 1, 256)]
     rng = random.Random(seed)
     shuffled = [" ".join(rng.sample(c.split(), len(c.split()))) for c in heldout]
+    everyday = None
+    if corpus == "mixed":
+        other = random.Random(LM_SEED_OFFSET + seed + 2)
+        everyday = round(mean_logprob(model, tokenizer, [everyday_sentence(other) for _ in range(256)]), 4)
     report = LMReport(steps, seed, width, layers, round(losses[-1], 4), round(mean_logprob(model, tokenizer, heldout), 4),
-                      round(mean_logprob(model, tokenizer, shuffled), 4), round(time.monotonic() - start, 1))
+                      round(mean_logprob(model, tokenizer, shuffled), 4), round(time.monotonic() - start, 1), corpus,
+                      everyday)
     save_lm(model, tokenizer, folder)
     report_path.write_text(json.dumps(asdict(report), indent=2))  # written last: marks the cache complete
     return folder, report
@@ -418,6 +508,13 @@ def main(argv=None):
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     ap.add_argument("--captions", choices=CAPTION_STYLES, default="fixed",
                     help="train on one caption template (fixed) or on varied phrasings of the same facts")
+    ap.add_argument("--logit-scale", choices=LOGIT_SCALES, default="learned",
+                    help="the CLIP's temperature: learned (as the first world models) or fixed at 100, as real CLIPs end")
+    ap.add_argument("--lm-corpus", choices=LM_CORPORA, default="captions",
+                    help="with --lm: train on captions only, or on everyday sentences with the captions a minority")
+    ap.add_argument("--lm-width", type=int, default=64)
+    ap.add_argument("--lm-layers", type=int, default=2)
+    ap.add_argument("--lm-steps", type=int, default=1500)
     ap.add_argument("--samples", type=Path, help="also write a few example scenes (PNG + captions) here")
     ap.add_argument("--lm", action="store_true", help="train (or reuse) the world's language model instead")
     ap.add_argument("--export-demo", type=Path, metavar="DIR",
@@ -431,12 +528,14 @@ def main(argv=None):
         print(export_demo(args.export_demo, clip, lm))
         return
     if args.lm:
-        folder, lm_report = world_lm(seed=args.seed, captions=args.captions, cache=args.cache,
-                                     log=lambda m: print(m, file=sys.stderr, flush=True))
+        folder, lm_report = world_lm(args.lm_steps, seed=args.seed, width=args.lm_width, layers=args.lm_layers,
+                                     captions=args.captions, cache=args.cache,
+                                     log=lambda m: print(m, file=sys.stderr, flush=True), corpus=args.lm_corpus)
         print(json.dumps({"lm": str(folder), **asdict(lm_report)}, indent=2))
         return
     folder, report = world_model(args.steps, args.batch, args.seed, args.width, args.layers, args.cache,
-                                 log=lambda m: print(m, file=sys.stderr, flush=True), captions=args.captions)
+                                 log=lambda m: print(m, file=sys.stderr, flush=True), captions=args.captions,
+                                 logit_scale=args.logit_scale)
     print(json.dumps({"model": f"local-dir:{folder}", **{k: v for k, v in asdict(report).items() if k != "losses"}}, indent=2))
     if args.samples:
         args.samples.mkdir(parents=True, exist_ok=True)
