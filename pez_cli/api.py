@@ -49,6 +49,7 @@ class PromptResult:
     similarity: float  # mean cosine of `prompt`, re-tokenized and encoded, to the targets (several models: weighted)
     similarities: dict[str, float]  # each model's own similarity of `prompt`
     fluency: float  # the language model's mean log-probability per token of `prompt` (NaN without --lm)
+    objective: float  # what chose `prompt` (objective.py): CLIP's logits plus --lm-weight x fluency
     token_ids: list[int]  # the optimized token ids (without start/end tokens)
     round_trip: bool  # whether re-tokenizing `prompt` gives back exactly `token_ids`
     optimized_similarity: float  # mean cosine of `token_ids` to the targets
@@ -58,8 +59,8 @@ class PromptResult:
     settings: Settings  # what it was computed with (prompt_len filled in)
 
     # Keys of to_dict(), in order: what a result row or a JSON object holds.
-    KEYS = ("prompt", "similarity", "similarities", "fluency", "token_ids", "round_trip", "optimized_similarity", "best_step",
-            "steps_done", "interrupted", "model", "settings_id", "settings")
+    KEYS = ("prompt", "similarity", "similarities", "fluency", "objective", "token_ids", "round_trip", "optimized_similarity",
+            "best_step", "steps_done", "interrupted", "model", "lm", "settings_id", "settings")
 
     def to_dict(self, flat: bool = False) -> dict[str, Any]:
         """The result as JSON-ready data: its fields, the settings that identify it (nested
@@ -70,7 +71,9 @@ class PromptResult:
         out["similarities"] = {name: rounded(value) for name, value in self.similarities.items()}
         out["optimized_similarity"] = rounded(self.optimized_similarity)
         out["fluency"] = rounded(self.fluency)
+        out["objective"] = rounded(self.objective)
         out["model"] = self.settings.model
+        out["lm"] = self.settings.lm if self.settings.uses_lm else None  # the language model actually used
         out["settings_id"] = settings_id(identity)
         if flat:
             return {**out, **identity}
@@ -116,12 +119,20 @@ class Pez:
     model: an already loaded model (or a list, one per settings model) instead of loading.
     keep_image_tower=False frees the image towers when the first optimization starts (all
     targets must be computed by then), so only the text towers stay in memory. lm: an already
-    loaded language model (lm.LanguageModel) for settings.lm; loaded when not given.
+    loaded language model (lm.LanguageModel) for settings.lm, or where it is (lm.LMSource);
+    found and loaded when not given. With --lm auto and no language model to be found, the run
+    goes on without one and `notes` says why (the core never prints: front ends show notes).
     """
 
     def __init__(self, settings: Settings, model: LoadedModel | Sequence[LoadedModel] | None = None,
                  keep_image_tower: bool = True, lm=None):
         settings.validate()
+        self.notes: list[str] = []  # what a front end should tell the user (e.g. why no language model)
+        if settings.uses_lm:
+            from pez_cli.lm import settings_with_lm
+
+            settings, lm, note = settings_with_lm(settings, lm)
+            self.notes += [note] if note else []
         specs = settings.models()
         given = [model] if isinstance(model, LoadedModel) else list(model or [])
         self.device, precision = compute_on(given[0].device if given else settings.device, settings.precision)
@@ -145,9 +156,9 @@ class Pez:
         self.vocab = self.vocabs[0]
         self.lm = self.lm_words = None  # the language model (--lm) and CLIP's words as its tokens
         if settings.uses_lm:
-            from pez_cli.lm import WordMap, load_lm
+            from pez_cli.lm import LanguageModel, WordMap, load_lm
 
-            self.lm = lm if lm is not None else load_lm(settings.lm, self.device)
+            self.lm = lm if isinstance(lm, LanguageModel) else load_lm(lm, self.device)
             self.lm_words = WordMap.build(self.lm, self.vocab)
         for m in self.models:
             m.text.set_precision(resolve_precision(settings.precision, self.device))
@@ -191,8 +202,8 @@ class Pez:
 
     def spaces(self) -> list[Space]:
         """What the optimizer needs of each model."""
-        return [Space(m.text, v, w, m.tokenizer.sot_token_id, m.tokenizer.eot_token_id, m.encode_texts, m.tokenize)
-                for m, v, w in zip(self.models, self.vocabs, self.weights)]
+        return [Space(m.text, v, w, m.tokenizer.sot_token_id, m.tokenizer.eot_token_id, m.encode_texts, m.tokenize,
+                      m.logit_scale) for m, v, w in zip(self.models, self.vocabs, self.weights)]
 
     def split(self, problem: Features) -> tuple[torch.Tensor, ...]:
         """One problem's targets as one tensor per model."""
@@ -268,6 +279,7 @@ class Pez:
                 similarity=best.printed,
                 similarities=dict(zip(self.names, best.printed_each)),
                 fluency=best.fluency,
+                objective=best.objective,
                 token_ids=best.token_ids,
                 round_trip=self.vocab.round_trips(best.prompt, best.token_ids),
                 optimized_similarity=float(best.similarity),

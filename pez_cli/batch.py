@@ -260,6 +260,8 @@ class BatchJob:
     runner: Any = None  # LocalRunner() (default) or ray_batch.RayRunner
     identity: dict[str, Any] = field(init=False)  # the settings stored with every row
     sid: str = field(init=False)
+    lm_source: Any = field(init=False, default=None)  # where the language model is (lm.LMSource), found once per job
+    notes: list[str] = field(init=False, default_factory=list)  # what a front end should tell the user
 
     def __post_init__(self) -> None:
         settings = self.settings.for_target("image").validate()
@@ -276,6 +278,17 @@ class BatchJob:
         # The arithmetic decides the prompt, so rows record the precision `auto` resolves to
         # on the device that computes them (here, or on a Ray worker): the runner knows which.
         self.settings = replace(settings, precision=self.runner.precision(settings))
+        # Rows record the language model actually used (and its revision): found once per job,
+        # before any row is checked, so a changed model folder means its rows are not done.
+        loaded = getattr(self.runner, "pez", None)
+        if loaded is not None:
+            self.settings = replace(self.settings, lm=loaded.settings.lm, lm_revision=loaded.settings.lm_revision)
+            self.notes = list(loaded.notes)
+        elif self.settings.uses_lm:
+            from pez_cli.lm import settings_with_lm
+
+            self.settings, self.lm_source, note = settings_with_lm(self.settings)
+            self.notes = [note] if note else []
         self.identity = self.settings.identity()
         self.sid = settings_id(self.identity)
 
@@ -467,7 +480,7 @@ class LocalRunner:
         pez = self.pez
         if pez is None:
             on_status(f"Loading {job.job.settings.model_label} ...")
-            pez = Pez(job.job.settings, keep_image_tower=True)
+            pez = Pez(job.job.settings, keep_image_tower=True, lm=job.job.lm_source)
         size = job.job.group_size or default_group_size(pez.device)
         first = min(size, job.summary.total)
         on_status(f"Reading the first {first} images ..." if first < job.summary.total else f"Reading {first} images ...")

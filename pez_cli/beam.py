@@ -34,7 +34,7 @@ def beam_search(opt: PromptOptimizer, bests: list[Best], width: int) -> list[Bes
         for (p, (ids, text, similarity, each)), reading in zip(parents, readings):
             if not ids:
                 continue
-            value = objective.value(similarity, reading.fluency)  # as a finished text
+            value = objective.value(each, reading.fluency)  # as a finished text
             if value > bests[p].objective:
                 score = Score(similarity, each, reading.fluency, value)
                 bests[p] = Best.scored(vocab.tokenizer.encode(text), similarity, opt.step_count, text, score)
@@ -48,8 +48,7 @@ def beam_search(opt: PromptOptimizer, bests: list[Best], width: int) -> list[Bes
         per_text = objective.similarities([p for p, _, _ in grown], texts)  # [text][model]
         ranked: dict[int, list[tuple[float, int]]] = {p: [] for p in problems}
         for j, (p, _, start) in enumerate(grown):
-            similarity = objective.joint(per_text[j])
-            ranked[p].append((objective.sign * similarity + objective.lm_weight * start, j))
+            ranked[p].append((objective.value(per_text[j], start), j))
         for p in problems:
             seen: set[str] = set()
             beams[p] = []

@@ -59,3 +59,41 @@ def location(path: Path) -> str:
     name kept (a link at that name is that name; writes replace links, never follow them)."""
     path = Path(os.path.abspath(path))
     return os.path.join(os.path.realpath(path.parent), path.name)
+
+
+# Bytes read at a time when hashing a file.
+HASH_CHUNK = 1 << 20
+
+
+def file_digest(path: Path, hasher=None) -> str:
+    """The sha256 of a file's bytes, as hex (fed to `hasher` instead, when given)."""
+    import hashlib
+
+    h = hasher if hasher is not None else hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(HASH_CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def content_digest(path: Path) -> str:
+    """What a file or folder holds, as 'sha256:<hex>': a file's bytes, or a folder's files (each
+    one's name relative to the folder and its bytes, in name order, hidden names skipped), so
+    that equal content under any spelling of its path has one digest and changed content
+    another."""
+    import hashlib
+
+    path = Path(path)
+    if not path.is_dir():
+        return "sha256:" + file_digest(path)
+    h = hashlib.sha256()
+    for root, dirs, names in os.walk(path):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(n for n in names if not n.startswith(".")):
+            full = Path(root) / name
+            if not full.is_file():
+                continue
+            rel = full.relative_to(path).as_posix().encode()
+            h.update(len(rel).to_bytes(8, "little") + rel + full.stat().st_size.to_bytes(8, "little"))
+            file_digest(full, h)
+    return "sha256:" + h.hexdigest()

@@ -15,6 +15,7 @@ remote code, and prefers safetensors weights.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -25,7 +26,9 @@ from typing import Any, Sequence
 import torch
 
 from pez_cli import hub
+from pez_cli.config import LM_AUTO, LM_NONE, Settings, looks_like_folder
 from pez_cli.errors import ModelError, first_line
+from pez_cli.files import content_digest
 
 INSTALL = "pip install 'pez-cli[lm]'"
 OFFLINE_HINT = "to run offline, point --lm at a folder written by save_pretrained (the model and its tokenizer)"
@@ -52,6 +55,7 @@ class LanguageModel:
     end_id: int | None  # the end-of-text token, scored after the text (None: not scored)
     max_positions: int
     special: frozenset[int] = frozenset()
+    revision: str | None = None  # the hub commit, or sha256: of the folder's files (LMSource.revision)
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         return [list(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
@@ -65,16 +69,59 @@ def _transformers():
     return transformers
 
 
-def looks_local(name: str) -> bool:
-    """A name meant as a folder (a hub id is ORG/NAME or NAME): an existing folder, or a path."""
-    expanded = os.path.expanduser(name)
-    return os.path.isdir(expanded) or name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1
+def available() -> bool:
+    """Whether transformers is installed (the language prior can run at all)."""
+    import importlib.util
+
+    return importlib.util.find_spec("transformers") is not None
 
 
-def _check_files(name: str, files: dict[str, str | None]) -> None:
+@dataclass(frozen=True)
+class LMSource:
+    """Where a language model's files are, found before anything loads."""
+
+    name: str  # as results record it: the hub id, or the folder's absolute path
+    path: str  # the folder its files are in on this machine (a hub snapshot, or the folder)
+    revision: str  # the hub commit, or "sha256:..." of the folder's files: what results record
+
+
+# Files fetched from the Hub: the config, the tokenizer's files and safetensors weights; a
+# repository without safetensors gets its PyTorch weights (read with weights_only).
+HUB_PATTERNS = ["*.json", "*.txt", "*.model", "*.tiktoken", "*.safetensors"]
+HUB_BIN_PATTERNS = ["pytorch_model*.bin"]
+
+
+def locate_lm(name: str) -> LMSource:
+    """Find a language model's files (downloading them from the Hub, or from its cache) without
+    loading it; every failure is one ModelError line. A folder's revision is the digest of
+    its files, read once here."""
+    if looks_like_folder(name):
+        path = os.path.expanduser(name)
+        if not os.path.isdir(path):
+            raise ModelError(f"language model folder not found: {name}")
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ModelError(f"language model folder {name} has no config.json (write it with save_pretrained)")
+        return LMSource(os.path.realpath(path), path, content_digest(Path(path)))
+    from huggingface_hub import snapshot_download
+
+    with hub.session() as offline:
+        try:
+            path = snapshot_download(repo_id=name, allow_patterns=HUB_PATTERNS)
+            if not any(f.endswith(".safetensors") for f in os.listdir(path)):
+                path = snapshot_download(repo_id=name, allow_patterns=HUB_BIN_PATTERNS)
+        except Exception as e:  # the hub client raises many types for missing, offline and refused repositories
+            raise ModelError(f"could not load language model {name!r} from the Hugging Face Hub "
+                             f"({hub.unreachable_note(offline)}{first_line(e)}); {OFFLINE_HINT}") from None
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ModelError(f"language model {name!r} has no config.json on the Hugging Face Hub; is it a transformers model?")
+    return LMSource(name, path, os.path.basename(os.path.normpath(path)))
+
+
+def _check_files(name: str, folder: str) -> None:
     """Refuse a model whose config or tokenizer config asks to run code of its own."""
-    for filename, path in files.items():
-        if path is None:
+    for filename in CHECKED_FILES:
+        path = os.path.join(folder, filename)
+        if not os.path.isfile(path):
             continue
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -88,25 +135,6 @@ def _check_files(name: str, files: dict[str, str | None]) -> None:
                              "pez never does")
 
 
-def _hub_files(name: str, offline: bool) -> dict[str, str | None]:
-    from huggingface_hub import hf_hub_download
-
-    out: dict[str, str | None] = {}
-    for filename in CHECKED_FILES:
-        try:
-            out[filename] = hf_hub_download(repo_id=name, filename=filename)
-        except Exception as e:
-            if filename == "config.json" or not _missing_file(e):
-                raise ModelError(f"could not load language model {name!r} from the Hugging Face Hub "
-                                 f"({hub.unreachable_note(offline)}{first_line(e)}); {OFFLINE_HINT}") from None
-            out[filename] = None
-    return out
-
-
-def _missing_file(e: Exception) -> bool:
-    return type(e).__name__ in ("EntryNotFoundError", "RemoteEntryNotFoundError")
-
-
 def lm_dtype(device: torch.device) -> torch.dtype:
     """bf16 on CUDA GPUs that have it (else fp16), fp16 on MPS, fp32 on the CPU."""
     if device.type == "cuda":
@@ -114,36 +142,36 @@ def lm_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "mps" else torch.float32
 
 
-def load_lm(name: str, device: torch.device) -> LanguageModel:
-    """Load a causal language model by hub id or folder; every failure is one ModelError line."""
+def load_lm(name: str | LMSource, device: torch.device) -> LanguageModel:
+    """Load a causal language model by hub id, folder or LMSource (from locate_lm); every
+    failure is one ModelError line. Weights that do not fit the config (a tensor missing, one
+    of another shape), which transformers would fill with random values, are refused."""
     transformers = _transformers()
-    local = looks_local(name)
-    path = os.path.expanduser(name)
-    if local:
-        if not os.path.isdir(path):
-            raise ModelError(f"language model folder not found: {name}")
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            raise ModelError(f"language model folder {name} has no config.json (write it with save_pretrained)")
-    with hub.session() if not local else contextlib.nullcontext(False) as offline:
-        if local:
-            files = {f: os.path.join(path, f) if os.path.isfile(os.path.join(path, f)) else None for f in CHECKED_FILES}
-        else:
-            files = _hub_files(name, offline)
-        _check_files(name, files)
-        dtype_key = "dtype" if _version(transformers.__version__) >= (4, 56) else "torch_dtype"
-        try:
-            with quiet_transformers(transformers):
-                tokenizer = transformers.AutoTokenizer.from_pretrained(path if local else name, trust_remote_code=False)
-                model = transformers.AutoModelForCausalLM.from_pretrained(
-                    path if local else name, trust_remote_code=False, **{dtype_key: lm_dtype(device)})
-        except Exception as e:  # transformers raises many types for missing, offline and malformed models
-            if local:
-                raise ModelError(f"could not load language model {name!r}: {first_line(e)}") from None
-            raise ModelError(f"could not load language model {name!r} from the Hugging Face Hub "
-                             f"({hub.unreachable_note(offline)}{first_line(e)}); {OFFLINE_HINT}") from None
+    source = name if isinstance(name, LMSource) else locate_lm(name)
+    name, path = source.name, source.path
+    _check_files(name, path)
+    dtype_key = "dtype" if _version(transformers.__version__) >= (4, 56) else "torch_dtype"
+    try:
+        with quiet_transformers(transformers):
+            tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False, local_files_only=True)
+            model, info = transformers.AutoModelForCausalLM.from_pretrained(
+                path, trust_remote_code=False, local_files_only=True, output_loading_info=True,
+                **{dtype_key: lm_dtype(device)})
+    except Exception as e:  # transformers raises many types for missing and malformed models
+        raise ModelError(f"could not load language model {name!r}: {first_line(e)}") from None
+    wrong = [f"{what} {', '.join(map(str, keys[:3]))}" for what, keys in
+             (("missing", info.get("missing_keys") or []), ("of the wrong shape", info.get("mismatched_keys") or []))
+             if keys]
+    if wrong:
+        raise ModelError(f"language model {name!r}: its weights do not fit its config.json (weights {'; '.join(wrong)}); "
+                         "save the model and its config together with save_pretrained")
     model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    rows = int(model.get_output_embeddings().weight.shape[0])
+    if len(tokenizer) > rows:
+        raise ModelError(f"language model {name!r}: its tokenizer has {len(tokenizer)} tokens but the model scores only "
+                         f"{rows}; the tokenizer belongs to another model")
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if start is None:
         raise ModelError(f"language model {name!r} has neither a beginning- nor an end-of-text token, "
@@ -151,7 +179,41 @@ def load_lm(name: str, device: torch.device) -> LanguageModel:
     config = model.config
     positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 1024
     return LanguageModel(name, model, tokenizer, device, int(start), tokenizer.eos_token_id, int(positions),
-                         frozenset(int(i) for i in tokenizer.all_special_ids))
+                         frozenset(int(i) for i in tokenizer.all_special_ids), source.revision)
+
+
+def settings_with_lm(settings: Settings, given: LanguageModel | LMSource | None = None
+                     ) -> tuple[Settings, LMSource | LanguageModel | None, str | None]:
+    """Find the settings' language model before anything loads: (the settings naming the model
+    actually used, with its revision, or none; where it is, or the model given; a note for the
+    user, or None). --lm auto falls back to none, with a note saying why and what to do, when
+    transformers is missing or the model cannot be found; a named model that cannot be found
+    is a ModelError. Done once per job: a folder's digest is read here."""
+    if not settings.uses_lm:
+        return settings, None, None
+    name = settings.lm_name
+    try:
+        if given is None and settings.lm == LM_AUTO and not available():
+            raise ModelError(f"transformers is not installed ({INSTALL})")
+        found = given if given is not None else locate_lm(name)
+    except ModelError as e:
+        if settings.lm != LM_AUTO:
+            raise
+        note = (f"no language model, so the prompt may not read as text: {name} could not be found "
+                f"({_short_reason(e)}); run once with network, or pass --lm FOLDER (a save_pretrained folder, "
+                "see `pez export --help`); --lm none silences this")
+        return dataclasses.replace(settings, lm=LM_NONE, lm_revision=None), None, note
+    return dataclasses.replace(settings, lm=found.name, lm_revision=found.revision), found, None
+
+
+def _short_reason(e: ModelError) -> str:
+    from huggingface_hub import constants
+
+    if "Hugging Face Hub" in str(e):
+        if constants.HF_HUB_OFFLINE:
+            return "not in the Hugging Face cache, and HF_HUB_OFFLINE is set"
+        return "not in the Hugging Face cache, and the Hub cannot be reached"
+    return str(e)
 
 
 @contextlib.contextmanager

@@ -346,6 +346,10 @@ class LoadedModel:
     clip: nn.Module | None = None
     preprocess: Any = None
     info: dict[str, Any] = field(default_factory=dict)
+    # exp(logit_scale): what CLIP multiplies a cosine by to make the logits it was trained on, so
+    # that scale * cosine is in the same units for every CLIP (100 for OpenAI's and OpenCLIP's
+    # large models, where training clamps it; a model without one is taken to be at that clamp).
+    logit_scale: float = 100.0
     pieces: "PieceEncoder" = field(init=False)
 
     def __post_init__(self) -> None:
@@ -566,7 +570,10 @@ def wrap_model(name: str, model: nn.Module, tokenizer: Any, preprocess: Any, dev
             f"model {name!r} has {tower.token_embedding.weight.shape[0]} token embeddings but its "
             f"tokenizer has {tokenizer.vocab_size} tokens"
         )
-    return LoadedModel(name=name, device=device, text=tower, tokenizer=tokenizer, clip=model, preprocess=preprocess)
+    scale = getattr(model, "logit_scale", None)
+    scale = float(scale.detach().float().exp()) if isinstance(scale, torch.Tensor) else 100.0
+    return LoadedModel(name=name, device=device, text=tower, tokenizer=tokenizer, clip=model, preprocess=preprocess,
+                       logit_scale=scale)
 
 
 def export_model(name: str, folder: Path) -> Path:

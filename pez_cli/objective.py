@@ -1,16 +1,22 @@
 """What PEZ optimizes, written once: the loss of the continuous loop and the score of a
 printed prompt.
 
-The CLIP part is the weighted cosine similarity of every model's text features to that
-model's targets (negated by --negative, which looks for the prompt least like them). With a
-language model (--lm, --lm-weight W > 0) a printed prompt's objective also gains W times its
-fluency, the LM's mean log-probability per token of the text:
+The loop's loss is the paper's: 1 - the weighted mean cosine of every model's text features
+to its targets (times -1 for --negative). The objective that chooses which text is printed
+(the loop's candidates, the beam and refinement all call `Objective`) is in units that mean
+the same with any CLIP and any language model:
 
-    objective(text) = sign * sum_k weight_k * mean_n cos(f_k(text), t_kn)  +  W * fluency(text)
+    objective(text) = sign * sum_k weight_k * scale_k * mean_n cos(f_k(text), t_kn)  +  W * fluency(text)
 
-Higher is better in both modes. The similarity a result reports is always the CLIP part
-alone; the objective only decides which text is printed. Without a language model the
-objective is exactly sign * similarity, so every comparison is the one pez made before.
+scale_k is model k's own logit scale (exp(logit_scale), 100 for real CLIPs), so the CLIP part
+is in the logits the model was trained to compare texts with: a real CLIP's better prompt is
+better by about 0.01 cosine, 1 logit, and a toy CLIP with a scale of 18 and cosines near 0.95
+spreads its texts over as many logits. fluency is the language model's mean log-probability
+per token (nats) of the text, and W (--lm-weight) trades nats of one for nats of the other.
+
+Higher is better. The similarity a result reports is always the weighted cosine alone. With
+one model and no language model the objective is scale * sign * similarity, so it orders
+every text exactly as the similarity did.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ class Space:
     end_id: int
     score_texts: Callable[[list[str]], torch.Tensor]
     tokenize: Callable[[str], list[int]]
+    logit_scale: float = 100.0  # the model's exp(logit_scale): its cosines times this are its logits
 
 
 def clip_loss(sims: torch.Tensor, weights: torch.Tensor, sign: float, space_weight: float) -> torch.Tensor:
@@ -57,7 +64,7 @@ class Score:
     similarity: float  # the weighted CLIP similarity (the model's own for one model)
     each: list[float]  # each model's own similarity
     fluency: float  # the LM's mean log-probability per token (NaN without an LM)
-    value: float  # the objective: higher is better
+    value: float  # the objective: higher is better (module docstring)
 
 
 class Objective:
@@ -96,9 +103,14 @@ class Objective:
             return each[0]
         return sum(s.weight * v for s, v in zip(self.spaces, each))
 
-    def value(self, similarity: float, fluency: float) -> float:
-        """The objective of a text with this similarity and fluency."""
-        value = self.sign * similarity
+    def logits(self, each: Sequence[float]) -> float:
+        """The CLIP part of the objective: each model's similarity times its logit scale, weighted."""
+        return sum(s.weight * s.logit_scale * v for s, v in zip(self.spaces, each))
+
+    def value(self, each: Sequence[float], fluency: float) -> float:
+        """The objective of a text with these similarities (one per model) and this fluency
+        (ignored without a language model)."""
+        value = self.sign * self.logits(each)
         return value + self.lm_weight * fluency if self.fluency is not None else value
 
     def score(self, problems: Sequence[int], texts: Sequence[str],
@@ -116,6 +128,5 @@ class Objective:
         out = []
         for each, flu in zip(known, fluency):
             each = list(each)
-            similarity = self.joint(each)
-            out.append(Score(similarity, each, flu, self.value(similarity, flu)))
+            out.append(Score(self.joint(each), each, flu, self.value(each, flu)))
         return out

@@ -257,7 +257,7 @@ class PromptOptimizer:
         self.scored: list[set[tuple[int, ...]]] = [set() for _ in range(problems)]  # candidates seen
         self.pending = _Candidates()
         self.objective = Objective(self.spaces, self.full_targets, self.full_weights, self.sign, fluency,
-                                   settings.lm_weight if settings.lm else 0.0)
+                                   settings.lm_weight if settings.uses_lm else 0.0)
         if start is not None and all(first.vocab.allows(i) for i in start):  # the --init text is a candidate itself
             for p in range(problems):
                 self.scored[p].add(tuple(start))

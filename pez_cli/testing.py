@@ -177,3 +177,18 @@ def save_lm(model, tokenizer, folder: Path) -> Path:
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
     return folder
+
+
+def plant_in_hub_cache(folder: Path, repo_id: str, revision: str = "0" * 40) -> Path:
+    """Copy a model folder into the Hugging Face cache as `repo_id` at `revision` (its snapshot and
+    refs/main), the way a download leaves it: what `--lm auto` then finds offline, no mocking."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    repo = Path(constants.HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / revision
+    shutil.copytree(folder, snapshot, dirs_exist_ok=True)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(revision)
+    return snapshot

@@ -20,11 +20,18 @@ from pez_cli.testing import save_tiny_clip  # noqa: E402
 
 @pytest.fixture(autouse=True)
 def _isolated(tmp_path, monkeypatch):
-    """No network, no user cache, no PEZ_* settings from the environment."""
+    """No network, no user cache, no PEZ_* settings from the environment. The hub client reads
+    its cache folder and offline switch once, at import: they are set on it too."""
+    from huggingface_hub import constants
+
+    hf_home = tmp_path / "hf-home"
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setenv("HF_HOME", str(hf_home))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    for var in ("PEZ_MODEL", "PEZ_PRESET", "PEZ_DEVICE", "PEZ_LM"):
+    monkeypatch.setattr(constants, "HF_HOME", str(hf_home))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hf_home / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    for var in ("PEZ_MODEL", "PEZ_PRESET", "PEZ_DEVICE", "PEZ_LM", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
         monkeypatch.delenv(var, raising=False)
 
 

@@ -113,21 +113,118 @@ def test_without_transformers_the_error_gives_the_pip_command(tiny_model, image,
                           r"--lm needs transformers; install it with: pip install 'pez-cli\[lm\]'")
 
 
+# -- the default language model -------------------------------------------------------------
+def test_the_default_language_model_is_used_when_it_is_in_the_hub_cache(tiny_model, image, lm_dir):
+    """--lm auto (the default) finds the preset's language model in the Hugging Face cache, as a
+    download leaves it (planted there, offline, no mocking), and records it with its revision."""
+    from pez_cli.config import DEFAULT_LM
+    from pez_cli.testing import plant_in_hub_cache
+
+    plant_in_hub_cache(lm_dir, DEFAULT_LM, revision="1" * 40)
+    result = run("invert", image, "--model", tiny_model, *FAST, "--json")
+    assert result.exit_code == 0 and "note" not in result.stderr, result.stderr
+    data = json.loads(result.stdout)
+    assert (data["lm"], data["lm_revision"]) == (DEFAULT_LM, "1" * 40) and data["fluency"] is not None
+    named = invert(image, "--model", tiny_model, "--lm", DEFAULT_LM, *FAST)  # naming it is the same job
+    assert (named["prompt"], named["settings_id"]) == (data["prompt"], data["settings_id"])
+    for off in (["--no-lm"], ["--lm", "none"], ["--preset", "paper", "--vocab", "words", "--refine", "3"]):
+        plain = invert(image, "--model", tiny_model, *off, *FAST)
+        assert plain["lm"] is None and plain["fluency"] is None and "lm_revision" not in plain, off
+
+
+def test_without_the_default_language_model_one_line_says_so_and_the_run_goes_on(tiny_model, image):
+    from pez_cli.config import DEFAULT_LM
+
+    result = run("invert", image, "--model", tiny_model, *FAST, "--json")  # an empty cache, offline
+    assert result.exit_code == 0, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("note: no language model") and DEFAULT_LM in lines[0], lines
+    assert "HF_HUB_OFFLINE" in lines[0] and "--lm none" in lines[0] and len(lines[0]) < 300
+    data = json.loads(result.stdout)
+    plain = invert(image, "--model", tiny_model, "--no-lm", *FAST)  # what it did: plain PEZ, the same job
+    assert (data["prompt"], data["settings_id"], data["lm"]) == (plain["prompt"], plain["settings_id"], None)
+    assert run("invert", image, "--model", tiny_model, "--no-lm", *FAST).stderr == ""
+    assert_one_line_error(run("invert", image, "--model", tiny_model, "--lm", DEFAULT_LM, *FAST), 1,
+                          f"could not load language model '{DEFAULT_LM}' from the Hugging Face Hub")
+
+
+def test_rows_made_without_the_default_language_model_are_redone_once_it_is_there(tiny_model, images, lm_dir, tmp_path):
+    from pez_cli.config import DEFAULT_LM
+    from pez_cli.testing import plant_in_hub_cache
+
+    out = tmp_path / "rows.jsonl"
+    first = run("batch", *images[:2], "--out", out, "--model", tiny_model, *FAST)
+    assert first.exit_code == 0 and "2 done" in first.stderr and "note: no language model" in first.stderr, first.stderr
+    assert [r["lm"] for r in rows_of(out)] == [None, None]
+    plant_in_hub_cache(lm_dir, DEFAULT_LM)
+    second = run("batch", *images[:2], "--out", out, "--model", tiny_model, *FAST)
+    assert second.exit_code == 0 and "2 done, 0 already done" in second.stderr and "note" not in second.stderr
+    assert sorted(r["lm"] or "" for r in rows_of(out)) == ["", "", DEFAULT_LM, DEFAULT_LM]
+    third = run("batch", *images[:2], "--out", out, "--model", tiny_model, *FAST)
+    assert "0 done, 2 already done" in third.stderr, third.stderr
+
+
+def test_the_objective_is_in_units_that_carry_across_clips():
+    """CLIP's part of the objective is its logit scale times the cosine: a CLIP whose cosines
+    spread 100/18 times wider at a logit scale of 18 (a toy world's CLIP) ranks texts with the
+    same fluencies exactly as one at 100 (a real CLIP) does. In raw cosines the same weight
+    picks differently in the two, which is what this guards against."""
+    from pez_cli.objective import Objective, Space
+
+    cosines = torch.tensor([0.300, 0.312, 0.288])  # a real CLIP: better texts are better by about 0.01
+    fluency = [-3.0, -6.5, -2.5]  # nats per token: fluent, broken, fluent
+
+    class Reader:
+        def of(self, texts):
+            return [fluency[int(t)] for t in texts]
+
+    def choice(scale: float, cos: torch.Tensor, raw: bool = False) -> int:
+        target = torch.tensor([[1.0, 0.0]])
+        feats = torch.stack([cos, (1 - cos ** 2).sqrt()], dim=-1)  # unit vectors with these cosines to the target
+        space = Space(None, None, 1.0, 0, 0, lambda texts: feats[[int(t) for t in texts]], None, 1.0 if raw else scale)
+        objective = Objective([space], [target[None]], torch.ones(1, 1), 1.0, Reader(), 1.0 if not raw else 0.1)
+        values = [s.value for s in objective.score([0, 0, 0], ["0", "1", "2"])]
+        return max(range(3), key=values.__getitem__)
+
+    toy = 0.9 + (cosines - 0.3) * 100 / 18  # the same texts on a toy CLIP: cosines near 0.9, 100/18 wider
+    assert choice(100.0, cosines) == choice(18.0, toy) == 0
+    assert choice(100.0, cosines, raw=True) != choice(18.0, toy, raw=True)  # raw cosines: the choice moves
+
+
+def test_the_best_shown_during_a_run_never_falls(tiny_model, load_tiny, lm_dir, image):
+    """Progress shows the best prompt by the objective that chooses it, which never falls; the
+    result's objective is at least the last one shown (the search after the loop only adds)."""
+    from pez_cli.cli.display import best_text
+    from pez_cli.lm import load_lm
+
+    model, lm = load_tiny(), load_lm(str(lm_dir), torch.device("cpu"))
+    target = model.encode_images([__import__("PIL").Image.open(image).convert("RGB")])
+    pez = Pez(Settings(model=model.name, device="cpu", steps=60, prompt_len=5, lm=str(lm_dir), lm_weight=0.5), model=model, lm=lm)
+    shown = []
+    [r] = pez.solve([target], on_progress=lambda p: shown.append(p.best()[0]))
+    objectives = [b.objective for b in shown]
+    assert len(shown) == 60 and objectives == sorted(objectives) and r.objective >= objectives[-1]
+    assert len({b.printed for b in shown}) > 1  # the similarity shown moved (it may fall; the objective may not)
+    assert best_text(shown[-1]).startswith(f"objective {shown[-1].objective:.2f} (similarity ")
+
+
 # -- what it does ----------------------------------------------------------------------------
 def test_lm_weight_0_is_exactly_a_run_without_lm(tiny_model, image, lm_dir):
     plain = invert(image, "--model", tiny_model, *FAST)
     off = invert(image, "--model", tiny_model, "--lm", lm_dir, "--lm-weight", "0", *FAST)
     assert (off["prompt"], off["token_ids"], off["similarity"]) == (plain["prompt"], plain["token_ids"], plain["similarity"])
     assert plain["fluency"] is None and off["fluency"] is None
-    assert "lm" not in plain and off["lm"] == str(lm_dir) and off["lm_weight"] == 0
-    assert plain["settings_id"] != off["settings_id"]
+    # Neither used a language model, so both record none and are one job (one settings id).
+    assert plain["lm"] is None and off["lm"] is None and "lm_weight" not in off and "lm_revision" not in off
+    assert plain["settings_id"] == off["settings_id"]
 
 
 def test_the_lm_makes_the_prompt_read_as_its_text_and_reports_clip_alone(tiny_model, image, lm_dir, load_tiny):
     from pez_cli.lm import Fluency, WordMap, load_lm
 
     plain = invert(image, "--model", tiny_model, *FAST)
-    fluent = invert(image, "--model", tiny_model, "--lm", lm_dir, "--lm-weight", "1", *FAST)
+    # The tiny random CLIP's logit scale is its initial 1/0.07 (14.3): a weight of 15 lets fluency decide.
+    fluent = invert(image, "--model", tiny_model, "--lm", lm_dir, "--lm-weight", "15", *FAST)
     assert all(w in WORDS for w in fluent["prompt"].split()), fluent["prompt"]
     assert fluent["round_trip"] is True
     model = load_tiny()
@@ -153,7 +250,9 @@ def test_the_search_never_lowers_the_objective(tiny_model, load_tiny, lm_dir, im
         pez = Pez(Settings(**base, beam=beam, refine=refine), model=model, lm=lm)
         [r] = pez.solve([target])
         reader = pez.fluency()
-        objectives.append(r.similarity + 0.2 * reader.of([r.prompt])[0])
+        # The objective: CLIP's logit (its scale times the cosine) plus the weight times the fluency.
+        assert r.objective == pytest.approx(model.logit_scale * r.similarity + 0.2 * reader.of([r.prompt])[0], abs=1e-4)
+        objectives.append(r.objective)
         assert r.fluency == pytest.approx(reader.of([r.prompt])[0], abs=1e-6)
     assert objectives[0] <= objectives[1] + 1e-9 <= objectives[2] + 2e-9
 

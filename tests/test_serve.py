@@ -42,11 +42,12 @@ def folder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def served(folder, tiny_model):
-    """The page on 127.0.0.1, started in this process as `pez serve --model TINY --steps 20 --root FOLDER`."""
+    """The page on 127.0.0.1, started in this process as `pez serve --model TINY --steps 20 --lm none --root FOLDER`
+    (plain PEZ: no language model is cached here, and with --lm auto each result would carry a note)."""
     pytest.importorskip("gradio", reason="pez serve needs pez-cli[ui]")
     from pez_cli.cli.serve import ServeConfig, start
 
-    serving = start(ServeConfig(roots=[folder], flags={"model": tiny_model, "steps": STEPS}))
+    serving = start(ServeConfig(roots=[folder], flags={"model": tiny_model, "steps": STEPS, "lm": "none"}))
     yield serving
     serving.close()
     assert not serving.tmp.exists()  # uploads and downloads are gone with the server
@@ -77,7 +78,7 @@ def page(browser, served):
 
 
 def cli_prompt(image: Path, tiny_model: str, *flags) -> dict:
-    result = run("invert", image, "--model", tiny_model, "--steps", STEPS, "--json", *flags)
+    result = run("invert", image, "--model", tiny_model, "--steps", STEPS, "--no-lm", "--json", *flags)
     assert result.exit_code == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -313,6 +314,11 @@ def test_client_invert_gives_the_cli_json_and_stop_keeps_the_best_prompt(served,
                 "steps", "prompt_len"):
         assert page[key] == cli[key], key
 
+    # With --lm auto and no language model to be found (none is cached here), the page says so, as
+    # the CLI does, beside the prompt it made without one.
+    auto = client.predict(image, "", "", *settings_values(served, lm="auto"), api_name="/invert")
+    assert auto[2] == cli["prompt"] and auto[4].startswith("Note: no language model") and "--lm none" in auto[4]
+
     # A long run streams its progress; Stop (from the same client session) keeps the best prompt.
     job = client.submit(image, "", "", *settings_values(served, steps=1_000_000), api_name="/invert")
     wait_for_output(job, lambda o: o[0].startswith("step ") and o[1])
@@ -401,7 +407,7 @@ def test_pez_serve_listens_only_on_loopback_and_ctrl_c_removes_its_temporary_fol
     temp.mkdir()
     port = free_port()
     env = {**os.environ, "TMPDIR": str(temp)}
-    cmd = [sys.executable, "-m", "pez_cli", "serve", "--model", tiny_model, "--port", str(port), "--root", str(folder)]
+    cmd = [sys.executable, "-m", "pez_cli", "serve", "--model", tiny_model, "--port", str(port), "--root", str(folder), "--lm", "none"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as from a terminal
     try:
@@ -419,7 +425,8 @@ def test_pez_serve_listens_only_on_loopback_and_ctrl_c_removes_its_temporary_fol
         client = Client(f"http://127.0.0.1:{port}", verbose=False)
         from pez_cli.cli.serve import ServeConfig, Server
 
-        values = Server(ServeConfig(roots=[folder], flags={"model": tiny_model, "steps": 1_000_000}), temp).page_values(None)
+        values = Server(ServeConfig(roots=[folder], flags={"model": tiny_model, "steps": 1_000_000, "lm": "none"}),
+                        temp).page_values(None)
         job = client.submit([handle_file(str(folder / "a.png"))], "", "", *values, api_name="/invert")
         wait_for_output(job, lambda o: o[0].startswith("step "))
         proc.send_signal(signal.SIGINT)

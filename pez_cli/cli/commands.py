@@ -17,12 +17,14 @@ from pez_cli.cli.display import (
     FailureLines,
     Reporter,
     batch_summary,
+    best_text,
     emit_json,
     emit_lines,
     handles_errors,
     log_to_stderr,
     progress_mode,
     result_data,
+    scores_text,
 )
 from pez_cli.cli.help import GroupedHelp, PlainGroup
 from pez_cli.cli.options import (
@@ -79,7 +81,7 @@ def step_progress(reporter: Reporter) -> Callable[[Any], None]:
     def update(p) -> None:
         if reporter.due(p.step == p.steps):
             best = p.best()[0]
-            reporter.progress("step", p.step, p.steps, f"best {best.similarity:.4f}  {p.best_prompts()[0]}")
+            reporter.progress("step", p.step, p.steps, f"best {best_text(best)}  {best.prompt}")
 
     return update
 
@@ -107,6 +109,7 @@ def optimize_and_print(common: Common, kind: str, targets_of: Callable[[Any], An
     with Reporter(progress_mode(common.quiet, common.progress)) as reporter:
         reporter.stage(f"Loading {settings.model_label} ...")
         pez = Pez(settings, keep_image_tower=False)
+        notes = pez.notes
         targets = targets_of(pez)
         loop = time.monotonic()
         [result] = pez.solve([targets], kind, on_progress=step_progress(reporter), on_stage=reporter.stage, stop=STOP)
@@ -118,7 +121,10 @@ def optimize_and_print(common: Common, kind: str, targets_of: Callable[[Any], An
         emit_lines([result.prompt] + ([data["styled"]] if "styled" in data else []))
         if not result.interrupted:
             note = "" if result.round_trip else " (re-tokenizes differently from the optimized ids)"
-            reporter.note(f"similarity {result.similarity:.4f}{note}")
+            reporter.note(scores_text(result.similarity, result.fluency, result.objective) + note)
+    if not result.interrupted and not common.quiet:  # beside the result it explains (e.g. why no language model)
+        for note in notes:
+            reporter.warn(f"note: {note}")
     if result.interrupted:
         if common.json:
             emit_json(data)
@@ -269,6 +275,7 @@ def batch(
         failures.close(rows_written=out is not None and out != "-")
     if not common.quiet:
         sys.stderr.write(batch_summary(summary, job.shard) + "\n")
+        sys.stderr.write("".join(f"note: {note}\n" for note in job.notes))
     if common.json and out != "-":
         emit_json({"summary": {**summary.__dict__, "failures": summary.failures}, "out": out,
                    "shard": str(job.shard) if job.shard else None, "settings_id": job.sid})

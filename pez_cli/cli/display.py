@@ -96,6 +96,20 @@ def result_data(result, device, inputs: dict[str, Any], loop_started: float, sta
     return data
 
 
+def scores_text(similarity: float, fluency: float, objective: float) -> str:
+    """How a prompt scored, for a person: its similarity and, with a language model, its
+    fluency and the objective that chose it (the best prompt is the one with the highest
+    objective, which never falls during a run; its similarity may)."""
+    if fluency != fluency:  # NaN: no language model, and the similarity alone chose
+        return f"similarity {similarity:.4f}"
+    return f"objective {objective:.2f} (similarity {similarity:.4f}, fluency {fluency:.2f})"
+
+
+def best_text(best) -> str:
+    """scores_text of an optimizer's best printed prompt so far (optimize.Best)."""
+    return scores_text(best.printed, best.fluency, best.objective)
+
+
 def emit_lines(lines: list[str]) -> None:
     for line in lines:
         sys.stdout.write(line + "\n")

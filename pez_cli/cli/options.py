@@ -110,6 +110,11 @@ SOURCE_OPTIONS = cli_options(
                                                        rich_help_panel="Settings sources",
                                                        help="TOML file of settings (overrides --preset).")], None),
 )
+# --no-lm: the short form of --lm none (a setting of its own would be a second way to store it).
+NO_LM_OPTION = cli_options(
+    ("no_lm", Annotated[bool, typer.Option("--no-lm", rich_help_panel="Vocabulary and priors",
+                                           help="No language model: plain PEZ (--lm none; wins over --lm and PEZ_LM).")], False),
+)
 OUTPUT_OPTIONS = cli_options(
     ("json", Annotated[bool, typer.Option("--json", rich_help_panel="Output",
                                           help="Print one JSON object on stdout instead of the prompt.")], False),
@@ -135,7 +140,12 @@ class Common:
     flags: dict[str, Any]
 
     @classmethod
-    def build(cls, preset=None, config=None, json=False, quiet=False, progress=None, verbose=False, **flags) -> "Common":
+    def build(cls, preset=None, config=None, json=False, quiet=False, progress=None, verbose=False, no_lm=False,
+              **flags) -> "Common":
+        if no_lm:  # wins over --lm and PEZ_LM
+            from pez_cli.config import LM_NONE
+
+            flags["lm"] = LM_NONE
         return cls(preset, config, json, quiet, progress, verbose, flags)
 
     def settings(self) -> Settings:
@@ -147,4 +157,4 @@ class Common:
 
 
 SETTING_OPTIONS = options_for(Settings, unset_none=True)
-with_common_options = with_options(SOURCE_OPTIONS + SETTING_OPTIONS + OUTPUT_OPTIONS, "common", Common.build)
+with_common_options = with_options(SOURCE_OPTIONS + SETTING_OPTIONS + NO_LM_OPTION + OUTPUT_OPTIONS, "common", Common.build)

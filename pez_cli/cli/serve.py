@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from pez_cli.cli.display import PROGRESS_INTERVAL_S, remaining, result_data
+from pez_cli.cli.display import PROGRESS_INTERVAL_S, best_text, remaining, result_data, scores_text
 from pez_cli.config import Settings, preset_names, resolve, sd_model_for_settings
 from pez_cli.errors import ConfigError, InputError, PezError, first_line, user_message
 from pez_cli.images import IMAGE_SUFFIXES
@@ -124,7 +124,7 @@ class Live:
         self.stage = "Starting ..."
         self.step = self.steps = 0
         self.best = ""
-        self.score: float | None = None
+        self.score = ""  # the best prompt's scores, as display.best_text words them
         self.total = 0  # batch: images this run has to do
         self.rows: list[list[Any]] = []  # batch: each row written so far (its count is the images done)
         self.started = time.monotonic()
@@ -153,7 +153,7 @@ class Live:
         if self.due(p.step == 1 or p.step == p.steps):
             best = p.best()[0]
             with self.lock:
-                self.step, self.steps, self.best, self.score = p.step, p.steps, best.prompt, float(best.printed)
+                self.step, self.steps, self.best, self.score = p.step, p.steps, best.prompt, best_text(best)
                 self.stage = ""
                 self._changed()
         else:
@@ -183,7 +183,7 @@ class Live:
             elapsed = time.monotonic() - self.started
             left = remaining(self.step, self.steps, elapsed) if self.step >= RATE_AFTER_STEPS else ""
             parts = [f"step {self.step}/{self.steps}", f"{left} left" if left else "",
-                     f"best {self.score:.4f}" if self.score is not None else "", self.stage]
+                     f"best {self.score}" if self.score else "", self.stage]
             return " · ".join(p for p in parts if p)
 
     def batch_line(self) -> str:
@@ -251,13 +251,19 @@ class Server:
     # models, kept loaded between runs
     def pez(self, settings: Settings):
         """A Pez for these settings on the models of the last run when they are the same ones;
-        models no longer named are freed before new ones load (a GPU holds one set)."""
+        models no longer named are freed before new ones load (a GPU holds one set). Its notes
+        say why there is no language model where --lm auto found none."""
         from pez_cli.api import Pez
         from pez_cli.models import load_model, pick_device
 
         device = pick_device(settings.device)
         wanted = [(name, str(device)) for name, _ in settings.models()]
-        wanted_lm = [(settings.lm, str(device))] if settings.uses_lm else []
+        source = note = None
+        if settings.uses_lm:
+            from pez_cli.lm import settings_with_lm
+
+            settings, source, note = settings_with_lm(settings)  # auto: the preset's model, or none
+        wanted_lm = [(settings.lm, settings.lm_revision, str(device))] if settings.uses_lm else []
         if any(key not in wanted for key in self.models) or any(key not in wanted_lm for key in self.lms):
             self.models = {k: v for k, v in self.models.items() if k in wanted}
             self.lms = {k: v for k, v in self.lms.items() if k in wanted_lm}
@@ -270,9 +276,11 @@ class Server:
             from pez_cli.lm import load_lm
 
             if wanted_lm[0] not in self.lms:
-                self.lms[wanted_lm[0]] = load_lm(settings.lm, device)
+                self.lms[wanted_lm[0]] = load_lm(source, device)
             lm = self.lms[wanted_lm[0]]
-        return Pez(settings, model=[self.models[key] for key in wanted], keep_image_tower=True, lm=lm)
+        pez = Pez(settings, model=[self.models[key] for key in wanted], keep_image_tower=True, lm=lm)
+        pez.notes += [note] if note else []
+        return pez
 
     def loaded_label(self, settings: Settings) -> str:
         names = [name for name, _ in settings.models()]
@@ -367,7 +375,8 @@ def optimize_work(server: Server, kind: str, preset, values, files=None, folder=
         loop = time.monotonic()
         [result] = pez.solve([targets], "text" if kind == "distill" else "image", on_progress=live.on_progress,
                              on_stage=live.set_stage, stop=stop)
-        return result, result_data(result, pez.device, inputs, loop, started, template if kind == "style" else None)
+        data = result_data(result, pez.device, inputs, loop, started, template if kind == "style" else None)
+        return result, data, pez.notes
 
     return work
 
@@ -375,11 +384,12 @@ def optimize_work(server: Server, kind: str, preset, values, files=None, folder=
 def result_texts(result, data: dict[str, Any]) -> tuple[str, str]:
     """The notes under a result: similarity per model and round trip, or where it stopped."""
     if result.interrupted:
-        return f"Stopped after {result.steps_done} steps; best prompt so far (similarity {result.similarity:.4f}).", ""
+        scores = scores_text(result.similarity, result.fluency, result.objective)
+        return f"Stopped after {result.steps_done} steps; best prompt so far ({scores}).", ""
     each = ", ".join(f"{name} {value:.4f}" for name, value in result.similarities.items())
     trip = "re-tokenizes to exactly the optimized ids" if result.round_trip else "re-tokenizes differently from the optimized ids"
-    fluency = f" · fluency {result.fluency:.3f}" if result.fluency == result.fluency else ""
-    return "", f"similarity {result.similarity:.4f} ({each}) · {trip}{fluency} · {data['seconds']:.1f} s"
+    scores = scores_text(result.similarity, result.fluency, result.objective)
+    return "", f"{scores} · {each} · {trip} · {data['seconds']:.1f} s"
 
 
 def batch_work(server: Server, token: str, preset, values, files, folder, recursive, out, fmt):
@@ -538,8 +548,9 @@ def build_page(server: Server):
                     elif what == "error":
                         yield {**out, progress: "", status: value}
                     else:
-                        result, payload = value
+                        result, payload, notes = value
                         note, line = result_texts(result, payload)
+                        note = " ".join([note, *(f"Note: {n}" for n in notes)]).strip()
                         from pez_cli.results import json_line
 
                         done = {**out, progress: "", best: result.prompt, prompt: result.prompt, scores: line,
