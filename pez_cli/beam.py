@@ -1,60 +1,131 @@
-"""A left-to-right beam search in which the language model writes and CLIP chooses (--lm, --beam).
+"""A left-to-right beam search in which the language model writes and CLIP chooses (the
+language prior's search, --beam).
 
 The way of VGD (Kim et al., ICLR 2025): every beam is a text of allowed CLIP whole words; at
 each length the language model proposes its likeliest next words after each beam (read with
-its own tokenizer, see lm.py), every extension is scored by the CLIP part of the objective as
-printed text plus the language model's weight times the extension's fluency as the start of
-a text (its mean log-probability, no end of text yet), and the `beam` best extensions of each
-problem go on. Every beam, read as a finished text, is a candidate for the printed prompt
-under the whole objective; each problem's best one replaces the loop's best where it scores
-higher. All problems search together, in batched passes.
+its own tokenizer, see lm.py), every extension is ranked by the objective (objective.py) with
+the extension's fluency as the start of a text (its mean log-probability, no end of text yet),
+and the `width` best extensions of each problem go on. Every beam, read as a finished text, is
+a candidate for the printed prompt under the whole objective; each problem's best one replaces
+the loop's best where it scores higher. All problems search together, in batched passes.
+
+Extensions are scored without encoding their texts again (TextTower.grow): each beam keeps its
+keys and values in every block of each CLIP, and an extension runs two positions (its word and
+the end token) against them, so a pass costs the same at every length instead of growing with
+it. Those scores rank the beams; a beam that would become a problem's best is encoded as text
+first, and wins only by that score.
 """
 
 from __future__ import annotations
 
-from pez_cli.objective import Score
+from dataclasses import dataclass
+
+import torch
+
 from pez_cli.optimize import Best, PromptOptimizer
 
 # Next words the language model proposes per beam and length.
 BEAM_WORDS = 8
+# Keys and values the beams of one pass may hold (bytes): problems are searched in groups small
+# enough for this (ViT-H-14, 32 beams, 24 words: 8 problems at a time).
+BEAM_STATE_BYTES = 1 << 30
+# A beam's objective from its grown features may differ from its text's in the last digits: a
+# beam within this of a problem's best is encoded as text and compared exactly.
+CLOSE = 1e-3
+
+
+@dataclass
+class _Beams:
+    """The beams of a group of problems, in one flat list: owner problem, token ids, each
+    model's similarity as a finished text, and (when the towers can grow) each model's keys and
+    values per block, (beams, H, len, W/H)."""
+
+    owners: list[int]
+    ids: list[list[int]]
+    each: list[list[float]]
+    states: list[list[tuple[torch.Tensor, torch.Tensor]]] | None
 
 
 def beam_search(opt: PromptOptimizer, bests: list[Best], width: int) -> list[Best]:
     """Improve `bests` (in place, and returned) with the best text each problem's beam finds."""
-    objective, vocab = opt.objective, opt.vocab
-    fluency = objective.fluency
-    if fluency is None or width < 1:
+    if opt.objective.fluency is None or width < 1:
         return bests
     problems = [p for p, b in enumerate(bests) if b.prompt]
-    # Each problem's beams: (ids, text, CLIP similarity, each model's), the empty text first.
-    beams: dict[int, list[tuple[list[int], str, float, list[float]]]] = {p: [([], "", 0.0, [])] for p in problems}
+    for at in range(0, len(problems), group_size(opt, width)):
+        _search(opt, bests, width, problems[at:at + group_size(opt, width)])
+    return bests
+
+
+def group_size(opt: PromptOptimizer, width: int) -> int:
+    """Problems searched together: as many as keep their beams' keys and values (full length,
+    fp32) within BEAM_STATE_BYTES."""
+    per_problem = sum(2 * 4 * width * (opt.settings.prompt_len + 2) * s.tower.width * len(s.tower.transformer.resblocks)
+                      for s in opt.spaces)
+    return max(1, BEAM_STATE_BYTES // per_problem)
+
+
+def _search(opt: PromptOptimizer, bests: list[Best], width: int, problems: list[int]) -> None:
+    objective, vocab, fluency = opt.objective, opt.vocab, opt.objective.fluency
+    spaces = opt.spaces
+    grows = all(s.tower.can_grow() for s in spaces)
+    device = spaces[0].vocab.embeddings.device
+    beams = _Beams(list(problems), [[] for _ in problems], [[] for _ in problems],
+                   [s.tower.prefix_states(torch.tensor([[s.start_id]] * len(problems), device=device)) for s in spaces]
+                   if grows else None)
     for depth in range(opt.settings.prompt_len + 1):
-        parents = [(p, beam) for p in problems for beam in beams[p]]
-        readings = fluency.read([text for _, (_, text, _, _) in parents])
-        for (p, (ids, text, similarity, each)), reading in zip(parents, readings):
-            if not ids:
-                continue
-            value = objective.value(each, reading.fluency)  # as a finished text
-            if value > bests[p].objective:
-                score = Score(similarity, each, reading.fluency, value)
-                bests[p] = Best.scored(vocab.tokenizer.encode(text), similarity, opt.step_count, text, score)
+        texts = [vocab.decode(ids) for ids in beams.ids]
+        readings = fluency.read(texts)
+        _offer(opt, bests, beams, texts, readings)
         if depth == opt.settings.prompt_len:
             break
-        grown = [(p, ids + [word], (reading.total + logp) / (reading.count + 1))  # (problem, ids, fluency as a start)
-                 for (p, (ids, _, _, _)), reading in zip(parents, readings) for word, logp in reading.next[:BEAM_WORDS]]
+        grown = [(b, word, (r.total + logp) / (r.count + 1))  # (parent, word, fluency as a start)
+                 for b, r in enumerate(readings) for word, logp in r.next[:BEAM_WORDS]]
         if not grown:
             break
-        texts = [vocab.decode(ids) for _, ids, _ in grown]
-        per_text = objective.similarities([p for p, _, _ in grown], texts)  # [text][model]
+        owners = [beams.owners[b] for b, _, _ in grown]
+        if grows:  # a (beams, BEAM_WORDS) grid of words, padded with the end token where fewer were proposed
+            slots = [(b, e) for b in range(len(readings)) for e in range(min(BEAM_WORDS, len(readings[b].next)))]
+            grid = torch.full((len(readings), BEAM_WORDS), spaces[0].end_id, dtype=torch.long)
+            grid[[b for b, _ in slots], [e for _, e in slots]] = torch.tensor([w for _, w, _ in grown])
+            grid = grid.to(device)
+            flat = torch.tensor([b * BEAM_WORDS + e for b, e in slots], device=device)
+            feats, new_states = zip(*[s.tower.grow(beams.states[k], grid) for k, s in enumerate(spaces)])
+            per_text = objective.similarities_of([f.flatten(0, 1).index_select(0, flat) for f in feats], owners)
+        else:
+            per_text = objective.similarities(owners, [vocab.decode(beams.ids[b] + [w]) for b, w, _ in grown])
         ranked: dict[int, list[tuple[float, int]]] = {p: [] for p in problems}
-        for j, (p, _, start) in enumerate(grown):
-            ranked[p].append((objective.value(per_text[j], start), j))
+        for j, (owner, (_, _, start_fluency)) in enumerate(zip(owners, grown)):
+            ranked[owner].append((objective.value(per_text[j], start_fluency), j))
+        chosen = []
         for p in problems:
-            seen: set[str] = set()
-            beams[p] = []
+            seen: set[tuple[int, ...]] = set()
             for _, j in sorted(ranked[p], key=lambda r: -r[0]):  # stable: ties keep the proposal order
-                if texts[j] not in seen and len(beams[p]) < width:
-                    seen.add(texts[j])
-                    each = per_text[j]
-                    beams[p].append((grown[j][1], texts[j], objective.joint(each), each))
-    return bests
+                b, w, _ = grown[j]
+                key = (*beams.ids[b], w)
+                if key not in seen and len(seen) < width:
+                    seen.add(key)
+                    chosen.append(j)
+        parents_of = torch.tensor([grown[j][0] for j in chosen], device=device, dtype=torch.long)
+        states = None
+        if grows:
+            index = flat.index_select(0, torch.tensor(chosen, device=device, dtype=torch.long))
+            states = [[(torch.cat([k.index_select(0, parents_of), gk.flatten(0, 1).index_select(0, index)], dim=2),
+                        torch.cat([v.index_select(0, parents_of), gv.flatten(0, 1).index_select(0, index)], dim=2))
+                       for (k, v), (gk, gv) in zip(beams.states[m], new_states[m])] for m in range(len(spaces))]
+        beams = _Beams([owners[j] for j in chosen], [beams.ids[grown[j][0]] + [grown[j][1]] for j in chosen],
+                       [per_text[j] for j in chosen], states)
+
+
+def _offer(opt: PromptOptimizer, bests: list[Best], beams: _Beams, texts: list[str], readings) -> None:
+    """Each beam, read as a finished text, replaces its problem's best where its objective is
+    higher; one that comes close by its grown features is encoded as text and compared by that."""
+    objective = opt.objective
+    close = [i for i, (p, ids, each, r) in enumerate(zip(beams.owners, beams.ids, beams.each, readings))
+             if ids and objective.value(each, r.fluency) > bests[p].objective - CLOSE]
+    if not close:
+        return
+    exact = objective.score([beams.owners[i] for i in close], [texts[i] for i in close])
+    for i, score in zip(close, exact):
+        p = beams.owners[i]
+        if score.value > bests[p].objective:
+            bests[p] = Best.scored(opt.vocab.tokenizer.encode(texts[i]), score.similarity, opt.step_count, texts[i], score)

@@ -227,6 +227,90 @@ class TextTower(nn.Module):
             self.start_states = (first.detach().clone(), states)
         return self.start_states[1]
 
+    # -- growing texts one token at a time (the beam) -------------------------------------------
+    def can_grow(self) -> bool:
+        """Whether grow() applies: open_clip's plain blocks (self-attention with one input
+        projection), batch first. Other towers score grown texts whole."""
+        from open_clip.transformer import ResidualAttentionBlock
+
+        blocks = getattr(self.transformer, "resblocks", None)
+        return bool(blocks) and getattr(self.transformer, "batch_first", False) and all(
+            type(b) is ResidualAttentionBlock and not hasattr(b, "ln_1_kv")
+            and getattr(b.attn, "in_proj_weight", None) is not None for b in blocks)
+
+    @torch.no_grad()
+    def prefix_states(self, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each block's keys and values (B, H, n, W/H) of token id prefixes (B, n) that start
+        with the start token: what grow() extends. A causal tower's prefix positions never see
+        what comes after them, so these hold for every text that starts with the prefix."""
+        with self._autocast(ids.device):
+            cast = self.transformer.get_cast_dtype()
+            n = ids.shape[1]
+            x = self.token_embedding(ids).to(cast) + self.positional_embedding[:n].to(cast)  # (B, n, W)
+            mask = self.attn_mask[:n, :n].to(x.dtype)
+            states = []
+            for block in self.transformer.resblocks:
+                q, k, v = _queries_keys_values(block.attn, block.ln_1(x))  # (B, H, n, W/H)
+                states.append((k, v))
+                x = self._block_rest(block, x, q, k, v, mask)
+            return states
+
+    @torch.no_grad()
+    def grow(self, states: list[tuple[torch.Tensor, torch.Tensor]], tokens: torch.Tensor
+             ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Texts one token longer than their prefixes, scored without running the prefixes again:
+        text (b, e) is prefix b (its keys and values in `states`, (B, H, n, W/H) per block)
+        followed by tokens[b, e] (tokens: (B, E)) and the end token. Returns their normalized
+        features (B, E, D) and each block's keys and values (B, E, H, 1, W/H) at the new token,
+        for prefix_states of the grown texts (concatenated to their prefix's along the length).
+        Each text's two new positions attend to its prefix's keys and values (shared by its E
+        siblings, never copied per text) and to each other, causally: the arithmetic of encoding
+        the texts whole but for the order of its sums (features agree to about 1e-6)."""
+        batch, extra = tokens.shape
+        n = int(states[0][0].shape[2])
+        with self._autocast(tokens.device):
+            cast = self.transformer.get_cast_dtype()
+            ids = torch.stack([tokens, torch.full_like(tokens, self.end_id)], dim=-1).view(batch * extra, 2)
+            x = self.token_embedding(ids).to(cast) + self.positional_embedding[n:n + 2].to(cast)  # (B*E, 2, W)
+            width = x.shape[-1]
+            grown = []
+            for block, (keys, values) in zip(self.transformer.resblocks, states):
+                q, k, v = _queries_keys_values(block.attn, block.ln_1(x))  # (B*E, H, 2, W/H)
+                heads, dim = q.shape[1], q.shape[3]
+                grown.append((k[:, :, :1].reshape(batch, extra, heads, 1, dim), v[:, :, :1].reshape(batch, extra, heads, 1, dim)))
+                out = _attend_after_prefix(q, k, v, keys.to(q.dtype), values.to(q.dtype), extra)
+                x = self._block_after_attention(block, x, out.transpose(1, 2).reshape(batch * extra, 2, width))
+            x = self.ln_final(x[:, -1])
+            proj = self.text_projection
+            if proj is not None:
+                x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
+            return F.normalize(x.float(), dim=-1).view(batch, extra, -1), grown
+
+    @staticmethod
+    def _block_after_attention(block: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The rest of a block once attention's per-head outputs are joined (B, T, W): its output
+        projection, the residuals and the MLP."""
+        attn = block.attn
+        if isinstance(attn, packing.PackedSelfAttention) and packing.use_packed(out, attn.in_proj_weight):
+            out = attn.packed_out.apply(out, attn.out_proj.bias)
+        else:
+            out = attn.out_proj(out)
+        x = x + block.ls_1(out)
+        return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+    @classmethod
+    def _block_rest(cls, block: nn.Module, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    mask: torch.Tensor) -> torch.Tensor:
+        """A block's attention from its queries, keys and values, then its MLP: (B, T, W)."""
+        batch, seq, width = x.shape
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(batch, seq, width)
+        return cls._block_after_attention(block, x, out)
+
+    def _autocast(self, device: torch.device):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.amp_dtype, cache_enabled=False)
+
     def encode_ids(self, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
         """Normalized features (N, D) of token id sequences that each end in the EOT id, in
         passes of at most ENCODE_ELEMENTS residual-stream values (rows x length x width)."""
@@ -245,6 +329,37 @@ class TextTower(nn.Module):
                 feats = self.forward(self.token_embedding(ids))
                 out[torch.tensor(part, device=device)] = F.normalize(feats.float(), dim=-1)
         return out
+
+
+def _attend_after_prefix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                         extra: int) -> torch.Tensor:
+    """Attention of two new positions per text (q, k, v: (B*E, H, 2, d)) over their prefix's
+    keys and values (B, H, n, d), shared by the E texts of each prefix, and causally over
+    themselves: one softmax over both parts, without copying a prefix for each text.
+    Returns (B*E, H, 2, d)."""
+    texts, heads, _, dim = q.shape
+    batch = keys.shape[0]
+    scale = dim ** -0.5
+    qs = q.view(batch, extra, heads, 2, dim).transpose(1, 2).reshape(batch, heads, extra * 2, dim) * scale
+    before = qs @ keys.transpose(-1, -2)  # (B, H, 2E, n)
+    before = before.view(batch, heads, extra, 2, -1).transpose(1, 2).reshape(texts, heads, 2, -1)  # (B*E, H, 2, n)
+    own = (q * scale) @ k.transpose(-1, -2)  # (B*E, H, 2, 2)
+    own = own.masked_fill(torch.ones(2, 2, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    weights = torch.softmax(torch.cat([before, own], dim=-1), dim=-1)  # (B*E, H, 2, n + 2)
+    n = keys.shape[2]
+    from_prefix = weights[..., :n].reshape(batch, extra, heads, 2, n).transpose(1, 2).reshape(batch, heads, extra * 2, n)
+    out = (from_prefix @ values).view(batch, heads, extra, 2, dim).transpose(1, 2).reshape(texts, heads, 2, dim)
+    return out + weights[..., n:] @ v
+
+
+def _queries_keys_values(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A self-attention's input projection of x (B, T, W), split per head: 3 x (B, H, T, W/H)."""
+    if isinstance(attn, packing.PackedSelfAttention) and packing.use_packed(x, attn.in_proj_weight):
+        return attn.queries_keys_values(x)
+    batch, seq, width = x.shape
+    qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)  # (B, T, 3W)
+    q, k, v = qkv.view(batch, seq, 3, attn.num_heads, width // attn.num_heads).permute(2, 0, 3, 1, 4)
+    return q, k, v
 
 
 def split_model_name(name: str) -> tuple[str | None, str, str | None]:

@@ -84,9 +84,14 @@ class Objective:
         """Each model's mean cosine of printed texts to their problems' targets: [text][space]."""
         if not texts:
             return []
+        return self.similarities_of([space.score_texts(list(texts)) for space in self.spaces], problems)
+
+    def similarities_of(self, features: Sequence[torch.Tensor], problems: Sequence[int]) -> list[list[float]]:
+        """Each model's mean cosine to their problems' targets of texts with these normalized
+        features (one (n, D_k) tensor per model): [text][space]."""
         out = []
-        for k, space in enumerate(self.spaces):
-            feats = space.score_texts(list(texts)).to(self.targets[k].dtype)  # (n, D_k)
+        for k, feats in enumerate(features):
+            feats = feats.to(self.targets[k].dtype)
             owners = torch.tensor(list(problems), device=feats.device)
             sims = torch.einsum("nmd,nd->nm", self.targets[k][owners], feats)  # (n, n_max)
             out.append((sims * self.weights[owners]).sum(-1).tolist())
@@ -107,10 +112,14 @@ class Objective:
         """The CLIP part of the objective: each model's similarity times its logit scale, weighted."""
         return sum(s.weight * s.logit_scale * v for s, v in zip(self.spaces, each))
 
+    def clip_value(self, each: Sequence[float]) -> float:
+        """CLIP's part of the objective: sign * logits (the whole objective without a language model)."""
+        return self.sign * self.logits(each)
+
     def value(self, each: Sequence[float], fluency: float) -> float:
         """The objective of a text with these similarities (one per model) and this fluency
         (ignored without a language model)."""
-        value = self.sign * self.logits(each)
+        value = self.clip_value(each)
         return value + self.lm_weight * fluency if self.fluency is not None else value
 
     def score(self, problems: Sequence[int], texts: Sequence[str],
@@ -118,15 +127,22 @@ class Objective:
         """Printed texts scored for their problems (texts[i] for problems[i]), in batched passes.
         known[i], where given, is each model's similarity of texts[i] already computed (the loop's
         own, for a text that reads as its ids); only the other texts are encoded."""
-        if not texts:
-            return []
+        return self.finish(texts, self.each(problems, texts, known))
+
+    def each(self, problems: Sequence[int], texts: Sequence[str],
+             known: Sequence[Sequence[float] | None] | None = None) -> list[list[float]]:
+        """Each model's similarity of each text to its problem's targets, encoding only the texts
+        whose `known` similarities are None (see score)."""
         known = list(known) if known is not None else [None] * len(texts)
         todo = [j for j, each in enumerate(known) if each is None]
         for j, each in zip(todo, self.similarities([problems[j] for j in todo], [texts[j] for j in todo])):
             known[j] = each
+        return [list(each) for each in known]
+
+    def finish(self, texts: Sequence[str], each: Sequence[Sequence[float]]) -> list[Score]:
+        """Scores of texts whose similarities are known: the language model reads them (in batches,
+        each distinct text once per run) and the objective adds its term."""
+        if not texts:
+            return []
         fluency = self.fluency.of(texts) if self.fluency is not None else [math.nan] * len(texts)
-        out = []
-        for each, flu in zip(known, fluency):
-            each = list(each)
-            out.append(Score(self.joint(each), each, flu, self.value(each, flu)))
-        return out
+        return [Score(self.joint(e), list(e), flu, self.value(e, flu)) for e, flu in zip(each, fluency)]

@@ -101,3 +101,32 @@ def test_many_texts_are_encoded_in_bounded_passes(loaded, monkeypatch):
     chunked = loaded.encode_texts(texts)
     assert max(rows_seen) == 5 and sum(rows_seen) == len(texts)
     torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_grown_texts_score_as_the_texts_encoded_whole(load_tiny, packed):
+    """TextTower.grow scores a prefix plus one token (and the end token) from the prefix's kept
+    keys and values, for several prefixes and several tokens each, and again after growing: the
+    same features as encoding the texts whole, to float rounding."""
+    from pez_cli import packing
+    from pez_cli.vocab import Vocabulary
+
+    model = load_tiny()
+    tok, tower = model.tokenizer, model.text
+    if packed:
+        assert packing.apply(tower, Vocabulary(tok, tower.token_embedding.weight), True)
+    assert tower.can_grow()
+    prefixes = [tok.encode("a red cat on"), tok.encode("two dogs in the")]
+    states = tower.prefix_states(torch.tensor([[tok.sot_token_id, *p] for p in prefixes]))
+    words = [[tok.encode(w)[0] for w in ("mat", "the", "snow")], [tok.encode(w)[0] for w in ("house", "a", "park")]]
+    feats, grown = tower.grow(states, torch.tensor(words))
+    whole = tower.encode_ids([[tok.sot_token_id, *prefixes[b], w, tok.eot_token_id] for b in range(2) for w in words[b]])
+    assert feats.shape == (2, 3, whole.shape[-1])
+    assert torch.allclose(feats.flatten(0, 1), whole, atol=1e-5)
+    # Keep "... on mat" and "... the park", and grow them by one more word.
+    kept = [(torch.cat([k[[0, 1]], gk[[0, 1], [0, 2]]], dim=2), torch.cat([v[[0, 1]], gv[[0, 1], [0, 2]]], dim=2))
+            for (k, v), (gk, gv) in zip(states, grown)]
+    again, _ = tower.grow(kept, torch.tensor([[tok.encode("today")[0]]] * 2))
+    longer = [[tok.sot_token_id, *prefixes[0], words[0][0]], [tok.sot_token_id, *prefixes[1], words[1][2]]]
+    whole = tower.encode_ids([[*p, tok.encode("today")[0], tok.eot_token_id] for p in longer])
+    assert torch.allclose(again[:, 0], whole, atol=1e-5)
