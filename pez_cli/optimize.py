@@ -37,6 +37,7 @@ after GRAPH_WARMUP eager steps it is captured as one CUDA graph (GraphedStep) an
 from __future__ import annotations
 
 import contextlib
+import heapq
 import logging
 import math
 import os
@@ -58,6 +59,9 @@ log = logging.getLogger("pez")
 FP16_LOSS_SCALE = 1024.0
 # Steps between two batched passes scoring candidates as printed text (and patience checks).
 FLUSH_EVERY = 8
+# With a language model: the loop's candidates it reads, per problem, are those among the best
+# this many by CLIP so far (_into_pool).
+LM_POOL = 8
 # Eager steps before a step is captured as a CUDA graph (allocator and autograd warm-up).
 GRAPH_WARMUP = 3
 # Steps between flushes on CUDA without --patience: a flush is a host sync and an eager pass over
@@ -255,6 +259,7 @@ class PromptOptimizer:
         self.last_ids: torch.Tensor | None = None  # (A*R, L) ids projected in the last step
         self.printed: list[Best | None] = [None] * problems  # the best printed prompt per problem
         self.scored: list[set[tuple[int, ...]]] = [set() for _ in range(problems)]  # candidates seen
+        self.pools: list[list[float]] = [[] for _ in range(problems)]  # with a language model: see _into_pool
         self.pending = _Candidates()
         self.objective = Objective(self.spaces, self.full_targets, self.full_weights, self.sign, fluency,
                                    settings.lm_weight if settings.uses_lm else 0.0)
@@ -401,11 +406,29 @@ class PromptOptimizer:
         texts = [self.vocab.decode(ids) for _, ids, _, _, _ in queued]
         known = [each if each is not None and self.objective.reads_as(text, ids) else None
                  for (_, ids, _, each, _), text in zip(queued, texts)]
-        scores = self.objective.score([p for p, _, _, _, _ in queued], texts, known)
+        each = self.objective.each([p for p, _, _, _, _ in queued], texts, known)
+        if self.objective.fluency is not None:  # the language model reads the CLIP's best few texts only
+            chosen = [j for j, (p, *_) in enumerate(queued) if self._into_pool(p, self.objective.clip_value(each[j]))]
+            queued, texts, each = [queued[j] for j in chosen], [texts[j] for j in chosen], [each[j] for j in chosen]
+        scores = self.objective.finish(texts, each)
         for (p, ids, ids_score, _, step), text, score in zip(queued, texts, scores):
             best = self.printed[p]
             if best is None or score.value > best.objective:  # ties keep the earlier
                 self.printed[p] = Best.scored(ids, score.similarity if ids_score is None else ids_score, step, text, score)
+
+    def _into_pool(self, problem: int, value: float) -> bool:
+        """Whether a candidate is among its problem's LM_POOL best by CLIP's part of the objective so
+        far (a min-heap of their values): only those are read by the language model. The loop
+        writes word salads, which the language model's term ranks alike; reading every one of a
+        thousand steps' candidates cost a real language model as much as the loop itself."""
+        pool = self.pools[problem]
+        if len(pool) < LM_POOL:
+            heapq.heappush(pool, value)
+            return True
+        if value > pool[0]:
+            heapq.heapreplace(pool, value)
+            return True
+        return False
 
     def _leave(self, done: set[int]) -> None:
         """Take problems out of the batch, keeping each remaining row's state exactly."""
