@@ -117,6 +117,22 @@ def locate_lm(name: str) -> LMSource:
     return LMSource(name, path, os.path.basename(os.path.normpath(path)))
 
 
+def export_lm(name: str, folder: Path) -> Path:
+    """Copy a language model's files (found or downloaded as locate_lm does) into a new folder
+    that --lm loads offline; the files themselves, so their dtype and format stay."""
+    import shutil
+
+    source = locate_lm(name)
+    folder = Path(folder)
+    if folder.exists():
+        raise ModelError(f"language model export folder {folder} already exists")
+    folder.mkdir(parents=True)
+    for entry in sorted(Path(source.path).iterdir()):
+        if entry.is_file() and not entry.name.startswith("."):
+            shutil.copyfile(entry, folder / entry.name)  # follows the hub cache's links to its blobs
+    return folder
+
+
 def _check_files(name: str, folder: str) -> None:
     """Refuse a model whose config or tokenizer config asks to run code of its own."""
     for filename in CHECKED_FILES:

@@ -37,6 +37,7 @@ from pez_cli.cli.options import (
     with_common_options,
     with_options,
 )
+from pez_cli.config import DEFAULT_LM, LM_AUTO
 from pez_cli.errors import PezError, UsageError
 from pez_cli.render import RenderOptions
 
@@ -459,14 +460,24 @@ def models(
 def export(
     model: Annotated[str, typer.Argument(help=MODEL_HELP, show_default=False)],
     folder: Annotated[Path, typer.Argument(help="Where to write it (new or empty folder).", file_okay=False)],
+    lm: Annotated[Optional[str], typer.Option("--lm", metavar="auto|NAME_OR_PATH", show_default=False,
+                                              help="Also copy this language model into FOLDER/lm (auto: the one "
+                                                   "--lm auto loads, " + DEFAULT_LM + ").")] = None,
 ) -> None:
-    """Save a CLIP model as a local-dir: folder, to copy to a machine without network."""
+    """Save a CLIP model as a local-dir: folder, to copy to a machine without network; with
+    --lm, the language model beside it. Prints the --model value, then the --lm one."""
     from pez_cli.models import export_model
 
     with Reporter("rich" if sys.stderr.isatty() else "") as reporter:
         reporter.stage(f"Exporting {model} ...")
         out = export_model(model, folder)
-    emit_lines([f"local-dir:{out.resolve()}"])  # absolute: the same model wherever pez runs from
+        if lm:
+            from pez_cli.lm import export_lm
+
+            name = DEFAULT_LM if lm == LM_AUTO else lm
+            reporter.stage(f"Exporting the language model {name} ...")
+            copied = export_lm(name, out / "lm")
+    emit_lines([f"local-dir:{out.resolve()}"] + ([str(copied.resolve())] if lm else []))  # absolute paths
 
 
 def _version(value: bool) -> None:
