@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pez_cli.lm import Growing
 from pez_cli.optimize import Best, PromptOptimizer
 
 # Next words the language model proposes per beam and length.
@@ -72,9 +73,10 @@ def _search(opt: PromptOptimizer, bests: list[Best], width: int, problems: list[
     beams = _Beams(list(problems), [[] for _ in problems], [[] for _ in problems],
                    [s.tower.prefix_states(torch.tensor([[s.start_id]] * len(problems), device=device)) for s in spaces]
                    if grows else None)
+    reader = Growing(fluency, len(problems))
     for depth in range(opt.settings.prompt_len + 1):
         texts = [vocab.decode(ids) for ids in beams.ids]
-        readings = fluency.read(texts)
+        readings = reader.readings(texts)
         _offer(opt, bests, beams, texts, readings)
         if depth == opt.settings.prompt_len:
             break
@@ -114,6 +116,7 @@ def _search(opt: PromptOptimizer, bests: list[Best], width: int, problems: list[
                        for (k, v), (gk, gv) in zip(beams.states[m], new_states[m])] for m in range(len(spaces))]
         beams = _Beams([owners[j] for j in chosen], [beams.ids[grown[j][0]] + [grown[j][1]] for j in chosen],
                        [per_text[j] for j in chosen], states)
+        reader.grow([grown[j][0] for j in chosen], [grown[j][1] for j in chosen])
 
 
 def _offer(opt: PromptOptimizer, bests: list[Best], beams: _Beams, texts: list[str], readings) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import json
 import os
 import re
@@ -387,17 +388,67 @@ class Fluency:
         arange = torch.arange(rows, device=device)
         last = logits[arange, lengths - 1] - norm[arange, lengths - 1][:, None]  # (B, V): after the whole text
         ends = last[:, lm.end_id].tolist() if lm.end_id is not None else [None] * rows
-        proposals: list[list[tuple[int, float]]] = [[] for _ in range(rows)]
-        if self.words is not None:
-            first = (lengths == 1).nonzero()[:, 0].tolist()
-            later = (lengths > 1).nonzero()[:, 0].tolist()
-            for chosen, (lm_ids, clip_ids) in ((first, self.words.first), (later, self.words.later)):
-                if not chosen or not lm_ids.numel():
-                    continue
-                scores = last[torch.tensor(chosen, device=device)][:, lm_ids]  # (b, M)
-                top = scores.topk(min(NEXT_WORDS, scores.shape[1]), dim=-1)
-                picked = clip_ids[top.indices.cpu()].tolist()
-                for row, words, values in zip(chosen, picked, top.values.tolist()):
-                    proposals[row] = list(zip(words, values))
+        proposals = self.proposals(last, (lengths == 1).tolist())
         for i, text in enumerate(texts):
             self.cache[text] = Reading(totals[i], len(sequences[i]) - 1, ends[i], proposals[i])
+
+    def proposals(self, last: torch.Tensor, first: Sequence[bool]) -> list[list[tuple[int, float]]]:
+        """The NEXT_WORDS likeliest allowed CLIP words after each text, from the log-probabilities
+        of its next token (rows, V); first[i]: text i is empty (its next word starts the text)."""
+        out: list[list[tuple[int, float]]] = [[] for _ in first]
+        if self.words is None:
+            return out
+        for at_start, (lm_ids, clip_ids) in ((True, self.words.first), (False, self.words.later)):
+            chosen = [i for i, f in enumerate(first) if f == at_start]
+            if not chosen or not lm_ids.numel():
+                continue
+            scores = last[torch.tensor(chosen, device=last.device)][:, lm_ids]  # (b, M)
+            top = scores.topk(min(NEXT_WORDS, scores.shape[1]), dim=-1)
+            picked = clip_ids[top.indices.cpu()].tolist()
+            for row, words, values in zip(chosen, picked, top.values.tolist()):
+                out[row] = list(zip(words, values))
+        return out
+
+
+class Growing:
+    """Texts that grow one allowed word at a time (the beam), read by the language model from
+    their kept keys and values: each length reads one token per text, not every text again.
+    Every proposed word is one token of the language model (WordMap), so a grown text's tokens
+    are its parent's and that one. Readings go into the run's Fluency cache, as full reads do."""
+
+    def __init__(self, fluency: Fluency, count: int):
+        lm = fluency.lm
+        self.fluency, self.lm = fluency, lm
+        self.spell = [dict(zip(clip.tolist(), ids.tolist())) for ids, clip in (fluency.words.first, fluency.words.later)]
+        # The kept keys and values: `cache` in newer transformers, `past_key_values` before.
+        self.key = "cache" if "cache" in inspect.signature(lm.model.forward).parameters else "past_key_values"
+        with torch.no_grad():
+            out = lm.model(input_ids=torch.full((count, 1), lm.start_id, device=lm.device), use_cache=True)
+        self.cache = out[self.key]
+        self.last = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (texts, V): after each text
+        self.totals, self.counts = [0.0] * count, [0] * count
+
+    def readings(self, texts: Sequence[str]) -> list[Reading]:
+        """The current texts' readings (texts: their printed form, the Fluency cache's key)."""
+        lm = self.lm
+        ends = self.last[:, lm.end_id].tolist() if lm.end_id is not None else [None] * len(texts)
+        proposals = self.fluency.proposals(self.last, [c == 0 for c in self.counts])
+        out = [Reading(t, c, e, p) for t, c, e, p in zip(self.totals, self.counts, ends, proposals)]
+        for text, reading in zip(texts, out):
+            if text:
+                self.fluency.cache.setdefault(text, reading)
+        return out
+
+    @torch.no_grad()
+    def grow(self, parents: Sequence[int], words: Sequence[int]) -> None:
+        """The new texts: text i is text parents[i] followed by the CLIP word words[i]."""
+        ids = [self.spell[self.counts[p] > 0][w] for p, w in zip(parents, words)]
+        index = torch.tensor(list(parents), device=self.lm.device)
+        tokens = torch.tensor(ids, device=self.lm.device)
+        gained = self.last.index_select(0, index).gather(1, tokens[:, None])[:, 0].tolist()
+        self.cache.reorder_cache(index)
+        out = self.lm.model(input_ids=tokens[:, None], use_cache=True, **{self.key: self.cache})
+        self.cache = out[self.key]
+        self.last = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+        self.totals = [self.totals[p] + g for p, g in zip(parents, gained)]
+        self.counts = [self.counts[p] + 1 for p in parents]

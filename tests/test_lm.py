@@ -96,6 +96,31 @@ def test_missing_malformed_and_offline_models_fail_in_one_line(tiny_model, image
                           r"could not load language model 'gpt2' from the Hugging Face Hub .*point --lm at a folder")
 
 
+def test_growing_texts_read_as_the_whole_texts_do(lm_dir, load_tiny):
+    """The beam's reader (lm.Growing) reads each grown text from its parent's kept keys and
+    values: the same log-probabilities, end-of-text probability and proposals as reading the
+    whole text, also where two texts grow from one parent."""
+    from pez_cli.lm import Fluency, Growing, WordMap, load_lm
+
+    lm = load_lm(str(lm_dir), torch.device("cpu"))
+    model = load_tiny()
+    vocab = Pez(Settings(model=model.name, device="cpu", lm="none"), model=model).vocab
+    words = WordMap.build(lm, vocab)
+    growing, whole = Growing(Fluency(lm, words), 2), Fluency(lm, words)
+    ids: list[list[int]] = [[], []]
+    for parents, picks in (([0, 0], [0, 1]), ([0, 1], [0, 0]), ([1, 0], [2, 0]), ([0, 1], [0, 1])):
+        readings = growing.readings([vocab.decode(i) for i in ids])
+        chosen = [readings[p].next[k][0] for p, k in zip(parents, picks)]
+        growing.grow(parents, chosen)
+        ids = [ids[p] + [w] for p, w in zip(parents, chosen)]
+        texts = [vocab.decode(i) for i in ids]
+        for got, want in zip(growing.readings(texts), whole.read(texts)):
+            assert got.count == want.count and got.total == pytest.approx(want.total, abs=1e-4)
+            assert got.end == pytest.approx(want.end, abs=1e-4)
+            assert [w for w, _ in got.next[:3]] == [w for w, _ in want.next[:3]]
+    assert len(set(texts)) == 2 and all(len(t.split()) == 4 for t in texts)
+
+
 @pytest.mark.slow
 def test_an_unreachable_hub_fails_at_once_for_a_language_model(tiny_model, image, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
