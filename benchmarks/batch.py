@@ -57,7 +57,7 @@ def whole_jobs(args) -> tuple[dict, dict]:
             pixels = (torch.rand(64, 64, 3, generator=g) * 255).to(torch.uint8).numpy()
             paths.append(work / f"img{i:04d}.png")
             Image.fromarray(pixels).save(paths[-1])
-        settings = Settings(model=f"local-dir:{folder}", device="cpu", steps=args.steps, prompt_len=args.prompt_len)
+        settings = Settings(lm="none", model=f"local-dir:{folder}", device="cpu", steps=args.steps, prompt_len=args.prompt_len)
         timed = {}
         for name, runner in (("local", None), ("ray", RayRunner(RayOptions("local", args.ray_workers)))):
             start = time.perf_counter()
@@ -96,7 +96,7 @@ def main(argv=None):
         pixels = torch.randn(args.images, 3, size, size, generator=g).to(device)
         feats = torch.nn.functional.normalize(loaded.clip.encode_image(pixels).float(), dim=-1)
     loaded.release_image_tower()
-    pez = Pez(Settings(model=loaded.name, device=str(device), steps=args.steps, prompt_len=args.prompt_len), model=loaded)
+    pez = Pez(Settings(lm="none", model=loaded.name, device=str(device), steps=args.steps, prompt_len=args.prompt_len), model=loaded)
 
     def sync():
         if device.type == "cuda":

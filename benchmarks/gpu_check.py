@@ -93,7 +93,7 @@ def equivalence_float64(tiny: Path, device: str):
     model.text.double()
     found = {}
     for n, bs, restarts in [(1, 1, 1), (4, 1, 1), (3, 2, 2)]:
-        settings = Settings(model=f"local-dir:{tiny}", device=device, steps=50, prompt_len=6, batch_size=bs,
+        settings = Settings(lm="none", model=f"local-dir:{tiny}", device=device, steps=50, prompt_len=6, batch_size=bs,
                             restarts=restarts, seed=11, precision="fp32")
         pez = Pez(settings, model=model)
         targets = targets_for(pez, n, n, device)
@@ -115,7 +115,7 @@ def equivalence_float64(tiny: Path, device: str):
 def fp32_steps_matching_paper_loop(tiny: Path, device: str):
     """Informational: in fp32 (TF32 off) how many of 50 steps match the paper loop exactly."""
     model = load_model(f"local-dir:{tiny}", torch.device(device))
-    settings = Settings(model=f"local-dir:{tiny}", device=device, steps=50, prompt_len=6, seed=11, precision="fp32")
+    settings = Settings(lm="none", model=f"local-dir:{tiny}", device=device, steps=50, prompt_len=6, seed=11, precision="fp32")
     pez = Pez(settings, model=model)
     targets = targets_for(pez, 1, 1, device).float()
     [ours] = step_ids(pez, [targets])
@@ -190,7 +190,7 @@ def cuda_graph_matches_eager(tiny: Path, device: str):
     for name, n, bs, restarts, patience in [("one", 1, 1, 1, 0), ("sampled", 4, 1, 2, 0), ("leaving", 1, 1, 1, 16)]:
         runs = []
         for graph in (False, True):
-            settings = Settings(model=f"local-dir:{tiny}", device=device, steps=50, prompt_len=6, batch_size=bs,
+            settings = Settings(lm="none", model=f"local-dir:{tiny}", device=device, steps=50, prompt_len=6, batch_size=bs,
                                 restarts=restarts, seed=11, precision="fp32", cuda_graph=graph, patience=patience,
                                 refine=0, vocab="all")
             pez = Pez(settings, model=model)

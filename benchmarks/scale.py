@@ -66,7 +66,7 @@ def child(mode: str, folder: Path, model: Path, out: Path, steps: int, prompt_le
         if not first and p.done > 0:
             first.append(time.perf_counter() - began)
 
-    settings = Settings(model=f"local-dir:{model}", device="cpu", steps=steps, prompt_len=prompt_len, refine=0)
+    settings = Settings(lm="none", model=f"local-dir:{model}", device="cpu", steps=steps, prompt_len=prompt_len, refine=0)
     paths = collect_paths([str(folder)])
     runner = None
     if mode.startswith("ray"):

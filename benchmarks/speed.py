@@ -24,6 +24,11 @@ loop and the scoring of printed prompts the loop does); case 7 compares what a u
   5. (--latency, alone) one image, ViT-H-14, 1000 steps: the wall time of the paper loop, pez
      and pez --cuda-graph, warm-up included; then ViT-bigG-14's step time (a 120-step run minus
      a 20-step one, so warm-up and capture cancel) and memory.
+  8. (--prior-run, alone) the language prior's cost: --images images (16) at --prior-steps
+     (1000), each with its own prompt, pez's defaults with the default language model's
+     architecture (SmolLM2-135M's config, random weights, a word-level tokenizer of CLIP's whole
+     words) against pez's loop alone (no language model, no refinement, no beam); the ratio is
+     what the prior's whole default run costs over the loop (the goal: at most 1.3x).
   6. (--lm-timing, alone) one image, --latency-arch and --latency-steps, with today's defaults
      (refinement included): pez alone, pez --lm with a randomly initialised GPT-2 (124M
      parameters by default; a word-level tokenizer of CLIP's whole words) and its default beam,
@@ -207,7 +212,7 @@ def latency(args, device) -> dict:
                            steps=args.latency_steps, lr=0.1, weight_decay=0.1, restarts=1, batch_size=1, seed=0)
     out["runs"].append(dict(run="paper loop", seconds=seconds, ids=paper.best_ids))
     for name, graph in (("pez", False), ("pez --cuda-graph", True)):
-        settings = Settings(model=loaded.name, device=str(device), prompt_len=args.prompt_len, steps=args.latency_steps,
+        settings = Settings(lm="none", model=loaded.name, device=str(device), prompt_len=args.prompt_len, steps=args.latency_steps,
                             precision=args.precision, refine=0, cuda_graph=graph)
         engine = Pez(settings, model=loaded)
         try:
@@ -229,7 +234,7 @@ def latency(args, device) -> dict:
                                               dim=-1).to(device)
         short, long = BIG_STEPS
         for name, graph in (("pez", False), ("pez --cuda-graph", True)):
-            settings = Settings(model=big.name, device=str(device), prompt_len=args.prompt_len, steps=short,
+            settings = Settings(lm="none", model=big.name, device=str(device), prompt_len=args.prompt_len, steps=short,
                                 precision=args.precision, refine=0, cuda_graph=graph)
             engine = Pez(settings, model=big)
             try:
@@ -285,20 +290,74 @@ def random_lm(loaded, device, width: int, layers: int):
                          tokenizer.eos_token_id, 128, frozenset(tokenizer.all_special_ids))
 
 
+def random_smollm2(loaded, device):
+    """A randomly initialised model of SmolLM2-135M's architecture (pez's default language model:
+    30 layers of width 576, 9 heads, 3 key-value heads, 49152 tokens, tied embeddings) over a
+    word-level tokenizer of CLIP's whole words, as a pez_cli.lm.LanguageModel."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pez_cli.lm import LanguageModel, lm_dtype
+    from pez_cli.testing import word_tokenizer
+    from pez_cli.vocab import token_text, word_ids
+
+    texts = [token_text(loaded.tokenizer, i) for i in range(len(loaded.tokenizer.decoder))]
+    tokenizer = word_tokenizer(sorted({texts[i] for i in word_ids(loaded.tokenizer, texts)}))
+    config = LlamaConfig(vocab_size=max(49152, len(tokenizer)), hidden_size=576, intermediate_size=1536,
+                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                         tie_word_embeddings=True, rope_theta=100000.0, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(device=device, dtype=lm_dtype(device)).eval()
+    return LanguageModel("SmolLM2-135M architecture (random init)", model, tokenizer, device, tokenizer.bos_token_id,
+                         tokenizer.eos_token_id, 8192, frozenset(tokenizer.all_special_ids), "random")
+
+
+def prior_run(args, device) -> dict:
+    """Case 8: the whole default run with the language prior against the loop alone."""
+    loaded = build_model(args.arch, device)
+    feats = image_targets(loaded, args.images, device)
+    loaded.release_image_tower()
+    targets = [feats[i:i + 1] for i in range(args.images)]
+    lm = random_smollm2(loaded, device)
+    out = {"arch": args.arch, "images": args.images, "steps": args.prior_steps, "lm": lm.name, "runs": []}
+    for name, extra in (("loop alone (--lm none --refine 0)", {"lm": "none", "refine": 0}),
+                        ("defaults with the language prior", {"lm": lm.name})):
+        settings = Settings(model=loaded.name, device=str(device), precision=args.precision, steps=args.prior_steps, **extra)
+        engine = Pez(settings, model=loaded, lm=lm if extra["lm"] != "none" else None)
+        engine.pack_weights()
+        starts: dict[str, float] = {}  # when each stage after the loop began
+        began = time.perf_counter()
+        _, seconds = timed(device, engine.solve, targets,
+                           on_stage=lambda text, starts=starts: starts.setdefault(text, time.perf_counter()))
+        out["runs"].append(dict(run=name, seconds=seconds, beam=settings.beam if extra["lm"] != "none" else 0,
+                                refine=settings.refine, stages={k: round(v - began, 1) for k, v in starts.items()}))
+    out["ratio"] = out["runs"][1]["seconds"] / out["runs"][0]["seconds"]
+    return out
+
+
+def prior_lines(found: dict, device) -> list[str]:
+    lines = [f"8. the language prior's cost: {found['images']} images, each its own prompt, {found['steps']} steps, "
+             f"{found['arch']} (random init), {found['lm']}, loading excluded ({device}):", "",
+             "| run | beams | refinement rounds | seconds | stages began at (s) |", "| --- | ---: | ---: | ---: | --- |"]
+    lines += [f"| {r['run']} | {r['beam']} | {r['refine']} | {r['seconds']:.1f} | "
+              f"{'; '.join(f'{k} {v}' for k, v in r['stages'].items())} |" for r in found["runs"]]
+    return lines + ["", f"whole run with the prior / loop alone: {found['ratio']:.2f}x (goal: at most 1.3x)"]
+
+
 def lm_timing(args, device) -> dict:
     """Case 6: one image with today's defaults, with and without --lm (and its search alone)."""
     loaded = build_model(args.latency_arch, device)
     target = image_targets(loaded, 1, device)
     lm = random_lm(loaded, device, args.lm_width, args.lm_layers)
     out = {"arch": args.latency_arch, "steps": args.latency_steps, "lm": lm.name, "runs": []}
-    for name, extra in (("pez", {}), ("pez --lm", {"lm": lm.name}), ("pez --lm --steps 1", {"lm": lm.name, "steps": 1})):
+    for name, extra in (("pez", {"lm": "none"}), ("pez --lm", {"lm": lm.name}), ("pez --lm --steps 1", {"lm": lm.name, "steps": 1})):
         settings = Settings(model=loaded.name, device=str(device), prompt_len=args.prompt_len,
                             precision=args.precision, **{"steps": args.latency_steps, **extra})
         try:
-            engine = Pez(settings, model=loaded, lm=lm if "lm" in extra else None)
+            engine = Pez(settings, model=loaded, lm=lm if extra["lm"] != "none" else None)
             [result], seconds = timed(device, engine.solve, [target])
             out["runs"].append(dict(run=name, seconds=seconds, prompt=result.prompt, similarity=result.similarity,
-                                    steps=settings.steps, beam=settings.beam if "lm" in extra else 0))
+                                    steps=settings.steps, beam=settings.beam if extra["lm"] != "none" else 0))
         except Exception as exc:  # noqa: BLE001 (a benchmark reports the failure and goes on)
             out["runs"].append(failure(exc, run=name))
     return out
@@ -339,6 +398,8 @@ def main(argv=None):
     ap.add_argument("--lm-timing", action="store_true", help="only case 6: one image with and without --lm")
     ap.add_argument("--lm-width", type=int, default=768, help="case 6: the random GPT-2's width (GPT-2: 768)")
     ap.add_argument("--lm-layers", type=int, default=12, help="case 6: the random GPT-2's layers (GPT-2: 12)")
+    ap.add_argument("--prior-run", action="store_true", help="only case 8: the language prior's whole run against the loop")
+    ap.add_argument("--prior-steps", type=int, default=1000, help="case 8's steps (pez's default)")
     ap.add_argument("--default-run", action=argparse.BooleanOptionalAction, default=True,
                     help="case 7: the whole default run against the paper loop at --paper-steps")
     ap.add_argument("--paper-steps", type=int, default=300, help="case 7: the paper loop's steps")
@@ -355,7 +416,8 @@ def main(argv=None):
     device = pick_device(args.device)
     # Cases that run alone: (chosen, measure, its lines, its key in --json).
     for chosen, measure, lines_of, key in ((args.latency, latency, latency_lines, "latency"),
-                                           (args.lm_timing, lm_timing, lm_lines, "lm")):
+                                           (args.lm_timing, lm_timing, lm_lines, "lm"),
+                                           (args.prior_run, prior_run, prior_lines, "prior")):
         if chosen:
             found = measure(args, device)
             print("\n".join(lines_of(found, device)))
@@ -381,7 +443,7 @@ def main(argv=None):
         model = build_model(args.arch, device)
         model.clip.visual = None
         run = ({"steps": args.default_steps} if args.default_steps else {}) if defaults else {"steps": args.steps, "refine": refine}
-        settings = Settings(model=model.name, device=str(device), prompt_len=args.prompt_len,
+        settings = Settings(model=model.name, device=str(device), prompt_len=args.prompt_len, lm="none",
                             precision=precision, compile=compile_, restarts=restarts, **run)
         engine = Pez(settings, model=model)
         engine.pack_weights()  # once per model (CPU), not part of a loop; reported separately

@@ -190,6 +190,28 @@ def test_quality_benchmark_lm_rows_smoke(tmp_path):
     assert all(r["fluency"] is not None for r in data["references"])
 
 
+@pytest.mark.slow
+def test_quality_worlds_rows_smoke(tmp_path, monkeypatch, capsys):
+    """--worlds: the language prior's rows on a world (here a tiny one: a CLIP with its logit scale
+    fixed at 100 and a language model on the mixed corpus), each with its miss rate, the two
+    references and the verdict line."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import quality
+
+    monkeypatch.setitem(quality.WORLDS, "T", quality.WorldSpec("T", "tiny", 0, 32, 1, "fixed", 0, 32, 1, "mixed", 30))
+    out = tmp_path / "worlds.json"
+    [found] = quality.main(["--worlds", "T", "--scenes", "2", "--cache", str(tmp_path), "--world-steps", "20",
+                            "--world-batch", "16", "--judge-width", "48", "--judge-layers", "1", "--prior-steps", "3",
+                            "--weights", "1,3", "--json", str(out)])
+    assert [r.name for r in found["rows"]] == ["no prior (--no-lm)", "default", "weight x3"]
+    plain, *priors = found["rows"]
+    assert plain.miss is None and all(0 <= r.miss <= 1 for r in priors) and found["logit_scale"] == pytest.approx(100)
+    assert [ref["name"] for ref in found["references"]][0] == "true caption" and len(found["references"]) == 2
+    printed = capsys.readouterr().out
+    assert "World T (tiny; CLIP logit scale 100.0, 2 scenes)" in printed and "default " in printed and "miss " in printed
+    assert json.loads(out.read_text())[0]["rows"][1]["name"] == "default"
+
+
 def test_model_best_caption_searches_the_scene_form(load_tiny, monkeypatch):
     """The reference 'best caption of the scene's form' searches every colour, shape and
     background at the scene's sizes and positions, and picks the caption the model scores
