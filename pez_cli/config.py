@@ -130,7 +130,7 @@ class Settings:
         None, flag=False, needs="lm",
         help="The language model's hub commit, or sha256: of its folder's files.")
     lm_weight: float = setting(  # nats of CLIP logit per nat of log-probability per token; README's Quality table
-        1.0, minimum=0, needs="lm", metavar="X",
+        3.0, minimum=0, needs="lm", metavar="X",
         panel="Vocabulary and priors",
         help="Weight of the language model's fluency (its mean log-probability per token, in nats) against "
              "CLIP's logit (its logit scale times the cosine); 0 turns the language model off.")

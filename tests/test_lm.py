@@ -2,14 +2,13 @@
 tmp_path) in the objective and the search; --init; --vocab FILE."""
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from helpers import assert_one_line_error, make_image, rows_of, run
+from helpers import assert_one_line_error, make_image, rows_of, run, unreachable_hub_env
 from pez_cli.api import Pez
 from pez_cli.config import Settings
 from pez_cli.testing import save_tiny_clip, save_tiny_lm
@@ -93,7 +92,8 @@ def test_missing_malformed_and_offline_models_fail_in_one_line(tiny_model, image
                           r"could not load language model .*broken")
     # HF_HUB_OFFLINE=1 (set for every test): a hub id that is not cached.
     assert_one_line_error(run("invert", image, "--model", tiny_model, "--lm", "gpt2", *FAST), 1,
-                          r"could not load language model 'gpt2' from the Hugging Face Hub .*point --lm at a folder")
+                          r"language model 'gpt2' is not in the local cache and offline mode is on \(HF_HUB_OFFLINE\); "
+                          r"point --lm at a local copy \(where there is network: pez export MODEL DIR --lm gpt2")
 
 
 def test_growing_texts_read_as_the_whole_texts_do(lm_dir, load_tiny):
@@ -123,8 +123,7 @@ def test_growing_texts_read_as_the_whole_texts_do(lm_dir, load_tiny):
 
 @pytest.mark.slow
 def test_an_unreachable_hub_fails_at_once_for_a_language_model(tiny_model, image, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
-    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"))  # nothing listens on port 9
+    env = unreachable_hub_env(tmp_path / "hf")
     done = subprocess.run([sys.executable, "-m", "pez_cli", "invert", str(image), "--model", tiny_model, "--lm",
                            "HuggingFaceTB/SmolLM2-135M", *FAST], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 1 and done.stdout == ""
@@ -171,6 +170,20 @@ def test_without_the_default_language_model_one_line_says_so_and_the_run_goes_on
     assert run("invert", image, "--model", tiny_model, "--no-lm", *FAST).stderr == ""
     assert_one_line_error(run("invert", image, "--model", tiny_model, "--lm", DEFAULT_LM, *FAST), 1,
                           f"could not load language model '{DEFAULT_LM}' from the Hugging Face Hub")
+
+
+def test_export_copies_the_language_model_for_a_machine_without_network(tiny_model, image, lm_dir, tmp_path):
+    from pez_cli.config import DEFAULT_LM
+    from pez_cli.testing import plant_in_hub_cache
+
+    plant_in_hub_cache(lm_dir, DEFAULT_LM)
+    done = run("export", tiny_model, tmp_path / "out", "--lm", "auto")
+    assert done.exit_code == 0, done.stderr
+    model, lm = done.stdout.splitlines()
+    assert model == f"local-dir:{(tmp_path / 'out').resolve()}" and lm == str((tmp_path / "out" / "lm").resolve())
+    assert sorted(p.name for p in (tmp_path / "out" / "lm").iterdir()) == sorted(p.name for p in lm_dir.iterdir())
+    copied = invert(image, "--model", model, "--lm", lm, *FAST)
+    assert copied["prompt"] == invert(image, "--model", tiny_model, *FAST)["prompt"] and copied["lm"] == lm
 
 
 def test_rows_made_without_the_default_language_model_are_redone_once_it_is_there(tiny_model, images, lm_dir, tmp_path):
