@@ -61,6 +61,13 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def read_bytes(path: Path) -> bytes:
+    """An input's bytes, read once: its row's sha256 and its picture both come from them, so a
+    file rewritten meanwhile never pairs one version's hash with another's prompt."""
+    with open(path, "rb") as f:
+        return f.read()
+
+
 # -- side outputs: caption files and PNG copies --------------------------------------------
 def check_sidecar_ext(ext: str) -> str:
     """A caption file extension, with its dot: never empty, never a path, never an image type."""
@@ -164,6 +171,7 @@ class Pending:
     key: str  # the path as given, used for sharding and in rows
     sha256: str | None
     error: str | None = None
+    data: bytes | None = field(default=None, repr=False)  # the bytes hashed, until they are decoded
 
 
 @dataclass
@@ -372,15 +380,19 @@ class BatchJob:
         or "todo"."""
         item = entry.item
         try:
-            item.sha256 = file_sha256(item.path)
+            data = read_bytes(item.path)
         except OSError as e:
             item.error = f"cannot read {item.key}: {e.strerror or e}"
             return "failed"
+        item.sha256 = hashlib.sha256(data).hexdigest()
         if item.sha256 in entry.previous:
             return "done"
         if not self.force and self.out is None and item.error is None and not self.missing_outputs(item):
             return "done"  # without a result file, existing side outputs mark an image done
-        return "failed" if item.error is not None else "todo"
+        if item.error is not None:
+            return "failed"
+        item.data = data  # decoded from these bytes, not read again
+        return "todo"
 
     def settle_done(self, item: Pending, done: dict[tuple, dict[str, Any]], group: Group) -> None:
         """An input found done: counted, and its missing side outputs restored from its row."""
@@ -577,8 +589,9 @@ class _Run:
 
 def read_image(item: Pending):
     """The item's picture, or None with item.error saying why: one image never aborts a job."""
+    data, item.data = item.data, None
     try:
-        return load_image(item.path)
+        return load_image(item.path, data)
     except InputError as e:
         item.error = str(e)
     except Exception as e:

@@ -45,18 +45,19 @@ def setting(default: Any = None, *, help: str, flag: bool = True, flag_name: str
             envvar: str | None = None, identifies: bool = True, minimum: float | None = None, above: float | None = None,
             maximum: float | None = None, choices: tuple[str, ...] = (), nonempty: bool = False,
             metavar: str | None = None, shown_default: str | None = None, needs: str | None = None,
-            panel: str | None = None) -> Any:
+            panel: str | None = None, also: tuple[str, str] | None = None) -> Any:
     """Declare a setting (a dataclass field with its CLI and validation metadata).
 
     flag: has a CLI option, named flag_name (default --field-name) with an optional short form;
     identifies: stored with (and identifying) a result; minimum/maximum: inclusive bounds;
-    above: exclusive lower bound; choices: allowed values; shown_default: the default as help
+    above: exclusive lower bound; choices: allowed values; also: (regex, as shown) of values
+    allowed besides the choices; shown_default: the default as help
     shows it (default: the value itself); panel: where --help lists it; needs: a setting without which this one does nothing
     (it then identifies nothing either). A setting whose default is None identifies a result
     only when set, so adding one leaves the settings id of every earlier result as it was."""
     meta = dict(help=help, flag=flag, flag_name=flag_name, short=short, envvar=envvar, identifies=identifies,
                 minimum=minimum, above=above, maximum=maximum, choices=choices, nonempty=nonempty,
-                metavar=metavar, shown_default=shown_default, needs=needs, panel=panel)
+                metavar=metavar, shown_default=shown_default, needs=needs, panel=panel, also=also)
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -91,8 +92,8 @@ class Settings:
     batch_size: int = setting(1, minimum=1, panel="Optimization", help="Targets sampled per step when there are more.")  # paper: 1
     seed: int = setting(0, minimum=0, maximum=MAX_SEED, panel="Optimization", help="Random seed.")
     device: str = setting(
-        "auto", envvar="PEZ_DEVICE", identifies=False, choices=("auto", "cpu", "cuda", "mps"),
-        panel="Model and device", help="auto, cpu, cuda or mps; auto picks cuda, then mps, then cpu.")
+        "auto", envvar="PEZ_DEVICE", identifies=False, choices=("auto", "cpu", "cuda", "mps"), also=(r"cuda:\d+", "cuda:N"),
+        panel="Model and device", help="auto, cpu, cuda, cuda:N (the GPU numbered N) or mps; auto picks cuda, then mps, then cpu.")
     block: list[str] = setting(
         [], metavar="WORD", shown_default="none", panel="Vocabulary and priors", help="Never choose a token containing WORD (repeatable).")
     ascii_only: bool = setting(False, panel="Vocabulary and priors", help="Only choose tokens of printable ASCII.")
@@ -309,8 +310,10 @@ def _check_value(f: dataclasses.Field, value: Any) -> None:
         return
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{name} must be a finite number, got {value}")
-    if meta["choices"] and value not in meta["choices"]:
-        raise ConfigError(f"{name} must be one of {', '.join(meta['choices'])}, got {value!r}")
+    also = meta.get("also")
+    if meta["choices"] and value not in meta["choices"] and not (also and re.fullmatch(also[0], str(value))):
+        allowed = ", ".join(meta["choices"]) + (f" or {also[1]}" if also else "")
+        raise ConfigError(f"{name} must be one of {allowed}, got {value!r}")
     if meta["above"] is not None and not value > meta["above"]:
         raise ConfigError(f"{name} must be greater than {meta['above']:g}, got {value}")
     minimum = meta["minimum"]

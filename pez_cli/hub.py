@@ -58,3 +58,23 @@ def session() -> Iterator[bool]:
 def unreachable_note(forced: bool) -> str:
     """What to add to a download error when pez went offline."""
     return f"the Hugging Face Hub at {endpoint()} cannot be reached; " if forced else ""
+
+
+# The longest part of the hub client's own message a download error quotes.
+QUOTED_CHARS = 120
+
+
+def cannot_fetch(what: str, error: BaseException, forced: bool, advice: str) -> str:
+    """One line for a download that failed: `what` (e.g. "model 'ViT-H-14/laion2b_s32b_b79k'")
+    is not cached and the Hub is out of reach or offline mode is on, or the hub client's reason
+    (cut short); then `advice`, what to do instead."""
+    from huggingface_hub import constants
+
+    if forced:
+        why = f"is not in the local cache and the Hugging Face Hub at {endpoint()} cannot be reached"
+    elif constants.HF_HUB_OFFLINE:
+        why = "is not in the local cache and offline mode is on (HF_HUB_OFFLINE)"
+    else:
+        text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        why = f"could not be downloaded ({text[:QUOTED_CHARS] + '...' if len(text) > QUOTED_CHARS else text})"
+    return f"{what} {why}; {advice}"

@@ -125,13 +125,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB") if mode != "RGB" else image
 
 
-def load_image(path: Path | str) -> Image.Image:
-    """Open, fully decode and normalise an image; problems become an InputError naming it."""
+def load_image(path: Path | str, data: bytes | None = None) -> Image.Image:
+    """Open, fully decode and normalise an image (from `data`, its bytes already read, when
+    given); problems become an InputError naming it."""
     path = Path(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(io.BytesIO(data) if data is not None else path) as im:
                 width, height = im.size
                 if max(width, height) > MAX_ASPECT * max(min(width, height), 1):
                     raise InputError(f"image {path} is {width} x {height} pixels: more than {MAX_ASPECT} times "

@@ -32,7 +32,9 @@ from pez_cli.errors import ModelError, first_line
 from pez_cli.files import content_digest
 
 INSTALL = "pip install 'pez-cli[lm]'"
-OFFLINE_HINT = "to run offline, point --lm at a folder written by save_pretrained (the model and its tokenizer)"
+# What a user without the language model can do; {name} is the model asked for.
+OFFLINE_HINT = ("point --lm at a local copy (where there is network: pez export MODEL DIR --lm {name}, then "
+                "--lm DIR/lm), or run without it: --lm none")
 # Most likely next words kept per text read (the search asks for at most this many).
 NEXT_WORDS = 32
 # Logits held at once while reading (batch x positions x vocabulary), about 256 MB in fp32.
@@ -111,8 +113,7 @@ def locate_lm(name: str) -> LMSource:
             if not any(f.endswith(".safetensors") for f in os.listdir(path)):
                 path = snapshot_download(repo_id=name, allow_patterns=HUB_BIN_PATTERNS)
         except Exception as e:  # the hub client raises many types for missing, offline and refused repositories
-            raise ModelError(f"could not load language model {name!r} from the Hugging Face Hub "
-                             f"({hub.unreachable_note(offline)}{first_line(e)}); {OFFLINE_HINT}") from None
+            raise ModelError(hub.cannot_fetch(f"language model {name!r}", e, offline, OFFLINE_HINT.format(name=name))) from None
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise ModelError(f"language model {name!r} has no config.json on the Hugging Face Hub; is it a transformers model?")
     return LMSource(name, path, os.path.basename(os.path.normpath(path)))
@@ -224,13 +225,14 @@ def settings_with_lm(settings: Settings, given: LanguageModel | LMSource | None 
 
 
 def _short_reason(e: ModelError) -> str:
-    from huggingface_hub import constants
-
-    if "Hugging Face Hub" in str(e):
-        if constants.HF_HUB_OFFLINE:
+    """Why the default language model was not found, without hub.cannot_fetch's advice (the
+    note gives its own)."""
+    text = str(e)
+    if "not in the local cache" in text:
+        if "HF_HUB_OFFLINE" in text:
             return "not in the Hugging Face cache, and HF_HUB_OFFLINE is set"
         return "not in the Hugging Face cache, and the Hub cannot be reached"
-    return str(e)
+    return text.split("; ")[0]
 
 
 @contextlib.contextmanager

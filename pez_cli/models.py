@@ -24,10 +24,9 @@ from torch import nn
 from pez_cli import hub, packing
 from pez_cli.errors import ConfigError, ModelError, first_line
 
-OFFLINE_HINT = (
-    "to run offline, point --model at a local copy: local-dir:/path/to/folder "
-    "(a folder with open_clip_config.json and open_clip_model.safetensors)"
-)
+# What a user without the weights can do; {name} is the model asked for.
+OFFLINE_HINT = ("point --model at a local copy (where there is network: pez export {name} DIR, then --model "
+                "local-dir:DIR), or try pez demo (nothing to download)")
 # Printed prompts are encoded in passes of at most this many residual-stream values (rows x
 # positions x width), so refinement's candidates for a whole batch group keep memory flat: a
 # pass's widest activation (the MLP's, 4x) is then 16 MB in fp32. ViT-H-14 at 16 tokens: 56
@@ -53,8 +52,14 @@ def pick_device(name: str) -> torch.device:
         getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     ):
         raise ConfigError("device 'mps' was asked for but MPS is not available")
+    if name.startswith("cuda:") and name[5:].isdigit():  # one GPU of several, numbered as torch numbers them
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if int(name[5:]) >= count:
+            present = f"GPUs cuda:0 to cuda:{count - 1}" if count > 1 else "GPU cuda:0" if count else "no CUDA GPU"
+            raise ConfigError(f"device {name!r} was asked for but this machine has {present}")
+        return torch.device(name)
     if name not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"unknown device {name!r}; choose auto, cpu, cuda or mps")
+        raise ConfigError(f"unknown device {name!r}; choose auto, cpu, cuda, cuda:N or mps")
     return torch.device(name)
 
 
@@ -557,8 +562,7 @@ def model_config(name: str, offline: bool = False) -> dict[str, Any]:
         try:
             path = hf_hub_download(repo_id=ident, filename=CONFIG_FILE)
         except Exception as e:
-            raise ModelError(f"could not load model {name!r} from the Hugging Face Hub "
-                             f"({hub.unreachable_note(offline)}{first_line(e)}); {OFFLINE_HINT}") from None
+            raise ModelError(hub.cannot_fetch(f"model {name!r}", e, offline, OFFLINE_HINT.format(name=name))) from None
         return _read_config_file(path, name)
     cfg = open_clip.get_model_config(ident)
     if cfg is None:
@@ -622,7 +626,7 @@ def load_model(name: str, device: torch.device, flag: str = MODEL_FLAG) -> Loade
     except ModelError as e:
         if flag == MODEL_FLAG:
             raise
-        raise ModelError(str(e).replace(OFFLINE_HINT, OFFLINE_HINT.replace(MODEL_FLAG, flag, 1))) from None
+        raise ModelError(str(e).replace(MODEL_FLAG + " ", flag + " ")) from None
 
 
 def _load_model(name: str, device: torch.device) -> LoadedModel:
@@ -668,8 +672,7 @@ def _create(name: str, open_name: str, pretrained: str | None, quick_gelu: bool,
             )
     except Exception as e:  # open_clip wraps download and parse failures in many types
         if open_name.startswith("hf-hub:"):
-            raise ModelError(f"could not load model {name!r} from the Hugging Face Hub "
-                             f"({hub.unreachable_note(offline)}{first_line(e)}); {OFFLINE_HINT}") from None
+            raise ModelError(hub.cannot_fetch(f"model {name!r}", e, offline, OFFLINE_HINT.format(name=name))) from None
         raise ModelError(f"could not load model {name!r}: {first_line(e)}") from None
     return model, preprocess
 
@@ -732,7 +735,6 @@ def _ensure_downloaded(name: str, arch: str, tag: str, offline: bool = False) ->
     try:
         path = download_pretrained(cfg)
     except Exception as e:
-        raise ModelError(f"could not download weights for {name!r} ({hub.unreachable_note(offline)}{first_line(e)}); "
-                         f"{OFFLINE_HINT}") from None
+        raise ModelError(hub.cannot_fetch(f"model {name!r}", e, offline, OFFLINE_HINT.format(name=name))) from None
     if not path:
-        raise ModelError(f"could not download weights for {name!r}; {OFFLINE_HINT}")
+        raise ModelError(f"could not download weights for {name!r}; {OFFLINE_HINT.format(name=name)}")

@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from pez_cli import hub
 from pez_cli.config import MAX_SEED, SD15, SD21_BASE, SDXL, check_fields, sd_model_for, sd_model_for_settings, setting
-from pez_cli.errors import ConfigError, ModelError, RenderError, first_line, is_out_of_memory
+from pez_cli.errors import ConfigError, ModelError, RenderError, is_out_of_memory
 from pez_cli.images import png_bytes
 
 if TYPE_CHECKING:  # torch is imported when rendering, not for the CLI's option declarations
@@ -126,11 +126,9 @@ class Renderer:
         except Exception as e:
             if is_out_of_memory(e):
                 raise RenderError(OOM_HINT) from None
-            raise RenderError(
-                f"could not load Stable Diffusion model {options.sd_model!r} ({hub.unreachable_note(offline)}"
-                f"{first_line(e)}); to run offline, pass "
-                "--sd-model PATH with a folder saved by diffusers' save_pretrained"
-            ) from None
+            raise RenderError(hub.cannot_fetch(
+                f"Stable Diffusion model {options.sd_model!r}", e, offline,
+                "point --sd-model at a local copy (a folder saved by diffusers' save_pretrained)")) from None
         if getattr(self.pipe, "safety_checker", None) is not None:
             self.pipe.safety_checker = None  # the renders are for comparison, shown to the user only
         self.pipe.set_progress_bar_config(disable=True)

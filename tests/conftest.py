@@ -31,7 +31,10 @@ def _isolated(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HOME", str(hf_home))
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hf_home / "hub"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    for var in ("PEZ_MODEL", "PEZ_PRESET", "PEZ_DEVICE", "PEZ_LM", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+    # Nothing from the caller's shell decides a test: no PEZ_* setting, no other hub cache, no
+    # terminal width (tests that need one set COLUMNS).
+    for var in [v for v in os.environ if v.startswith("PEZ_")] + [
+            "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_ENDPOINT", "TRANSFORMERS_CACHE", "COLUMNS", "LINES"]:
         monkeypatch.delenv(var, raising=False)
 
 

@@ -25,6 +25,19 @@ def run(*args, input=None, env=None):
     return runner.invoke(app, [str(a) for a in args], input=input, env=env)
 
 
+# The variables that put huggingface_hub and transformers offline: a user who follows README's
+# offline section has them set.
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
+
+
+def unreachable_hub_env(home: Path) -> dict[str, str]:
+    """This process's environment, online, with a Hub where nothing listens (port 9) and an
+    empty Hugging Face home: a subprocess run with it asks the Hub and gets no answer."""
+    env = {k: v for k, v in os.environ.items() if k not in OFFLINE_VARIABLES}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(home))
+    return env
+
+
 def assert_one_line_error(result, code, pattern):
     """Exit `code`, nothing on stdout, and exactly one `Error: ...` line matching `pattern`."""
     assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)

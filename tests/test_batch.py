@@ -255,11 +255,11 @@ import pathlib, sys, time
 import pez_cli.batch as batch
 name, marker = sys.argv[1], pathlib.Path(sys.argv[2])
 real = batch.load_image
-def load_image(path):
+def load_image(path, data=None):
     if pathlib.Path(path).name == name:
         marker.write_text("reading")
         time.sleep(3600)
-    return real(path)
+    return real(path, data)
 batch.load_image = load_image
 sys.argv = ["pez", *sys.argv[3:]]
 from pez_cli.cli import main
@@ -297,3 +297,36 @@ def test_an_image_encodes_to_the_same_bits_alone_and_among_others(load_tiny, tmp
     for i in (0, 4, 8):
         assert torch.equal(model.encode_images([pictures[i]])[0], together[i])
     assert torch.equal(model.encode_images(pictures[3:6])[1], together[4])
+
+
+def test_an_image_rewritten_after_hashing_keeps_its_hash_with_its_prompt(tiny_model, folder, tmp_path, monkeypatch):
+    """Each image is read once: a file rewritten between its hashing and its decoding (a sync
+    tool) gets the prompt of the bytes its sha256 names, not of the new picture."""
+    import hashlib
+
+    first = folder / "img0.png"
+    original = first.read_bytes()
+    other = make_image(tmp_path / "other.png", (10, 240, 10), size=(50, 44)).read_bytes()
+    read = jobs.read_bytes
+
+    def read_then_rewrite(path):
+        data = read(path)
+        if Path(path) == first:
+            first.write_bytes(other)  # rewritten right after pez read it
+        return data
+
+    monkeypatch.setattr(jobs, "read_bytes", read_then_rewrite)
+    out = tmp_path / "out.jsonl"
+    assert run("batch", first, "--out", out, "--model", tiny_model, *FAST, "--seed", "3").exit_code == 0
+    [row] = rows_of(out)
+    assert row["sha256"] == hashlib.sha256(original).hexdigest()
+    kept = tmp_path / "kept.png"
+    kept.write_bytes(original)
+    alone = json.loads(run("invert", kept, "--model", tiny_model, "--steps", "4", "--prompt-len", "3", "--device", "cpu",
+                           "--seed", "3", "--json").stdout)
+    new = tmp_path / "new.png"
+    new.write_bytes(other)
+    rewritten = json.loads(run("invert", new, "--model", tiny_model, "--steps", "4", "--prompt-len", "3", "--device", "cpu",
+                               "--seed", "3", "--json").stdout)
+    assert alone["token_ids"] != rewritten["token_ids"]  # the test can tell the two pictures apart
+    assert row["token_ids"] == alone["token_ids"]

@@ -116,7 +116,7 @@ def test_model_from_environment(tiny_model, images):
         (["--steps", "0"], r"steps must be at least 1, got 0"),
         (["--lr", "0"], r"lr must be greater than 0"),
         (["--restarts", "0"], r"restarts must be at least 1"),
-        (["--device", "tpu"], r"device must be one of auto, cpu, cuda, mps, got 'tpu'"),
+        (["--device", "tpu"], r"device must be one of auto, cpu, cuda, mps or cuda:N, got 'tpu'"),
     ],
 )
 def test_bad_settings_are_one_line_errors(tiny_model, images, args, pattern):
@@ -139,7 +139,7 @@ def test_bad_models_are_one_line_errors(images, tmp_path):
     assert_one_line_error(run("invert", images[0], "--model", "ViT-B-32/opena"), 1,
                           r"unknown model 'ViT-B-32/opena'; close matches: .*ViT-B-32/openai")
     assert_one_line_error(run("invert", images[0], "--model", "ViT-B-32/openai"), 1,
-                          r"could not download weights for 'ViT-B-32/openai'.*local-dir:")
+                          r"model 'ViT-B-32/openai' is not in the local cache.*local-dir:")
     assert_one_line_error(run("invert", images[0], "--model", f"local-dir:{tmp_path / 'x'}"), 1, r"model folder not found")
 
 
@@ -334,3 +334,67 @@ def test_help_reads_at_80_columns_in_panels(command):
         assert "Batch:" in lines and "Ray:" in lines
     if command in ("invert", "style"):
         assert "Render:" in lines
+
+
+# -- the error path on the typer a fresh install takes, pipes, terminal width, offline -------------
+def test_a_closed_pipe_is_quiet_and_exits_0():
+    """`pez models | head`: the reader went away before pez wrote; nothing on stderr, exit 0."""
+    proc = subprocess.Popen([sys.executable, "-m", "pez_cli", "models"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # closed before pez starts writing (it imports for about a second first)
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 0 and err == b""
+
+
+def test_a_bug_inside_a_command_is_one_line_and_ctrl_c_at_start_too(monkeypatch):
+    import typer.core
+
+    def broken(self, ctx):
+        raise IndexError("index out of range")
+
+    monkeypatch.setattr(typer.core.TyperCommand, "invoke", broken)
+    assert_one_line_error(run("models"), 1, r"^Error: internal error \(IndexError: index out of range\); "
+                                            r"set PEZ_DEBUG=1 for the traceback")
+    debug = run("models", env={"PEZ_DEBUG": "1"})
+    assert isinstance(debug.exception, IndexError)
+
+    def interrupted(self, ctx):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(typer.core.TyperCommand, "invoke", interrupted)
+    assert_one_line_error(run("models"), 130, r"^Error: interrupted$")
+
+
+def test_models_fits_columns(monkeypatch):
+    whole = run("models").stdout.splitlines()  # COLUMNS unset and no terminal: whole lines
+    assert max(len(line) for line in whole) > 60
+    narrow = run("models", env={"COLUMNS": "60"}).stdout.splitlines()
+    assert len(narrow) == len(whole) and max(len(line) for line in narrow) == 60
+    assert [line.split()[0] for line in narrow] == [line.split()[0] for line in whole]
+
+
+def test_offline_without_the_weights_names_the_ways_forward(images):
+    """HF_HUB_OFFLINE=1 (every test) and nothing cached: one short line with pez demo, pez export
+    and local-dir:."""
+    result = run("invert", images[0], "--model", "ViT-B-32/openai", "--lm", "none")
+    assert_one_line_error(result, 1, r"model 'ViT-B-32/openai' is not in the local cache and offline mode is on")
+    line = result.stderr.strip()
+    assert "pez demo" in line and "pez export ViT-B-32/openai DIR" in line and "local-dir:DIR" in line
+    assert len(line) <= 260, len(line)
+
+
+def test_a_numbered_gpu_is_accepted_where_it_exists_and_refused_in_one_line_where_not(tiny_model, images, monkeypatch):
+    import torch
+
+    from pez_cli.models import pick_device
+
+    for command in (["invert", images[0], "--model", tiny_model], ["style", images[0], "--model", tiny_model],
+                    ["batch", images[0], "--model", tiny_model, "--out", images[0].parent / "rows.jsonl"], ["demo"], ["render", "a cat"]):
+        if torch.cuda.device_count() < 2:  # this machine: the device is refused before any work, in one line
+            assert_one_line_error(run(*command, "--device", "cuda:1"), 1, r"device 'cuda:1' was asked for but this "
+                                                                          r"machine has (no CUDA GPU|GPU cuda:0)$")
+    assert_one_line_error(run("invert", images[0], "--device", "cuda:x"), 1, r"device must be one of .* or cuda:N")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine with two GPUs, as torch sees it
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert pick_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(Exception, match=r"this machine has GPUs cuda:0 to cuda:1"):
+        pick_device("cuda:2")

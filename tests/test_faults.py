@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from helpers import assert_one_line_error, make_image, rows_of, run
+from helpers import assert_one_line_error, make_image, rows_of, run, unreachable_hub_env
 from pez_cli import results
 from pez_cli.testing import save_tiny_sd
 
@@ -242,7 +242,7 @@ def test_a_failing_render_still_prints_the_prompt(tiny_model, photos, tmp_path):
     args = ["invert", photos / "p0.png", "--model", tiny_model, *FAST[:6], "--render", "--sd-model", "nobody/missing",
             "--out", tmp_path / "r"]
     plain = run(*args)
-    assert plain.exit_code == 1 and plain.stdout.strip() and "could not load Stable Diffusion" in plain.stderr
+    assert plain.exit_code == 1 and plain.stdout.strip() and "Stable Diffusion model 'nobody/missing'" in plain.stderr
     data = json.loads(run(*args, "--json").stdout)
     assert data["prompt"] == plain.stdout.strip() and "renders" not in data
 
@@ -426,8 +426,7 @@ def test_rows_record_the_precision_auto_resolved_to(tiny_model, photos, tmp_path
 def test_an_unreachable_hub_fails_at_once_in_one_line(photos, tmp_path):
     """No minute of retries: the run takes about as long as one that never asks the Hub (a
     missing local folder), measured side by side, so a busy machine slows both alike."""
-    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
-    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"))  # nothing listens on port 9
+    env = unreachable_hub_env(tmp_path / "hf")
 
     def pez(model: str):
         started = time.monotonic()

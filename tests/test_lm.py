@@ -169,7 +169,7 @@ def test_without_the_default_language_model_one_line_says_so_and_the_run_goes_on
     assert (data["prompt"], data["settings_id"], data["lm"]) == (plain["prompt"], plain["settings_id"], None)
     assert run("invert", image, "--model", tiny_model, "--no-lm", *FAST).stderr == ""
     assert_one_line_error(run("invert", image, "--model", tiny_model, "--lm", DEFAULT_LM, *FAST), 1,
-                          f"could not load language model '{DEFAULT_LM}' from the Hugging Face Hub")
+                          f"language model '{DEFAULT_LM}' is not in the local cache and offline mode is on")
 
 
 def test_export_copies_the_language_model_for_a_machine_without_network(tiny_model, image, lm_dir, tmp_path):

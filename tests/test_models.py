@@ -60,7 +60,7 @@ def test_missing_local_dir(tmp_path):
 
 def test_download_failure_explains_offline_use():
     # HF_HUB_OFFLINE=1 and an empty cache (conftest): the download cannot happen.
-    with pytest.raises(ModelError, match=r"could not download weights for 'ViT-B-32/openai'.*local-dir:"):
+    with pytest.raises(ModelError, match=r"model 'ViT-B-32/openai' is not in the local cache.*local-dir:"):
         load_model("ViT-B-32/openai", torch.device("cpu"))
 
 

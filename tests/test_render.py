@@ -122,7 +122,8 @@ def test_bad_render_options(sd_dir, tmp_path, args, pattern):
 def test_render_errors_are_one_line(sd_dir, tmp_path, monkeypatch):
     result = run("render", "x", "--sd-model", "nobody/no-such-model", "--out", tmp_path)
     assert result.exit_code == 1 and "Traceback" not in result.stderr
-    assert "could not load Stable Diffusion model 'nobody/no-such-model'" in result.stderr and "--sd-model PATH" in result.stderr
+    assert "Stable Diffusion model 'nobody/no-such-model' is not in the local cache" in result.stderr
+    assert "point --sd-model at a local copy" in result.stderr
     (tmp_path / "empty").mkdir()
     result = run("render", "x", "--sd-model", tmp_path / "empty", "--out", tmp_path)
     assert result.exit_code == 1 and "not a diffusers folder" in result.stderr
@@ -175,7 +176,7 @@ def test_the_judge_model_is_named_by_its_flag(tiny_model, sd_dir, judge_model, t
     result = run(*args, "--judge-model", "ViT-B-32/openai")  # not cached, and the hub is off in tests
     assert result.exit_code == 1 and result.stdout.strip()  # the prompt came first
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("Error: judge model: could not download weights for 'ViT-B-32/openai'"), result.stderr
+    assert last.startswith("Error: judge model: model 'ViT-B-32/openai' is not in the local cache"), result.stderr
     assert "point --judge-model at a local copy" in last and "--model at" not in last
     # The renders are kept and a contact sheet without scores is written; --json reports them.
     assert last.endswith(f"the renders and a contact sheet without scores are in {tmp_path / 'o'}")

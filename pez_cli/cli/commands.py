@@ -1,6 +1,7 @@
 """The commands: parse, one library call, print. Models and torch are imported only when a
 command runs, so `pez --help` stays fast."""
 
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -452,7 +453,10 @@ def models(
     table = [header] + [(r["name"], r["model"], r["sd_model"], str(r["prompt_len"]), str(r["steps"]), r["description"])
                         for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
-    emit_lines(["  ".join([c.ljust(w) for c, w in zip(row, widths)] + [row[-1]]).rstrip() for row in table])
+    lines = ["  ".join([c.ljust(w) for c, w in zip(row, widths)] + [row[-1]]).rstrip() for row in table]
+    # A terminal's width (or COLUMNS) cuts the description; a pipe without COLUMNS gets it whole.
+    columns = shutil.get_terminal_size(fallback=(0, 0)).columns
+    emit_lines([line if not columns or len(line) <= columns else line[:max(columns - 1, 0)] + "…" for line in lines])
 
 
 @app.command(cls=GroupedHelp)

@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterator
 
 import typer
 
+from pez_cli.cli.help import quiet_pipe
 from pez_cli.errors import PezError, user_message
 
 EXIT_ERROR = 1
@@ -57,6 +58,8 @@ def user_errors() -> Iterator[None]:
         fail(str(e), e.exit_code)
     except KeyboardInterrupt:
         fail("interrupted", EXIT_INTERRUPTED)
+    except BrokenPipeError:  # `pez models | head`: not an error
+        quiet_pipe()
     except Exception as e:
         message = user_message(e)
         if message is None:

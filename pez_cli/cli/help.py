@@ -4,13 +4,23 @@ so the help reads at 80 columns as well as at 200."""
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
 import typer.core
+import typer.exceptions
+
+from pez_cli.errors import first_line
 
 # The click that typer runs on: its own copy in newer typer releases (typer._click), else click.
 click = getattr(typer.core, "_click", None) or __import__("click")
+# Abort (Ctrl-C or end of input while click prompts or parses): click's own class in older typer
+# releases, typer's in newer ones (whose bundled click has none).
+ABORTS = tuple({getattr(click.exceptions, "Abort", None), getattr(typer.exceptions, "Abort", None),
+                getattr(__import__("click").exceptions, "Abort", None)} - {None})
+# Set to see the traceback of an unexpected error instead of its one line.
+DEBUG_VARIABLE = "PEZ_DEBUG"
 
 # Panels in the order help shows them; options without one are in "Options".
 PANELS = ("Arguments", "Options", "Model and device", "Optimization", "Vocabulary and priors", "Render", "Batch",
@@ -60,6 +70,23 @@ class GroupedHelp(typer.core.TyperCommand):
         self.format_epilog(ctx, formatter)
 
 
+def interrupted() -> None:
+    sys.stderr.write("Error: interrupted\n")
+    sys.stderr.flush()
+    sys.exit(130)
+
+
+def quiet_pipe() -> None:
+    """The reader of stdout went away (`| head`): exit 0 with nothing more written, as other
+    command-line tools do (stdout goes to /dev/null so Python's final flush stays quiet)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no real file descriptor (a test's captured stdout)
+        pass
+    sys.exit(0)
+
+
 def usage_line(e: Any) -> str:
     """A command-line mistake as one line: what is wrong, then where the help is."""
     ctx = getattr(e, "ctx", None)
@@ -85,10 +112,24 @@ class PlainGroup(typer.core.TyperGroup):
             sys.stderr.write(usage_line(e) + "\n")
             sys.stderr.flush()
             sys.exit(e.exit_code)
-        except click.exceptions.Abort:  # Ctrl-C outside a command's own handling (while starting)
-            sys.stderr.write("Error: interrupted\n")
-            sys.exit(130)
+        except (KeyboardInterrupt, *ABORTS):  # Ctrl-C outside a command's own handling (while starting)
+            interrupted()
+        except BrokenPipeError:  # `pez models | head`: the reader has all it wanted
+            quiet_pipe()
+        except Exception as e:  # a bug: one line that says so, the traceback on request
+            if os.environ.get(DEBUG_VARIABLE):
+                raise
+            sys.stderr.write(f"Error: internal error ({type(e).__name__}: {first_line(e)}); "
+                             f"set {DEBUG_VARIABLE}=1 for the traceback, and please report it\n")
+            sys.exit(1)
         sys.exit(code if isinstance(code, int) else 0)
+
+    def invoke(self, ctx: Any) -> Any:
+        # Newer typer turns a KeyboardInterrupt into a silent exit 130: say what happened first.
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            interrupted()
 
     def format_help(self, ctx: Any, formatter: Any) -> None:
         self.format_usage(ctx, formatter)
