@@ -11,6 +11,8 @@ import urllib.parse
 import warnings
 from typing import Iterator
 
+from pez_cli.errors import first_line
+
 # How long pez waits to learn whether the Hub answers at all.
 PROBE_TIMEOUT_S = 3.0
 
@@ -55,11 +57,6 @@ def session() -> Iterator[bool]:
         hub_log.setLevel(level)
 
 
-def unreachable_note(forced: bool) -> str:
-    """What to add to a download error when pez went offline."""
-    return f"the Hugging Face Hub at {endpoint()} cannot be reached; " if forced else ""
-
-
 # The longest part of the hub client's own message a download error quotes.
 QUOTED_CHARS = 120
 
@@ -75,6 +72,6 @@ def cannot_fetch(what: str, error: BaseException, forced: bool, advice: str) -> 
     elif constants.HF_HUB_OFFLINE:
         why = "is not in the local cache and offline mode is on (HF_HUB_OFFLINE)"
     else:
-        text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        text = first_line(error)
         why = f"could not be downloaded ({text[:QUOTED_CHARS] + '...' if len(text) > QUOTED_CHARS else text})"
     return f"{what} {why}; {advice}"
