@@ -23,7 +23,7 @@ from PIL import Image
 
 from pez_cli import packing
 from pez_cli.beam import beam_search
-from pez_cli.config import Settings, settings_id
+from pez_cli.config import Settings, settings_id, with_contents
 from pez_cli.errors import Interrupted
 from pez_cli.images import load_image
 from pez_cli.models import LoadedModel, check_shared_vocabulary, compute_on, load_model, resolve_precision
@@ -126,7 +126,7 @@ class Pez:
 
     def __init__(self, settings: Settings, model: LoadedModel | Sequence[LoadedModel] | None = None,
                  keep_image_tower: bool = True, lm=None):
-        settings.validate()
+        settings = with_contents(settings.validate())  # what a --vocab FILE and local models hold
         self.notes: list[str] = []  # what a front end should tell the user (e.g. why no language model)
         if settings.uses_lm:
             from pez_cli.lm import settings_with_lm

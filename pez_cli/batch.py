@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from pez_cli.config import Settings, settings_id
+from pez_cli.config import Settings, settings_id, with_contents
 from pez_cli.errors import ConfigError, InputError, Interrupted, first_line
 from pez_cli.files import atomic_write, location
 from pez_cli.images import IMAGE_SUFFIXES, load_image, png_bytes
@@ -183,6 +183,7 @@ class Summary:
     duplicates: int = 0  # inputs that name a file already given (done once)
     unreadable: int = 0  # damaged lines in --out, skipped (their images are done again)
     damaged_file: str | None = None  # where those lines were moved, as they were
+    outdated: dict[str, int] = field(default_factory=dict)  # images whose rows were made from files that changed since, by what
     restored: int = 0  # caption files or PNG copies written from earlier rows, without optimizing
     sidecars_kept: int = 0  # existing caption files left alone (no --overwrite)
     interrupted: bool = False
@@ -290,13 +291,18 @@ class BatchJob:
         # before any row is checked, so a changed model folder means its rows are not done.
         loaded = getattr(self.runner, "pez", None)
         if loaded is not None:
-            self.settings = replace(self.settings, lm=loaded.settings.lm, lm_revision=loaded.settings.lm_revision)
+            self.settings = replace(self.settings, lm=loaded.settings.lm, lm_revision=loaded.settings.lm_revision,
+                                    vocab_revision=loaded.settings.vocab_revision,
+                                    model_revision=loaded.settings.model_revision)
             self.notes = list(loaded.notes)
         elif self.settings.uses_lm:
             from pez_cli.lm import settings_with_lm
 
             self.settings, self.lm_source, note = settings_with_lm(self.settings)
             self.notes = [note] if note else []
+        # What a --vocab FILE and local models hold, read once here: changed content means
+        # changed settings, so their rows are not done.
+        self.settings = with_contents(self.settings)
         self.identity = self.settings.identity()
         self.sid = settings_id(self.identity)
 
@@ -316,9 +322,9 @@ class BatchJob:
         writer = ResultWriter(self.out, self.fmt) if self.out else None
         summary = Summary()
         try:
-            done, summary.unreadable = done_rows(writer.path if writer is not None else None)
+            done, summary.unreadable, summary.outdated = done_rows(writer.path if writer is not None else None, self.identity)
             if self.force:
-                done = {}
+                done, summary.outdated = {}, {}
             selected = self.select(paths, summary)
             protected = protected_locations(selected, self.out)
             conflicts = caption_conflicts(selected, self.sidecar_ext, protected) if self.sidecar_ext else {}

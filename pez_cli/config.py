@@ -102,6 +102,8 @@ class Settings:
         panel="Vocabulary and priors", help="Tokens to choose from: words (whole words, digits and commas only, so the printed prompt "
              "re-tokenizes to exactly what was optimized), all (any token, as the paper), or a FILE of allowed "
              "words, one word or tag per line (each of its words that is one whole-word token).")
+    vocab_revision: str | None = setting(  # filled in once per job (with_contents), never by the user
+        None, flag=False, help="sha256: of the --vocab FILE's bytes.")
     prior: float = setting(
         0.0, minimum=0, maximum=1, shown_default="0: off",
         panel="Vocabulary and priors", help="Favour common tokens: each token's projection score loses PRIOR x its id / vocabulary size "
@@ -127,6 +129,8 @@ class Settings:
     default_lm: str = setting(  # what `auto` means; presets name theirs
         DEFAULT_LM, flag=False, identifies=False, nonempty=True,
         help="The language model --lm auto loads (a hub id or a folder).")
+    model_revision: str | None = setting(  # filled in once per job (with_contents), never by the user
+        None, flag=False, help="sha256: of the local model files' config and weights (folders and checkpoint files).")
     lm_revision: str | None = setting(  # filled in when the language model is found, never by the user
         None, flag=False, needs="lm",
         help="The language model's hub commit, or sha256: of its folder's files.")
@@ -170,8 +174,10 @@ class Settings:
         self.model = canonical_models(self.model)
         self.lm, self.default_lm = canonical_lm(self.lm), canonical_lm(self.default_lm)
         self.models()
-        if self.vocab not in VOCAB_KINDS and not Path(self.vocab).expanduser().is_file():
-            raise ConfigError(f"vocab must be words, all or a word-list file; there is no file {self.vocab!r}")
+        if self.vocab not in VOCAB_KINDS:
+            if not Path(self.vocab).expanduser().is_file():
+                raise ConfigError(f"vocab must be words, all or a word-list file; there is no file {self.vocab!r}")
+            self.vocab = canonical_vocab(self.vocab)
         return self
 
     def models(self) -> list[tuple[str, float]]:
@@ -246,6 +252,48 @@ def canonical_model(spec: str) -> str:
     return spec
 
 
+def canonical_vocab(vocab: str) -> str:
+    """A word-list file by its resolved absolute path (v.txt, ./v.txt and /abs/v.txt are one
+    list); words and all as given."""
+    return vocab if vocab in VOCAB_KINDS else os.path.realpath(os.path.expanduser(vocab))
+
+
+def local_model_file(name: str) -> tuple[str, bool] | None:
+    """Where a canonical model name's files are on this machine, and whether it is a folder
+    (`local-dir:`) or a checkpoint file (ARCH/FILE); None for pretrained names and hub ids."""
+    if name.startswith("local-dir:"):
+        return name[len("local-dir:"):], True
+    arch, slash, tag = name.partition("/")
+    if slash and not name.startswith("hf-hub:") and os.path.isabs(tag) and os.path.isfile(tag):
+        return tag, False
+    return None
+
+
+# Which content revision changed, as a summary names it.
+REVISION_NAMES = {"vocab_revision": "word list", "model_revision": "model", "lm_revision": "language model"}
+
+
+def with_contents(settings: Settings) -> Settings:
+    """The settings with what their files hold recorded, so that a result's identity changes
+    when a --vocab FILE or a local model's config or weights change, and not when only their
+    spelling does: vocab_revision (the file's sha256) and model_revision (one sha256 over every
+    local model's config and weights; a folder's top-level files, not its subfolders). Reads
+    each file once; a revision already filled in is kept (once per job: the job's settings
+    travel with it)."""
+    from pez_cli.files import content_digest
+
+    changes: dict[str, Any] = {}
+    if settings.vocab not in VOCAB_KINDS and settings.vocab_revision is None:
+        changes["vocab_revision"] = content_digest(Path(settings.vocab))
+    if settings.model_revision is None:
+        local = [(name, local_model_file(name)) for name, _ in settings.models()]
+        digests = {name: content_digest(Path(where[0]), recursive=False) for name, where in local if where is not None}
+        if digests:
+            joined = json.dumps(digests, sort_keys=True).encode()
+            changes["model_revision"] = "sha256:" + hashlib.sha256(joined).hexdigest()
+    return dataclasses.replace(settings, **changes) if changes else settings
+
+
 def canonical_lm(name: str | None) -> str | None:
     """A language model named for what it is: a folder by its resolved absolute path (so v/,
     ./v and /abs/v are one model), a hub id, auto and none as given."""
@@ -269,6 +317,8 @@ def canonical_identity(identity: Mapping[str, Any]) -> dict[str, Any]:
     """A stored result's settings with its models named as canonical_model names them now
     (rows written before, or with another spelling of the same folder, resume)."""
     out = dict(identity)
+    if isinstance(out.get("vocab"), str):
+        out["vocab"] = canonical_vocab(out["vocab"])
     model = out.get("model")
     if isinstance(model, str) or (isinstance(model, list) and all(isinstance(m, str) for m in model)):
         out["model"] = canonical_models(model)

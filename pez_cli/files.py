@@ -76,11 +76,11 @@ def file_digest(path: Path, hasher=None) -> str:
     return h.hexdigest()
 
 
-def content_digest(path: Path) -> str:
+def content_digest(path: Path, recursive: bool = True) -> str:
     """What a file or folder holds, as 'sha256:<hex>': a file's bytes, or a folder's files (each
-    one's name relative to the folder and its bytes, in name order, hidden names skipped), so
-    that equal content under any spelling of its path has one digest and changed content
-    another."""
+    one's name relative to the folder and its bytes, in name order, hidden names skipped; with
+    recursive=False only its top-level files), so that equal content under any spelling of its
+    path has one digest and changed content another."""
     import hashlib
 
     path = Path(path)
@@ -88,7 +88,7 @@ def content_digest(path: Path) -> str:
         return "sha256:" + file_digest(path)
     h = hashlib.sha256()
     for root, dirs, names in os.walk(path):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if recursive else []
         for name in sorted(n for n in names if not n.startswith(".")):
             full = Path(root) / name
             if not full.is_file():

@@ -17,9 +17,9 @@ import stat
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Iterable, Iterator, Sequence
+from typing import IO, Any, Iterable, Iterator, Mapping, Sequence
 
-from pez_cli.config import canonical_identity, settings_id
+from pez_cli.config import REVISION_NAMES, canonical_identity, settings_id
 from pez_cli.errors import ConfigError
 from pez_cli.files import replacing
 
@@ -145,6 +145,8 @@ def _csv_row(row: dict[str, Any]) -> dict[str, Any]:
     for k in CSV_TEXT_FIELDS:
         if isinstance(out[k], str):
             out[k] = _csv_text(out[k])
+    if isinstance(out["round_trip"], bool):  # as JSON writes it
+        out["round_trip"] = "true" if out["round_trip"] else "false"
     return {k: "" if v is None else v for k, v in out.items()}
 
 
@@ -160,7 +162,8 @@ def _from_csv(cells: list[str]) -> dict[str, Any]:
         if out[k] is not None:
             out[k] = float(out[k])
     if out["round_trip"] is not None:
-        out["round_trip"] = {"True": True, "False": False}[out["round_trip"]]
+        # true/false; True/False in files written before pez wrote them as JSON does
+        out["round_trip"] = {"true": True, "false": False, "True": True, "False": False}[out["round_trip"]]
     if out["token_ids"] is not None:
         out["token_ids"] = [int(t) for t in out["token_ids"].split()]
     if out["settings"] is not None:
@@ -247,12 +250,19 @@ def read_entries(path: Path, fmt: str | None = None) -> tuple[list[Entry], str |
     return list(entries), found or fmt
 
 
-def done_rows(path: Path | None) -> tuple[dict[tuple, dict[str, Any]], int]:
+def done_rows(path: Path | None, identity: Mapping[str, Any] | None = None
+              ) -> tuple[dict[tuple, dict[str, Any]], int, dict[str, int]]:
     """What resuming needs from a result file, read a line at a time: the row that counts for
-    each key (by `supersedes`), kept slim (prompt, similarity, error), and the number of
-    damaged lines."""
+    each key (by `supersedes`), kept slim (prompt, similarity, error), the number of damaged
+    lines, and, given the job's settings `identity`, how many paths have a prompt only from
+    settings that differ from it in what a file holds (REVISION_NAMES: a word list, model files,
+    a language model), by what changed: those rows are not done."""
     done: dict[tuple, dict[str, Any]] = {}
     damaged = 0
+    sid = settings_id(identity) if identity is not None else None
+    base = _without_revisions(identity) if identity is not None else None
+    current: set[str] = set()  # paths with a prompt from these very settings
+    changed: dict[str, set[str]] = {}  # other paths: what changed since their prompt
     for entry in (iter_entries(path)[0] if path is not None else ()):
         row = entry.row
         if row is None:
@@ -261,7 +271,21 @@ def done_rows(path: Path | None) -> tuple[dict[tuple, dict[str, Any]], int]:
         key = row_key(row)
         if supersedes(row, done.get(key)):
             done[key] = {"prompt": row.get("prompt"), "similarity": row.get("similarity"), "error": row.get("error")}
-    return done, damaged
+        if base is None or row.get("error"):
+            continue
+        if key[2] == sid:
+            current.add(key[0])
+        elif isinstance(row.get("settings"), dict):
+            canonical = canonical_identity(row["settings"])
+            if _without_revisions(canonical) == base:
+                what = {name for k, name in REVISION_NAMES.items() if canonical.get(k) != identity.get(k)}
+                changed.setdefault(key[0], set()).update(what)
+    outdated = collections.Counter(name for p, names in changed.items() if p not in current for name in names)
+    return done, damaged, dict(sorted(outdated.items()))
+
+
+def _without_revisions(identity: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in identity.items() if k not in REVISION_NAMES}
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:

@@ -148,6 +148,7 @@ def test_csv_output_quotes_prompts(tiny_model, folder, tmp_path):
     assert result.exit_code == 0, result.stderr
     rows = list(csv.DictReader(out.open()))
     assert len(rows) == 7 and rows[0]["path"].endswith("img0.png") and rows[0]["prompt"]
+    assert {r["round_trip"] for r in rows} <= {"true", "false"}  # booleans as JSON writes them
     # Prompts with commas, quotes and non-ASCII survive the CSV round trip.
     tricky = {"path": 'a "quoted", path.png', "sha256": "ab", "prompt": 'red, "big" cat, déjà vu', "similarity": 0.5,
               "round_trip": False, "token_ids": [1, 2], "model": "m", "settings_id": "s", "seconds": 1.0,
@@ -157,8 +158,25 @@ def test_csv_output_quotes_prompts(tiny_model, folder, tmp_path):
     w.close()
     [back] = results.read_rows(tmp_path / "t.csv")
     assert back == tricky
+    older = tmp_path / "t.csv"  # a file written when CSV held Python's False still reads
+    older.write_text(older.read_text().replace(",false,", ",False,"))
+    assert results.read_rows(older) == [tricky]
     again = run("batch", folder, "-o", out, "--model", tiny_model, *FAST)
     assert "7 already done" in again.stderr  # CSV files resume too
+
+
+def test_batch_json_holds_the_keys_readme_lists(tiny_model, folder, tmp_path):
+    import re
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    row = next(line for line in readme.splitlines() if line.startswith("| `--json` | print the final summary"))
+    top, _, inner = row.partition("the summary's keys being")
+    out = tmp_path / "out.jsonl"
+    result = run("batch", folder, "-o", out, "--model", tiny_model, *FAST, "--json")
+    data = json.loads(result.stdout)
+    assert set(data) == set(re.findall(r'"(\w+)": ', top))
+    assert set(data["summary"]) == set(re.findall(r"`(\w+)`", inner))
+    assert data["summary"]["done"] == 7 and data["out"] == str(out) and data["shard"] is None
 
 
 def test_sidecars_and_png_metadata(tiny_model, folder, tmp_path):
@@ -330,3 +348,82 @@ def test_an_image_rewritten_after_hashing_keeps_its_hash_with_its_prompt(tiny_mo
                                "--seed", "3", "--json").stdout)
     assert alone["token_ids"] != rewritten["token_ids"]  # the test can tell the two pictures apart
     assert row["token_ids"] == alone["token_ids"]
+
+
+# -- files whose content decides the prompt ---------------------------------------------------
+def test_an_edited_word_list_redoes_its_rows_and_its_spellings_are_one_job(tiny_model, folder, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    words = tmp_path / "words.txt"
+    words.write_text("red\nblue\ngreen\ncat\ndog\n")
+    out = tmp_path / "out.jsonl"
+    pictures = sorted(folder.glob("*.png"))[:3]
+    first = run("batch", *pictures, "-o", out, "--model", tiny_model, *FAST, "--vocab", "words.txt")
+    assert first.exit_code == 0 and "3 done" in first.stderr, first.stderr
+    assert {r["settings"]["vocab"] for r in rows_of(out)} == {str(words.resolve())}
+    for spelling in ("./words.txt", words.resolve()):  # another spelling of the same list: done already
+        again = run("batch", *pictures, "-o", out, "--model", tiny_model, *FAST, "--vocab", spelling)
+        assert "0 done, 3 already done" in again.stderr, again.stderr
+    words.write_text("red\nblue\ngreen\ncat\ndog\nsky\ntree\n")  # edited in place: same path, other words
+    edited = run("batch", *pictures, "-o", out, "--model", tiny_model, *FAST, "--vocab", "words.txt")
+    assert edited.exit_code == 0 and "3 done, 0 already done" in edited.stderr, edited.stderr
+    assert "3 rows in --out made with an older word list (their images are redone)" in edited.stderr
+    latest = rows_of(out)[-3:]
+    assert len({r["settings"]["vocab_revision"] for r in rows_of(out)}) == 2
+    assert all(r["settings"]["vocab_revision"] == "sha256:" + jobs.file_sha256(words) for r in latest)
+    settled = run("batch", *pictures, "-o", out, "--model", tiny_model, *FAST, "--vocab", "words.txt", "--json")
+    assert json.loads(settled.stdout)["summary"]["outdated"] == {} and "0 done, 3 already done" in settled.stderr
+
+
+def test_rows_from_before_contents_were_recorded_are_redone_once(tiny_model, folder, tmp_path):
+    """A row written before pez recorded what a word list holds cannot be trusted: redone once."""
+    words = tmp_path / "words.txt"
+    words.write_text("red\nblue\ncat\n")
+    out = tmp_path / "out.jsonl"
+    picture = sorted(folder.glob("*.png"))[0]
+    assert run("batch", picture, "-o", out, "--model", tiny_model, *FAST, "--vocab", words).exit_code == 0
+    (row,) = rows_of(out)
+    old = dict(row["settings"])
+    del old["vocab_revision"]
+    row.update(settings=old, settings_id=results.settings_id(old))
+    out.write_text(json.dumps(row) + "\n")
+    redone = run("batch", picture, "-o", out, "--model", tiny_model, *FAST, "--vocab", words)
+    assert "1 done, 0 already done" in redone.stderr and "1 row in --out made with an older word list" in redone.stderr
+
+
+def test_a_rewritten_model_folder_redoes_its_rows_and_its_spellings_are_one_job(tiny_dir, folder, tmp_path, monkeypatch):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_dir, tmp_path / "clip")
+    (tmp_path / "clip" / "notes").mkdir()  # a subfolder (an exported language model, say) is not the CLIP's
+    out = tmp_path / "out.jsonl"
+    pictures = sorted(folder.glob("*.png"))[:2]
+    first = run("batch", *pictures, "-o", out, "--model", "local-dir:clip", *FAST)
+    assert first.exit_code == 0 and "2 done" in first.stderr, first.stderr
+    assert rows_of(out)[0]["settings"]["model_revision"].startswith("sha256:")
+    (tmp_path / "clip" / "notes" / "x.txt").write_text("not part of the model")
+    for spelling in ("clip/", f"local-dir:{tmp_path}/./clip"):
+        again = run("batch", *pictures, "-o", out, "--model", spelling, *FAST)
+        assert "0 done, 2 already done" in again.stderr, (spelling, again.stderr)
+    weights = tmp_path / "clip" / "open_clip_model.safetensors"
+    state = load_file(weights)
+    state["logit_scale"] = state["logit_scale"] + 0.5  # retrained in the same folder
+    save_file(state, weights)
+    redone = run("batch", *pictures, "-o", out, "--model", "local-dir:clip", *FAST)
+    assert "2 done, 0 already done" in redone.stderr and "2 rows in --out made with an older model" in redone.stderr
+
+
+def test_contents_are_read_once_per_job(tiny_model, folder, tmp_path, monkeypatch):
+    from pez_cli import files
+
+    words = tmp_path / "words.txt"
+    words.write_text("red\nblue\ngreen\ncat\n")
+    reads = []
+    digest = files.content_digest
+    monkeypatch.setattr(files, "content_digest", lambda path, **kw: reads.append(Path(path).name) or digest(path, **kw))
+    out = tmp_path / "out.jsonl"
+    result = run("batch", folder, "-o", out, "--model", tiny_model, *FAST, "--vocab", words, "--batch-images", "2")
+    assert result.exit_code == 0 and "7 done" in result.stderr, result.stderr
+    assert sorted(reads) == sorted(["words.txt", Path(tiny_model.removeprefix("local-dir:")).name])

@@ -202,6 +202,31 @@ def test_rows_made_without_the_default_language_model_are_redone_once_it_is_ther
     assert "0 done, 2 already done" in third.stderr, third.stderr
 
 
+def test_an_lm_folder_is_one_job_under_any_spelling_and_retrained_weights_redo_its_rows(
+        tiny_model, images, lm_dir, tmp_path, monkeypatch):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(lm_dir, tmp_path / "lm")
+    out = tmp_path / "rows.jsonl"
+    first = run("batch", *images[:2], "--out", out, "--model", tiny_model, *FAST, "--lm", "./lm")
+    assert first.exit_code == 0 and "2 done" in first.stderr, first.stderr
+    for spelling in ("lm/", tmp_path / "lm", f"{tmp_path}/./lm/"):
+        again = run("batch", *images[:2], "--out", out, "--model", tiny_model, *FAST, "--lm", spelling)
+        assert "0 done, 2 already done" in again.stderr, (spelling, again.stderr)
+    assert len(rows_of(out)) == 2 and {r["lm"] for r in rows_of(out)} == {str(tmp_path / "lm")}
+    weights = tmp_path / "lm" / "model.safetensors"
+    state = load_file(weights)
+    name = next(k for k in state if k.endswith("wte.weight"))
+    state[name] = state[name] * 1.5  # retrained in the same folder
+    save_file(state, weights, metadata={"format": "pt"})
+    redone = run("batch", *images[:2], "--out", out, "--model", tiny_model, *FAST, "--lm", "lm")
+    assert "2 done, 0 already done" in redone.stderr, redone.stderr
+    assert "2 rows in --out made with an older language model" in redone.stderr
+
+
 def test_the_objective_is_in_units_that_carry_across_clips():
     """CLIP's part of the objective is its logit scale times the cosine: a CLIP whose cosines
     spread 100/18 times wider at a logit scale of 18 (a toy world's CLIP) ranks texts with the

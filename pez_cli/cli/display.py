@@ -320,6 +320,8 @@ def batch_summary(s, shard) -> str:
     if s.unreadable:
         where = f", moved to {s.damaged_file}" if s.damaged_file else ""
         text += f"; {s.unreadable} damaged lines in --out skipped{where} (their images were done again)"
+    for what, n in s.outdated.items():
+        text += f"; {n} {'row' if n == 1 else 'rows'} in --out made with an older {what} (their images are redone)"
     if s.restored:
         text += f"; {s.restored} images got their caption or PNG copy from an earlier row"
     if s.sidecars_kept:
