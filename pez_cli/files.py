@@ -61,6 +61,20 @@ def location(path: Path) -> str:
     return os.path.join(os.path.realpath(path.parent), path.name)
 
 
+def new_file_mode() -> int:
+    """The permissions a new file gets from this process's umask (0o666 less it): for files
+    written by a library that chooses its own (safetensors writes 0600)."""
+    umask = None
+    with contextlib.suppress(OSError, ValueError):  # Linux says it without changing it
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                umask = int(line.split()[1], 8)
+    if umask is None:
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
 # Bytes read at a time when hashing a file.
 HASH_CHUNK = 1 << 20
 

@@ -710,20 +710,98 @@ def export_model(name: str, folder: Path) -> Path:
         model_cfg["quick_gelu"] = True
     preprocess_cfg = dict(getattr(loaded.clip.visual, "preprocess_cfg", {}) or {})
     preprocess_cfg.pop("size", None)  # follows the architecture's image size
-    return save_local_dir(loaded.clip, model_cfg, preprocess_cfg, folder)
+    # open_clip loads weights as fp32 whatever they were stored as: written back in the
+    # checkpoint's own dtype, an fp16 model stays its size (and its values, exactly).
+    return save_local_dir(loaded.clip, model_cfg, preprocess_cfg, folder, dtype=checkpoint_dtype(name))
 
 
-def save_local_dir(model: nn.Module, model_cfg: dict, preprocess_cfg: dict, folder: Path) -> Path:
-    """Write an open_clip model in the `local-dir:` layout: config JSON + safetensors weights."""
+def save_local_dir(model: nn.Module, model_cfg: dict, preprocess_cfg: dict, folder: Path,
+                   dtype: torch.dtype | None = None) -> Path:
+    """Write an open_clip model in the `local-dir:` layout: config JSON + safetensors weights
+    (floating ones as `dtype` when given), with the permissions the umask gives new files."""
     from safetensors.torch import save_file
+
+    from pez_cli.files import new_file_mode
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
     (folder / "open_clip_config.json").write_text(json.dumps(config, indent=2, default=list))
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(folder / "open_clip_model.safetensors"))
+    state = {k: v.detach().to(dtype if dtype is not None and v.is_floating_point() else v.dtype).contiguous()
+             for k, v in model.state_dict().items()}
+    weights = folder / "open_clip_model.safetensors"
+    save_file(state, str(weights))
+    os.chmod(weights, new_file_mode())  # safetensors writes 0600
     return folder
+
+
+# safetensors' dtype names of floating tensors.
+SAFETENSORS_FLOATS = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def checkpoint_dtype(name: str) -> torch.dtype | None:
+    """The floating dtype that most of a model's stored weights have (by element count), read
+    from the checkpoint file it loads from (already on disk or in the cache once the model has
+    loaded); None where there is no file to read."""
+    path = _checkpoint_file(name)
+    if path is None:
+        return None
+    sizes: dict[torch.dtype, int] = {}
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(path, "pt") as f:
+            for key in f.keys():
+                part = f.get_slice(key)
+                dtype = SAFETENSORS_FLOATS.get(part.get_dtype())
+                if dtype is not None:
+                    sizes[dtype] = sizes.get(dtype, 0) + _numel(part.get_shape())
+    else:
+        try:  # mapped, not read: only the dtypes are wanted
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # an old (not zip) checkpoint cannot be mapped; an unreadable one fails its load first
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception:
+                return None
+        state = state.get("state_dict", state) if isinstance(state, dict) else {}
+        for value in state.values():
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                sizes[value.dtype] = sizes.get(value.dtype, 0) + value.numel()
+    return max(sizes, key=sizes.get) if sizes else None
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _checkpoint_file(name: str) -> str | None:
+    """The weights file a model name loads from: a folder's (safetensors first), a checkpoint
+    file, a pretrained tag's cached download, or a Hub repository's cached weights."""
+    schema, ident, tag = split_model_name(name)
+    if schema == "local-dir":
+        folder = Path(os.path.expanduser(ident))
+        found = [sorted(folder.glob(f"*{ext}")) for ext in (".safetensors", ".bin", ".pth")]
+        return next((str(files[0]) for files in found if files), None)
+    try:
+        if schema == "hf-hub":
+            from huggingface_hub import hf_hub_download
+
+            for filename in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
+                with contextlib.suppress(Exception):
+                    return hf_hub_download(repo_id=ident, filename=filename)
+            return None
+        if tag is not None and os.path.isfile(os.path.expanduser(tag)):
+            return os.path.expanduser(tag)
+        import open_clip
+        from open_clip.pretrained import download_pretrained
+
+        return download_pretrained(open_clip.get_pretrained_cfg(ident, tag)) or None
+    except Exception:  # no file to read: the export keeps fp32
+        return None
 
 
 def _ensure_downloaded(name: str, arch: str, tag: str, offline: bool = False) -> None:

@@ -262,6 +262,35 @@ def test_export_makes_an_equivalent_local_dir(tiny_model, images, tmp_path):
     assert_one_line_error(run("export", tiny_model, out_dir), 1, r"export folder .*exported is not empty")
 
 
+def test_export_keeps_the_weights_dtype_and_the_umask(tiny_dir, images, tmp_path):
+    import os
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    half = tmp_path / "half"
+    shutil.copytree(tiny_dir, half)
+    weights = half / "open_clip_model.safetensors"
+    save_file({k: v.half() if v.is_floating_point() else v for k, v in load_file(weights).items()}, weights)
+    old = os.umask(0o027)
+    try:
+        result = run("export", f"local-dir:{half}", tmp_path / "exported")
+    finally:
+        os.umask(old)
+    assert result.exit_code == 0, result.stderr
+    copy = tmp_path / "exported" / "open_clip_model.safetensors"
+    with safe_open(copy, "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+    assert copy.stat().st_size < weights.stat().st_size * 1.01  # fp16 stays fp16: not twice the size
+    assert oct(copy.stat().st_mode & 0o777) == oct(0o640)  # 0o666 less the umask, as any new file
+    assert load_file(copy).keys() == load_file(weights).keys()
+    assert all(load_file(copy)[k].equal(v) for k, v in load_file(weights).items())
+    a = json.loads(run("invert", images[0], "--model", f"local-dir:{half}", *FAST, "--json").stdout)
+    b = json.loads(run("invert", images[0], "--model", result.stdout.strip(), *FAST, "--json").stdout)
+    assert a["token_ids"] == b["token_ids"]
+
+
 def test_one_model_folder_is_one_model_however_it_is_spelled(tiny_dir, images, tmp_path, monkeypatch):
     """Relative, with ./ and a trailing /, absolute, and without local-dir: are one model: one
     settings id, so a job resumes whichever is typed, also from rows written with another."""
