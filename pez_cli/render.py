@@ -11,6 +11,7 @@ import functools
 import io
 import json
 import re
+import sys
 import textwrap
 import warnings
 from dataclasses import dataclass, replace
@@ -77,9 +78,21 @@ class RenderOptions:
         return self
 
     def for_settings(self, settings) -> "RenderOptions":
-        """These options with what comes from the settings filled in (SD model, seed), validated."""
+        """These options with what comes from the settings filled in (SD model, seed), validated,
+        and the render extra checked: a missing one fails before any optimizing."""
+        check_installed()
         return replace(self, sd_model=self.sd_model or sd_model_for_settings(settings),
                        seed=settings.seed if self.seed is None else self.seed).validate()
+
+
+def check_installed() -> None:
+    """A RenderError with the pip command when diffusers or transformers is missing, found
+    without importing them (that is slow)."""
+    import importlib.util
+
+    for name in ("diffusers", "transformers"):
+        if sys.modules.get(name, False) is None or (name not in sys.modules and importlib.util.find_spec(name) is None):
+            raise RenderError(f"rendering needs diffusers and transformers: {DIFFUSERS_PIP}")
 
 
 def _diffusers():

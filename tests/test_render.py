@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import make_image, run
+from helpers import assert_one_line_error, make_image, run
 from pez_cli import render as rendering
 from pez_cli.testing import save_tiny_clip, save_tiny_sd
 
@@ -143,6 +143,17 @@ def test_missing_diffusers_gives_the_pip_command(monkeypatch, tmp_path):
     result = run("render", "x", "--sd-model", tmp_path, "--out", tmp_path)
     assert result.exit_code == 1
     assert "rendering needs diffusers and transformers: pip install 'diffusers>=0.30'" in result.stderr
+
+
+def test_a_missing_render_extra_fails_before_any_optimizing(monkeypatch, tiny_model, tmp_path):
+    from pez_cli import api
+
+    monkeypatch.setitem(sys.modules, "diffusers", None)
+    monkeypatch.setattr(api.Pez, "__init__", lambda *a, **k: pytest.fail("the model loaded before the check"))
+    img = make_image(tmp_path / "i.png")
+    for command in ("invert", "style"):
+        assert_one_line_error(run(command, img, "--model", tiny_model, "--render"), 1,
+                              r"rendering needs diffusers and transformers: pip install")
 
 
 def test_invert_without_render_does_not_import_diffusers(tiny_model, tmp_path):
