@@ -427,3 +427,15 @@ def test_contents_are_read_once_per_job(tiny_model, folder, tmp_path, monkeypatc
     result = run("batch", folder, "-o", out, "--model", tiny_model, *FAST, "--vocab", words, "--batch-images", "2")
     assert result.exit_code == 0 and "7 done" in result.stderr, result.stderr
     assert sorted(reads) == sorted(["words.txt", Path(tiny_model.removeprefix("local-dir:")).name])
+
+
+def test_a_batch_of_one_group_shows_its_time_left(tiny_model, folder, tmp_path, monkeypatch):
+    from pez_cli.cli import display
+
+    monkeypatch.setattr(display, "RATE_AFTER_S", 0.0)
+    monkeypatch.setattr(display, "PLAIN_PROGRESS_INTERVAL_S", 0.0)
+    result = run("batch", folder, "-o", tmp_path / "out.jsonl", "--model", tiny_model, "--steps", "30",
+                 "--prompt-len", "3", "--device", "cpu", "--batch-images", "7", "--progress")
+    assert result.exit_code == 0, result.stderr
+    running = [line for line in result.stderr.splitlines() if line.startswith("images 0/7") and "7 running" in line]
+    assert running and all(" left" in line and "img/min" in line for line in running[1:]), result.stderr

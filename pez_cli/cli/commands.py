@@ -268,9 +268,11 @@ def batch(
     with Reporter(progress_mode(common.quiet, common.progress)) as reporter:
         def progress(p) -> None:  # images done (rows written) first; the running group after
             if reporter.due():
-                rate = 60 * p.done / max(time.monotonic() - started, 1e-9)
+                # The running group counts by its steps, so a job of one group has a rate and a time left.
+                done = p.done + (p.running * p.step / p.steps if p.running and p.steps else 0.0)
+                rate = 60 * done / max(time.monotonic() - started, 1e-9)
                 group = f"{p.running} running, step {p.steps and p.step}/{p.steps}" if p.running else ""
-                reporter.progress("images", p.done, p.total, group, rate=f"{rate:.1f} img/min")
+                reporter.progress("images", done, p.total, group, rate=f"{rate:.1f} img/min")
 
         failures = FailureLines(reporter, common.quiet)
         summary = job.run(paths, on_status=reporter.stage, on_progress=progress, on_failure=failures)
