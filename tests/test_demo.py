@@ -36,6 +36,10 @@ def test_demo_recovers_readable_prompts_offline(monkeypatch):
     assert lines[0] == str(demos.scenes()[0].image)
     assert lines[1].startswith("  true caption  ") and lines[1].endswith(demos.scenes()[0].caption)
     assert lines[2].startswith("  pez prompt    ")
+    # Where the demo's models are is said off a terminal too (a log), and not with --quiet.
+    assert f"--model local-dir:{demos.CLIP_DIR} --steps 300 --seed 3" in text.stderr, text.stderr
+    quiet = run("demo", "--scenes", "1", "--no-lm", "--steps", "5", "--quiet")
+    assert quiet.exit_code == 0 and quiet.stderr == ""
 
 
 def test_the_cli_default_steps_are_the_demos():

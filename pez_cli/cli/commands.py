@@ -392,9 +392,10 @@ def demo(
         reporter.note("Interrupted; the scene that was running shows its best prompt so far.")
         raise typer.Exit(EXIT_INTERRUPTED)
     lm_flag = f" --lm {demos.LM_DIR}" if use_lm else ""
-    reporter.note(f"The numbers are the CLIP's similarity to the image. Same run by hand: pez invert IMAGE "
-                  f"--model local-dir:{demos.CLIP_DIR}{lm_flag} --steps {steps} --seed {seed}. "
-                  "Your own images: pez invert IMAGE (downloads a real CLIP).")
+    if not quiet:  # on a terminal or not: where the demo's models are is worth keeping in a log
+        reporter.warn(f"The numbers are the CLIP's similarity to the image. Same run by hand: pez invert IMAGE "
+                      f"--model local-dir:{demos.CLIP_DIR}{lm_flag} --steps {steps} --seed {seed}. "
+                      "Your own images: pez invert IMAGE (downloads a real CLIP).")
 
 
 @app.command(cls=GroupedHelp)
