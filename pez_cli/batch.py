@@ -53,6 +53,11 @@ def parse_shard(text: str) -> Shard:
     return Shard(k, n)
 
 
+def name_digest(name: str) -> int:
+    """A file name as a 96-bit number: what remembering that a name was seen costs."""
+    return int.from_bytes(hashlib.blake2b(os.fsencode(name), digest_size=12).digest(), "little")
+
+
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -308,7 +313,7 @@ class BatchJob:
 
     def run(
         self,
-        paths: Sequence[Path],
+        paths: Iterable[Path],
         on_status: Callable[[str], None] = lambda message: None,
         on_progress: Callable[[BatchProgress], None] | None = None,
         on_failure: Callable[[Pending], None] = lambda item: None,
@@ -325,8 +330,11 @@ class BatchJob:
             done, summary.unreadable, summary.outdated = done_rows(writer.path if writer is not None else None, self.identity)
             if self.force:
                 done, summary.outdated = {}, {}
-            selected = self.select(paths, summary)
-            protected = protected_locations(selected, self.out)
+            selected: Iterable[Path] = self.select(paths, summary)
+            side_outputs = bool(self.sidecar_ext) or self.png_dir is not None
+            if side_outputs or not getattr(self.runner, "streams", False):
+                selected = list(selected)  # side outputs check every input against every other
+            protected = protected_locations(selected if side_outputs else (), self.out)
             conflicts = caption_conflicts(selected, self.sidecar_ext, protected) if self.sidecar_ext else {}
             job = _Run(self, summary, writer, protected, done, on_failure, on_progress, on_row)
             inputs = self._inputs(selected, done, conflicts)
@@ -342,24 +350,22 @@ class BatchJob:
                     writer.close()
         return summary
 
-    def select(self, paths: Sequence[Path], summary: Summary) -> list[Path]:
-        """This shard's inputs, each file once (by name and by what the name resolves to)."""
-        selected: list[Path] = []
-        seen: set[str] = set()
+    def select(self, paths: Iterable[Path], summary: Summary) -> Iterator[Path]:
+        """This shard's inputs as they come, each file once (by what its name resolves to; a
+        12-byte digest of it is all that is kept per input), counted in summary.total."""
+        seen: set[int] = set()
         for path in paths:
-            key = str(path)
-            if self.shard is not None and not self.shard.owns(key):
+            if self.shard is not None and not self.shard.owns(str(path)):
                 continue
-            real = os.path.realpath(path)
-            if key in seen or real in seen:
+            mark = name_digest(os.path.realpath(path))
+            if mark in seen:
                 summary.duplicates += 1
                 continue
-            seen.update((key, real))
-            selected.append(path)
-        summary.total = len(selected)
-        return selected
+            seen.add(mark)
+            summary.total += 1
+            yield path
 
-    def _inputs(self, selected: Sequence[Path], done: dict[tuple, dict[str, Any]],
+    def _inputs(self, selected: Iterable[Path], done: dict[tuple, dict[str, Any]],
                 conflicts: dict[str, str]) -> Iterator[Input]:
         """The selected inputs, lazily, each with the hashes --out holds a prompt for."""
         by_key: dict[str, list[str]] = {}
@@ -479,6 +485,8 @@ class LocalRunner:
     """Groups optimized in this process, the next group read while this one runs. The image
     tower stays loaded (each group is encoded when its turn comes): it costs the tower's
     weights for the whole job and saves holding every image's features."""
+
+    streams = False  # the inputs are listed whole before the first group (the progress knows the total)
 
     def __init__(self, pez=None, stop=None):
         self.pez = pez  # an already loaded Pez (tests, benchmarks); loaded on run otherwise

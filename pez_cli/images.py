@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Sequence, TextIO
+from typing import Any, Iterable, Iterator, Sequence, TextIO
 
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
@@ -46,7 +47,25 @@ def collect_paths(
     null=True, as `find -print0` writes them) into image paths.
 
     missing_ok keeps paths that do not exist (batch jobs turn them into error rows)."""
-    paths: list[Path] = []
+    return list(iter_paths(inputs, stdin, recursive, missing_ok, null))
+
+
+def iter_paths(
+    inputs: Sequence[str], stdin: TextIO | None = None, recursive: bool = False, missing_ok: bool = False,
+    null: bool = False,
+) -> Iterator[Path]:
+    """collect_paths as it goes: stdin is read a block at a time, so a listing of millions of
+    paths is never held whole. The first path is looked for at once (an InputError when there
+    is none); later inputs are checked as they are reached."""
+    found = _iter_paths(inputs, stdin, recursive, missing_ok, null)
+    first = next(found, None)
+    if first is None:
+        raise InputError("no images given")
+    return itertools.chain([first], found)
+
+
+def _iter_paths(inputs: Sequence[str], stdin: TextIO | None, recursive: bool, missing_ok: bool,
+                null: bool) -> Iterator[Path]:
     for item in _expand_stdin(inputs, stdin, null):
         path = Path(item).expanduser()
         if path.is_dir():
@@ -54,18 +73,15 @@ def collect_paths(
             if not images:
                 kinds = ", ".join(IMAGE_SUFFIXES)
                 raise InputError(f"folder {item} has no images ({kinds})")
-            paths.extend(images)
+            yield from images
         elif path.is_file():
-            paths.append(path)
+            yield path
         elif path.exists():
             raise InputError(f"not a regular file or folder: {item}")
         elif missing_ok:
-            paths.append(path)
+            yield path
         else:
             raise InputError(f"no such file or folder: {item}")
-    if not paths:
-        raise InputError("no images given")
-    return paths
 
 
 def _expand_stdin(inputs: Sequence[str], stdin: TextIO | None, null: bool) -> Iterable[str]:
@@ -82,19 +98,38 @@ def _expand_stdin(inputs: Sequence[str], stdin: TextIO | None, null: bool) -> It
             yield item
 
 
-def stdin_paths(stdin: TextIO, null: bool = False) -> list[str]:
-    """Paths listed on stdin, exactly as named: one per line (a CRLF ending is removed, other
-    spaces kept) or NUL-separated; bytes that are not UTF-8 are kept the way os.fsdecode
-    keeps them, so the file opens."""
+# Bytes of stdin read at a time when it lists paths.
+STDIN_BLOCK = 1 << 20
+
+
+def stdin_paths(stdin: TextIO, null: bool = False) -> Iterator[str]:
+    """Paths listed on stdin, exactly as named, as they are read: one per line (a CRLF ending
+    is removed, other spaces kept) or NUL-separated; bytes that are not UTF-8 are kept the way
+    os.fsdecode keeps them, so the file opens."""
     buffer = getattr(stdin, "buffer", None)
-    raw = buffer.read() if buffer is not None else stdin.read().encode("utf-8", "surrogateescape")
-    if null:
-        names = raw.split(b"\0")
-    elif b"\0" in raw:  # no path holds a NUL byte: this is `find -print0` output read as lines
-        raise InputError("the paths on stdin are separated by NUL bytes (find -print0); add -0 / --null to read them")
+    if buffer is not None:
+        read = buffer.read
     else:
-        names = [line[:-1] if line.endswith(b"\r") else line for line in raw.split(b"\n")]
-    return [os.fsdecode(name) for name in names if name]
+        def read(n: int) -> bytes:
+            return stdin.read(n).encode("utf-8", "surrogateescape")
+    separator = b"\0" if null else b"\n"
+    tail = b""
+    while True:
+        block = read(STDIN_BLOCK)
+        if not block:
+            break
+        if not null and b"\0" in block:  # no path holds a NUL byte: this is `find -print0` output read as lines
+            raise InputError("the paths on stdin are separated by NUL bytes (find -print0); add -0 / --null to read them")
+        *names, tail = (tail + block).split(separator)
+        for raw in names:
+            if name := _stdin_name(raw, null):
+                yield name
+    if name := _stdin_name(tail, null):
+        yield name
+
+
+def _stdin_name(raw: bytes, null: bool) -> str:
+    return os.fsdecode(raw if null or not raw.endswith(b"\r") else raw[:-1])
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -1,8 +1,10 @@
 """`pez batch --ray`: the same job, the same rows, on a Ray cluster (Ray Data).
 
 The driver selects the inputs as a local job does (shard, duplicates, side-output clashes) and
-notes which file hashes --out already has a row for; it hashes and reads nothing. It maps the
-inputs over a pool of actors with `Dataset.map_batches(Worker, compute=ActorPoolStrategy(size=N))`
+notes which file hashes --out already has a row for; it hashes and reads nothing, and keeps
+nothing per input but a digest of its name: the listing goes to a temporary file, then to the
+object store in partitions (put_partitions: about four per worker, at most 512 inputs each). It
+maps them over a pool of actors with `Dataset.map_batches(Worker, compute=ActorPoolStrategy(size=N))`
 (Ray 2.x), which Ray Data runs as a stream. Each actor loads the model once, hashes each input
 of its block, answers "done" for those --out already holds, and runs the others through the same
 engine as local `pez batch` (batch.BatchJob.decide, encode_images, solve_in_groups); it catches
@@ -24,9 +26,9 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
-from pez_cli.batch import BatchJob, Group, Input, Pending, encode_images, error_row, result_row, solve_in_groups
+from pez_cli.batch import BatchJob, Group, Input, Pending, encode_images, error_row, name_digest, result_row, solve_in_groups
 from pez_cli.errors import ConfigError, first_line
 from pez_cli.models import compute_on
 from pez_cli.results import json_line
@@ -124,7 +126,7 @@ class Worker:
             item = Pending(Path(os.fsdecode(bytes(p))), os.fsdecode(bytes(k)), None, str(e) or None)
             verdict = job.decide(Input(item, str(previous).split(",") if previous else []))
             if verdict == "done":
-                rows.append({"path": item.key, "sha256": item.sha256, DONE: True})
+                rows.append({"path": item.key, "sha256": item.sha256, "error": item.error, DONE: True})
             elif verdict == "failed":
                 rows.append(error_row(item, job.identity, job.sid))
             else:
@@ -145,6 +147,8 @@ class RayRunner:
     hashed, read, encoded and optimized on the workers, block by block, with backpressure);
     the driver only lists the inputs, writes side outputs and rows, and reports."""
 
+    streams = True  # the inputs are never held whole (without side outputs; see BatchJob.run)
+
     def __init__(self, options: RayOptions):
         self.options = options
 
@@ -159,7 +163,9 @@ class RayRunner:
         return worker_precision(settings.precision, self.gpus)
 
     def run(self, job_run, inputs, on_status: Callable[[str], None]) -> None:
-        """Map the inputs over the cluster and hand each row, as it streams back, to the job."""
+        """Map the inputs over the cluster and hand each row, as it streams back, to the job.
+        The driver keeps nothing per input: the inputs go into the object store a partition
+        at a time as they are listed, and a row brings back what the driver needs of its input."""
         import copy
         import logging
 
@@ -170,34 +176,79 @@ class RayRunner:
         logging.getLogger("ray.data").setLevel(logging.ERROR)
         job = job_run.job
         size = job.group_size or (64 if self.gpus else 16)
-        pending: dict[str, Pending] = {}
-        items = []
-        for entry in inputs:
-            pending[entry.item.key] = entry.item
-            items.append({"path": os.fsencode(str(entry.item.path)), "key": os.fsencode(entry.item.key),
-                          "previous": ",".join(entry.previous), "error": entry.item.error or ""})
-        if not items:
+        partitions = list(put_partitions(inputs, size, self.workers))
+        if not partitions:
             return
         shipped = copy.copy(job)
         shipped.runner = None
         worker = type("PezWorker", (Worker,), {"JOB": shipped})
-        on_status(f"Running {len(items)} images on Ray ...")
-        dataset = ray.data.from_items(items).map_batches(
+        on_status(f"Running {job_run.summary.total} images on Ray ...")
+        dataset = ray.data.from_arrow_refs(partitions).map_batches(
             worker, batch_size=size,
             compute=ray.data.ActorPoolStrategy(size=self.workers), num_gpus=self.gpus, num_cpus=1,
             batch_format="numpy",
         )
-        del items
+        del partitions
+        written: set[int] = set()  # the rows handed on, as name digests
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
             for text in batch["row"]:
                 row = json.loads(text)
-                item = pending.pop(row["path"], None)
-                if item is None:  # a block computed twice (a worker retried): the row is already written
+                mark = name_digest(row["path"])
+                if mark in written:  # a block computed twice (a worker retried): the row is already written
                     continue
-                item.sha256 = row.get("sha256")
+                written.add(mark)
+                item = Pending(Path(row["path"]), row["path"], row.get("sha256"))
                 if row.get(DONE):
+                    item.error = row.get("error")  # a clash noted before, which keeps its side outputs unwritten
                     group = Group()
                     job.settle_done(item, job_run.done, group)
                     job_run.settle(group)
                 else:
                     job_run.accept(item, row)
+
+
+# The most inputs in one partition: one actor takes a partition at a time and its rows come
+# back when it finishes it, while each partition costs the driver a little (its metadata).
+PARTITION = 512
+
+
+def partition_rows(total: int, size: int, workers: int) -> int:
+    """Inputs per partition: about four per worker, in whole groups of `size`, at most
+    PARTITION (rounded up to a whole group), at least one group."""
+    groups = -(-total // (4 * workers * size))  # ceil
+    return size * max(1, min(groups, -(-PARTITION // size)))
+
+
+def put_partitions(inputs: Iterable[Input], size: int, workers: int) -> Iterator[Any]:
+    """The inputs as Arrow tables of partition_rows rows in Ray's object store (their
+    references): a path and its key as bytes (names need not be UTF-8), the file hashes --out
+    has a prompt for, and an error already known. The listing goes to a temporary file first
+    (its length decides the partitions), so the driver's memory holds one partition."""
+    import pickle
+    import tempfile
+
+    import pyarrow as pa
+    import ray
+
+    def put(part: list[tuple]):
+        path, key, previous, error = zip(*part)
+        return ray.put(pa.table({"path": pa.array(path, pa.binary()), "key": pa.array(key, pa.binary()),
+                                 "previous": pa.array(previous, pa.string()), "error": pa.array(error, pa.string())}))
+
+    with tempfile.TemporaryFile() as listing:
+        total = 0
+        for entry in inputs:
+            item = entry.item
+            pickle.dump((os.fsencode(str(item.path)), os.fsencode(item.key), ",".join(entry.previous), item.error or ""),
+                        listing)
+            total += 1
+        listing.seek(0)
+        rows = partition_rows(total, size, workers)
+        part: list[tuple] = []
+        for _ in range(total):
+            part.append(pickle.load(listing))  # written just above by this process
+            if len(part) == rows:
+                yield put(part)
+                part = []
+        if part:
+            yield put(part)

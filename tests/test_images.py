@@ -90,3 +90,41 @@ def test_recursive(tmp_path):
     (tmp_path / "y.png").write_bytes(b"x")
     assert [p.name for p in collect_paths([str(tmp_path)])] == ["y.png"]
     assert [p.name for p in collect_paths([str(tmp_path)], recursive=True)] == ["x.png", "y.png"]
+
+
+def test_stdin_is_read_a_block_at_a_time_and_names_across_blocks_stay_whole(monkeypatch):
+    from pez_cli import images
+
+    class Stdin:
+        def __init__(self, data: bytes):
+            self.buffer = io.BytesIO(data)
+            self.reads = 0
+            read = self.buffer.read
+
+            def counted(n=-1):
+                assert n > 0, "stdin read whole"
+                self.reads += 1
+                return read(n)
+
+            self.buffer.read = counted
+
+    monkeypatch.setattr(images, "STDIN_BLOCK", 7)
+    names = ["/a/first image.png", "b\xe9.png", "c.png", "/long/" + "x" * 30 + ".jpg"]
+    stdin = Stdin(("\r\n".join(names) + "\n\n").encode("utf-8"))
+    found = images.stdin_paths(stdin)
+    assert next(found) == names[0] and stdin.reads < 10  # the first name before the rest is read
+    assert [names[0], *found] == names
+    nul = Stdin(b"x.png\0y z.png\0\0w\n.png")
+    assert list(images.stdin_paths(nul, null=True)) == ["x.png", "y z.png", "w\n.png"]
+    with pytest.raises(InputError, match="separated by NUL bytes"):
+        list(images.stdin_paths(Stdin(b"x.png\0y.png")))
+
+
+def test_ray_partitions_are_whole_groups_about_four_per_worker():
+    from pez_cli.ray_batch import PARTITION, partition_rows
+
+    assert partition_rows(6, 2, 2) == 2  # few inputs: one group each, so every worker gets some
+    assert partition_rows(1000, 16, 4) == 64  # 1000 / 16 partitions, rounded up to whole groups
+    assert partition_rows(100_000, 16, 1) == PARTITION
+    assert partition_rows(100_000, 100, 1) == 600  # at most PARTITION, rounded up to a whole group
+    assert partition_rows(0, 16, 8) == 16

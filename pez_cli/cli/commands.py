@@ -250,7 +250,7 @@ def batch(
 ) -> None:
     """One prompt PER IMAGE for many images: resumable, shardable, written as it goes."""
     from pez_cli.batch import BatchJob, LocalRunner, parse_shard
-    from pez_cli.images import collect_paths
+    from pez_cli.images import iter_paths
 
     runner = LocalRunner(stop=STOP)  # this process
     if ray or ray_address is not None or ray_workers is not None or ray_gpus is not None:
@@ -262,7 +262,7 @@ def batch(
     job = BatchJob(common.settings(), out=out, fmt=fmt, sidecar_ext=sidecar_ext if sidecar else None,
                    png_dir=png_metadata, overwrite=overwrite, force=force,
                    shard=parse_shard(shard) if shard is not None else None, group_size=batch_images, runner=runner)
-    paths = collect_paths(inputs, sys.stdin, recursive=recursive, missing_ok=True, null=null)
+    paths = iter_paths(inputs, sys.stdin, recursive=recursive, missing_ok=True, null=null)  # listed as the job goes
     log_to_stderr(common.verbose)
     started = time.monotonic()
     with Reporter(progress_mode(common.quiet, common.progress)) as reporter:
