@@ -260,9 +260,11 @@ def canonical_vocab(vocab: str) -> str:
 
 def local_model_file(name: str) -> tuple[str, bool] | None:
     """Where a canonical model name's files are on this machine, and whether it is a folder
-    (`local-dir:`) or a checkpoint file (ARCH/FILE); None for pretrained names and hub ids."""
+    (`local-dir:`) or a checkpoint file (ARCH/FILE); None for pretrained names, hub ids and
+    folders that do not exist (loading them says so)."""
     if name.startswith("local-dir:"):
-        return name[len("local-dir:"):], True
+        folder = name[len("local-dir:"):]
+        return (folder, True) if os.path.isdir(folder) else None
     arch, slash, tag = name.partition("/")
     if slash and not name.startswith("hf-hub:") and os.path.isabs(tag) and os.path.isfile(tag):
         return tag, False

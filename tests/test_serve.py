@@ -400,7 +400,9 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
-def test_pez_serve_listens_only_on_loopback_and_ctrl_c_removes_its_temporary_folder(folder, tiny_model, tmp_path):
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_pez_serve_listens_only_on_loopback_and_ctrl_c_removes_its_temporary_folder(folder, tiny_model, tmp_path,
+                                                                                    stop_signal):
     psutil = pytest.importorskip("psutil")
     pytest.importorskip("gradio")
     temp = tmp_path / "tmp"
@@ -429,12 +431,12 @@ def test_pez_serve_listens_only_on_loopback_and_ctrl_c_removes_its_temporary_fol
                         temp).page_values(None)
         job = client.submit([handle_file(str(folder / "a.png"))], "", "", *values, api_name="/invert")
         wait_for_output(job, lambda o: o[0].startswith("step "))
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(stop_signal)
         out, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
-    assert proc.returncode == 0, err
-    assert "pez serve: stopped" in err and "Traceback" not in err
+    assert proc.returncode == 0, err  # no abort from a native thread cut off at exit (SIGABRT: -6)
+    assert "pez serve: stopped" in err and "Traceback" not in err and "terminate called" not in err
     assert out == ""  # stdout stays empty (Gradio's own chatter is kept off it)
     assert not made.exists()  # uploads and downloads went with the server
 
@@ -469,13 +471,55 @@ def test_root_checks_resolve_links_and_dot_dots(tmp_path):
             server.inside(bad, "folder")
 
 
+def test_page_fields_never_name_files_outside_the_roots(tiny_dir, tmp_path):
+    """A word list, a model, a language model, a Stable Diffusion folder or a judge named on the
+    page must be inside --root (after symlinks), or be what the server's command line named."""
+    import shutil
+
+    from pez_cli.cli.serve import PAGE_FIELDS, ServeConfig, Server
+    from pez_cli.errors import InputError
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (outside / "words.txt").write_text("red\nblue\n")
+    (root / "words.txt").write_text("red\ncat\n")
+    (root / "sneaky.txt").symlink_to(outside / "words.txt")
+    shutil.copytree(tiny_dir, root / "clip")
+    shutil.copytree(tiny_dir, outside / "clip")
+    (outside / "lm").mkdir()
+    (outside / "lm" / "config.json").write_text("{}")
+    named = f"local-dir:{tiny_dir}"  # on the server's command line, outside the root
+    server = Server(ServeConfig(roots=[root], flags={"model": named, "lm": "none"}), tmp_path / "tmp")
+    values = dict(zip(PAGE_FIELDS, server.page_values(None)))
+
+    def settings(**changes):
+        return server.settings(None, list({**values, **changes}.values()))
+
+    assert settings().model == named
+    assert settings(vocab=str(root / "words.txt")).vocab == str(root / "words.txt")
+    assert settings(model=f"local-dir:{root / 'clip'}").model == f"local-dir:{root / 'clip'}"
+    for field, value, what in [("vocab", outside / "words.txt", "vocab"), ("vocab", root / "sneaky.txt", "vocab"),
+                               ("vocab", "/etc/passwd", "vocab"), ("model", f"local-dir:{outside / 'clip'}", "model"),
+                               ("model", outside / "clip", "model"), ("lm", outside / "lm", "language model")]:
+        with pytest.raises(InputError, match=f"^{what} .* is outside the folders this server may use"):
+            settings(**{field: str(value)})
+    with pytest.raises(InputError, match="^Stable Diffusion model .* is outside"):
+        server.check_paths(None, sd_model=str(outside))
+    with pytest.raises(InputError, match="^judge model .* is outside"):
+        server.check_paths(None, judge_model=f"local-dir:{outside / 'clip'}")
+    server.check_paths(None, sd_model="org/some-hub-model", judge_model="ViT-B-32/openai")  # hub names: not paths
+
+
 @pytest.fixture(scope="module")
-def sd_and_judge(tmp_path_factory):
+def sd_and_judge(folder):
+    """A tiny Stable Diffusion and a judge CLIP inside the server's --root (the page may name
+    no model outside it)."""
     pytest.importorskip("diffusers")
     from pez_cli.testing import save_tiny_clip, save_tiny_sd
 
-    sd = save_tiny_sd(tmp_path_factory.mktemp("sd") / "tiny-sd")
-    judge = f"local-dir:{save_tiny_clip(tmp_path_factory.mktemp('judge') / 'judge', seed=1)}"
+    sd = save_tiny_sd(folder / "models" / "tiny-sd")
+    judge = f"local-dir:{save_tiny_clip(folder / 'models' / 'judge', seed=1)}"
     return sd, judge
 
 
@@ -533,7 +577,7 @@ def test_client_batch_of_a_folder_resumes_and_keeps_models_loaded(served, folder
     again = run("batch", folder, "--model", tiny_model, "--steps", STEPS, "--out", out)
     assert "4 already done" in again.stderr  # the CLI resumes the page's result file
     assert Path(download).read_bytes() != b""
-    written = {p.name for p in folder.iterdir()} - {"a.png", "b.png", "c.png", "bad.png", SAMPLE.name}
+    written = {p.name for p in folder.iterdir()} - {"a.png", "b.png", "c.png", "bad.png", SAMPLE.name, "models"}
     assert written <= {"page-results.csv", "folder-rows.jsonl"}, written  # nothing beside the images but the named files
 
 

@@ -2,6 +2,7 @@
 command runs, so `pez --help` stays fast."""
 
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -427,6 +428,11 @@ def serve(
     cfg = ServeConfig(roots=list(root or [Path.cwd()]), preset=common.preset, config=common.config, flags=flags,
                       judge_model=judge_model)
     serving = start(cfg, host=host, port=port, share=share)
+
+    def terminate(signum, frame):  # SIGTERM (kill, a service manager) stops the server as Ctrl-C does
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)
     try:
         sys.stderr.write(f"pez serve: {serving.url}  (Ctrl-C stops the server)\n")
         if serving.share_url:

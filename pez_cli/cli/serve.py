@@ -39,6 +39,8 @@ UI_PIP = 'pip install "pez-cli[ui]"'
 MAIN_FIELDS = ("model", "steps", "prompt_len", "vocab", "lm", "seed")
 MORE_FIELDS = ("lm_weight", "beam", "restarts", "refine", "prior", "block", "init")  # under "More settings"
 PAGE_FIELDS = MAIN_FIELDS + MORE_FIELDS
+# How long closing waits for a running job to finish its step.
+JOIN_TIMEOUT_S = 120
 # How often a running job's page is updated at most (each update decodes the best prompt).
 UPDATE_INTERVAL_S = PROGRESS_INTERVAL_S
 # Steps before a time left is shown: the first steps' rate says little.
@@ -193,6 +195,32 @@ class Live:
             return " · ".join(p for p in parts if p) or "Starting ..."
 
 
+def local_paths(settings: Settings | None, sd_model: str | None = None,
+                judge_model: str | None = None) -> list[tuple[str, str, str]]:
+    """(what, as named, path) of every file or folder these settings and render fields read:
+    a --vocab FILE, local CLIPs (folders and checkpoint files), a language-model folder, a
+    Stable Diffusion folder and a local judge."""
+    from pez_cli.config import VOCAB_KINDS, canonical_model, local_model_file, looks_like_folder, parse_model_spec
+
+    found: list[tuple[str, str, str]] = []
+    models = [name for name, _ in settings.models()] if settings is not None else []
+    for what, name in [("model", m) for m in models] + ([("judge model", judge_model)] if judge_model else []):
+        where = local_model_file(parse_model_spec(canonical_model(name))[0])
+        bare = os.path.expanduser(name.removeprefix("local-dir:"))
+        if where is not None:
+            found.append((what, name, where[0]))
+        elif name.startswith("local-dir:") or os.path.exists(bare):
+            found.append((what, name, bare))
+    if settings is not None:
+        if settings.vocab not in VOCAB_KINDS:
+            found.append(("vocab", settings.vocab, settings.vocab))
+        if settings.uses_lm and settings.lm not in ("auto",) and looks_like_folder(settings.lm):
+            found.append(("language model", settings.lm, os.path.expanduser(settings.lm)))
+    if sd_model and (os.path.exists(os.path.expanduser(sd_model)) or sd_model.startswith(("/", ".", "~"))):
+        found.append(("Stable Diffusion model", sd_model, os.path.expanduser(sd_model)))
+    return found
+
+
 # -- the server's state, shared by every page ------------------------------------------------
 class Server:
     """Loaded models (kept between runs), the temporary folder, the stop events of running jobs."""
@@ -204,7 +232,14 @@ class Server:
         self.models: dict[tuple[str, str], Any] = {}
         self.lms: dict[tuple[str, str], Any] = {}
         self.stops: dict[str, threading.Event] = {}
+        self.threads: set[threading.Thread] = set()  # running jobs, joined before the server exits
         self.start = resolve(cfg.preset, cfg.config, cfg.flags).settings  # fails early on a bad flag
+        # Files and folders the server's own command line named (the demo's models, say): the
+        # page may use them wherever they are; any other path must be inside a --root.
+        named = [path for _, _, path in local_paths(self.start)]
+        if cfg.judge_model:
+            named += [path for _, _, path in local_paths(None, judge_model=cfg.judge_model)]
+        self.named = {os.path.realpath(p) for p in named}
 
     # settings and paths
     def settings(self, preset: str | None, values: Sequence[Any]) -> Settings:
@@ -212,7 +247,19 @@ class Server:
         flags = dict(self.cfg.flags)
         for name, value in zip(PAGE_FIELDS, values):
             flags[name] = flag_value(name, value)
-        return resolve(preset or None, self.cfg.config, flags).settings
+        settings = resolve(preset or None, self.cfg.config, flags).settings
+        self.check_paths(settings)
+        return settings
+
+    def check_paths(self, settings: Settings | None, sd_model: str | None = None, judge_model: str | None = None) -> None:
+        """Refuse, before anything opens them, the files and folders page fields name (a word
+        list, a model or language-model folder, a checkpoint, a Stable Diffusion folder, a
+        judge) outside every --root, after symlinks, unless the server's command line named them."""
+        for what, text, path in local_paths(settings, sd_model, judge_model):
+            real = Path(os.path.realpath(path))
+            if str(real) not in self.named and not any(real == root or root in real.parents for root in self.roots):
+                roots = ", ".join(str(r) for r in self.roots)
+                raise InputError(f"{what} {text} is outside the folders this server may use (--root {roots})")
 
     def page_values(self, preset: str | None) -> list[Any]:
         settings = resolve(preset or None, self.cfg.config, self.cfg.flags).settings
@@ -303,6 +350,7 @@ class Server:
                 box["error"] = e
 
         thread = threading.Thread(target=target, name="pez-serve-run", daemon=True)
+        self.threads.add(thread)
         thread.start()
         seen = -1
         try:
@@ -320,6 +368,7 @@ class Server:
         finally:
             stop.set()  # nothing if it finished; the page went away otherwise
             thread.join()
+            self.threads.discard(thread)
             if self.stops.get(token) is stop:
                 del self.stops[token]
 
@@ -440,6 +489,7 @@ def render_work(server: Server, token: str, preset, values, prompt, files, folde
                                 steps=_whole(sd_steps, "--sd-steps"), out_dir=server.scratch(token, "renders"),
                                 size=_whole(size, "--size") if size not in (None, "") else None)
         options = options.for_settings(settings)
+        server.check_paths(None, options.sd_model, judge_model.strip() if judge_model and judge_model.strip() else None)
         judge = canonical_model(judge_model.strip()) if judge_model and judge_model.strip() else \
             server.cfg.judge_model or default_judge([n for n, _ in settings.models()])
 
@@ -689,6 +739,8 @@ class Serving:
 
         for event in list(self.server.stops.values()):
             event.set()
+        for thread in list(self.server.threads):  # each ends after its step: a torch thread killed
+            thread.join(JOIN_TIMEOUT_S)             # at exit would abort the process
         http = getattr(self.page, "server", None)
         if http is not None and hasattr(http, "force_exit"):
             http.force_exit = True  # uvicorn would wait 5 s for open streams (a page watching a run) to close
