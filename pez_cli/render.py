@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # torch is imported when rendering, not for the CLI's option 
     import torch
 
 DIFFUSERS_PIP = "pip install 'diffusers>=0.30' 'transformers>=4.40' accelerate"
+NOT_INSTALLED = f"rendering needs diffusers and transformers: {DIFFUSERS_PIP}"
 # Contact sheet geometry, in pixels.
 TILE = 256
 GAP = 8
@@ -92,7 +93,7 @@ def check_installed() -> None:
 
     for name in ("diffusers", "transformers"):
         if sys.modules.get(name, False) is None or (name not in sys.modules and importlib.util.find_spec(name) is None):
-            raise RenderError(f"rendering needs diffusers and transformers: {DIFFUSERS_PIP}")
+            raise RenderError(NOT_INSTALLED)
 
 
 def _diffusers():
@@ -101,7 +102,7 @@ def _diffusers():
         import diffusers
         import transformers
     except ImportError:
-        raise RenderError(f"rendering needs diffusers and transformers: {DIFFUSERS_PIP}") from None
+        raise RenderError(NOT_INSTALLED) from None
     for lib in (diffusers, transformers):
         lib.utils.logging.set_verbosity_error()
         lib.utils.logging.disable_progress_bar()

@@ -256,10 +256,8 @@ class Server:
         list, a model or language-model folder, a checkpoint, a Stable Diffusion folder, a
         judge) outside every --root, after symlinks, unless the server's command line named them."""
         for what, text, path in local_paths(settings, sd_model, judge_model):
-            real = Path(os.path.realpath(path))
-            if str(real) not in self.named and not any(real == root or root in real.parents for root in self.roots):
-                roots = ", ".join(str(r) for r in self.roots)
-                raise InputError(f"{what} {text} is outside the folders this server may use (--root {roots})")
+            if os.path.realpath(path) not in self.named:
+                self.within_roots(Path(path), text, what)
 
     def page_values(self, preset: str | None) -> list[Any]:
         settings = resolve(preset or None, self.cfg.config, self.cfg.flags).settings
@@ -270,11 +268,16 @@ class Server:
         path = Path(text).expanduser()
         if not path.is_absolute():
             path = self.roots[0] / path
+        self.within_roots(path, text, what)
+        return path
+
+    def within_roots(self, path: Path, text: str, what: str) -> None:
+        """An InputError naming `what` and `text` unless `path` resolves (after symlinks and
+        ..) inside a --root."""
         real = Path(os.path.realpath(path))
         if not any(real == root or root in real.parents for root in self.roots):
             roots = ", ".join(str(r) for r in self.roots)
             raise InputError(f"{what} {text} is outside the folders this server may use (--root {roots})")
-        return path
 
     def image_paths(self, files: Sequence[str] | None, folder: str | None, recursive: bool = False,
                     missing_ok: bool = False) -> list[Path]:
