@@ -90,24 +90,46 @@ def file_digest(path: Path, hasher=None) -> str:
     return h.hexdigest()
 
 
+# What content_digest has read in this process: (resolved path, recursive) -> (each file's
+# name, size, mtime and inode; the digest). A long-lived process (pez serve, the Python API)
+# reads a model's weights again only when they change.
+_DIGESTS: dict[tuple[str, bool], tuple[tuple, str]] = {}
+
+
 def content_digest(path: Path, recursive: bool = True) -> str:
     """What a file or folder holds, as 'sha256:<hex>': a file's bytes, or a folder's files (each
     one's name relative to the folder and its bytes, in name order, hidden names skipped; with
     recursive=False only its top-level files), so that equal content under any spelling of its
-    path has one digest and changed content another."""
+    path has one digest and changed content another. Files whose size, mtime and inode are
+    those of the last reading in this process are not read again."""
     import hashlib
 
     path = Path(path)
+    files = [(None, path)] if not path.is_dir() else list(_folder_files(path, recursive))
+    stats = [(rel, full.stat()) for rel, full in files]
+    signature = tuple((rel, st.st_size, st.st_mtime_ns, st.st_ino) for rel, st in stats)
+    key = (os.path.realpath(path), recursive)
+    known = _DIGESTS.get(key)
+    if known is not None and known[0] == signature:
+        return known[1]
     if not path.is_dir():
-        return "sha256:" + file_digest(path)
-    h = hashlib.sha256()
-    for root, dirs, names in os.walk(path):
+        digest = "sha256:" + file_digest(path)
+    else:
+        h = hashlib.sha256()
+        for (rel, full), (_, st) in zip(files, stats):
+            h.update(len(rel).to_bytes(8, "little") + rel + st.st_size.to_bytes(8, "little"))
+            file_digest(full, h)
+        digest = "sha256:" + h.hexdigest()
+    _DIGESTS[key] = (signature, digest)
+    return digest
+
+
+def _folder_files(folder: Path, recursive: bool) -> Iterator[tuple[bytes, Path]]:
+    """A folder's regular files as (name relative to it, as bytes; path), in name order, hidden
+    names skipped; with recursive=False only its top-level ones."""
+    for root, dirs, names in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if recursive else []
         for name in sorted(n for n in names if not n.startswith(".")):
             full = Path(root) / name
-            if not full.is_file():
-                continue
-            rel = full.relative_to(path).as_posix().encode()
-            h.update(len(rel).to_bytes(8, "little") + rel + full.stat().st_size.to_bytes(8, "little"))
-            file_digest(full, h)
-    return "sha256:" + h.hexdigest()
+            if full.is_file():
+                yield full.relative_to(folder).as_posix().encode(), full
