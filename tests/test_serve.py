@@ -299,6 +299,24 @@ def wait_for_output(job, test, timeout: float = 60.0):
     raise AssertionError(f"no such output in {job.outputs()}")
 
 
+def test_http_api_parameters_are_named(served):
+    """The page's HTTP API names each parameter after its field (not param_0, param_1, ...)."""
+    from gradio_client import Client
+
+    from pez_cli.cli.serve import PAGE_FIELDS
+
+    api = Client(served.url, verbose=False).view_api(print_info=False, return_format="dict")["named_endpoints"]
+    names = {endpoint: [p["parameter_name"] for p in api[endpoint]["parameters"]]
+             for endpoint in ("/invert", "/style", "/distill", "/batch", "/invert_render")}
+    assert names["/invert"] == ["images", "folder", "preset", *PAGE_FIELDS]
+    assert names["/style"] == ["images", "folder", "template", "preset", *PAGE_FIELDS]
+    assert names["/distill"] == ["text", "preset", *PAGE_FIELDS]
+    assert names["/batch"] == ["images", "folder", "recursive", "out", "format", "preset", *PAGE_FIELDS]
+    assert names["/invert_render"][:4] == ["prompt", "images", "folder", "sd_model"]
+    readme = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
+    assert "the settings `" + ", ".join(PAGE_FIELDS) + "`" in readme  # README lists them as they are
+
+
 @pytest.mark.slow
 def test_client_invert_gives_the_cli_json_and_stop_keeps_the_best_prompt(served, folder, tiny_model):
     from gradio_client import Client, handle_file
