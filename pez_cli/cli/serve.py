@@ -613,10 +613,11 @@ def build_page(server: Server):
                             done[styled] = payload.get("styled", "")
                         yield done
 
-            inputs = [text] if kind == "distill" else [files, folder] + ([template] if template is not None else [])
-            names = ["text"] if kind == "distill" else ["images", "folder"] + (["template"] if template is not None else [])
-            run.click(takes_request(gr, handler, [*names, "preset", *PAGE_FIELDS]), inputs=inputs + [preset] + settings_fields,
-                      outputs=outputs, api_name=kind,
+            named = {"text": text} if kind == "distill" else {"images": files, "folder": folder}
+            if template is not None:
+                named["template"] = template
+            named = {**named, "preset": preset, **dict(zip(PAGE_FIELDS, settings_fields))}
+            run.click(takes_request(gr, handler, named), inputs=list(named.values()), outputs=outputs, api_name=kind,
                       show_progress="minimal", show_progress_on=[progress], **run_group)  # a queued run shows its place
             stop.click(stopper(gr, server), api_name=f"{kind}_stop", concurrency_limit=None, show_progress="hidden")
 
@@ -627,14 +628,15 @@ def build_page(server: Server):
     return page
 
 
-def takes_request(gr, handler: Callable, names: Sequence[str] = ()) -> Callable:
+def takes_request(gr, handler: Callable, named: dict[str, Any] | None = None) -> Callable:
     """handler(request, *inputs): Gradio passes the request (its session) as the first argument.
-    names: the inputs' names, in order, which the page's HTTP API shows its parameters by (Gradio
-    reads them from the signature; without them a handler taking *inputs has param_0, param_1, ...)."""
+    named: the inputs by name, in the order the event passes them (its `inputs` are the values);
+    the page's HTTP API shows its parameters by these names (Gradio reads them from the
+    signature; without them a handler taking *inputs has param_0, param_1, ...)."""
     handler.__annotations__ = {"request": gr.Request}
     kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
     handler.__signature__ = inspect.Signature([inspect.Parameter("request", kind, annotation=gr.Request)]
-                                              + [inspect.Parameter(name, kind) for name in names])
+                                              + [inspect.Parameter(name, kind) for name in named or {}])
     return handler
 
 
@@ -679,9 +681,9 @@ def render_section(gr, server: Server, kind: str, preset, settings_fields, promp
                 yield {status: f"render similarity {scores['mean']:.4f} (judge {judge_name})", gallery: items,
                        sheet: done["contact_sheet"]}
 
-    inputs = [prompt, files, folder, sd_model, judge, count, sd_steps, size, preset] + settings_fields
-    names = ["prompt", "images", "folder", "sd_model", "judge_model", "count", "sd_steps", "size", "preset", *PAGE_FIELDS]
-    render.click(takes_request(gr, handler, names), inputs=inputs,
+    named = {"prompt": prompt, "images": files, "folder": folder, "sd_model": sd_model, "judge_model": judge,
+             "count": count, "sd_steps": sd_steps, "size": size, "preset": preset, **dict(zip(PAGE_FIELDS, settings_fields))}
+    render.click(takes_request(gr, handler, named), inputs=list(named.values()),
                  outputs=[status, gallery, sheet], api_name=f"{kind}_render", show_progress="minimal", show_progress_on=[status],
                  **run_group)
 
@@ -726,8 +728,9 @@ def batch_tab(gr, server: Server, preset, settings_fields, run_group, image_type
                 yield {progress: "", status: batch_summary(summary, job.shard).replace("run the same command", "run it"),
                        table: live_rows, download: str(path)}
 
-    run.click(takes_request(gr, handler, ["images", "folder", "recursive", "out", "format", "preset", *PAGE_FIELDS]),
-              inputs=[files, folder, recursive, out, fmt, preset] + settings_fields,
+    named = {"images": files, "folder": folder, "recursive": recursive, "out": out, "format": fmt, "preset": preset,
+             **dict(zip(PAGE_FIELDS, settings_fields))}
+    run.click(takes_request(gr, handler, named), inputs=list(named.values()),
               outputs=[progress, status, table, download], api_name="batch", show_progress="minimal", show_progress_on=[progress],
               **run_group)
     stop.click(stopper(gr, server), api_name="batch_stop", concurrency_limit=None, show_progress="hidden")
