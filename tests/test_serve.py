@@ -24,6 +24,7 @@ from helpers import make_image, run
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "samples" / "chelsea.png"
 STEPS = 20  # the server's starting --steps: short runs that finish
+BATCH_STEPS = 200  # about 5 s an image with the tiny model on two cores
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run"]
 
@@ -192,6 +193,54 @@ def test_page_batch_of_three_fills_the_table_and_downloads_the_csv(page, folder,
 
 @pytest.mark.browser
 @pytest.mark.slow
+def test_page_batch_streams_rows_stop_keeps_them_and_run_again_resumes(page, tmp_path):
+    """A batch of 5 in groups of 1: rows reach the table as each image finishes; Stop after 2
+    keeps those 2 (the file offered holds them, valid); dropping the same files again and Run
+    does the other 3, and the file has 5 rows, one per image."""
+    images = [make_image(tmp_path / f"p{i}.png", (40 * i, 255 - 40 * i, 90)) for i in range(5)]
+    page.click("button[role=tab]:has-text('Batch')")
+    page.fill("#setting-steps input", str(BATCH_STEPS))  # long enough that Stop lands inside the third image
+    page.fill("#batch-group input", "1")
+    upload(page, "batch", images)
+    # Stop as soon as the table shows two rows (from inside the page, so no third can finish first).
+    page.evaluate("""() => { window.rowCounts = []; window.stopper = setInterval(() => {
+        const n = (document.querySelector('#batch-table').innerText.match(/p\\d\\.png/g) || []).length;
+        if (window.rowCounts.at(-1) !== n) window.rowCounts.push(n);
+        if (n >= 2) { clearInterval(window.stopper); document.querySelector('#batch-stop').click(); } }, 10); }""")
+    page.click("#batch-run")
+    status = wait_for_text(page, "#batch-status", "interrupted")
+    assert status.startswith("pez batch: 5 images, 2 done, 0 already done, 0 failed"), status
+    assert page.evaluate("window.rowCounts")[-2:] == [1, 2]  # rows came one by one, as each group finished
+    first = download_rows(page, tmp_path / "first.jsonl")
+    assert sorted(Path(r["path"]).name for r in first) == sorted(page_names(page))
+    assert len(first) == 2 and all(r["prompt"] for r in first)
+
+    # The same files dropped again: the page knows them by content, and the job resumes.
+    page.click("#batch-files button[aria-label='Clear']")
+    upload(page, "batch", images)
+    page.click("#batch-run")
+    page.wait_for_function("document.querySelector('#batch-status').innerText.trim() === ''")  # the last summary goes
+    status = wait_for_text(page, "#batch-status", r"pez batch: 5 images")
+    assert status.startswith("pez batch: 5 images, 3 done, 2 already done, 0 failed") and "interrupted" not in status
+    rows = download_rows(page, tmp_path / "second.jsonl")
+    assert sorted(Path(r["path"]).name for r in rows) == [p.name for p in images]  # each image once
+    assert {r["path"]: r["prompt"] for r in first}.items() <= {r["path"]: r["prompt"] for r in rows}.items()
+    assert sorted(page_names(page)) == [p.name for p in images]  # the table shows the whole file
+
+
+def download_rows(tab, saved: Path) -> list[dict]:
+    with tab.expect_download() as download:
+        tab.click("#batch-download a")
+    download.value.save_as(saved)
+    return [json.loads(line) for line in saved.read_text(encoding="utf-8").splitlines()]  # every line a valid row
+
+
+def page_names(tab) -> list[str]:
+    return re.findall(r"p\d\.png", tab.inner_text("#batch-table"))
+
+
+@pytest.mark.browser
+@pytest.mark.slow
 def test_demo_page_with_the_language_model_and_the_readme_screenshot(browser, tmp_path):
     """`pez serve --demo`: the shipped world's CLIP and language model, offline. This test makes
     README's screenshot: PEZ_SCREENSHOT=samples/pez-serve.png pytest -k readme_screenshot."""
@@ -289,6 +338,13 @@ def settings_values(served, **changes) -> list:
     return [values[name] for name in PAGE_FIELDS]
 
 
+def named_settings(served, **changes) -> dict:
+    """The page's settings fields by their API names, as the page starts (with `changes`)."""
+    from pez_cli.cli.serve import PAGE_FIELDS
+
+    return dict(zip(PAGE_FIELDS, settings_values(served, **changes)))
+
+
 def wait_for_output(job, test, timeout: float = 60.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -311,7 +367,7 @@ def test_http_api_parameters_are_named(served):
     assert names["/invert"] == ["images", "folder", "preset", *PAGE_FIELDS]
     assert names["/style"] == ["images", "folder", "template", "preset", *PAGE_FIELDS]
     assert names["/distill"] == ["text", "preset", *PAGE_FIELDS]
-    assert names["/batch"] == ["images", "folder", "recursive", "out", "format", "preset", *PAGE_FIELDS]
+    assert names["/batch"] == ["images", "folder", "recursive", "out", "format", "batch_images", "preset", *PAGE_FIELDS]
     assert names["/invert_render"][:4] == ["prompt", "images", "folder", "sd_model"]
     readme = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
     assert "the settings `" + ", ".join(PAGE_FIELDS) + "`" in readme  # README lists them as they are
@@ -382,8 +438,8 @@ def test_client_refuses_paths_outside_root(served, tmp_path):
     assert status.startswith(f"Error: folder {outside} is outside the folders this server may use")
     status = client.predict(None, "../" * 12 + str(outside).lstrip("/"), "", *settings_values(served), api_name="/invert")[4]
     assert "is outside the folders this server may use" in status
-    progress, status, table, download = client.predict(None, str(served.server.roots[0]), False, str(outside / "rows.csv"), "csv",
-                                                       "", *settings_values(served), api_name="/batch")
+    progress, status, table, download = client.predict(folder=str(served.server.roots[0]), out=str(outside / "rows.csv"),
+                                                       format="csv", **named_settings(served), api_name="/batch")
     assert status.startswith(f"Error: result file {outside / 'rows.csv'} is outside")
     assert not (outside / "rows.csv").exists()
     import urllib.error
@@ -583,13 +639,13 @@ def test_client_batch_of_a_folder_resumes_and_keeps_models_loaded(served, folder
 
     client = Client(served.url, verbose=False)
     out = folder / "folder-rows.jsonl"
-    args = (None, str(folder), False, out.name, "", "", *settings_values(served))
-    progress, status, table, download = client.predict(*args, api_name="/batch")
+    args = dict(folder=str(folder), out=out.name, **named_settings(served))  # by the API's parameter names
+    progress, status, table, download = client.predict(**args, api_name="/batch")
     assert status.startswith("pez batch: 5 images, 4 done, 0 already done, 1 failed")
     rows = {r[0]: r for r in table["data"]}
     assert rows["bad.png"][3].startswith("not an image") and rows["a.png"][1]
     loaded = dict(served.server.models)
-    progress, status, table, download = client.predict(*args, api_name="/batch")
+    progress, status, table, download = client.predict(**args, api_name="/batch")
     assert status.startswith("pez batch: 5 images, 0 done, 4 already done, 1 failed")  # resumed: only the error is redone
     assert served.server.models == loaded and len(loaded) == 1  # the model was not loaded again
     again = run("batch", folder, "--model", tiny_model, "--steps", STEPS, "--out", out)

@@ -166,7 +166,7 @@ class Reporter:
     # Terminals at least this wide also get a bar.
     BAR_WIDTH_FROM = 110
 
-    def __init__(self, mode: str, console: Any = None):
+    def __init__(self, mode: str, console: Any = None, clock: Callable[[], float] = time.monotonic):
         from rich.console import Console
 
         self.mode = mode
@@ -176,7 +176,8 @@ class Reporter:
         self._task = None
         self._label = ""
         self._last = 0.0
-        self._started = time.monotonic()
+        self._clock = clock  # tests pass a fake clock, so rates do not depend on how busy the machine is
+        self._started = clock()
 
     def __enter__(self) -> "Reporter":
         return self
@@ -212,7 +213,7 @@ class Reporter:
         if not self.mode:
             return False
         interval = PROGRESS_INTERVAL_S if self.mode == "rich" else PLAIN_PROGRESS_INTERVAL_S
-        now = time.monotonic()
+        now = self._clock()
         if final or now - self._last >= interval:
             self._last = now
             return True
@@ -222,11 +223,11 @@ class Reporter:
         """`label done/total  rate  time left  info`; rate defaults to `done` per second since
         this label's progress began."""
         if self._label != label or (self.mode == "rich" and self._bar is None):
-            self._started = time.monotonic()
+            self._started = self._clock()
             if self.mode == "rich":
                 self._start_bar(label)
             self._label = label
-        elapsed = max(time.monotonic() - self._started, 1e-9)
+        elapsed = max(self._clock() - self._started, 1e-9)
         measured = elapsed >= RATE_AFTER_S  # the first step's interval says nothing of the rate
         if rate is None:
             rate = f"{done / elapsed:.1f} {label}/s" if done and measured else ""

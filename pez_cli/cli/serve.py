@@ -47,6 +47,8 @@ UPDATE_INTERVAL_S = PROGRESS_INTERVAL_S
 # Steps before a time left is shown: the first steps' rate says little.
 RATE_AFTER_STEPS = 5
 BATCH_HEADERS = ["image", "prompt", "similarity", "error"]
+# The page's batch groups on a CPU: small, so rows reach the table (and Stop keeps them) often.
+PAGE_CPU_GROUP = 2
 
 
 def _gradio():
@@ -173,9 +175,7 @@ class Live:
 
     def on_row(self, row: dict[str, Any]) -> None:
         with self.lock:
-            score = row.get("similarity")
-            self.rows.append([Path(row["path"]).name, row.get("prompt") or "", "" if score is None else round(score, 4),
-                              row.get("error") or ""])
+            self.rows.append(table_row(row))
             self._changed()
 
     def line(self) -> str:
@@ -194,6 +194,12 @@ class Live:
             parts = [f"images {len(self.rows)}/{self.total}" if self.total else "",
                      f"group step {self.step}/{self.steps}" if self.steps else "", self.stage]
             return " · ".join(p for p in parts if p) or "Starting ..."
+
+
+def table_row(row: dict[str, Any]) -> list[Any]:
+    """A result row as the batch table shows it."""
+    score = row.get("similarity")
+    return [Path(row["path"]).name, row.get("prompt") or "", "" if score is None else round(score, 4), row.get("error") or ""]
 
 
 def local_paths(settings: Settings | None, sd_model: str | None = None,
@@ -291,13 +297,35 @@ class Server:
             raise InputError("no images: drop one or more images, or name a folder")
         return collect_paths(inputs, recursive=recursive, missing_ok=missing_ok)
 
-    def scratch(self, token: str, name: str) -> Path:
-        """A fresh folder for this page's files of one kind, inside the temporary folder."""
+    def scratch(self, token: str, name: str, fresh: bool = True) -> Path:
+        """This page's folder for files of one kind, inside the temporary folder: emptied first
+        unless `fresh` is False (a batch's result file, kept so the same batch resumes)."""
         safe = hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()[:16]  # a client names its session
         folder = self.tmp / "pages" / safe / name
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
+        if fresh:
+            shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True, exist_ok=True)
         return folder
+
+    def keyed_uploads(self, files: Sequence[str] | None) -> list[str]:
+        """Uploaded files at paths their content decides (uploads/<sha256>/<name>), so the same
+        files uploaded again are the same inputs to a batch and its result file resumes them."""
+        from pez_cli.batch import file_sha256
+
+        keyed = []
+        for name in files or []:
+            src = Path(name)
+            try:
+                digest = file_sha256(src)
+            except OSError:
+                keyed.append(str(name))  # the batch reports it as unreadable, as pez batch does
+                continue
+            dest = self.tmp / "uploads" / digest[:32] / src.name
+            if not dest.exists():
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, dest)
+            keyed.append(str(dest))
+        return keyed
 
     # models, kept loaded between runs
     def pez(self, settings: Settings):
@@ -445,23 +473,43 @@ def result_texts(result, data: dict[str, Any]) -> tuple[str, str]:
     return "", f"{scores} · {each} · {trip} · {data['seconds']:.1f} s"
 
 
-def batch_work(server: Server, token: str, preset, values, files, folder, recursive, out, fmt):
-    """A batch job as `pez batch` runs it; the same result file resumes."""
+def page_group_size(device) -> int:
+    """Images a page's batch optimizes together by default: pez batch's on a GPU, few on a CPU."""
+    from pez_cli.batch import default_group_size
+
+    return PAGE_CPU_GROUP if device.type == "cpu" else default_group_size(device)
+
+
+def batch_work(server: Server, token: str, preset, values, files, folder, recursive, out, fmt, group_size=None):
+    """A batch job as `pez batch` runs it, in groups of `group_size` (--batch-images). Its rows
+    go to the named result file, or to one this page keeps for the same inputs and format: either
+    way the same batch run again resumes, and Stop keeps every finished group's rows."""
     from pez_cli.batch import BatchJob, LocalRunner
+    from pez_cli.results import latest, read_rows
 
     def work(live: Live, stop: threading.Event):
         settings = server.settings(preset, values)
-        paths = server.image_paths(files, folder, recursive=recursive, missing_ok=True)
+        size = None if group_size in (None, "") else _whole(group_size, "--batch-images")
+        uploads = server.keyed_uploads(files)
+        paths = server.image_paths(uploads, folder, recursive=recursive, missing_ok=True)
         fmt_ = fmt or None
-        target = server.inside(out, "result file") if out and out.strip() else \
-            server.scratch(token, "batch") / f"pez-batch.{fmt_ or 'jsonl'}"
+        if out and out.strip():
+            target = server.inside(out, "result file")
+        else:
+            inputs = "\n".join([*uploads, str(server.inside(folder.strip(), "folder")) if folder and folder.strip() else "",
+                                str(bool(recursive))])
+            digest = hashlib.sha256(inputs.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+            target = server.scratch(token, f"batch-{digest}", fresh=False) / f"pez-batch.{fmt_ or 'jsonl'}"
         live.set_stage(server.loaded_label(settings))
         pez = server.pez(settings.for_target("image"))
-        job = BatchJob(settings, out=str(target), fmt=fmt_, runner=LocalRunner(pez=pez, stop=stop))
+        job = BatchJob(settings, out=str(target), fmt=fmt_, runner=LocalRunner(pez=pez, stop=stop),
+                       group_size=size if size is not None else page_group_size(pez.device))
         summary = job.run(paths, on_status=live.set_stage, on_progress=live.on_batch, on_row=live.on_row)
         download = server.scratch(token, "download") / target.name
-        shutil.copyfile(target, download)  # what the page offers: a copy, served from the temporary folder
-        return summary, job, download
+        rows = [table_row(row) for row in latest(read_rows(target)).values()] if target.exists() else []
+        if target.exists():
+            shutil.copyfile(target, download)  # what the page offers: a copy, served from the temporary folder
+        return summary, job, download if target.exists() else None, rows
 
     return work
 
@@ -632,11 +680,12 @@ def takes_request(gr, handler: Callable, named: dict[str, Any] | None = None) ->
     """handler(request, *inputs): Gradio passes the request (its session) as the first argument.
     named: the inputs by name, in the order the event passes them (its `inputs` are the values);
     the page's HTTP API shows its parameters by these names (Gradio reads them from the
-    signature; without them a handler taking *inputs has param_0, param_1, ...)."""
+    signature; without them a handler taking *inputs has param_0, param_1, ...). Each may be left
+    out by an API caller: it then takes its field's starting value (None for an empty drop area)."""
     handler.__annotations__ = {"request": gr.Request}
     kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
     handler.__signature__ = inspect.Signature([inspect.Parameter("request", kind, annotation=gr.Request)]
-                                              + [inspect.Parameter(name, kind) for name in named or {}])
+                                              + [inspect.Parameter(name, kind, default=None) for name in named or {}])
     return handler
 
 
@@ -689,6 +738,8 @@ def render_section(gr, server: Server, kind: str, preset, settings_fields, promp
 
 
 def batch_tab(gr, server: Server, preset, settings_fields, run_group, image_types) -> None:
+    from pez_cli.models import pick_device
+
     with gr.Tab("Batch", id="batch"):
         with gr.Row():
             with gr.Column():
@@ -697,9 +748,14 @@ def batch_tab(gr, server: Server, preset, settings_fields, run_group, image_type
                 folder = gr.Textbox(label="or a folder", placeholder="a folder inside --root", elem_id="batch-folder")
                 recursive = gr.Checkbox(label="with sub-folders (--recursive)", value=False, elem_id="batch-recursive")
                 out = gr.Textbox(label="Result file (--out)", placeholder="a file inside --root, to resume later; "
-                                 "empty: a temporary file to download", elem_id="batch-out")
-                fmt = gr.Dropdown(choices=[("from the file", ""), ("jsonl", "jsonl"), ("csv", "csv")], value="",
-                                  label="format (--format)", elem_id="batch-format")
+                                 "empty: a file this page keeps until the server stops", elem_id="batch-out")
+                with gr.Row():
+                    fmt = gr.Dropdown(choices=[("from the file", ""), ("jsonl", "jsonl"), ("csv", "csv")], value="",
+                                      label="format (--format)", elem_id="batch-format")
+                    group = gr.Number(value=page_group_size(pick_device(server.start.device)), precision=0, minimum=1,
+                                      label="images at once (--batch-images)",
+                                      info="Rows are written (and kept by Stop) as each group finishes.",
+                                      elem_id="batch-group")
                 with gr.Row():
                     run = gr.Button("Run batch", variant="primary", elem_id="batch-run")
                     stop = gr.Button("Stop", elem_id="batch-stop")
@@ -709,11 +765,11 @@ def batch_tab(gr, server: Server, preset, settings_fields, run_group, image_type
                 table = gr.Dataframe(headers=BATCH_HEADERS, value=[], interactive=False, wrap=True, elem_id="batch-table")
                 download = gr.File(label="Result file", elem_id="batch-download")
 
-    def handler(request, files_, folder_, recursive_, out_, fmt_, preset_, *values):
+    def handler(request, files_, folder_, recursive_, out_, fmt_, group_, preset_, *values):
         from pez_cli.cli.display import batch_summary
 
         tok = session(request)
-        work = batch_work(server, tok, preset_, values, files_, folder_, recursive_, out_, fmt_)
+        work = batch_work(server, tok, preset_, values, files_, folder_, recursive_, out_, fmt_, group_)
         skip = {download: gr.skip()}
         yield {**skip, progress: "Starting ...", status: "", table: []}
         live_rows: list = []
@@ -724,11 +780,12 @@ def batch_tab(gr, server: Server, preset, settings_fields, run_group, image_type
             elif what == "error":
                 yield {**skip, progress: "", status: value, table: gr.skip()}
             else:
-                summary, job, path = value
+                summary, job, path, rows = value
                 yield {progress: "", status: batch_summary(summary, job.shard).replace("run the same command", "run it"),
-                       table: live_rows, download: str(path)}
+                       table: rows, download: None if path is None else str(path)}
 
-    named = {"images": files, "folder": folder, "recursive": recursive, "out": out, "format": fmt, "preset": preset,
+    named = {"images": files, "folder": folder, "recursive": recursive, "out": out, "format": fmt, "batch_images": group,
+             "preset": preset,
              **dict(zip(PAGE_FIELDS, settings_fields))}
     run.click(takes_request(gr, handler, named), inputs=list(named.values()),
               outputs=[progress, status, table, download], api_name="batch", show_progress="minimal", show_progress_on=[progress],
