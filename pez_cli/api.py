@@ -226,8 +226,9 @@ class Pez:
         several models), and return their best prompts. kind ('image' or 'text') picks the default prompt length; on_progress is called
         every `every` steps and after the last; steps overrides settings.steps; on_stage(text) is
         told when the search after the loop (the beam, refinement) starts; `stop`, once set,
-        ends the loop after the current step as Ctrl-C does (a front end's Stop button, or a
-        Ctrl-C whose KeyboardInterrupt Python lost, e.g. raised inside a finalizer).
+        ends the loop after its current step, or the beam or refinement between their rounds,
+        as Ctrl-C does, keeping what they found (a front end's Stop button, or a Ctrl-C whose
+        KeyboardInterrupt Python lost, e.g. raised inside a finalizer).
 
         Ctrl-C (KeyboardInterrupt) returns the best prompts so far, marked interrupted; before
         the first step it raises Interrupted.
@@ -240,12 +241,12 @@ class Pez:
         self.pack_weights()
         targets = [self.split(t) for t in targets]
         opt = PromptOptimizer(self.spaces(), targets, settings, self.fluency())
+        opt.stop = stop
         bests = None  # after the loop: each problem's best, improved in place by the search after it
         try:
             while not opt.finished():
                 opt.step()
-                if stop is not None and stop.is_set():
-                    raise KeyboardInterrupt
+                opt.check_stop()
                 if on_progress is not None and (opt.step_count % every == 0 or opt.finished()):
                     on_progress(Progress(opt.step_count, settings.steps, self, opt))
             bests = opt.best()

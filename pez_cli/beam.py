@@ -75,6 +75,7 @@ def _search(opt: PromptOptimizer, bests: list[Best], width: int, problems: list[
                    if grows else None)
     reader = Growing(fluency, len(problems))
     for depth in range(opt.settings.prompt_len + 1):
+        opt.check_stop()  # what was offered so far stays in bests
         texts = [vocab.decode(ids) for ids in beams.ids]
         readings = reader.readings(texts)
         _offer(opt, bests, beams, texts, readings)

@@ -208,6 +208,7 @@ class PromptOptimizer:
             check_prompt_len(settings.prompt_len, space.tower.context_length)
         self.vocab, self.settings = first.vocab, settings
         self.steps = settings.steps
+        self.stop = None  # a threading.Event: once set, check_stop() ends the loop or the search after it
         self.sign = -1.0 if settings.negative else 1.0
         device = first.vocab.embeddings.device
         dtype = first.vocab.embeddings.dtype
@@ -294,6 +295,12 @@ class PromptOptimizer:
         if device.type == "cuda":  # from pinned memory the copy does not wait for the queued steps
             return weights.pin_memory().to(device, non_blocking=True)
         return weights.to(device)
+
+    def check_stop(self) -> None:
+        """Raise KeyboardInterrupt (what Ctrl-C raises) once `stop` is set: the loop, the beam
+        and refinement call it between their steps, so a front end's Stop ends any of them."""
+        if self.stop is not None and self.stop.is_set():
+            raise KeyboardInterrupt
 
     def step(self) -> None:
         """One PEZ step for every active problem."""

@@ -99,6 +99,7 @@ def refine(opt: PromptOptimizer, bests: list[Best]) -> list[Best]:
     fluency = objective.fluency
     current = {p: tok.encode(b.prompt) for p, b in enumerate(bests) if b.prompt}
     for _ in range(opt.settings.refine):
+        opt.check_stop()  # finished rounds stay in bests
         if not current:
             break
         order = sorted(current)

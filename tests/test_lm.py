@@ -320,6 +320,41 @@ def test_the_search_never_lowers_the_objective(tiny_model, load_tiny, lm_dir, im
     assert objectives[0] <= objectives[1] + 1e-9 <= objectives[2] + 2e-9
 
 
+def test_stop_during_the_search_keeps_what_it_chose(tiny_model, load_tiny, lm_dir, image):
+    """A front end's Stop (the page's) ends the beam or refinement as Ctrl-C does: the result is
+    the best chosen so far by the objective, marked interrupted, never the raw loop's prompt
+    when the beam had already chosen another."""
+    import threading
+
+    from pez_cli.lm import load_lm
+
+    model, lm = load_tiny(), load_lm(str(lm_dir), torch.device("cpu"))
+    target = model.encode_images([__import__("PIL").Image.open(image).convert("RGB")])
+    base = dict(model=model.name, device="cpu", steps=12, prompt_len=5, lm=str(lm_dir), lm_weight=15)  # fluency decides
+
+    def solve(beam, refine, stop_at=None):
+        stop = threading.Event()
+        stages = []
+
+        def stage(text):
+            stages.append(text)
+            if stop_at and text.startswith(stop_at):
+                stop.set()
+
+        [r] = Pez(Settings(**base, beam=beam, refine=refine), model=model, lm=lm).solve([target], on_stage=stage, stop=stop)
+        return r, stages
+
+    loop, _ = solve(0, 0)
+    beamed, _ = solve(4, 0)
+    assert not loop.interrupted and not beamed.interrupted and beamed.objective > loop.objective  # the beam chose another
+    in_beam, stages = solve(4, 3, stop_at="Writing")
+    assert in_beam.interrupted and len(stages) == 1  # refinement never started
+    assert (in_beam.prompt, in_beam.objective) == (loop.prompt, loop.objective)
+    in_refinement, stages = solve(4, 3, stop_at="Refining")
+    assert in_refinement.interrupted and in_refinement.steps_done == 12
+    assert (in_refinement.prompt, in_refinement.objective) == (beamed.prompt, beamed.objective)  # the beam's choice kept
+
+
 def test_lm_through_style_distill_batch_and_two_clips(tiny_model, second_clip, lm_dir, images, tmp_path):
     lm = ["--lm", lm_dir, "--lm-weight", "0.5"]
     styled = run("style", *images, "--model", tiny_model, *lm, *FAST, "--template", "a tiger in the style of {}")
