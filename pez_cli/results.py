@@ -37,11 +37,12 @@ SURROGATE = re.compile("[\ud800-\udfff]")  # os.fsdecode's stand-ins for bytes t
 ENCODING = dict(encoding="utf-8", errors="surrogateescape")
 
 
-def json_line(obj: Any) -> str:
-    """Strict JSON on one line: readable UTF-8, except that a string holding bytes that are not
-    UTF-8 (a file name) is written with \\u escapes, which json.loads turns back exactly."""
-    text = json.dumps(obj, ensure_ascii=False, allow_nan=False)
-    return json.dumps(obj, allow_nan=False) if SURROGATE.search(text) else text
+def json_line(obj: Any, indent: int | None = None) -> str:
+    """Strict JSON on one line (or indented by `indent`, for people): readable UTF-8, except
+    that a string holding bytes that are not UTF-8 (a file name) is written with \\u escapes,
+    which json.loads turns back exactly."""
+    text = json.dumps(obj, ensure_ascii=False, allow_nan=False, indent=indent)
+    return json.dumps(obj, allow_nan=False, indent=indent) if SURROGATE.search(text) else text
 
 
 def is_regular(path: Path) -> bool:

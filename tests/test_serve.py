@@ -84,6 +84,14 @@ def cli_prompt(image: Path, tiny_model: str, *flags) -> dict:
     return json.loads(result.stdout)
 
 
+def setting(tab, name: str, value: str) -> None:
+    """Type a setting's value, opening the Settings panel (collapsed as the page starts) first."""
+    field = f"#setting-{name} input"
+    if not tab.is_visible(field):
+        tab.click("#settings button.label-wrap" if tab.is_visible("#settings button.label-wrap") else "#settings >> text=Settings")
+    tab.fill(field, value)
+
+
 def watch(tab, kind: str) -> None:
     """Record every value the progress line and the best prompt show, as the page draws them."""
     tab.evaluate("""kind => { window.seen = {progress: [], best: []};
@@ -136,18 +144,26 @@ def test_page_inverts_as_the_cli_does_then_streams_stops_and_copies(page, folder
     cli = cli_prompt(SAMPLE, tiny_model)
     assert prompt == cli["prompt"]  # the same settings and seed: the same prompt as `pez invert`
     assert f"similarity {cli['similarity']:.4f}" in page.inner_text("#invert-scores")
+    assert "loading " in page.inner_text("#invert-scores") and ", optimizing " in page.inner_text("#invert-scores")
+    assert tiny_model.removeprefix("local-dir:") not in page.inner_text("#invert-scores")  # the model by its short name
+    assert "fluency: the language model's" in page.get_attribute("#invert-scores span[title]", "title")  # on hover
 
     # A long run: the step counter and the best prompt change while it runs; Stop keeps the best.
-    page.fill("#setting-steps input", "1000000")
+    setting(page, "steps", "1000000")
     watch(page, "invert")
+    assert page.is_visible("#invert-run") and not page.is_visible("#invert-stop")
     page.click("#invert-run")
     page.wait_for_function("window.seen.best.length >= 2 && window.seen.progress.filter(p => /^step /.test(p)).length >= 3")
+    assert not page.is_visible("#invert-run")  # Run became Stop
     page.click("#invert-stop")
     status = wait_for_text(page, "#invert-status", "Stopped after")
+    page.wait_for_selector("#invert-run", state="visible")  # and back
     seen = page.evaluate("window.seen")
     steps = [int(re.match(r"step (\d+)/1000000", p).group(1)) for p in seen["progress"] if p.startswith("step ")]
     assert steps == sorted(steps) and len(set(steps)) >= 3, seen["progress"]
     assert len(set(seen["best"])) >= 2, seen["best"]
+    shown = [float(m.group(1)) for p in seen["progress"] if (m := re.search(r"best similarity ([\d.]+)", p))]
+    assert len(shown) >= 2 and shown == sorted(shown), seen["progress"]  # the best shown never falls
     stopped = int(re.search(r"Stopped after (\d+) steps", status).group(1))
     assert steps[-1] <= stopped < 1_000_000
     best = page.input_value("#invert-prompt textarea")
@@ -199,7 +215,7 @@ def test_page_batch_streams_rows_stop_keeps_them_and_run_again_resumes(page, tmp
     does the other 3, and the file has 5 rows, one per image."""
     images = [make_image(tmp_path / f"p{i}.png", (40 * i, 255 - 40 * i, 90)) for i in range(5)]
     page.click("button[role=tab]:has-text('Batch')")
-    page.fill("#setting-steps input", str(BATCH_STEPS))  # long enough that Stop lands inside the third image
+    setting(page, "steps", str(BATCH_STEPS))  # long enough that Stop lands inside the third image
     page.fill("#batch-group input", "1")
     upload(page, "batch", images)
     # Stop as soon as the table shows two rows (from inside the page, so no third can finish first).
@@ -243,7 +259,8 @@ def page_names(tab) -> list[str]:
 @pytest.mark.slow
 def test_demo_page_with_the_language_model_and_the_readme_screenshot(browser, tmp_path):
     """`pez serve --demo`: the shipped world's CLIP and language model, offline. This test makes
-    README's screenshot: PEZ_SCREENSHOT=samples/pez-serve.png pytest -k readme_screenshot."""
+    README's screenshot: SCREENSHOT_TO=samples/pez-serve.png pytest -k readme_screenshot
+    (not a PEZ_ variable: the tests clear those)."""
     pytest.importorskip("transformers")
     from pez_cli import demo as demos
     from pez_cli.cli.serve import ServeConfig, demo_flags, start
@@ -269,8 +286,8 @@ def test_demo_page_with_the_language_model_and_the_readme_screenshot(browser, tm
     assert cli.exit_code == 0, cli.stderr
     assert prompt == cli.stdout.strip()
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    if os.environ.get("PEZ_SCREENSHOT"):
-        shutil.copyfile(shot, os.environ["PEZ_SCREENSHOT"])
+    if os.environ.get("SCREENSHOT_TO"):
+        shutil.copyfile(shot, os.environ["SCREENSHOT_TO"])
 
 
 @pytest.mark.browser
@@ -286,7 +303,7 @@ def test_a_second_tab_sees_its_place_in_the_queue(browser, served, folder):
         tabs.append(tab)
     first, second = tabs
     try:
-        first.fill("#setting-steps input", "1000000")
+        setting(first, "steps", "1000000")
         first.click("#invert-run")
         wait_for_text(first, "#invert-progress", "^step ")
         second.click("#invert-run")
@@ -307,15 +324,19 @@ def page_paths(result_file: Path) -> list[str]:
 
 
 @pytest.mark.browser
-def test_page_shows_the_cli_error_line_for_a_bad_image(page, folder, tiny_model):
+def test_page_shows_the_cli_error_line_for_a_bad_image(page, folder, tiny_model, served):
+    """A text file named .png says so as it is dropped, before Run, in the error style, naming the
+    file as the user knows it (not the server's copy); Run says the same."""
     upload(page, "invert", [folder / "bad.png"])
-    page.click("#invert-run")
     shown = wait_for_text(page, "#invert-status", "^Error: ")
     cli = run("invert", folder / "bad.png", "--model", tiny_model)
     assert cli.exit_code == 1
-    name = lambda line: re.sub(r"\S*bad\.png", "bad.png", line.strip())  # the page names its uploaded copy
-    assert name(shown) == name(cli.stderr)
-    assert name(shown).startswith("Error: not an image")
+    assert shown.strip() == cli.stderr.strip().replace(str(folder / "bad.png"), "bad.png")
+    assert shown.startswith("Error: not an image") and str(served.tmp) not in shown
+    assert "pez-error" in page.get_attribute("#invert-status", "class")
+    page.click("#invert-run")
+    page.wait_for_function("document.querySelector('#invert-status').innerText.trim() === ''")  # Run clears it ...
+    assert wait_for_text(page, "#invert-status", "^Error: ").strip() == shown.strip()  # ... and finds the same
 
 
 @pytest.mark.browser

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import html
 import inspect
 import logging
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -31,6 +33,7 @@ from pez_cli.cli.display import PROGRESS_INTERVAL_S, best_text, remaining, resul
 from pez_cli.config import Settings, preset_names, resolve, sd_model_for_settings
 from pez_cli.errors import ConfigError, InputError, PezError, first_line, user_message
 from pez_cli.images import IMAGE_SUFFIXES
+from pez_cli.results import json_line
 
 log = logging.getLogger("pez")
 
@@ -47,6 +50,14 @@ UPDATE_INTERVAL_S = PROGRESS_INTERVAL_S
 # Steps before a time left is shown: the first steps' rate says little.
 RATE_AFTER_STEPS = 5
 BATCH_HEADERS = ["image", "prompt", "similarity", "error"]
+# What the scores mean, shown where a pointer rests on them.
+SCORES_HELP = ("similarity: the cosine between the printed prompt's CLIP text features and the image's (the CLIP "
+               "term); fluency: the language model's mean log-probability per token, in nats (higher reads more like "
+               "text); objective: what chooses the prompt, CLIP's logit (its logit scale times the similarity) plus "
+               "lm weight times the fluency; it never falls during a run")
+CSS = """.pez-error { color: var(--error-text-color); background: var(--error-background-fill);
+  border: 1px solid var(--error-border-color); border-radius: 6px; padding: 4px 10px; }
+#batch-table td { max-width: 28em; overflow: hidden; text-overflow: ellipsis; }"""
 # The page's batch groups on a CPU: small, so rows reach the table (and Stop keeps them) often.
 PAGE_CPU_GROUP = 2
 
@@ -186,7 +197,7 @@ class Live:
             elapsed = time.monotonic() - self.started
             left = remaining(self.step, self.steps, elapsed) if self.step >= RATE_AFTER_STEPS else ""
             parts = [f"step {self.step}/{self.steps}", f"{left} left" if left else "",
-                     f"best {self.score}" if self.score else "", self.stage]
+                     explained(f"best {self.score}") if self.score else "", self.stage]
             return " · ".join(p for p in parts if p)
 
     def batch_line(self) -> str:
@@ -194,6 +205,17 @@ class Live:
             parts = [f"images {len(self.rows)}/{self.total}" if self.total else "",
                      f"group step {self.step}/{self.steps}" if self.steps else "", self.stage]
             return " · ".join(p for p in parts if p) or "Starting ..."
+
+
+def explained(scores: str) -> str:
+    """Scores as the page shows them: SCORES_HELP where the pointer rests on them."""
+    return f'<span title="{html.escape(SCORES_HELP)}">{html.escape(scores)}</span>'
+
+
+def short_model(name: str) -> str:
+    """A model as a result line names it: a folder's or file's own name, a hub or open_clip name as given."""
+    path = name.removeprefix("local-dir:")
+    return Path(path).name if path != name or os.sep in path else name
 
 
 def table_row(row: dict[str, Any]) -> list[Any]:
@@ -394,7 +416,7 @@ class Server:
             if live.version != seen:  # what changed in its last moments
                 yield "live", live
             if "error" in box:
-                yield "error", error_line(box["error"])
+                yield "error", error_line(box["error"], self.tmp)
             else:
                 yield "done", box["value"]
         finally:
@@ -421,12 +443,15 @@ def free_memory(device) -> None:
         torch.cuda.empty_cache()
 
 
-def error_line(e: BaseException) -> str:
-    """The line the CLI would print for an error; a bug's first line, its traceback in the log."""
+def error_line(e: BaseException, tmp: Path | None = None) -> str:
+    """The line the CLI would print for an error; a bug's first line, its traceback in the log.
+    A file in the server's temporary folder (an upload) is named by its own name."""
     message = user_message(e)
     if message is None:
         log.error("pez serve: a run failed", exc_info=e)
         message = f"{first_line(e)} (a bug in pez; the server's terminal has the traceback)"
+    if tmp is not None:
+        message = re.sub(re.escape(str(tmp)) + r"/(?:[^/\s]+/)*", "", message)
     return f"Error: {message}"
 
 
@@ -463,14 +488,15 @@ def optimize_work(server: Server, kind: str, preset, values, files=None, folder=
 
 
 def result_texts(result, data: dict[str, Any]) -> tuple[str, str]:
-    """The notes under a result: similarity per model and round trip, or where it stopped."""
+    """The notes under a result: its scores, the similarity per model (named short), the round
+    trip and the time split into loading and optimizing; or where it stopped."""
+    scores = explained(scores_text(result.similarity, result.fluency, result.objective))
     if result.interrupted:
-        scores = scores_text(result.similarity, result.fluency, result.objective)
         return f"Stopped after {result.steps_done} steps; best prompt so far ({scores}).", ""
-    each = ", ".join(f"{name} {value:.4f}" for name, value in result.similarities.items())
+    each = ", ".join(f"{html.escape(short_model(name))} {value:.4f}" for name, value in result.similarities.items())
     trip = "re-tokenizes to exactly the optimized ids" if result.round_trip else "re-tokenizes differently from the optimized ids"
-    scores = scores_text(result.similarity, result.fluency, result.objective)
-    return "", f"{scores} · {each} · {trip} · {data['seconds']:.1f} s"
+    loading = data["total_seconds"] - data["seconds"]
+    return "", f"{scores} · {each} · {trip} · loading {loading:.1f} s, optimizing {data['seconds']:.1f} s"
 
 
 def page_group_size(device) -> int:
@@ -585,7 +611,7 @@ def build_page(server: Server):
     with gr.Blocks(title="pez", analytics_enabled=False) as page:
         gr.Markdown("# pez\nHard text prompts from images with PEZ, on this machine. "
                     f"Folders and result files: inside {', '.join(str(r) for r in server.roots)}.")
-        with gr.Accordion("Settings", open=True):
+        with gr.Accordion("Settings", open=False, elem_id="settings"):  # Run and the drop area stay above the fold
             preset = gr.Dropdown(choices=[("defaults", "")] + [(n, n) for n in preset_names()], value=server.cfg.preset or "",
                                  label="preset (--preset)", info="Named settings; choosing one fills the fields below.",
                                  elem_id="setting-preset")
@@ -616,7 +642,7 @@ def build_page(server: Server):
                                                   elem_id=f"{kind}-template") if kind == "style" else None
                         with gr.Row():
                             run = gr.Button("Run", variant="primary", elem_id=f"{kind}-run")
-                            stop = gr.Button("Stop", elem_id=f"{kind}-stop")
+                            stop = gr.Button("Stop", elem_id=f"{kind}-stop", visible=False)
                     with gr.Column():
                         progress = gr.Markdown("", elem_id=f"{kind}-progress")
                         best = gr.Textbox(label="Best prompt so far", interactive=False, elem_id=f"{kind}-best")
@@ -627,6 +653,9 @@ def build_page(server: Server):
                         status = gr.Markdown("", elem_id=f"{kind}-status")
                         with gr.Accordion("JSON (as --json prints it)", open=False):
                             data = gr.Code(language="json", elem_id=f"{kind}-json")
+                if files is not None:  # a damaged or renamed file says so when dropped, not at Run
+                    files.upload(lambda paths: shown(gr, *dropped_error(server, paths)), inputs=files, outputs=status,
+                                 queue=False, api_visibility="private")
                 if kind != "distill":
                     render_section(gr, server, kind, preset, settings_fields, prompt, files, folder, run_group)
             outputs = [progress, best, prompt, scores, status, data] + ([styled] if styled is not None else [])
@@ -643,20 +672,18 @@ def build_page(server: Server):
                     files_, folder_, rest = args[0], args[1], args[2:]
                     work = optimize_work(server, kind, rest[0], rest[1:], files_, folder_)
                 out = dict.fromkeys(outputs, gr.skip())
-                yield {**out, best: "", prompt: "", scores: "", status: "", data: "", progress: "Starting ..."}
+                yield {**out, best: "", prompt: "", scores: "", status: shown(gr, ""), data: "", progress: "Starting ..."}
                 for what, value in server.stream(tok, work):
                     if what == "live":
                         yield {**out, progress: value.line(), best: value.best}
                     elif what == "error":
-                        yield {**out, progress: "", status: value}
+                        yield {**out, progress: "", status: shown(gr, value, error=True)}
                     else:
                         result, payload, notes = value
                         note, line = result_texts(result, payload)
                         note = " ".join([note, *(f"Note: {n}" for n in notes)]).strip()
-                        from pez_cli.results import json_line
-
                         done = {**out, progress: "", best: result.prompt, prompt: result.prompt, scores: line,
-                                status: note, data: json_line(payload)}
+                                status: shown(gr, note), data: json_line(payload, indent=2)}
                         if styled is not None:
                             done[styled] = payload.get("styled", "")
                         yield done
@@ -665,15 +692,33 @@ def build_page(server: Server):
             if template is not None:
                 named["template"] = template
             named = {**named, "preset": preset, **dict(zip(PAGE_FIELDS, settings_fields))}
-            run.click(takes_request(gr, handler, named), inputs=list(named.values()), outputs=outputs, api_name=kind,
-                      show_progress="minimal", show_progress_on=[progress], **run_group)  # a queued run shows its place
-            stop.click(stopper(gr, server), api_name=f"{kind}_stop", concurrency_limit=None, show_progress="hidden")
+            runs_with_stop(gr, server, run, stop, takes_request(gr, handler, named), inputs=list(named.values()),
+                           outputs=outputs, api_name=kind, show_progress="minimal", show_progress_on=[progress],
+                           **run_group)  # a queued run shows its place
 
         optimize_tab("invert", "Invert")
         optimize_tab("style", "Style")
         optimize_tab("distill", "Distill")
         batch_tab(gr, server, preset, settings_fields, run_group, image_types)
     return page
+
+
+def dropped_error(server: Server, files: Sequence[str] | None) -> tuple[str, bool]:
+    """The error line (and True) for the first dropped file that is not an image pez can read;
+    ("", False) when all are."""
+    from pez_cli.images import load_image
+
+    for name in files or []:
+        try:
+            load_image(name)
+        except PezError as e:
+            return error_line(e, server.tmp), True
+    return "", False
+
+
+def shown(gr, text: str, error: bool = False):
+    """A status line's update: an error line in the error style, anything else plain."""
+    return gr.update(value=text, elem_classes=["pez-error"] if error else [])
 
 
 def takes_request(gr, handler: Callable, named: dict[str, Any] | None = None) -> Callable:
@@ -692,6 +737,18 @@ def takes_request(gr, handler: Callable, named: dict[str, Any] | None = None) ->
 def session(request) -> str:
     """Which page (browser tab, or API client) a call comes from."""
     return getattr(request, "session_hash", None) or "anonymous"
+
+
+def runs_with_stop(gr, server: Server, run, stop, handler: Callable, api_name: str, **event: Any) -> None:
+    """Run's click runs `handler` (the API's `api_name`; its Stop is `api_name`_stop); on the
+    page Run gives way to Stop while the job waits or runs, and comes back when it ends."""
+    def swap(running: bool):
+        return gr.update(visible=not running), gr.update(visible=running)
+
+    run.click(lambda: swap(True), outputs=[run, stop], queue=False, api_visibility="private") \
+        .then(handler, api_name=api_name, **event) \
+        .then(lambda: swap(False), outputs=[run, stop], queue=False, api_visibility="private")
+    stop.click(stopper(gr, server), api_name=f"{api_name}_stop", concurrency_limit=None, show_progress="hidden")
 
 
 def stopper(gr, server: Server) -> Callable:
@@ -719,15 +776,15 @@ def render_section(gr, server: Server, kind: str, preset, settings_fields, promp
         work = render_work(server, tok, preset_, values, prompt_, files_, folder_, sd_model_, judge_, count_, sd_steps_, size_)
         for what, value in server.stream(tok, work):
             if what == "live":
-                yield {status: value.stage, gallery: gr.skip(), sheet: gr.skip()}
+                yield {status: shown(gr, value.stage), gallery: gr.skip(), sheet: gr.skip()}
             elif what == "error":
-                yield {status: value, gallery: gr.skip(), sheet: gr.skip()}
+                yield {status: shown(gr, value, error=True), gallery: gr.skip(), sheet: gr.skip()}
             else:
                 paths, done, judge_name = value
                 scores = done["render_similarity"]
                 items = [(str(p), f"original {p.name}") for p in paths]
                 items += [(r, f"render {i + 1}: {s:.4f}") for i, (r, s) in enumerate(zip(done["renders"], scores["per_render"]))]
-                yield {status: f"render similarity {scores['mean']:.4f} (judge {judge_name})", gallery: items,
+                yield {status: shown(gr, f"render similarity {scores['mean']:.4f} (judge {judge_name})"), gallery: items,
                        sheet: done["contact_sheet"]}
 
     named = {"prompt": prompt, "images": files, "folder": folder, "sd_model": sd_model, "judge_model": judge,
@@ -758,7 +815,7 @@ def batch_tab(gr, server: Server, preset, settings_fields, run_group, image_type
                                       elem_id="batch-group")
                 with gr.Row():
                     run = gr.Button("Run batch", variant="primary", elem_id="batch-run")
-                    stop = gr.Button("Stop", elem_id="batch-stop")
+                    stop = gr.Button("Stop", elem_id="batch-stop", visible=False)
             with gr.Column():
                 progress = gr.Markdown("", elem_id="batch-progress")
                 status = gr.Markdown("", elem_id="batch-status")
@@ -771,26 +828,25 @@ def batch_tab(gr, server: Server, preset, settings_fields, run_group, image_type
         tok = session(request)
         work = batch_work(server, tok, preset_, values, files_, folder_, recursive_, out_, fmt_, group_)
         skip = {download: gr.skip()}
-        yield {**skip, progress: "Starting ...", status: "", table: []}
+        yield {**skip, progress: "Starting ...", status: shown(gr, ""), table: []}
         live_rows: list = []
         for what, value in server.stream(tok, work):
             if what == "live":
                 live_rows = list(value.rows)
-                yield {**skip, progress: value.batch_line(), status: "", table: live_rows}
+                yield {**skip, progress: value.batch_line(), status: gr.skip(), table: live_rows}
             elif what == "error":
-                yield {**skip, progress: "", status: value, table: gr.skip()}
+                yield {**skip, progress: "", status: shown(gr, value, error=True), table: gr.skip()}
             else:
                 summary, job, path, rows = value
-                yield {progress: "", status: batch_summary(summary, job.shard).replace("run the same command", "run it"),
+                yield {progress: "", status: shown(gr, batch_summary(summary, job.shard).replace("run the same command", "run it")),
                        table: rows, download: None if path is None else str(path)}
 
     named = {"images": files, "folder": folder, "recursive": recursive, "out": out, "format": fmt, "batch_images": group,
              "preset": preset,
              **dict(zip(PAGE_FIELDS, settings_fields))}
-    run.click(takes_request(gr, handler, named), inputs=list(named.values()),
-              outputs=[progress, status, table, download], api_name="batch", show_progress="minimal", show_progress_on=[progress],
-              **run_group)
-    stop.click(stopper(gr, server), api_name="batch_stop", concurrency_limit=None, show_progress="hidden")
+    runs_with_stop(gr, server, run, stop, takes_request(gr, handler, named), inputs=list(named.values()),
+                   outputs=[progress, status, table, download], api_name="batch", show_progress="minimal",
+                   show_progress_on=[progress], **run_group)
 
 
 # -- serving -------------------------------------------------------------------------------
@@ -857,7 +913,7 @@ def start(cfg: ServeConfig, host: str = "127.0.0.1", port: int | None = None, sh
         page.queue(default_concurrency_limit=1)
         try:
             _, url, share_url = page.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=True,
-                                            quiet=True, inbrowser=False, show_error=True, theme=gr.themes.Soft())
+                                            quiet=True, inbrowser=False, show_error=True, theme=gr.themes.Soft(), css=CSS)
         except OSError as e:
             raise InputError(f"cannot listen on {host}:{port or 'a port from 7860'}: {first_line(e)}") from None
         return Serving(url.rstrip("/"), share_url, page, tmp, server, previous)
