@@ -536,6 +536,17 @@ def test_pez_serve_listens_only_on_loopback_and_ctrl_c_removes_its_temporary_fol
     assert not made.exists()  # uploads and downloads went with the server
 
 
+@pytest.mark.slow
+def test_ctrl_c_during_a_batch_keeps_its_finished_rows(tiny_model, tmp_path):
+    """One case of tests/serve_signals.py, which CI runs whole (SIGINT 10 times during a run, 3
+    during a batch, SIGTERM once)."""
+    pytest.importorskip("gradio")
+    from serve_signals import images, stop_while_working
+
+    said = stop_while_working(tiny_model, images(tmp_path / "root"), tmp_path / "work", "batch", signal.SIGINT)
+    assert said.startswith("SIGINT during a batch: exit 0, stopped")
+
+
 def test_pez_serve_help_and_its_one_line_errors(tiny_model, tmp_path, monkeypatch):
     shown = run("serve", "--help")
     assert shown.exit_code == 0
