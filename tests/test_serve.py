@@ -602,19 +602,38 @@ def test_page_fields_never_name_files_outside_the_roots(tiny_dir, tmp_path):
     def settings(**changes):
         return server.settings(None, list({**values, **changes}.values()))
 
+    opened: list[str] = []
+    watching = [True]
+
+    def audit(event, args):  # tests run as root and could read any file: watch what is opened
+        if watching[0] and event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+            opened.append(os.fsdecode(args[0]))
+
+    sys.addaudithook(audit)  # stays for the session: `watching` turns it off at the end
+    (root / "sneaky").symlink_to(outside)
     assert settings().model == named
     assert settings(vocab=str(root / "words.txt")).vocab == str(root / "words.txt")
     assert settings(model=f"local-dir:{root / 'clip'}").model == f"local-dir:{root / 'clip'}"
     for field, value, what in [("vocab", outside / "words.txt", "vocab"), ("vocab", root / "sneaky.txt", "vocab"),
                                ("vocab", "/etc/passwd", "vocab"), ("model", f"local-dir:{outside / 'clip'}", "model"),
-                               ("model", outside / "clip", "model"), ("lm", outside / "lm", "language model")]:
+                               ("model", outside / "clip", "model"), ("lm", outside / "lm", "language model"),
+                               ("vocab", root / ".." / "outside" / "words.txt", "vocab"),
+                               ("lm", root / "sneaky" / "lm", "language model"),
+                               ("model", f"local-dir:{root / 'sneaky' / 'clip'}", "model")]:
         with pytest.raises(InputError, match=f"^{what} .* is outside the folders this server may use"):
             settings(**{field: str(value)})
+    for text, what in [(str(outside), "folder"), ("sneaky", "folder"), ("../outside", "folder"),
+                       (str(outside / "rows.jsonl"), "result file"), ("sneaky/rows.jsonl", "result file"),
+                       ("../outside/rows.jsonl", "result file")]:
+        with pytest.raises(InputError, match=f"^{what} .* is outside the folders this server may use"):
+            server.inside(text, what)
     with pytest.raises(InputError, match="^Stable Diffusion model .* is outside"):
         server.check_paths(None, sd_model=str(outside))
     with pytest.raises(InputError, match="^judge model .* is outside"):
         server.check_paths(None, judge_model=f"local-dir:{outside / 'clip'}")
     server.check_paths(None, sd_model="org/some-hub-model", judge_model="ViT-B-32/openai")  # hub names: not paths
+    watching[0] = False
+    assert not [p for p in opened if os.path.realpath(p).startswith(str(outside))], opened  # refused unopened
 
 
 @pytest.fixture(scope="module")
