@@ -145,6 +145,7 @@ def test_page_inverts_as_the_cli_does_then_streams_stops_and_copies(page, folder
     assert prompt == cli["prompt"]  # the same settings and seed: the same prompt as `pez invert`
     assert f"similarity {cli['similarity']:.4f}" in page.inner_text("#invert-scores")
     assert "loading " in page.inner_text("#invert-scores") and ", optimizing " in page.inner_text("#invert-scores")
+    page.wait_for_function("document.querySelector('#loaded').innerText.includes('Loaded: tiny')")  # models listed
     assert tiny_model.removeprefix("local-dir:") not in page.inner_text("#invert-scores")  # the model by its short name
     assert "fluency: the language model's" in page.get_attribute("#invert-scores span[title]", "title")  # on hover
 
@@ -266,7 +267,7 @@ def test_demo_page_with_the_language_model_and_the_readme_screenshot(browser, tm
     from pez_cli.cli.serve import ServeConfig, demo_flags, start
 
     scene = demos.scenes()[0].image
-    serving = start(ServeConfig(roots=[tmp_path], flags=demo_flags({"steps": 100})))
+    serving = start(ServeConfig(roots=[tmp_path], flags=demo_flags({"steps": 100}), demo=True))
     try:
         context = browser.new_context(viewport={"width": 1280, "height": 900})
         tab = context.new_page()
@@ -392,6 +393,29 @@ def test_http_api_parameters_are_named(served):
     assert names["/invert_render"][:4] == ["prompt", "images", "folder", "sd_model"]
     readme = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
     assert "the settings `" + ", ".join(PAGE_FIELDS) + "`" in readme  # README lists them as they are
+
+
+@pytest.mark.slow
+def test_readme_api_examples_python_by_name_and_curl_in_order(served):
+    """README's two API examples, as written there (the address made this server's): the Python
+    client by parameter names and curl's list in order give the same distilled prompt."""
+    import urllib.request
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    [code] = re.findall(r"python -c '(from gradio_client import Client;[^']*)'", readme)
+    [body] = re.findall(r"-d '(\{\"data\": [^']*)'", readme)
+    assert re.search(r"curl -sN http://127.0.0.1:7860/gradio_api/call/distill/\$ID", readme)
+    code = code.replace("http://127.0.0.1:7860", served.url).replace("print(", "got = (")
+    scope: dict = {}
+    exec(code, scope)
+    by_name = scope["got"]
+    post = urllib.request.Request(f"{served.url}/gradio_api/call/distill", data=body.encode(),
+                                  headers={"Content-Type": "application/json"})
+    event = json.load(urllib.request.urlopen(post, timeout=60))["event_id"]
+    stream = urllib.request.urlopen(f"{served.url}/gradio_api/call/distill/{event}", timeout=120).read().decode()
+    assert "event: complete" in stream, stream
+    last = json.loads([line for line in stream.splitlines() if line.startswith("data: ")][-1][len("data: "):])
+    assert by_name and last[2] == by_name  # outputs: progress, best, prompt, ...
 
 
 @pytest.mark.slow
@@ -724,16 +748,41 @@ def test_host_says_where_the_server_listens(tiny_model, tmp_path):
     assert not serving.tmp.exists()
 
 
-def test_a_run_on_another_model_frees_the_last_one(tiny_model, tmp_path):
-    from pez_cli.cli.serve import PAGE_FIELDS, ServeConfig, Server
+def test_models_stay_loaded_and_the_least_recently_used_goes_first(tiny_model, tmp_path):
+    from pez_cli.cli.serve import KEEP_MODELS, PAGE_FIELDS, ServeConfig, Server
     from pez_cli.testing import save_tiny_clip
 
-    other = f"local-dir:{save_tiny_clip(tmp_path / 'other', seed=3)}"
-    server = Server(ServeConfig(roots=[tmp_path], flags={"model": tiny_model}), tmp_path / "tmp")
+    assert KEEP_MODELS == 2
+    other, third = (f"local-dir:{save_tiny_clip(tmp_path / name, seed=seed)}" for name, seed in (("other", 3), ("third", 4)))
+    server = Server(ServeConfig(roots=[tmp_path], flags={"model": tiny_model, "lm": "none"}), tmp_path / "tmp")
+    assert server.loaded_text() == "No model loaded yet"
     values = dict(zip(PAGE_FIELDS, server.page_values(None)))
-    first = server.pez(server.settings(None, list(values.values())))
-    again = server.pez(server.settings(None, list(values.values())))
-    assert again.model is first.model  # kept loaded between runs
-    values["model"] = other
-    switched = server.pez(server.settings(None, list(values.values())))
-    assert switched.model is not first.model and [k[0] for k in server.models] == [other]  # the first was let go
+
+    def pez(model):
+        return server.pez(server.settings(None, list({**values, "model": model}.values())))
+
+    first = pez(tiny_model)
+    assert pez(tiny_model).model is first.model  # kept loaded between runs
+    switched = pez(other)
+    assert switched.model is not first.model and pez(tiny_model).model is first.model  # both kept
+    assert server.loaded_text() == "Loaded: other, tiny"  # the last used last
+    pez(third)  # a third model: the least recently used (other) goes
+    assert [k[0] for k in server.models] == [tiny_model, third] and server.loaded_text() == "Loaded: tiny, third"
+
+
+def test_demo_page_calls_its_start_demo_and_a_preset_fills_the_fields(tmp_path):
+    """Under --demo the presets list starts at "demo" (the demo world's models); choosing a preset
+    fills the fields with the preset's values, not the demo's, and "demo" brings those back."""
+    pytest.importorskip("gradio")
+    from pez_cli.cli.serve import PAGE_FIELDS, ServeConfig, Server, build_page, demo_flags
+    from pez_cli.config import resolve
+
+    cfg = ServeConfig(roots=[tmp_path], flags=demo_flags({}), demo=True)
+    server = Server(cfg, tmp_path / "tmp")
+    demo = dict(zip(PAGE_FIELDS, server.page_values("")))
+    sd2 = dict(zip(PAGE_FIELDS, server.page_values("sd2")))
+    assert demo["model"] == cfg.flags["model"] and sd2["model"] == resolve("sd2", None, {}).settings.model != demo["model"]
+    assert sd2["steps"] == resolve("sd2", None, {}).settings.steps
+    config = build_page(server).config
+    [dropdown] = [c for c in config["components"] if c["props"].get("elem_id") == "setting-preset"]
+    assert list(dropdown["props"]["choices"][0]) == ["demo", ""] and dropdown["props"]["value"] == ""

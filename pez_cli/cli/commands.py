@@ -425,7 +425,7 @@ def serve(
     from pez_cli.cli.serve import ServeConfig, demo_flags, start
 
     flags = demo_flags(common.flags) if demo_world else common.flags
-    cfg = ServeConfig(roots=list(root or [Path.cwd()]), preset=common.preset, config=common.config, flags=flags,
+    cfg = ServeConfig(roots=list(root or [Path.cwd()]), preset=common.preset, config=common.config, flags=flags, demo=demo_world,
                       judge_model=judge_model)
     serving = start(cfg, host=host, port=port, share=share)
 

@@ -58,6 +58,9 @@ SCORES_HELP = ("similarity: the cosine between the printed prompt's CLIP text fe
 CSS = """.pez-error { color: var(--error-text-color); background: var(--error-background-fill);
   border: 1px solid var(--error-border-color); border-radius: 6px; padding: 4px 10px; }
 #batch-table td { max-width: 28em; overflow: hidden; text-overflow: ellipsis; }"""
+# CLIPs (and, apart, language models) kept loaded between runs: the ones used last. A run that
+# needs another model lets the least recently used go first.
+KEEP_MODELS = 2
 # The page's batch groups on a CPU: small, so rows reach the table (and Stop keeps them) often.
 PAGE_CPU_GROUP = 2
 
@@ -127,6 +130,7 @@ class ServeConfig:
     preset: str | None = None
     config: Path | None = None
     flags: dict[str, Any] = field(default_factory=dict)  # settings given as flags: the page's starting values
+    demo: bool = False  # --demo: the flags hold the demo world's models, and the page calls them "demo"
     judge_model: str | None = None
 
 
@@ -275,7 +279,8 @@ class Server:
         """The run's settings: page fields over the server's flags, --config, the preset, defaults."""
         flags = dict(self.cfg.flags)
         for name, value in zip(PAGE_FIELDS, values):
-            flags[name] = flag_value(name, value)
+            if value is not None:  # None (an API call's null): the value the server started with
+                flags[name] = flag_value(name, value)
         settings = resolve(preset or None, self.cfg.config, flags).settings
         self.check_paths(settings)
         return settings
@@ -289,7 +294,11 @@ class Server:
                 self.within_roots(Path(path), text, what)
 
     def page_values(self, preset: str | None) -> list[Any]:
-        settings = resolve(preset or None, self.cfg.config, self.cfg.flags).settings
+        """The page's fields for a preset chosen on the page: the preset's values (over --config
+        and the defaults; the server's flags still decide the settings not on the page), or for
+        none ("" or None) the values the server started with."""
+        flags = self.cfg.flags if not preset else {k: v for k, v in self.cfg.flags.items() if k not in PAGE_FIELDS}
+        settings = resolve(preset or None, self.cfg.config, flags).settings
         return [page_value(name, settings) for name in PAGE_FIELDS]
 
     def inside(self, text: str, what: str) -> Path:
@@ -351,9 +360,9 @@ class Server:
 
     # models, kept loaded between runs
     def pez(self, settings: Settings):
-        """A Pez for these settings on the models of the last run when they are the same ones;
-        models no longer named are freed before new ones load (a GPU holds one set). Its notes
-        say why there is no language model where --lm auto found none."""
+        """A Pez for these settings on models already loaded where they are, each kept loaded
+        among the KEEP_MODELS used last (the least recently used are freed before new ones
+        load). Its notes say why there is no language model where --lm auto found none."""
         from pez_cli.api import Pez
         from pez_cli.models import load_model, pick_device
 
@@ -365,9 +374,7 @@ class Server:
 
             settings, source, note = settings_with_lm(settings)  # auto: the preset's model, or none
         wanted_lm = [(settings.lm, settings.lm_revision, str(device))] if settings.uses_lm else []
-        if any(key not in wanted for key in self.models) or any(key not in wanted_lm for key in self.lms):
-            self.models = {k: v for k, v in self.models.items() if k in wanted}
-            self.lms = {k: v for k, v in self.lms.items() if k in wanted_lm}
+        if make_room(self.models, wanted, KEEP_MODELS) | make_room(self.lms, wanted_lm, KEEP_MODELS):
             free_memory(device)
         for key in wanted:
             if key not in self.models:
@@ -382,6 +389,12 @@ class Server:
         pez = Pez(settings, model=[self.models[key] for key in wanted], keep_image_tower=True, lm=lm)
         pez.notes += [note] if note else []
         return pez
+
+    def loaded_text(self) -> str:
+        """The models this server holds loaded, as the page lists them."""
+        names = [short_model(name) for name, _ in self.models] + [f"{short_model(name)} (language model)"
+                                                                  for name, _, _ in self.lms]
+        return f"Loaded: {', '.join(html.escape(n) for n in names)}" if names else "No model loaded yet"
 
     def loaded_label(self, settings: Settings) -> str:
         names = [name for name, _ in settings.models()]
@@ -430,6 +443,19 @@ class Server:
         event = self.stops.get(token)
         if event is not None:
             event.set()
+
+
+def make_room(cache: dict, wanted: list, keep: int) -> bool:
+    """Drop the least recently used entries of `cache` that are not `wanted`, so that the wanted
+    ones fit within `keep`; the wanted ones become the most recently used. True if any went."""
+    others = [key for key in cache if key not in wanted]
+    drop = others[:max(len(others) - max(keep - len(wanted), 0), 0)]
+    for key in drop:
+        del cache[key]
+    for key in wanted:
+        if key in cache:
+            cache[key] = cache.pop(key)  # the dict's order is the order of use, the last used last
+    return bool(drop)
 
 
 def free_memory(device) -> None:
@@ -611,8 +637,10 @@ def build_page(server: Server):
     with gr.Blocks(title="pez", analytics_enabled=False) as page:
         gr.Markdown("# pez\nHard text prompts from images with PEZ, on this machine. "
                     f"Folders and result files: inside {', '.join(str(r) for r in server.roots)}.")
+        loaded = gr.Markdown(server.loaded_text(), elem_id="loaded")
         with gr.Accordion("Settings", open=False, elem_id="settings"):  # Run and the drop area stay above the fold
-            preset = gr.Dropdown(choices=[("defaults", "")] + [(n, n) for n in preset_names()], value=server.cfg.preset or "",
+            start_label = "demo" if server.cfg.demo else "defaults"  # "": the values the server started with
+            preset = gr.Dropdown(choices=[(start_label, "")] + [(n, n) for n in preset_names()], value=server.cfg.preset or "",
                                  label="preset (--preset)", info="Named settings; choosing one fills the fields below.",
                                  elem_id="setting-preset")
             values = dict(zip(PAGE_FIELDS, start))
@@ -623,6 +651,7 @@ def build_page(server: Server):
                     more = [_component(gr, name, values[name]) for name in MORE_FIELDS]
             settings_fields = main + more
         preset.change(server.page_values, inputs=preset, outputs=settings_fields, api_visibility="private")
+        page.load(server.loaded_text, outputs=loaded, queue=False, api_visibility="private")
         run_group = dict(concurrency_limit=1, concurrency_id="pez-run")  # one run at a time; others queue
 
         def optimize_tab(kind: str, title: str):
@@ -651,10 +680,11 @@ def build_page(server: Server):
                                             elem_id=f"{kind}-styled") if kind == "style" else None
                         scores = gr.Markdown("", elem_id=f"{kind}-scores")
                         status = gr.Markdown("", elem_id=f"{kind}-status")
+                        error_style(status)
                         with gr.Accordion("JSON (as --json prints it)", open=False):
                             data = gr.Code(language="json", elem_id=f"{kind}-json")
                 if files is not None:  # a damaged or renamed file says so when dropped, not at Run
-                    files.upload(lambda paths: shown(gr, *dropped_error(server, paths)), inputs=files, outputs=status,
+                    files.upload(lambda paths: dropped_error(server, paths), inputs=files, outputs=status,
                                  queue=False, api_visibility="private")
                 if kind != "distill":
                     render_section(gr, server, kind, preset, settings_fields, prompt, files, folder, run_group)
@@ -672,18 +702,18 @@ def build_page(server: Server):
                     files_, folder_, rest = args[0], args[1], args[2:]
                     work = optimize_work(server, kind, rest[0], rest[1:], files_, folder_)
                 out = dict.fromkeys(outputs, gr.skip())
-                yield {**out, best: "", prompt: "", scores: "", status: shown(gr, ""), data: "", progress: "Starting ..."}
+                yield {**out, best: "", prompt: "", scores: "", status: "", data: "", progress: "Starting ..."}
                 for what, value in server.stream(tok, work):
                     if what == "live":
                         yield {**out, progress: value.line(), best: value.best}
                     elif what == "error":
-                        yield {**out, progress: "", status: shown(gr, value, error=True)}
+                        yield {**out, progress: "", status: value}
                     else:
                         result, payload, notes = value
                         note, line = result_texts(result, payload)
                         note = " ".join([note, *(f"Note: {n}" for n in notes)]).strip()
                         done = {**out, progress: "", best: result.prompt, prompt: result.prompt, scores: line,
-                                status: shown(gr, note), data: json_line(payload, indent=2)}
+                                status: note, data: json_line(payload, indent=2)}
                         if styled is not None:
                             done[styled] = payload.get("styled", "")
                         yield done
@@ -692,33 +722,36 @@ def build_page(server: Server):
             if template is not None:
                 named["template"] = template
             named = {**named, "preset": preset, **dict(zip(PAGE_FIELDS, settings_fields))}
-            runs_with_stop(gr, server, run, stop, takes_request(gr, handler, named), inputs=list(named.values()),
+            runs_with_stop(gr, server, run, stop, loaded, takes_request(gr, handler, named), inputs=list(named.values()),
                            outputs=outputs, api_name=kind, show_progress="minimal", show_progress_on=[progress],
                            **run_group)  # a queued run shows its place
 
         optimize_tab("invert", "Invert")
         optimize_tab("style", "Style")
         optimize_tab("distill", "Distill")
-        batch_tab(gr, server, preset, settings_fields, run_group, image_types)
+        batch_tab(gr, server, preset, settings_fields, run_group, image_types, loaded)
     return page
 
 
-def dropped_error(server: Server, files: Sequence[str] | None) -> tuple[str, bool]:
-    """The error line (and True) for the first dropped file that is not an image pez can read;
-    ("", False) when all are."""
+def dropped_error(server: Server, files: Sequence[str] | None) -> str:
+    """The error line for the first dropped file that is not an image pez can read; "" when all are."""
     from pez_cli.images import load_image
 
     for name in files or []:
         try:
             load_image(name)
         except PezError as e:
-            return error_line(e, server.tmp), True
-    return "", False
+            return error_line(e, server.tmp)
+    return ""
 
 
-def shown(gr, text: str, error: bool = False):
-    """A status line's update: an error line in the error style, anything else plain."""
-    return gr.update(value=text, elem_classes=["pez-error"] if error else [])
+def error_style(status) -> None:
+    """Show `status` in the error style while it holds an error line. Done in the browser: the
+    value stays the plain line, which is what an API client gets."""
+    status.change(None, inputs=status, js=f"""(text) => {{
+        const el = document.querySelector('#{status.elem_id}');
+        if (el) el.classList.toggle('pez-error', typeof text === 'string' && text.startsWith('Error: '));
+        return []; }}""", queue=False, api_visibility="private")
 
 
 def takes_request(gr, handler: Callable, named: dict[str, Any] | None = None) -> Callable:
@@ -739,15 +772,17 @@ def session(request) -> str:
     return getattr(request, "session_hash", None) or "anonymous"
 
 
-def runs_with_stop(gr, server: Server, run, stop, handler: Callable, api_name: str, **event: Any) -> None:
+def runs_with_stop(gr, server: Server, run, stop, loaded, handler: Callable, api_name: str, **event: Any) -> None:
     """Run's click runs `handler` (the API's `api_name`; its Stop is `api_name`_stop); on the
-    page Run gives way to Stop while the job waits or runs, and comes back when it ends."""
+    page Run gives way to Stop while the job waits or runs, and comes back when it ends, with
+    the list of `loaded` models brought up to date."""
     def swap(running: bool):
         return gr.update(visible=not running), gr.update(visible=running)
 
     run.click(lambda: swap(True), outputs=[run, stop], queue=False, api_visibility="private") \
         .then(handler, api_name=api_name, **event) \
-        .then(lambda: swap(False), outputs=[run, stop], queue=False, api_visibility="private")
+        .then(lambda: (*swap(False), server.loaded_text()), outputs=[run, stop, loaded], queue=False,
+              api_visibility="private")
     stop.click(stopper(gr, server), api_name=f"{api_name}_stop", concurrency_limit=None, show_progress="hidden")
 
 
@@ -768,6 +803,7 @@ def render_section(gr, server: Server, kind: str, preset, settings_fields, promp
             size = gr.Textbox(label="size (--size)", placeholder="the model's native size", elem_id=f"{kind}-size")
         render = gr.Button("Render", elem_id=f"{kind}-render")
         status = gr.Markdown("", elem_id=f"{kind}-render-status")
+        error_style(status)
         gallery = gr.Gallery(label="Original and renders (judge's similarity)", columns=5, elem_id=f"{kind}-gallery")
         sheet = gr.File(label="Contact sheet", elem_id=f"{kind}-sheet")
 
@@ -776,15 +812,15 @@ def render_section(gr, server: Server, kind: str, preset, settings_fields, promp
         work = render_work(server, tok, preset_, values, prompt_, files_, folder_, sd_model_, judge_, count_, sd_steps_, size_)
         for what, value in server.stream(tok, work):
             if what == "live":
-                yield {status: shown(gr, value.stage), gallery: gr.skip(), sheet: gr.skip()}
+                yield {status: value.stage, gallery: gr.skip(), sheet: gr.skip()}
             elif what == "error":
-                yield {status: shown(gr, value, error=True), gallery: gr.skip(), sheet: gr.skip()}
+                yield {status: value, gallery: gr.skip(), sheet: gr.skip()}
             else:
                 paths, done, judge_name = value
                 scores = done["render_similarity"]
                 items = [(str(p), f"original {p.name}") for p in paths]
                 items += [(r, f"render {i + 1}: {s:.4f}") for i, (r, s) in enumerate(zip(done["renders"], scores["per_render"]))]
-                yield {status: shown(gr, f"render similarity {scores['mean']:.4f} (judge {judge_name})"), gallery: items,
+                yield {status: f"render similarity {scores['mean']:.4f} (judge {judge_name})", gallery: items,
                        sheet: done["contact_sheet"]}
 
     named = {"prompt": prompt, "images": files, "folder": folder, "sd_model": sd_model, "judge_model": judge,
@@ -794,7 +830,7 @@ def render_section(gr, server: Server, kind: str, preset, settings_fields, promp
                  **run_group)
 
 
-def batch_tab(gr, server: Server, preset, settings_fields, run_group, image_types) -> None:
+def batch_tab(gr, server: Server, preset, settings_fields, run_group, image_types, loaded) -> None:
     from pez_cli.models import pick_device
 
     with gr.Tab("Batch", id="batch"):
@@ -819,6 +855,7 @@ def batch_tab(gr, server: Server, preset, settings_fields, run_group, image_type
             with gr.Column():
                 progress = gr.Markdown("", elem_id="batch-progress")
                 status = gr.Markdown("", elem_id="batch-status")
+                error_style(status)
                 table = gr.Dataframe(headers=BATCH_HEADERS, value=[], interactive=False, wrap=True, elem_id="batch-table")
                 download = gr.File(label="Result file", elem_id="batch-download")
 
@@ -828,23 +865,23 @@ def batch_tab(gr, server: Server, preset, settings_fields, run_group, image_type
         tok = session(request)
         work = batch_work(server, tok, preset_, values, files_, folder_, recursive_, out_, fmt_, group_)
         skip = {download: gr.skip()}
-        yield {**skip, progress: "Starting ...", status: shown(gr, ""), table: []}
+        yield {**skip, progress: "Starting ...", status: "", table: []}
         live_rows: list = []
         for what, value in server.stream(tok, work):
             if what == "live":
                 live_rows = list(value.rows)
                 yield {**skip, progress: value.batch_line(), status: gr.skip(), table: live_rows}
             elif what == "error":
-                yield {**skip, progress: "", status: shown(gr, value, error=True), table: gr.skip()}
+                yield {**skip, progress: "", status: value, table: gr.skip()}
             else:
                 summary, job, path, rows = value
-                yield {progress: "", status: shown(gr, batch_summary(summary, job.shard).replace("run the same command", "run it")),
+                yield {progress: "", status: batch_summary(summary, job.shard).replace("run the same command", "run it"),
                        table: rows, download: None if path is None else str(path)}
 
     named = {"images": files, "folder": folder, "recursive": recursive, "out": out, "format": fmt, "batch_images": group,
              "preset": preset,
              **dict(zip(PAGE_FIELDS, settings_fields))}
-    runs_with_stop(gr, server, run, stop, takes_request(gr, handler, named), inputs=list(named.values()),
+    runs_with_stop(gr, server, run, stop, loaded, takes_request(gr, handler, named), inputs=list(named.values()),
                    outputs=[progress, status, table, download], api_name="batch", show_progress="minimal",
                    show_progress_on=[progress], **run_group)
 
