@@ -57,10 +57,16 @@ SCORES_HELP = ("similarity: the cosine between the printed prompt's CLIP text fe
                "lm weight times the fluency; it never falls during a run")
 CSS = """.pez-error { color: var(--error-text-color); background: var(--error-background-fill);
   border: 1px solid var(--error-border-color); border-radius: 6px; padding: 4px 10px; }
-#batch-table td { max-width: 28em; overflow: hidden; text-overflow: ellipsis; }"""
+#batch-table td { max-width: 28em; overflow: hidden; text-overflow: ellipsis; }
+.pez-thumbs .grid-container { grid-template-columns: repeat(auto-fill, 96px) !important; }
+.pez-thumbs .thumbnail-item { width: 96px !important; height: 96px !important; }"""
 # CLIPs (and, apart, language models) kept loaded between runs: the ones used last. A run that
 # needs another model lets the least recently used go first.
 KEEP_MODELS = 2
+# Finished runs a page lists (its session's history).
+HISTORY = 50
+# Dropped images shown as thumbnails (the drop area lists them all).
+PREVIEWS = 16
 # The page's batch groups on a CPU: small, so rows reach the table (and Stop keeps them) often.
 PAGE_CPU_GROUP = 2
 
@@ -266,6 +272,7 @@ class Server:
         self.lms: dict[tuple[str, str], Any] = {}
         self.stops: dict[str, threading.Event] = {}
         self.threads: set[threading.Thread] = set()  # running jobs, joined before the server exits
+        self.history: dict[str, list[list[Any]]] = {}  # each page's finished runs, newest first
         self.start = resolve(cfg.preset, cfg.config, cfg.flags).settings  # fails early on a bad flag
         # Files and folders the server's own command line named (the demo's models, say): the
         # page may use them wherever they are; any other path must be inside a --root.
@@ -389,6 +396,12 @@ class Server:
         pez = Pez(settings, model=[self.models[key] for key in wanted], keep_image_tower=True, lm=lm)
         pez.notes += [note] if note else []
         return pez
+
+    def remember(self, token: str, kind: str, text: str, score: str = "") -> None:
+        """A finished run in this page's history (the newest HISTORY kept)."""
+        rows = self.history.setdefault(token, [])
+        rows.insert(0, [time.strftime("%H:%M:%S"), kind, text, score])
+        del rows[HISTORY:]
 
     def loaded_text(self) -> str:
         """The models this server holds loaded, as the page lists them."""
@@ -638,6 +651,8 @@ def build_page(server: Server):
         gr.Markdown("# pez\nHard text prompts from images with PEZ, on this machine. "
                     f"Folders and result files: inside {', '.join(str(r) for r in server.roots)}.")
         loaded = gr.Markdown(server.loaded_text(), elem_id="loaded")
+        history = gr.Dataframe(headers=["time", "tab", "prompt (a batch: its summary)", "scores"], value=[],
+                               interactive=False, wrap=True, elem_id="history", render=False)  # shown under the tabs
         with gr.Accordion("Settings", open=False, elem_id="settings"):  # Run and the drop area stay above the fold
             start_label = "demo" if server.cfg.demo else "defaults"  # "": the values the server started with
             preset = gr.Dropdown(choices=[(start_label, "")] + [(n, n) for n in preset_names()], value=server.cfg.preset or "",
@@ -664,6 +679,8 @@ def build_page(server: Server):
                         else:
                             files = gr.File(file_count="multiple", file_types=image_types, type="filepath",
                                             label="Images (one prompt shared by all)", elem_id=f"{kind}-files")
+                            previews(gr, files, f"{kind}-preview")
+                            examples(gr, files, f"{kind}-examples")
                             folder = gr.Textbox(label="or a folder", placeholder="a folder inside --root",
                                                 elem_id=f"{kind}-folder")
                             text = None
@@ -712,6 +729,8 @@ def build_page(server: Server):
                         result, payload, notes = value
                         note, line = result_texts(result, payload)
                         note = " ".join([note, *(f"Note: {n}" for n in notes)]).strip()
+                        server.remember(tok, kind, result.prompt, scores_text(result.similarity, result.fluency,
+                                                                              result.objective))
                         done = {**out, progress: "", best: result.prompt, prompt: result.prompt, scores: line,
                                 status: note, data: json_line(payload, indent=2)}
                         if styled is not None:
@@ -722,15 +741,38 @@ def build_page(server: Server):
             if template is not None:
                 named["template"] = template
             named = {**named, "preset": preset, **dict(zip(PAGE_FIELDS, settings_fields))}
-            runs_with_stop(gr, server, run, stop, loaded, takes_request(gr, handler, named), inputs=list(named.values()),
+            runs_with_stop(gr, server, run, stop, (loaded, history), takes_request(gr, handler, named), inputs=list(named.values()),
                            outputs=outputs, api_name=kind, show_progress="minimal", show_progress_on=[progress],
                            **run_group)  # a queued run shows its place
 
         optimize_tab("invert", "Invert")
         optimize_tab("style", "Style")
         optimize_tab("distill", "Distill")
-        batch_tab(gr, server, preset, settings_fields, run_group, image_types, loaded)
+        batch_tab(gr, server, preset, settings_fields, run_group, image_types, (loaded, history))
+        with gr.Accordion("This session's results", open=False, elem_id="history-panel"):
+            history.render()
     return page
+
+
+def previews(gr, files, elem_id: str) -> None:
+    """Thumbnails of the first PREVIEWS dropped images, under the drop area."""
+    gallery = gr.Gallery(label="Dropped images", columns=8, height=124, allow_preview=False, preview=False,
+                         object_fit="contain", show_label=False, elem_classes=["pez-thumbs"],
+                         visible=False, elem_id=elem_id)
+    files.change(lambda paths: gr.update(value=list(paths or [])[:PREVIEWS], visible=bool(paths)), inputs=files,
+                 outputs=gallery, queue=False, api_visibility="private")
+
+
+def examples(gr, files, elem_id: str) -> None:
+    """The demo world's scenes (shipped in the package) to click in place of a drop."""
+    from pez_cli import demo as demos
+
+    try:
+        scenes = demos.scenes()
+    except PezError:  # a damaged install: the page works without examples
+        return
+    gr.Examples([[[str(scene.image)]] for scene in scenes], inputs=[files], label="Examples (the demo world's scenes)",
+                elem_id=elem_id, api_visibility="private")
 
 
 def dropped_error(server: Server, files: Sequence[str] | None) -> str:
@@ -772,17 +814,21 @@ def session(request) -> str:
     return getattr(request, "session_hash", None) or "anonymous"
 
 
-def runs_with_stop(gr, server: Server, run, stop, loaded, handler: Callable, api_name: str, **event: Any) -> None:
+def runs_with_stop(gr, server: Server, run, stop, shared, handler: Callable, api_name: str, **event: Any) -> None:
     """Run's click runs `handler` (the API's `api_name`; its Stop is `api_name`_stop); on the
     page Run gives way to Stop while the job waits or runs, and comes back when it ends, with
-    the list of `loaded` models brought up to date."""
+    the page's `shared` parts (the loaded models, this session's history) brought up to date."""
+    loaded, history = shared
+
     def swap(running: bool):
         return gr.update(visible=not running), gr.update(visible=running)
 
+    def ended(request):
+        return (*swap(False), server.loaded_text(), server.history.get(session(request), []))
+
     run.click(lambda: swap(True), outputs=[run, stop], queue=False, api_visibility="private") \
         .then(handler, api_name=api_name, **event) \
-        .then(lambda: (*swap(False), server.loaded_text()), outputs=[run, stop, loaded], queue=False,
-              api_visibility="private")
+        .then(takes_request(gr, ended), outputs=[run, stop, loaded, history], queue=False, api_visibility="private")
     stop.click(stopper(gr, server), api_name=f"{api_name}_stop", concurrency_limit=None, show_progress="hidden")
 
 
@@ -830,7 +876,7 @@ def render_section(gr, server: Server, kind: str, preset, settings_fields, promp
                  **run_group)
 
 
-def batch_tab(gr, server: Server, preset, settings_fields, run_group, image_types, loaded) -> None:
+def batch_tab(gr, server: Server, preset, settings_fields, run_group, image_types, shared) -> None:
     from pez_cli.models import pick_device
 
     with gr.Tab("Batch", id="batch"):
@@ -838,6 +884,7 @@ def batch_tab(gr, server: Server, preset, settings_fields, run_group, image_type
             with gr.Column():
                 files = gr.File(file_count="multiple", file_types=image_types, type="filepath",
                                 label="Images (one prompt each)", elem_id="batch-files")
+                previews(gr, files, "batch-preview")
                 folder = gr.Textbox(label="or a folder", placeholder="a folder inside --root", elem_id="batch-folder")
                 recursive = gr.Checkbox(label="with sub-folders (--recursive)", value=False, elem_id="batch-recursive")
                 out = gr.Textbox(label="Result file (--out)", placeholder="a file inside --root, to resume later; "
@@ -875,13 +922,14 @@ def batch_tab(gr, server: Server, preset, settings_fields, run_group, image_type
                 yield {**skip, progress: "", status: value, table: gr.skip()}
             else:
                 summary, job, path, rows = value
+                server.remember(tok, "batch", batch_summary(summary, job.shard))
                 yield {progress: "", status: batch_summary(summary, job.shard).replace("run the same command", "run it"),
                        table: rows, download: None if path is None else str(path)}
 
     named = {"images": files, "folder": folder, "recursive": recursive, "out": out, "format": fmt, "batch_images": group,
              "preset": preset,
              **dict(zip(PAGE_FIELDS, settings_fields))}
-    runs_with_stop(gr, server, run, stop, loaded, takes_request(gr, handler, named), inputs=list(named.values()),
+    runs_with_stop(gr, server, run, stop, shared, takes_request(gr, handler, named), inputs=list(named.values()),
                    outputs=[progress, status, table, download], api_name="batch", show_progress="minimal",
                    show_progress_on=[progress], **run_group)
 
