@@ -505,6 +505,8 @@ def resolve(
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SD21_BASE = "stabilityai/stable-diffusion-2-1-base"
 SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
+FLUX_SCHNELL = "black-forest-labs/FLUX.1-schnell"  # the flux preset's: not gated
+SD35_MEDIUM = "stabilityai/stable-diffusion-3.5-medium"  # the sd3 preset's: gated
 
 
 def sd_model_for(clip_models: str | Sequence[str]) -> str:

@@ -61,13 +61,30 @@ def session() -> Iterator[bool]:
 QUOTED_CHARS = 120
 
 
+def is_gated(error: BaseException) -> bool:
+    """Whether a download failed because the repository is gated (FLUX.1-dev, SD3.5: their terms
+    must be accepted and a token given), anywhere in the exception's chain."""
+    from huggingface_hub.errors import GatedRepoError
+
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, GatedRepoError):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def cannot_fetch(what: str, error: BaseException, forced: bool, advice: str) -> str:
     """One line for a download that failed: `what` (e.g. "model 'ViT-H-14/laion2b_s32b_b79k'")
     is not cached and the Hub is out of reach or offline mode is on, or the hub client's reason
     (cut short); then `advice`, what to do instead."""
     from huggingface_hub import constants
 
-    if forced:
+    if is_gated(error):
+        why = ("is gated on the Hugging Face Hub: accept its terms on its page there (logged in), then run "
+               "`hf auth login` or set HF_TOKEN on this machine")
+    elif forced:
         why = f"is not in the local cache and the Hugging Face Hub at {endpoint()} cannot be reached"
     elif constants.HF_HUB_OFFLINE:
         why = "is not in the local cache and offline mode is on (HF_HUB_OFFLINE)"

@@ -21,7 +21,18 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from pez_cli import hub
-from pez_cli.config import MAX_SEED, SD15, SD21_BASE, SDXL, check_fields, sd_model_for, sd_model_for_settings, setting
+from pez_cli.config import (
+    FLUX_SCHNELL,
+    MAX_SEED,
+    SD15,
+    SD21_BASE,
+    SD35_MEDIUM,
+    SDXL,
+    check_fields,
+    sd_model_for,
+    sd_model_for_settings,
+    setting,
+)
 from pez_cli.errors import ConfigError, ModelError, RenderError, is_out_of_memory
 from pez_cli.images import png_bytes
 
@@ -56,9 +67,12 @@ class RenderOptions:
     images: int = setting(4, flag_name="--images", minimum=1, help="Renders per prompt.")
     seed: int | None = setting(  # None: the settings' seed; render i uses seed + i
         None, flag=False, minimum=0, maximum=MAX_SEED, help="First render's seed.")
-    steps: int = setting(25, flag_name="--sd-steps", minimum=1, maximum=1000, help="Denoising steps per render.")
-    guidance: float = setting(  # the paper's 9
-        9.0, flag_name="--guidance", minimum=0, maximum=100, help="Classifier-free guidance scale.")
+    steps: int | None = setting(  # None: the model family's (FAMILY_DEFAULTS), filled in by for_settings
+        None, flag_name="--sd-steps", minimum=1, maximum=1000, shown_default="25; FLUX.1-schnell 4, FLUX.1-dev and SD3 28",
+        help="Denoising steps per render.")
+    guidance: float | None = setting(  # None: the model family's; Stable Diffusion 1.x/2.x/XL: the paper's 9
+        None, flag_name="--guidance", minimum=0, maximum=100, shown_default="9 (the paper's); FLUX.1-dev 3.5, SD3 4.5",
+        help="Classifier-free guidance scale (FLUX.1-schnell has none).")
     negative_prompt: str = setting("", flag_name="--negative-prompt", shown_default="none",
                                    help="What the renders should not show.")
     size: int | None = setting(  # None: the model's native size (512 for SD 1.5/2.1-base, 1024 for SDXL)
@@ -79,11 +93,48 @@ class RenderOptions:
         return self
 
     def for_settings(self, settings) -> "RenderOptions":
-        """These options with what comes from the settings filled in (SD model, seed), validated,
-        and the render extra checked: a missing one fails before any optimizing."""
+        """These options with what comes from the settings filled in (SD model, seed, the
+        model family's steps and guidance where not given), validated, and the render extra
+        checked: a missing one fails before any optimizing."""
         check_installed()
         return replace(self, sd_model=self.sd_model or sd_model_for_settings(settings),
-                       seed=settings.seed if self.seed is None else self.seed).validate()
+                       seed=settings.seed if self.seed is None else self.seed).with_family_defaults().validate()
+
+    def with_family_defaults(self) -> "RenderOptions":
+        """Steps and guidance, where not given, as the Stable Diffusion model's family renders best."""
+        steps, guidance = FAMILY_DEFAULTS[family(self.sd_model or SD15)]
+        return replace(self, steps=steps if self.steps is None else self.steps,
+                       guidance=guidance if self.guidance is None else self.guidance)
+
+
+# Each family's render steps and guidance: Stable Diffusion 1.x/2.x/XL as the paper renders,
+# FLUX.1 and SD3 as their model cards advise (schnell is distilled to 4 steps, no guidance).
+FAMILY_DEFAULTS = {"sd": (25, 9.0), "flux-schnell": (4, 0.0), "flux": (28, 3.5), "sd3": (28, 4.5)}
+
+
+@functools.lru_cache(maxsize=8)
+def family(sd_model: str) -> str:
+    """The family of a Stable Diffusion model, read without loading it: a local folder's
+    model_index.json (and, for Flux, whether its transformer takes a guidance value), a hub id
+    by its name. "sd" (1.x, 2.x, XL), "flux", "flux-schnell" or "sd3"."""
+    folder = Path(sd_model).expanduser()
+    name = sd_model.lower()
+    try:
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        index = None
+    if index is not None:
+        kind = str(index.get("_class_name", ""))
+        if kind.startswith("Flux"):
+            try:
+                guided = json.loads((folder / "transformer" / "config.json").read_text(encoding="utf-8")).get("guidance_embeds")
+            except (OSError, ValueError):
+                guided = "schnell" not in name
+            return "flux" if guided else "flux-schnell"
+        return "sd3" if kind.startswith("StableDiffusion3") else "sd"
+    if "flux" in name:
+        return "flux-schnell" if "schnell" in name else "flux"
+    return "sd3" if "stable-diffusion-3" in name else "sd"
 
 
 def check_installed() -> None:
@@ -113,13 +164,14 @@ OOM_HINT = "out of memory while rendering; try --cpu-offload, --attention-slicin
 
 
 class Renderer:
-    """A text-to-image pipeline (SD 1.x, 2.x or XL, chosen by the model's own config)."""
+    """A text-to-image pipeline (Stable Diffusion 1.x, 2.x, XL or 3, or FLUX.1, chosen by the
+    model's own config)."""
 
     def __init__(self, options: RenderOptions, device: torch.device):
         import torch
 
         diffusers = _diffusers()
-        self.options = options.validate()
+        self.options = options.with_family_defaults().validate()
         self.device = device
         dtype = torch.float32
         if device.type == "cuda":
@@ -156,8 +208,11 @@ class Renderer:
 
     @property
     def native_size(self) -> int:
-        unet = self.pipe.unet
-        return int(unet.config.sample_size) * int(self.pipe.vae_scale_factor)
+        """The size the model was trained at: its UNet's sample size (Stable Diffusion 1.x/2.x/XL),
+        or the pipeline's default (FLUX.1 and SD3 have a transformer), in pixels."""
+        unet = getattr(self.pipe, "unet", None)
+        sample = unet.config.sample_size if unet is not None else self.pipe.default_sample_size
+        return int(sample) * int(self.pipe.vae_scale_factor)
 
     def render(self, prompt: str, on_step: Callable[[int, int], None] | None = None) -> list[Image.Image]:
         """`images` renders of `prompt`, render i from seed + i (deterministic on one device)."""
@@ -212,7 +267,7 @@ A1111_SAMPLERS = {
     "EulerAncestralDiscreteScheduler": "Euler a", "HeunDiscreteScheduler": "Heun", "KDPM2DiscreteScheduler": "DPM2",
     "KDPM2AncestralDiscreteScheduler": "DPM2 a", "DPMSolverMultistepScheduler": "DPM++ 2M",
     "DPMSolverSinglestepScheduler": "DPM++ SDE", "UniPCMultistepScheduler": "UniPC", "DEISMultistepScheduler": "DEIS",
-    "LCMScheduler": "LCM", "DDPMScheduler": "DDPM",
+    "LCMScheduler": "LCM", "DDPMScheduler": "DDPM", "FlowMatchEulerDiscreteScheduler": "Euler",
 }
 
 
@@ -231,8 +286,9 @@ def sampler_name(scheduler: Any) -> str:
 
 # The scheduler each default Stable Diffusion ships (its scheduler_config.json on the Hub), so
 # a PNG copy can name the sampler a render of its prompt would use without loading the model.
-SHIPPED_SCHEDULERS = {SD15: "PNDMScheduler", SD21_BASE: "PNDMScheduler", SDXL: "EulerDiscreteScheduler"}
-NATIVE_SIZES = {SD15: 512, SD21_BASE: 512, SDXL: 1024}
+SHIPPED_SCHEDULERS = {SD15: "PNDMScheduler", SD21_BASE: "PNDMScheduler", SDXL: "EulerDiscreteScheduler",
+                      FLUX_SCHNELL: "FlowMatchEulerDiscreteScheduler", SD35_MEDIUM: "FlowMatchEulerDiscreteScheduler"}
+NATIVE_SIZES = {SD15: 512, SD21_BASE: 512, SDXL: 1024, FLUX_SCHNELL: 1024, SD35_MEDIUM: 1024}
 
 
 def a1111_parameters(prompt: str, negative_prompt: str = "", *, steps: int, sampler: str | None, guidance: float, seed: int,
@@ -275,7 +331,7 @@ def copy_parameters(prompt: str, clip_models: str | Sequence[str], seed: int, si
     size of the default models), plus the CLIP that found the prompt and its similarity, so "send
     to txt2img" in a UI starts from what pez would render."""
     sd_model = sd_model or sd_model_for(clip_models)
-    defaults = RenderOptions()
+    defaults = RenderOptions(sd_model=sd_model).with_family_defaults()
     models = [clip_models] if isinstance(clip_models, str) else list(clip_models)
     extra = {"Pez CLIP": " + ".join(models), "Pez similarity": None if similarity is None else f"{similarity:.4f}"}
     native = NATIVE_SIZES.get(sd_model)

@@ -88,6 +88,92 @@ def save_tiny_sd(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+def _tiny_clip_text(folder: Path, projection: bool = False):
+    """A CLIP tokenizer (open_clip's vocabulary) and a tiny random CLIP text model for a pipeline."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    vocab_file, merges_file = clip_tokenizer_files(folder)
+    tokenizer = CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=77, pad_token="<|endoftext|>")
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=tokenizer.model_max_length, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, projection_dim=32,
+    )
+    return tokenizer, (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
+
+
+def _tiny_t5():
+    """A T5 tokenizer built with the tokenizers library (a unigram vocabulary of a few words and
+    the letters and digits, so any prompt encodes) and a tiny random T5 encoder."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+
+    words = "a photo of the red green blue cat dog on left right".split()
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)] + [("\u2581" + w, -1.0) for w in words]
+    pieces += [(c, -5.0) for c in string.ascii_lowercase + string.digits]
+    backend = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Metaspace()
+    tokenizer = T5TokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                extra_ids=0, model_max_length=512)
+    encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                      pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    return tokenizer, encoder
+
+
+def _tiny_vae(latent_channels: int):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
+        latent_channels=latent_channels, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+        shift_factor=0.0609, scaling_factor=1.5035, down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+    )
+
+
+def save_tiny_flux(folder: Path, seed: int = 0, guidance: bool = False) -> Path:
+    """A tiny FLUX.1 pipeline (schnell-like; guidance=True: dev-like) from configs: a CLIP text
+    model, a T5 encoder, a one-block transformer and VAE; saved with save_pretrained."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    tokenizer, text_encoder = _tiny_clip_text(folder.parent / f"{folder.name}-tokenizer-src")
+    tokenizer_2, text_encoder_2 = _tiny_t5()
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 4, 8), guidance_embeds=guidance,
+    )
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=_tiny_vae(1), text_encoder=text_encoder,
+                        tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer)
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def save_tiny_sd3(folder: Path, seed: int = 0) -> Path:
+    """A tiny Stable Diffusion 3 pipeline from configs: two CLIP text models with projections, a
+    T5 encoder, a one-layer transformer and VAE; saved with save_pretrained."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    torch.manual_seed(seed)
+    tokenizer, text_encoder = _tiny_clip_text(folder.parent / f"{folder.name}-tokenizer-src", projection=True)
+    tokenizer_2, text_encoder_2 = _tiny_clip_text(folder.parent / f"{folder.name}-tokenizer-src", projection=True)
+    tokenizer_3, text_encoder_3 = _tiny_t5()
+    transformer = SD3Transformer2DModel(
+        sample_size=32, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=4,
+        caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64, out_channels=4,
+    )
+    pipe = StableDiffusion3Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=_tiny_vae(4), text_encoder=text_encoder, tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3,
+        transformer=transformer,
+    )
+    pipe.save_pretrained(folder)
+    return folder
+
+
 # Special tokens of the word-level language-model tokenizers below.
 LM_SPECIALS = ("[PAD]", "[UNK]", "[BOS]", "[EOS]")
 

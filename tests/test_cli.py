@@ -111,7 +111,7 @@ def test_model_from_environment(tiny_model, images):
 @pytest.mark.parametrize(
     "args,pattern",
     [
-        (["--preset", "sd3"], r"unknown preset 'sd3'.*available: fast, paper, sd15, sd2, sdxl"),
+        (["--preset", "sd4"], r"unknown preset 'sd4'.*available: fast, flux, paper, sd15, sd2, sd3, sdxl"),
         (["--prompt-len", "76"], r"prompt_len must be between 1 and 75"),
         (["--steps", "0"], r"steps must be at least 1, got 0"),
         (["--lr", "0"], r"lr must be greater than 0"),

@@ -51,8 +51,8 @@ def test_precedence_flag_over_config_over_preset_over_default(tmp_path):
 
 
 def test_unknown_preset_lists_choices():
-    with pytest.raises(ConfigError, match=r"unknown preset 'sd3'.*available: fast, paper"):
-        preset_path("sd3")
+    with pytest.raises(ConfigError, match=r"unknown preset 'sd4'.*available: fast, flux, paper, sd15, sd2, sd3, sdxl"):
+        preset_path("sd4")
 
 
 def test_unknown_key_and_wrong_type_name_the_key(tmp_path):

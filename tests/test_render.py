@@ -9,7 +9,7 @@ from PIL import Image
 
 from helpers import assert_one_line_error, make_image, run
 from pez_cli import render as rendering
-from pez_cli.testing import save_tiny_clip, save_tiny_sd
+from pez_cli.testing import save_tiny_clip, save_tiny_flux, save_tiny_sd, save_tiny_sd3
 
 RENDER = ["--images", "2", "--sd-steps", "2", "--size", "32"]
 
@@ -169,6 +169,9 @@ def test_invert_without_render_does_not_import_diffusers(tiny_model, tmp_path):
 
 def test_presets_list_their_sd_model():
     rows = {r["name"]: r for r in json.loads(run("models", "--json").stdout)}
+    assert rows["flux"]["sd_model"] == rendering.FLUX_SCHNELL and rows["flux"]["model"] == "ViT-L-14/openai"
+    assert rows["sd3"]["sd_model"] == rendering.SD35_MEDIUM
+    assert rows["sd3"]["model"] == "ViT-L-14/openai + ViT-bigG-14/laion2b_s39b_b160k"  # SD3's two CLIPs, as SDXL's
     assert rows["sd15"]["sd_model"] == rendering.SD15
     assert rows["sd2"]["sd_model"] == rendering.SD21_BASE
     assert rows["sdxl"]["sd_model"] == rendering.SDXL
@@ -284,3 +287,54 @@ def test_sampler_names_are_a1111s():
     assert rendering.sampler_name(scheduler("EulerAncestralDiscreteScheduler")) == "Euler a"
     assert rendering.sampler_name(scheduler("DPMSolverMultistepScheduler", karras=True)) == "DPM++ 2M Karras"
     assert rendering.sampler_name(scheduler("FancyNewScheduler")) == "FancyNew"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset, build, steps, guidance", [("flux", save_tiny_flux, 4, "0"), ("sd3", save_tiny_sd3, 28, "4.5")])
+def test_flux_and_sd3_presets_invert_and_render_end_to_end(preset, build, steps, guidance, tiny_model, judge_model, tmp_path):
+    """`pez invert --preset flux|sd3 --render` on tiny random pipelines of those kinds (a transformer
+    in place of a UNet, a T5 beside the CLIPs), with the family's steps and guidance by default."""
+    sd = build(tmp_path / f"tiny-{preset}")
+    image = make_image(tmp_path / "x.png", (200, 30, 30))
+    out = tmp_path / "out"
+    result = run("invert", image, "--preset", preset, "--model", tiny_model, "--steps", "3", "--prompt-len", "3",
+                 "--lm", "none", "--render", "--sd-model", sd, "--images", "1", "--judge-model", judge_model,
+                 "--out", out, "--json")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["rendered_prompt"] == data["prompt"] and len(data["renders"]) == 1
+    assert -1.0 <= data["render_similarity"]["mean"] <= 1.0
+    render = Image.open(data["renders"][0])
+    assert render.size == ((32, 32) if preset == "sd3" else (128, 128))  # the model's native size
+    parameters = render.text["parameters"]
+    assert f"Steps: {steps}," in parameters and f"CFG scale: {guidance}," in parameters and "Sampler: Euler," in parameters
+
+
+def test_render_defaults_follow_the_model_family(tmp_path):
+    assert rendering.family(rendering.FLUX_SCHNELL) == "flux-schnell"
+    assert rendering.family("black-forest-labs/FLUX.1-dev") == "flux"
+    assert rendering.family(rendering.SD35_MEDIUM) == "sd3" and rendering.family(rendering.SDXL) == "sd"
+    dev = save_tiny_flux(tmp_path / "my-model", guidance=True)  # a folder: its own config decides, not its name
+    assert rendering.family(str(dev)) == "flux"
+    options = rendering.RenderOptions(sd_model=str(dev)).with_family_defaults()
+    assert (options.steps, options.guidance) == (28, 3.5)
+    given = rendering.RenderOptions(sd_model=str(dev), steps=7, guidance=0.0).with_family_defaults()
+    assert (given.steps, given.guidance) == (7, 0.0)  # what the user gives stands
+    sd = rendering.RenderOptions(sd_model=rendering.SD15).with_family_defaults()
+    assert (sd.steps, sd.guidance) == (25, 9.0)  # the paper's, as before
+
+
+def test_a_gated_model_says_how_to_get_access(monkeypatch, tmp_path):
+    from diffusers import AutoPipelineForText2Image
+    from huggingface_hub.errors import GatedRepoError
+
+    def gated(*args, **kwargs):
+        error = GatedRepoError.__new__(GatedRepoError)
+        Exception.__init__(error, "401 Client Error. Access to model black-forest-labs/FLUX.1-dev is restricted.")
+        raise OSError("cannot load black-forest-labs/FLUX.1-dev") from error
+
+    monkeypatch.setattr(AutoPipelineForText2Image, "from_pretrained", gated)
+    result = run("render", "x", "--sd-model", "black-forest-labs/FLUX.1-dev", "--out", tmp_path)
+    assert_one_line_error(result, 1, "is gated")
+    assert "Stable Diffusion model 'black-forest-labs/FLUX.1-dev' is gated on the Hugging Face Hub" in result.stderr
+    assert "hf auth login" in result.stderr and "HF_TOKEN" in result.stderr
