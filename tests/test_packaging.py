@@ -24,6 +24,8 @@ def test_wheel_ships_the_presets(tmp_path):
     demo = ROOT / "pez_cli" / "demo_world"
     shipped_demo = {p.relative_to(ROOT).as_posix() for p in demo.rglob("*") if p.is_file()}
     assert "pez_cli/demo_world/clip/open_clip_model.safetensors" in shipped_demo and shipped_demo <= names  # pez demo
+    pack = {f"pez_cli/comfyui/{n}" for n in ("__init__.py", "nodes.py", "pyproject.toml", "example_workflow.json")}
+    assert pack <= names  # the ComfyUI node pack, linked into custom_nodes from the installed package
     # Installed from the wheel, the package finds its presets beside itself.
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)

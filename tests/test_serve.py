@@ -756,7 +756,8 @@ def test_host_says_where_the_server_listens(tiny_model, tmp_path):
 
 
 def test_models_stay_loaded_and_the_least_recently_used_goes_first(tiny_model, tmp_path):
-    from pez_cli.cli.serve import KEEP_MODELS, PAGE_FIELDS, ServeConfig, Server
+    from pez_cli.cli.serve import PAGE_FIELDS, ServeConfig, Server
+    from pez_cli.session import KEEP_MODELS
     from pez_cli.testing import save_tiny_clip
 
     assert KEEP_MODELS == 2

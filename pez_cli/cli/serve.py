@@ -34,6 +34,7 @@ from pez_cli.config import Settings, preset_names, resolve, sd_model_for_setting
 from pez_cli.errors import ConfigError, InputError, PezError, first_line, user_message
 from pez_cli.images import IMAGE_SUFFIXES
 from pez_cli.results import json_line
+from pez_cli.session import Session
 
 log = logging.getLogger("pez")
 
@@ -60,9 +61,6 @@ CSS = """.pez-error { color: var(--error-text-color); background: var(--error-ba
 #batch-table td { max-width: 28em; overflow: hidden; text-overflow: ellipsis; }
 .pez-thumbs .grid-container { grid-template-columns: repeat(auto-fill, 96px) !important; }
 .pez-thumbs .thumbnail-item { width: 96px !important; height: 96px !important; }"""
-# CLIPs (and, apart, language models) kept loaded between runs: the ones used last. A run that
-# needs another model lets the least recently used go first.
-KEEP_MODELS = 2
 # Finished runs a page lists (its session's history).
 HISTORY = 50
 # Dropped images shown as thumbnails (the drop area lists them all).
@@ -268,8 +266,9 @@ class Server:
         self.cfg = cfg
         self.roots = [Path(os.path.realpath(r)) for r in cfg.roots]
         self.tmp = tmp
-        self.models: dict[tuple[str, str], Any] = {}
-        self.lms: dict[tuple[str, str], Any] = {}
+        self.session = Session()  # models kept loaded between runs (the two used last)
+        self.models, self.lms = self.session.models, self.session.lms
+        self.pez = self.session.pez
         self.stops: dict[str, threading.Event] = {}
         self.threads: set[threading.Thread] = set()  # running jobs, joined before the server exits
         self.history: dict[str, list[list[Any]]] = {}  # each page's finished runs, newest first
@@ -366,37 +365,6 @@ class Server:
         return keyed
 
     # models, kept loaded between runs
-    def pez(self, settings: Settings):
-        """A Pez for these settings on models already loaded where they are, each kept loaded
-        among the KEEP_MODELS used last (the least recently used are freed before new ones
-        load). Its notes say why there is no language model where --lm auto found none."""
-        from pez_cli.api import Pez
-        from pez_cli.models import load_model, pick_device
-
-        device = pick_device(settings.device)
-        wanted = [(name, str(device)) for name, _ in settings.models()]
-        source = note = None
-        if settings.uses_lm:
-            from pez_cli.lm import settings_with_lm
-
-            settings, source, note = settings_with_lm(settings)  # auto: the preset's model, or none
-        wanted_lm = [(settings.lm, settings.lm_revision, str(device))] if settings.uses_lm else []
-        if make_room(self.models, wanted, KEEP_MODELS) | make_room(self.lms, wanted_lm, KEEP_MODELS):
-            free_memory(device)
-        for key in wanted:
-            if key not in self.models:
-                self.models[key] = load_model(key[0], device)
-        lm = None
-        if wanted_lm:
-            from pez_cli.lm import load_lm
-
-            if wanted_lm[0] not in self.lms:
-                self.lms[wanted_lm[0]] = load_lm(source, device)
-            lm = self.lms[wanted_lm[0]]
-        pez = Pez(settings, model=[self.models[key] for key in wanted], keep_image_tower=True, lm=lm)
-        pez.notes += [note] if note else []
-        return pez
-
     def remember(self, token: str, kind: str, text: str, score: str = "") -> None:
         """A finished run in this page's history (the newest HISTORY kept)."""
         rows = self.history.setdefault(token, [])
@@ -410,9 +378,7 @@ class Server:
         return f"Loaded: {', '.join(html.escape(n) for n in names)}" if names else "No model loaded yet"
 
     def loaded_label(self, settings: Settings) -> str:
-        names = [name for name, _ in settings.models()]
-        fresh = [n for n in names if not any(key[0] == n for key in self.models)]
-        return f"Loading {settings.model_label} ..." if fresh else f"Preparing {settings.model_label} ..."
+        return f"Loading {settings.model_label} ..." if self.session.loading(settings) else f"Preparing {settings.model_label} ..."
 
     # running a job
     def stream(self, token: str, work: Callable[[Live, threading.Event], Any]) -> Iterator[tuple[str, Any]]:
@@ -456,30 +422,6 @@ class Server:
         event = self.stops.get(token)
         if event is not None:
             event.set()
-
-
-def make_room(cache: dict, wanted: list, keep: int) -> bool:
-    """Drop the least recently used entries of `cache` that are not `wanted`, so that the wanted
-    ones fit within `keep`; the wanted ones become the most recently used. True if any went."""
-    others = [key for key in cache if key not in wanted]
-    drop = others[:max(len(others) - max(keep - len(wanted), 0), 0)]
-    for key in drop:
-        del cache[key]
-    for key in wanted:
-        if key in cache:
-            cache[key] = cache.pop(key)  # the dict's order is the order of use, the last used last
-    return bool(drop)
-
-
-def free_memory(device) -> None:
-    """Give back what dropped models held."""
-    import gc
-
-    import torch
-
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def error_line(e: BaseException, tmp: Path | None = None) -> str:
@@ -967,7 +909,7 @@ class Serving:
         finally:
             for logger in quiet:
                 logger.disabled = False
-            self.server.models.clear()  # Gradio may keep the page (and so the server) alive: free the models
+            self.server.session.clear()  # Gradio may keep the page (and so the server) alive: free the models
             self.server.lms.clear()
             shutil.rmtree(self.tmp, ignore_errors=True)
             _restore_temp_dir(self.previous_temp_dir)
