@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
+from pez_cli.captions import CaptionStyle
 from pez_cli.config import Settings, settings_id, with_contents
 from pez_cli.errors import ConfigError, InputError, Interrupted, first_line
 from pez_cli.files import atomic_write, location
@@ -266,6 +267,7 @@ class BatchJob:
     out: str | None = None  # result file (JSONL or CSV), appended and resumable; "-": stdout
     fmt: str | None = None  # jsonl or csv; default: the existing file's, else from out's name
     sidecar_ext: str | None = None  # write a caption file with this extension next to each image
+    captions: CaptionStyle = field(default_factory=CaptionStyle)  # how a prompt becomes a caption file's text
     png_dir: Path | None = None  # write a PNG copy with the prompt in its metadata here
     overwrite: bool = False  # replace existing caption files and PNG copies
     force: bool = False  # redo images that --out already holds
@@ -573,7 +575,8 @@ class _Run:
         A failure becomes the image's error row; returns whether all went well."""
         job = self.job
         try:
-            if job.sidecar_ext and not write_sidecar(item.path, job.sidecar_ext, prompt, job.overwrite):
+            caption = job.captions.caption(prompt, item.path) if job.sidecar_ext else ""
+            if job.sidecar_ext and not write_sidecar(item.path, job.sidecar_ext, caption, job.overwrite):
                 self.summary.sidecars_kept += 1
             if job.png_dir is not None:
                 details = {"prompt": prompt, "similarity": similarity, "model": job.settings.model, "settings_id": job.sid}

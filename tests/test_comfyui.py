@@ -41,7 +41,7 @@ def comfy_image(*paths: Path) -> torch.Tensor:
 def test_the_pack_declares_its_nodes_as_comfyui_reads_them(pack):
     assert set(pack.NODE_CLASS_MAPPINGS) == {"PezInvert", "PezStyle", "PezDistill"}
     assert pack.NODE_DISPLAY_NAME_MAPPINGS == {"PezInvert": "PEZ Invert", "PezStyle": "PEZ Style", "PezDistill": "PEZ Distill"}
-    for name, node in pack.NODE_CLASS_MAPPINGS.items():
+    for node in pack.NODE_CLASS_MAPPINGS.values():
         inputs = node.INPUT_TYPES()["required"]
         assert callable(getattr(node(), node.FUNCTION)) and node.CATEGORY == "pez"
         assert len(node.RETURN_TYPES) == len(node.RETURN_NAMES) and node.RETURN_NAMES[-1] == "similarity"

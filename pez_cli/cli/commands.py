@@ -238,6 +238,9 @@ def batch(
     batch_images: Annotated[Optional[int], typer.Option("--batch-images", help="Images optimized together (default: 64 on CUDA, else 16).", show_default=False, metavar="N", rich_help_panel="Batch")] = None,
     sidecar: Annotated[bool, typer.Option("--sidecar", help="Also write the prompt to a caption file next to each image.", rich_help_panel="Batch")] = False,
     sidecar_ext: Annotated[str, typer.Option("--sidecar-ext", help="Caption file extension (default: .txt).", show_default=False, metavar="EXT", rich_help_panel="Batch")] = ".txt",
+    caption_style: Annotated[Optional[str], typer.Option("--caption-style", help="Captions as the prompt (sentence, the default) or as comma-separated tags (tags).", show_default=False, metavar="sentence|tags", rich_help_panel="Batch")] = None,
+    trigger: Annotated[Optional[str], typer.Option("--trigger", help="Words written first in every caption, e.g. a LoRA's trigger word (not optimized, not counted in --prompt-len).", show_default=False, metavar="TEXT", rich_help_panel="Batch")] = None,
+    kohya: Annotated[bool, typer.Option("--kohya", help="INPUTs are kohya training folders: caption the images of their <repeats>_<name> folders beside them, each starting with its folder's name (unless --trigger). Implies --sidecar.", rich_help_panel="Batch")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing caption files and PNG copies.", rich_help_panel="Batch")] = False,
     png_metadata: Annotated[Optional[Path], typer.Option("--png-metadata", help="Write a PNG copy of each image with the prompt in its metadata into DIR.", metavar="DIR", file_okay=False, rich_help_panel="Batch")] = None,
     force: Annotated[bool, typer.Option("--force", help="Redo images already in --out.", rich_help_panel="Batch")] = False,
@@ -251,8 +254,14 @@ def batch(
 ) -> None:
     """One prompt PER IMAGE for many images: resumable, shardable, written as it goes."""
     from pez_cli.batch import BatchJob, LocalRunner, parse_shard
+    from pez_cli.captions import CaptionStyle, kohya_folders
     from pez_cli.images import iter_paths
 
+    if (caption_style is not None or trigger is not None) and not (sidecar or kohya):
+        raise PezError("--caption-style and --trigger shape the caption files: add --sidecar")
+    captions = CaptionStyle(caption_style or "sentence", trigger, kohya)
+    if kohya:  # the images of each <repeats>_<name> folder, wherever below it they are
+        inputs, recursive, sidecar = [str(p) for p in kohya_folders([Path(i) for i in inputs])], True, True
     runner = LocalRunner(stop=STOP)  # this process
     if ray or ray_address is not None or ray_workers is not None or ray_gpus is not None:
         if not ray:
@@ -260,7 +269,7 @@ def batch(
         from pez_cli.ray_batch import RayOptions, RayRunner
 
         runner = RayRunner(RayOptions(ray_address, ray_workers, ray_gpus))
-    job = BatchJob(common.settings(), out=out, fmt=fmt, sidecar_ext=sidecar_ext if sidecar else None,
+    job = BatchJob(common.settings(), out=out, fmt=fmt, sidecar_ext=sidecar_ext if sidecar else None, captions=captions,
                    png_dir=png_metadata, overwrite=overwrite, force=force,
                    shard=parse_shard(shard) if shard is not None else None, group_size=batch_images, runner=runner)
     paths = iter_paths(inputs, sys.stdin, recursive=recursive, missing_ok=True, null=null)  # listed as the job goes
