@@ -375,12 +375,16 @@ def objective_of(texts: list[str], loaded, feats: torch.Tensor, lm, weight: floa
     return [loaded.logit_scale * c + weight * f for c, f in zip(cos, fluency)]
 
 
-def miss_rate(prompts: list[str], scenes: list[world.Scene], loaded, feats, lm, weight: float) -> float:
+def miss_rate(prompts: list[str], scenes: list[world.Scene], loaded, feats, lm, weight: float, log=None) -> float:
     """The search's miss rate: the share of scenes whose true caption has a higher objective (the
     one the run optimized, same units) than the printed prompt. The objective prefers the caption
-    there, so a search that found the objective's optimum would have printed it or better."""
+    there, so a search that found the objective's optimum would have printed it or better.
+    log: told each miss (--trace-misses): the printed prompt and the caption, with their objectives."""
     printed = objective_of(prompts, loaded, feats, lm, weight)
     truth = objective_of([s.caption for s in scenes], loaded, feats, lm, weight)
+    for i, (t, p) in enumerate(zip(truth, printed)):
+        if log is not None and t > p + 1e-6:
+            log(f"  miss, scene {i}: printed {p:.2f} {prompts[i]!r}\n                 caption {t:.2f} {scenes[i].caption!r}")
     return sum(t > p + 1e-6 for t, p in zip(truth, printed)) / len(scenes)
 
 
@@ -430,7 +434,8 @@ def run_world(spec: WorldSpec, args, judge, judge_report, log) -> dict:
         log(f"world {spec.name}: {cfg.name}")
         [row] = run_config(cfg, loaded, scenes, scorer, args.seed)
         if cfg.lm:
-            row.miss = miss_rate(row.prompts, scenes, loaded, scorer.feats, scorer.lm, cfg.lm_weight)
+            row.miss = miss_rate(row.prompts, scenes, loaded, scorer.feats, scorer.lm, cfg.lm_weight,
+                                 log if args.trace_misses else None)
         rows.append(row)
         log(f"  judge {row.judge:.3f}, recall {row.recall:.2f}, fluency {row.fluency:.2f}, "
             f"miss {row.miss if row.miss is not None else float('nan'):.2f}, {row.seconds_per_image:.2f} s/image: {row.prompts[0]}")
@@ -512,6 +517,8 @@ def main(argv=None):
     ap.add_argument("--second-seed", type=int, default=2, help="a second optimizing world model, for the ensemble rows")
     ap.add_argument("--judge-width", type=int, default=160)
     ap.add_argument("--judge-layers", type=int, default=2)
+    ap.add_argument("--trace-misses", action="store_true",
+                    help="with --worlds: log each scene whose true caption beats the printed prompt on the objective")
     ap.add_argument("--only", help="run only the configurations whose names contain one of these (comma-separated)")
     ap.add_argument("--lm-rows", action="store_true",
                     help="run the language-prior rows (lm_configurations) instead of the others; trains the world LM once")
