@@ -97,7 +97,7 @@ class Settings:
     block: list[str] = setting(
         [], metavar="WORD", shown_default="none", panel="Vocabulary and priors", help="Never choose a token containing WORD (repeatable).")
     ascii_only: bool = setting(False, panel="Vocabulary and priors", help="Only choose tokens of printable ASCII.")
-    vocab: str = setting(  # words: better judged in README's Quality table, and always exact
+    vocab: str = setting(  # words: better judged in docs/quality.md, and always exact
         "words", metavar="words|all|FILE",
         panel="Vocabulary and priors", help="Tokens to choose from: words (whole words, digits and commas only, so the printed prompt "
              "re-tokenizes to exactly what was optimized), all (any token, as the paper), or a FILE of allowed "
@@ -111,7 +111,7 @@ class Settings:
     patience: int = setting(  # checked every optimize.FLUSH_EVERY steps
         0, minimum=0, shown_default="0: off",
         panel="Optimization", help="Stop a prompt whose printed score has not improved for this many steps.")
-    refine: int = setting(  # paper: 0. Three rounds: the best judged in README's Quality table
+    refine: int = setting(  # paper: 0. Three rounds: the best judged in docs/quality.md
         3, minimum=0,
         panel="Optimization", help="Rounds of greedy discrete refinement of the printed prompt after the loop "
              "(gradient-ranked token swaps and deletions, kept only when the printed score improves).")
@@ -119,7 +119,7 @@ class Settings:
         None, nonempty=True, metavar="TEXT", shown_default="random tokens",
         panel="Optimization", help="Start the prompt from this text (a caption or a draft prompt; random tokens fill the rest), "
              "which is also a candidate itself.")
-    lm: str = setting(  # the language prior: README's Quality section measures what it brings
+    lm: str = setting(  # the language prior: docs/quality.md measures what it brings
         LM_AUTO, envvar="PEZ_LM", metavar="auto|none|NAME_OR_PATH",
         panel="Vocabulary and priors",
         help="A causal language model (transformers) that makes the prompt read as text: its fluency joins the "
@@ -134,12 +134,12 @@ class Settings:
     lm_revision: str | None = setting(  # filled in when the language model is found, never by the user
         None, flag=False, needs="lm",
         help="The language model's hub commit, or sha256: of its folder's files.")
-    lm_weight: float = setting(  # nats of CLIP logit per nat of log-probability per token; README's Quality table
+    lm_weight: float = setting(  # nats of CLIP logit per nat of log-probability per token; docs/quality.md
         3.0, minimum=0, needs="lm", metavar="X",
         panel="Vocabulary and priors",
         help="Weight of the language model's fluency (its mean log-probability per token, in nats) against "
              "CLIP's logit (its logit scale times the cosine); 0 turns the language model off.")
-    beam: int = setting(  # README's Quality table: 64 no better than 32 within its noise, at twice the cost
+    beam: int = setting(  # docs/quality.md: 64 no better than 32 within its noise, at twice the cost
         32, minimum=0, needs="lm", metavar="N",
         panel="Vocabulary and priors",
         help="With --lm: beams of a left-to-right search in which the language model proposes each next word "
@@ -151,7 +151,7 @@ class Settings:
     compile: bool = setting(
         False, identifies=False, panel="Model and device",
         help="CUDA: torch.compile the text tower (useful for long runs); ignored on other devices.")
-    cuda_graph: bool = setting(  # ViT-H-14, one image, 1000 steps on an H200: 43.3 s -> 4.75 s (README)
+    cuda_graph: bool = setting(  # ViT-H-14, one image, 1000 steps on an H200: 43.3 s -> 4.75 s (docs/performance.md)
         True, identifies=False,
         panel="Model and device", help="CUDA: capture each optimization step as one CUDA graph and replay it (the same arithmetic, "
              "far fewer kernel launches; --no-cuda-graph runs eagerly). Ignored on other devices and with --compile.")

@@ -3,7 +3,7 @@
 A PEZ step feeds the text tower few rows (prompt_len + 2 per prompt), and at so few rows
 the generic fp32 GEMM spends much of each call re-arranging the weight matrix. oneDNN's
 linear with a weight packed once per model does not: on this project's AVX2 CPUs its
-products run about 1.7x faster, which makes a whole step about 1.3x faster (README,
+products run about 1.7x faster, which makes a whole step about 1.3x faster (docs/performance.md,
 Performance). Its rows also do not depend on how many rows share a call, so a problem gives
 the same numbers alone or batched.
 

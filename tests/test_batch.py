@@ -165,11 +165,11 @@ def test_csv_output_quotes_prompts(tiny_model, folder, tmp_path):
     assert "7 already done" in again.stderr  # CSV files resume too
 
 
-def test_batch_json_holds_the_keys_readme_lists(tiny_model, folder, tmp_path):
+def test_batch_json_holds_the_keys_the_docs_list(tiny_model, folder, tmp_path):
     import re
 
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    row = next(line for line in readme.splitlines() if line.startswith("| `--json` | print the final summary"))
+    docs = (Path(__file__).parents[1] / "docs" / "batch.md").read_text()
+    row = next(line for line in docs.splitlines() if line.startswith("| `--json` | print the final summary"))
     top, _, inner = row.partition("the summary's keys being")
     out = tmp_path / "out.jsonl"
     result = run("batch", folder, "-o", out, "--model", tiny_model, *FAST, "--json")

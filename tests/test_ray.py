@@ -128,7 +128,7 @@ def test_ray_option_errors(tiny_model, folder, tmp_path, monkeypatch):
 def test_a_killed_driver_takes_its_cluster_with_it(tiny_model, tmp_path):
     """kill -9 of a driver that started its own cluster (--ray-address local): the raylet, the
     GCS and the workers are gone within seconds; Ray's two node agents have seen the raylet die
-    and are on their way out (Ray gives their last report to the dead GCS 60 s, README)."""
+    and are on their way out (Ray gives their last report to the dead GCS 60 s, docs/batch.md)."""
     psutil = pytest.importorskip("psutil")
     pytest.importorskip("ray", reason="Ray is not installed (pip install 'pez-cli[ray]')")
     d = tmp_path / "in"

@@ -398,17 +398,17 @@ def test_http_api_parameters_are_named(served):
     assert names["/distill"] == ["text", "preset", *PAGE_FIELDS]
     assert names["/batch"] == ["images", "folder", "recursive", "out", "format", "batch_images", "preset", *PAGE_FIELDS]
     assert names["/invert_render"][:4] == ["prompt", "images", "folder", "sd_model"]
-    readme = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
-    assert "the settings `" + ", ".join(PAGE_FIELDS) + "`" in readme  # README lists them as they are
+    docs = " ".join((Path(__file__).parents[1] / "docs" / "serve.md").read_text().split())
+    assert "the settings `" + ", ".join(PAGE_FIELDS) + "`" in docs  # docs/serve.md lists them as they are
 
 
 @pytest.mark.slow
-def test_readme_api_examples_python_by_name_and_curl_in_order(served):
-    """README's two API examples, as written there (the address made this server's): the Python
+def test_docs_api_examples_python_by_name_and_curl_in_order(served):
+    """docs/serve.md's two API examples, as written there (the address made this server's): the Python
     client by parameter names and curl's list in order give the same distilled prompt."""
     import urllib.request
 
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    readme = (ROOT / "docs" / "serve.md").read_text(encoding="utf-8")
     [code] = re.findall(r"python -c '(from gradio_client import Client;[^']*)'", readme)
     [body] = re.findall(r"-d '(\{\"data\": [^']*)'", readme)
     assert re.search(r"curl -sN http://127.0.0.1:7860/gradio_api/call/distill/\$ID", readme)

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 
-from pez_cli.config import Settings, resolve
+from pez_cli.config import Settings, preset_names, resolve
 
 TYPES = {"str": str, "int": int, "float": float, "bool": bool, "Path": Path, "list[str]": list[str],
          "str | list[str]": list[str]}
@@ -105,7 +105,7 @@ def cli_options(*specs: tuple[str, Any, Any]) -> list[Option]:
 SOURCE_OPTIONS = cli_options(
     ("preset", Annotated[Optional[str], typer.Option("--preset", "-p", envvar="PEZ_PRESET", show_default=False, metavar="NAME",
                                                       rich_help_panel="Settings sources",
-                                                      help="Named settings: paper, sd15, sd2, sdxl, fast (see `pez models`).")], None),
+                                                      help=f"Named settings: {', '.join(preset_names())} (see `pez models`).")], None),
     ("config", Annotated[Optional[Path], typer.Option("--config", "-c", dir_okay=False, metavar="FILE",
                                                        rich_help_panel="Settings sources",
                                                        help="TOML file of settings (overrides --preset).")], None),
