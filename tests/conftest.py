@@ -49,6 +49,16 @@ def tiny_model(tiny_dir) -> str:
     return f"local-dir:{tiny_dir}"
 
 
+@pytest.fixture(scope="session")
+def sd_dir(tmp_path_factory) -> Path:
+    """A tiny Stable Diffusion 1.x pipeline folder, built once for the whole run (copy it to
+    change it)."""
+    pytest.importorskip("diffusers")
+    from pez_cli.testing import save_tiny_sd
+
+    return save_tiny_sd(tmp_path_factory.mktemp("sd") / "tiny-sd")
+
+
 @pytest.fixture
 def load_tiny(tiny_model):
     """Load a fresh copy of the tiny CLIP on the CPU (tests may change its dtype or packing)."""

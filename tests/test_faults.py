@@ -16,7 +16,6 @@ from PIL import Image
 
 from helpers import assert_one_line_error, make_image, rows_of, run, unreachable_hub_env
 from pez_cli import results
-from pez_cli.testing import save_tiny_sd
 
 FAST = ["--steps", "3", "--prompt-len", "3", "--device", "cpu", "--batch-images", "4"]
 COLORS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (30, 200, 200), (200, 30, 200)]
@@ -234,11 +233,6 @@ def test_the_format_is_read_from_the_file_not_the_name(tiny_model, photos, tmp_p
 
 
 # -- 8. the prompt survives a failed or interrupted render ----------------------------------------
-@pytest.fixture(scope="module")
-def sd_dir(tmp_path_factory):
-    return save_tiny_sd(tmp_path_factory.mktemp("sd") / "tiny-sd")
-
-
 def test_a_failing_render_still_prints_the_prompt(tiny_model, photos, tmp_path):
     args = ["invert", photos / "p0.png", "--model", tiny_model, *FAST[:6], "--render", "--sd-model", "nobody/missing",
             "--out", tmp_path / "r"]

@@ -9,14 +9,9 @@ from PIL import Image
 
 from helpers import assert_one_line_error, make_image, run
 from pez_cli import render as rendering
-from pez_cli.testing import save_tiny_clip, save_tiny_flux, save_tiny_sd, save_tiny_sd3
+from pez_cli.testing import save_tiny_clip, save_tiny_flux, save_tiny_sd3
 
 RENDER = ["--images", "2", "--sd-steps", "2", "--size", "32"]
-
-
-@pytest.fixture(scope="session")
-def sd_dir(tmp_path_factory):
-    return save_tiny_sd(tmp_path_factory.mktemp("sd") / "tiny-sd")
 
 
 @pytest.fixture(scope="session")
