@@ -601,6 +601,38 @@ def test_pez_serve_help_and_its_one_line_errors(tiny_model, tmp_path, monkeypatc
     assert_one_line_error(run("serve", "--model", tiny_model, "--root", tmp_path), 1, r"needs Gradio: pip install \"pez-cli\[ui\]\"")
 
 
+def test_relative_paths_on_the_page_are_read_against_the_root(tiny_dir, tmp_path, monkeypatch):
+    """A word list, a model folder or a language-model folder typed relative on the page is
+    read inside --root, as folders and result files are, wherever the server was started; names
+    that are not paths there (vocab kinds, hub ids, ARCH/TAG) stay as they are."""
+    import shutil
+
+    from pez_cli.cli.serve import PAGE_FIELDS, ServeConfig, Server
+    from pez_cli.errors import InputError
+
+    root, elsewhere = tmp_path / "root", tmp_path / "elsewhere"
+    root.mkdir()
+    elsewhere.mkdir()
+    (root / "words.txt").write_text("red\ncat\n")
+    (root / "words").mkdir()  # a folder named like a vocab kind does not turn the kind into a path
+    (elsewhere / "mine.txt").write_text("blue\n")
+    shutil.copytree(tiny_dir, root / "clip")
+    monkeypatch.chdir(elsewhere)
+    server = Server(ServeConfig(roots=[root], flags={"model": f"local-dir:{tiny_dir}", "lm": "none"}), tmp_path / "tmp")
+    values = dict(zip(PAGE_FIELDS, server.page_values(None)))
+
+    def settings(**changes):
+        return server.settings(None, list({**values, **changes}.values()))
+
+    assert settings(vocab="words.txt").vocab == str(root / "words.txt")
+    assert settings(vocab="words").vocab == "words"
+    assert settings(model="local-dir:clip").model == f"local-dir:{root / 'clip'}"
+    assert settings(model="clip@2").model == f"local-dir:{root / 'clip'}@2"
+    assert settings(model="ViT-B-32/openai").model == "ViT-B-32/openai"
+    with pytest.raises(InputError, match="is outside the folders this server may use"):
+        settings(vocab="mine.txt")  # in the server's working folder, not in --root
+
+
 def test_root_checks_resolve_links_and_dot_dots(tmp_path):
     from pez_cli.cli.serve import ServeConfig, Server
     from pez_cli.errors import InputError

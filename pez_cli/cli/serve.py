@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from pez_cli.cli.display import PROGRESS_INTERVAL_S, best_text, remaining, result_data, scores_text
-from pez_cli.config import Settings, preset_names, resolve, sd_model_for_settings
+from pez_cli.config import LM_AUTO, LM_NONE, VOCAB_KINDS, Settings, preset_names, resolve, sd_model_for_settings
 from pez_cli.errors import ConfigError, InputError, PezError, first_line, user_message
 from pez_cli.images import IMAGE_SUFFIXES
 from pez_cli.results import json_line
@@ -41,6 +41,9 @@ log = logging.getLogger("pez")
 UI_PIP = 'pip install "pez-cli[ui]"'
 # The settings the page shows, in order; every other setting comes from --preset, --config,
 # the flags `pez serve` was started with, or its default.
+# Page fields that may name a file or folder: a relative one is read against the first --root.
+ROOTED_FIELDS = ("model", "vocab", "lm")
+NOT_PATHS = (*VOCAB_KINDS, LM_AUTO, LM_NONE)  # --vocab kinds and --lm values that are not a model
 MAIN_FIELDS = ("model", "steps", "prompt_len", "vocab", "lm", "seed")
 MORE_FIELDS = ("lm_weight", "beam", "restarts", "refine", "prior", "block", "init")  # under "More settings"
 PAGE_FIELDS = MAIN_FIELDS + MORE_FIELDS
@@ -287,6 +290,8 @@ class Server:
         for name, value in zip(PAGE_FIELDS, values):
             if value is not None:  # None (an API call's null): the value the server started with
                 flags[name] = flag_value(name, value)
+                if name in ROOTED_FIELDS and flags[name] != self.cfg.flags.get(name) and flags[name] not in NOT_PATHS:
+                    flags[name] = self.rooted(flags[name])
         settings = resolve(preset or None, self.cfg.config, flags).settings
         self.check_paths(settings)
         return settings
@@ -298,6 +303,26 @@ class Server:
         for what, text, path in local_paths(settings, sd_model, judge_model):
             if os.path.realpath(path) not in self.named:
                 self.within_roots(Path(path), text, what)
+
+    def rooted(self, value: Any) -> Any:
+        """A relative path typed on the page (a word list, a model or language-model folder, a
+        checkpoint, a Stable Diffusion folder; a list of models) read against the first --root,
+        as folders and result files are, where it names something there (or with local-dir:).
+        Names that are not paths there (hub ids, ARCH/TAG, vocab kinds) are left as they are."""
+        if isinstance(value, list):
+            return [self.rooted(v) for v in value]
+        if not isinstance(value, str) or not value:
+            return value
+        prefix = "local-dir:" if value.startswith("local-dir:") else ""
+        rest = value[len(prefix):]
+        weight = ""
+        if not prefix and "@" in rest:  # MODEL@WEIGHT
+            rest, _, weight = rest.rpartition("@")
+            weight = "@" + weight
+        if not rest or os.path.isabs(os.path.expanduser(rest)):
+            return value
+        there = self.roots[0] / rest
+        return f"{prefix}{there}{weight}" if prefix or os.path.lexists(there) else value
 
     def page_values(self, preset: str | None) -> list[Any]:
         """The page's fields for a preset chosen on the page: the preset's values (over --config
@@ -544,12 +569,13 @@ def render_work(server: Server, token: str, preset, values, prompt, files, folde
             raise InputError("no prompt to render: run an inversion first, or type one")
         paths = server.image_paths(files, folder)
         originals = load_images(paths)
-        options = RenderOptions(sd_model=(sd_model or "").strip() or None, images=_whole(images, "--images"),
+        options = RenderOptions(sd_model=server.rooted((sd_model or "").strip()) or None, images=_whole(images, "--images"),
                                 steps=_whole(sd_steps, "--sd-steps"), out_dir=server.scratch(token, "renders"),
                                 size=_whole(size, "--size") if size not in (None, "") else None)
         options = options.for_settings(settings)
-        server.check_paths(None, options.sd_model, judge_model.strip() if judge_model and judge_model.strip() else None)
-        judge = canonical_model(judge_model.strip()) if judge_model and judge_model.strip() else \
+        named_judge = server.rooted(judge_model.strip()) if judge_model and judge_model.strip() else None
+        server.check_paths(None, options.sd_model, named_judge)
+        judge = canonical_model(named_judge) if named_judge else \
             server.cfg.judge_model or default_judge([n for n, _ in settings.models()])
 
         done = render_and_judge(options, prompt.strip(), originals, pick_device(settings.device), judge,
