@@ -300,12 +300,10 @@ class WordMap:
 
 
 def _is_word(vocab, token_id: int) -> bool:
-    """A CLIP token that ends a word and is one (letters, a digit or punctuation a prompt keeps)."""
-    from pez_cli.vocab import WORD_PUNCTUATION
+    """A CLIP token shaped as a whole word, by vocab.py's one rule (word_shape)."""
+    from pez_cli.vocab import word_shape
 
-    text = vocab.texts[token_id]
-    return vocab.tokenizer.decoder[token_id].endswith("</w>") and (
-        text.isalpha() or text.isdigit() or text in WORD_PUNCTUATION)
+    return word_shape(vocab.tokenizer, token_id, vocab.texts[token_id])
 
 
 @dataclass

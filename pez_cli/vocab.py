@@ -57,15 +57,18 @@ WORD_PUNCTUATION = (",",)
 WORD_SEPARATORS = re.compile(r"[\s,_]+")
 
 
+def word_shape(tokenizer: Any, token_id: int, text: str) -> bool:
+    """Whether a token looks like a whole word: it ends a word and is letters only, one digit, or
+    allowed punctuation. (CLIP's tokenizer splits numbers into single digits: 8k prints as 8 k.)
+    The one rule for what a word is, here and in the language model's word map (lm.py)."""
+    return tokenizer.decoder[token_id].endswith("</w>") and (
+        text.isalpha() or (len(text) == 1 and text in "0123456789") or text in WORD_PUNCTUATION)
+
+
 def is_word(tokenizer: Any, token_id: int, text: str) -> bool:
-    """A whole word (a token that ends a word: letters only, a digit, or allowed punctuation)
-    that the tokenizer turns back into exactly this token, so words joined by spaces
-    re-tokenize exactly. (CLIP's tokenizer splits numbers into single digits: 8k prints as 8 k.)"""
-    if not tokenizer.decoder[token_id].endswith("</w>"):
-        return False
-    if not (text.isalpha() or (len(text) == 1 and text in "0123456789") or text in WORD_PUNCTUATION):
-        return False
-    return tokenizer.encode(text) == [token_id]
+    """A whole word (word_shape) that the tokenizer turns back into exactly this token, so words
+    joined by spaces re-tokenize exactly."""
+    return word_shape(tokenizer, token_id, text) and tokenizer.encode(text) == [token_id]
 
 
 # Word ids per tokenizer (by what it reads and how it cleans): checking every token takes

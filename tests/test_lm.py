@@ -96,6 +96,22 @@ def test_missing_malformed_and_offline_models_fail_in_one_line(tiny_model, image
                           r"point --lm at a local copy \(where there is network: pez export MODEL DIR --lm gpt2")
 
 
+def test_the_language_model_reads_words_by_the_vocabularys_one_rule(load_tiny):
+    """What counts as a whole word has one owner (vocab.word_shape): the language model's word
+    map takes a token as a word exactly when the vocabulary's rule does (with --vocab all too: a
+    superscript digit was a word to the language model's rule and not to the vocabulary's)."""
+    from pez_cli.lm import _is_word
+    from pez_cli.vocab import word_shape
+
+    model = load_tiny()
+    vocab = Pez(Settings(model=model.name, device="cpu", vocab="all", lm="none"), model=model).vocab
+    ends = [i for i, piece in sorted(vocab.tokenizer.decoder.items()) if piece.endswith("</w>")]
+    tokens = {vocab.texts[i]: i for i in ends}  # a word's own token (not the piece that starts a longer one)
+    for text, expected in (("cat", True), ("7", True), (",", True), ("!", False), ("\u00b2", False)):
+        token = tokens[text]  # "\u00b2" (superscript two) is a digit to Python, not a word to CLIP's printing
+        assert _is_word(vocab, token) == word_shape(vocab.tokenizer, token, text) == expected, text
+
+
 def test_growing_texts_read_as_the_whole_texts_do(lm_dir, load_tiny):
     """The beam's reader (lm.Growing) reads each grown text from its parent's kept keys and
     values: the same log-probabilities, end-of-text probability and proposals as reading the
