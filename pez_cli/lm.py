@@ -153,17 +153,12 @@ def _check_files(name: str, folder: str) -> None:
                              "pez never does")
 
 
-def lm_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on CUDA GPUs that have it (else fp16), fp16 on MPS, fp32 on the CPU."""
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float16 if device.type == "mps" else torch.float32
-
-
 def load_lm(name: str | LMSource, device: torch.device) -> LanguageModel:
     """Load a causal language model by hub id, folder or LMSource (from locate_lm); every
     failure is one ModelError line. Weights that do not fit the config (a tensor missing, one
     of another shape), which transformers would fill with random values, are refused."""
+    from pez_cli.models import inference_dtype
+
     transformers = _transformers()
     source = name if isinstance(name, LMSource) else locate_lm(name)
     name, path = source.name, source.path
@@ -174,7 +169,7 @@ def load_lm(name: str | LMSource, device: torch.device) -> LanguageModel:
             tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False, local_files_only=True)
             model, info = transformers.AutoModelForCausalLM.from_pretrained(
                 path, trust_remote_code=False, local_files_only=True, output_loading_info=True,
-                **{dtype_key: lm_dtype(device)})
+                **{dtype_key: inference_dtype(device)})
     except Exception as e:  # transformers raises many types for missing and malformed models
         raise ModelError(f"could not load language model {name!r}: {first_line(e)}") from None
     wrong = [f"{what} {', '.join(map(str, keys[:3]))}" for what, keys in

@@ -80,6 +80,15 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return torch.bfloat16 if precision == "bf16" else torch.float16
 
 
+def inference_dtype(device: torch.device) -> torch.dtype:
+    """The weights' dtype of a model pez only runs forward (the language model, Stable
+    Diffusion): bf16 on CUDA GPUs that have it (else fp16), fp16 on MPS, fp32 on the CPU. The
+    CLIPs, which are optimized through, follow --precision instead (resolve_precision)."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float16 if device.type == "mps" else torch.float32
+
+
 def precision_name(precision: str, device: torch.device) -> str:
     """What --precision resolves to on this device: fp32, bf16 or fp16."""
     names = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}

@@ -168,16 +168,13 @@ class Renderer:
     model's own config)."""
 
     def __init__(self, options: RenderOptions, device: torch.device):
-        import torch
 
         diffusers = _diffusers()
         self.options = options.with_family_defaults().validate()
         self.device = device
-        dtype = torch.float32
-        if device.type == "cuda":
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        elif device.type == "mps":
-            dtype = torch.float16
+        from pez_cli.models import inference_dtype
+
+        dtype = inference_dtype(device)
         source = options.sd_model
         local = Path(source).expanduser()
         if local.exists():
