@@ -168,12 +168,11 @@ class Renderer:
     model's own config)."""
 
     def __init__(self, options: RenderOptions, device: torch.device):
+        from pez_cli.models import inference_dtype
 
         diffusers = _diffusers()
         self.options = options.with_family_defaults().validate()
         self.device = device
-        from pez_cli.models import inference_dtype
-
         dtype = inference_dtype(device)
         source = options.sd_model
         local = Path(source).expanduser()
