@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 BATCH_STEPS = 300  # a few seconds an image with the tiny model: the signal lands inside a group
 
@@ -29,7 +30,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for_output(job, test, timeout: float = 120.0):
+def wait_for_output(job, test, timeout: float = 60.0):
+    """The last output of a Gradio client job that passes `test`, waiting up to `timeout` s."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         found = [o for o in job.outputs() if test(o)]
@@ -39,11 +41,14 @@ def wait_for_output(job, test, timeout: float = 120.0):
     raise AssertionError(f"no such output in {job.outputs()}")
 
 
-def stop_while_working(model: str, root: Path, work: Path, during: str, stop_signal: int) -> str:
-    """Start `pez serve` (its temporary folder under `work`), start a run ("run": one image, a
-    million steps) or a batch ("batch": the five images in `root`, groups of one, rows to
+def stop_while_working(model: str, root: Path, work: Path, during: str, stop_signal: int, timeout: float = 120.0,
+                       started: Callable[[int, int], None] | None = None) -> str:
+    """Start `pez serve` (its temporary folder under `work`), start a run ("run": the first image
+    in `root`, a million steps) or a batch ("batch": the images in `root`, groups of one, rows to
     root/rows.jsonl) through the HTTP API, send `stop_signal` once it is under way (a batch: once
-    a row is written) and check how the server ended. Returns a line saying what happened."""
+    a row is written) and check how the server ended, waiting up to `timeout` s for each stage.
+    started(pid, port), if given, checks the server once it listens. Returns a line saying what
+    happened."""
     from gradio_client import Client, handle_file
 
     temp = work / "tmp"
@@ -59,17 +64,19 @@ def stop_while_working(model: str, root: Path, work: Path, during: str, stop_sig
         line = proc.stderr.readline()
         assert line.strip() == f"pez serve: http://127.0.0.1:{port}  (Ctrl-C stops the server)", line + proc.stderr.read()
         [made] = list(temp.glob("pez-serve-*"))
+        if started is not None:
+            started(proc.pid, port)
         client = Client(f"http://127.0.0.1:{port}", verbose=False)
         if during == "run":
             job = client.submit(images=[handle_file(str(sorted(root.glob("*.png"))[0]))], steps=1_000_000,
                                 api_name="/invert")
-            wait_for_output(job, lambda o: o[0].startswith("step "))
+            wait_for_output(job, lambda o: o[0].startswith("step "), timeout)
         else:
             job = client.submit(folder=str(root), out="rows.jsonl", batch_images=1, steps=BATCH_STEPS, api_name="/batch")
-            progress = wait_for_output(job, lambda o: re.match(r"images [1-9]\d*/", o[0]) is not None)[0]
+            progress = wait_for_output(job, lambda o: re.match(r"images [1-9]\d*/", o[0]) is not None, timeout)[0]
             shown = int(re.match(r"images (\d+)/", progress).group(1))
         proc.send_signal(stop_signal)
-        out, err = proc.communicate(timeout=120)
+        out, err = proc.communicate(timeout=timeout)
     finally:
         proc.kill()
     name = signal.Signals(stop_signal).name

@@ -12,12 +12,12 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from serve_signals import free_port, wait_for_output
 
 from helpers import make_image, run
 
@@ -383,16 +383,6 @@ def named_settings(served, **changes) -> dict:
     return dict(zip(PAGE_FIELDS, settings_values(served, **changes)))
 
 
-def wait_for_output(job, test, timeout: float = 60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = [o for o in job.outputs() if test(o)]
-        if found:
-            return found[-1]
-        time.sleep(0.05)
-    raise AssertionError(f"no such output in {job.outputs()}")
-
-
 def test_http_api_parameters_are_named(served):
     """The page's HTTP API names each parameter after its field (not param_0, param_1, ...)."""
     from gradio_client import Client
@@ -526,54 +516,27 @@ def test_bad_settings_show_the_cli_error_line(served, folder, tiny_model):
 
 
 # -- the command ---------------------------------------------------------------------------
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_pez_serve_listens_only_on_loopback_and_ctrl_c_removes_its_temporary_folder(folder, tiny_model, tmp_path,
                                                                                     stop_signal):
+    """Only 127.0.0.1 listens; Ctrl-C (or SIGTERM) while a run is going ends it and the server
+    with exit 0, nothing on stdout, no abort from a native thread (SIGABRT: -6) and no temporary
+    folder left (tests/serve_signals.py checks each of these)."""
     psutil = pytest.importorskip("psutil")
     pytest.importorskip("gradio")
-    temp = tmp_path / "tmp"
-    temp.mkdir()
-    port = free_port()
-    env = {**os.environ, "TMPDIR": str(temp)}
-    cmd = [sys.executable, "-m", "pez_cli", "serve", "--model", tiny_model, "--port", str(port), "--root", str(folder), "--lm", "none"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as from a terminal
-    try:
-        line = proc.stderr.readline()
-        assert line.strip() == f"pez serve: http://127.0.0.1:{port}  (Ctrl-C stops the server)", line + proc.stderr.read()
-        [made] = list(temp.glob("pez-serve-*"))
-        listening = [c.laddr for c in psutil.Process(proc.pid).net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
-        assert listening and all(addr.ip == "127.0.0.1" for addr in listening), listening
-        import urllib.request
+    import urllib.request
 
+    from serve_signals import stop_while_working
+
+    def only_here(pid: int, port: int) -> None:
+        listening = [c.laddr for c in psutil.Process(pid).net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+        assert listening and all(addr.ip == "127.0.0.1" for addr in listening), listening
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as response:
             assert response.status == 200 and b"<html" in response.read()
-        from gradio_client import Client, handle_file  # Ctrl-C while a run is going: it ends, the server too
 
-        client = Client(f"http://127.0.0.1:{port}", verbose=False)
-        from pez_cli.cli.serve import ServeConfig, Server
-
-        values = Server(ServeConfig(roots=[folder], flags={"model": tiny_model, "steps": 1_000_000, "lm": "none"}),
-                        temp).page_values(None)
-        job = client.submit([handle_file(str(folder / "a.png"))], "", "", *values, api_name="/invert")
-        wait_for_output(job, lambda o: o[0].startswith("step "))
-        proc.send_signal(stop_signal)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == 0, err  # no abort from a native thread cut off at exit (SIGABRT: -6)
-    assert "pez serve: stopped" in err and "Traceback" not in err and "terminate called" not in err
-    assert out == ""  # stdout stays empty (Gradio's own chatter is kept off it)
-    assert not made.exists()  # uploads and downloads went with the server
+    said = stop_while_working(tiny_model, folder, tmp_path, "run", stop_signal, timeout=60, started=only_here)
+    assert said == f"{signal.Signals(stop_signal).name} during a run: exit 0, stopped"
 
 
 @pytest.mark.slow

@@ -537,11 +537,11 @@ def batch_work(server: Server, token: str, preset, values, files, folder, recurs
         job = BatchJob(settings, out=str(target), fmt=fmt_, runner=LocalRunner(pez=pez, stop=stop),
                        group_size=size if size is not None else page_group_size(pez.device))
         summary = job.run(paths, on_status=live.set_stage, on_progress=live.on_batch, on_row=live.on_row)
+        if not target.exists():  # no result file was written: nothing to offer
+            return summary, job, None, []
         download = server.scratch(token, "download") / target.name
-        rows = [table_row(row) for row in latest(read_rows(target)).values()] if target.exists() else []
-        if target.exists():
-            shutil.copyfile(target, download)  # what the page offers: a copy, served from the temporary folder
-        return summary, job, download if target.exists() else None, rows
+        shutil.copyfile(target, download)  # what the page offers: a copy, served from the temporary folder
+        return summary, job, download, [table_row(row) for row in latest(read_rows(target)).values()]
 
     return work
 
@@ -890,8 +890,9 @@ def batch_tab(gr, server: Server, preset, settings_fields, run_group, image_type
                 yield {**skip, progress: "", status: value, table: gr.skip()}
             else:
                 summary, job, path, rows = value
-                server.remember(tok, "batch", batch_summary(summary, job.shard))
-                yield {progress: "", status: batch_summary(summary, job.shard).replace("run the same command", "run it"),
+                said = batch_summary(summary, job.shard)
+                server.remember(tok, "batch", said)
+                yield {progress: "", status: said.replace("run the same command", "run it"),
                        table: rows, download: None if path is None else str(path)}
 
     named = {"images": files, "folder": folder, "recursive": recursive, "out": out, "format": fmt, "batch_images": group,
@@ -936,7 +937,6 @@ class Serving:
             for logger in quiet:
                 logger.disabled = False
             self.server.session.clear()  # Gradio may keep the page (and so the server) alive: free the models
-            self.server.lms.clear()
             shutil.rmtree(self.tmp, ignore_errors=True)
             _restore_temp_dir(self.previous_temp_dir)
 
