@@ -575,8 +575,8 @@ class _Run:
         A failure becomes the image's error row; returns whether all went well."""
         job = self.job
         try:
-            caption = job.captions.caption(prompt, item.path) if job.sidecar_ext else ""
-            if job.sidecar_ext and not write_sidecar(item.path, job.sidecar_ext, caption, job.overwrite):
+            if job.sidecar_ext and not write_sidecar(item.path, job.sidecar_ext, job.captions.caption(prompt, item.path),
+                                                     job.overwrite):
                 self.summary.sidecars_kept += 1
             if job.png_dir is not None:
                 details = {"prompt": prompt, "similarity": similarity, "model": job.settings.model, "settings_id": job.sid}
