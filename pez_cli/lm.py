@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import inspect
 import json
 import os
@@ -293,6 +294,12 @@ class WordMap:
         later = [ids[len(anchor):] if ids[:len(anchor)] == anchor else [] for ids in after]
         return cls(pairs(alone), pairs(later))
 
+    @functools.cached_property
+    def spell(self) -> tuple[dict[int, int], dict[int, int]]:
+        """CLIP word -> its language-model token: spell[0] as a text's first word, spell[1] after
+        another word (index it with "the text has words already")."""
+        return tuple(dict(zip(clip.tolist(), ids.tolist())) for ids, clip in (self.first, self.later))
+
 
 def _is_word(vocab, token_id: int) -> bool:
     """A CLIP token shaped as a whole word, by vocab.py's one rule (word_shape)."""
@@ -323,6 +330,19 @@ class Reading:
         return self.total / self.count if self.count else 0.0
 
 
+@dataclass
+class Along:
+    """What the language model says along one text, word by word (CLIP's words): reading, the
+    whole text's; word_logp[p], the log-probability of word p given the words before it (the sum
+    over its tokens); word_tokens[p], its tokens; after, (words + 1, V) the log-probabilities of
+    the next token after the first p words (after[-1]: after the whole text)."""
+
+    reading: Reading
+    word_logp: list[float]
+    word_tokens: list[int]
+    after: torch.Tensor
+
+
 class Fluency:
     """The language model reading the prompts of one run, each distinct text once. words: how
     CLIP's allowed words are spelled in the language model's tokens (None: no proposals)."""
@@ -344,6 +364,55 @@ class Fluency:
     def next_words(self, texts: Sequence[str], k: int) -> list[list[tuple[int, float]]]:
         """The k likeliest next words after each text, as allowed CLIP ids with log-probabilities."""
         return [r.next[:k] for r in self.read(texts)]
+
+    @torch.no_grad()
+    def along(self, prefixes: Sequence[Sequence[str]]) -> list[Along | None]:
+        """One read per text of what the language model says at each of its word boundaries.
+        prefixes[i]: text i's first p words decoded, for p = 0 .. its words (the last is the
+        text). None where the model's tokens of a prefix are not the start of the text's own
+        (a tokenizer that joins across a word boundary) or the text is longer than the model
+        reads; the text's Reading enters the cache as a full read's would."""
+        lm = self.lm
+        out: list[Along | None] = [None] * len(prefixes)
+        jobs = []  # (index, tokens, boundaries)
+        whole = lm.encode([lm_text(ps[-1]) for ps in prefixes])
+        for i, (ps, seq) in enumerate(zip(prefixes, whole)):
+            if len(seq) >= lm.max_positions:
+                continue
+            parts = lm.encode([lm_text(p) for p in ps[1:-1]])
+            bounds = [0, *(len(part) for part in parts), len(seq)]
+            if all(a < b for a, b in zip(bounds, bounds[1:])) and all(seq[:len(part)] == part for part in parts):
+                jobs.append((i, seq, bounds))
+        vocab_size = int(lm.model.get_output_embeddings().weight.shape[0])
+        at = 0
+        while at < len(jobs):
+            size = max(1, READ_LOGITS // (vocab_size * max(len(seq) + 1 for _, seq, _ in jobs[at:at + 64])))
+            chunk = jobs[at:at + min(size, 64)]
+            at += len(chunk)
+            logp = self._log_probs([[lm.start_id, *seq] for _, seq, _ in chunk])  # (B, T, V)
+            for b, (i, seq, bounds) in enumerate(chunk):
+                n = len(seq)
+                tokens = logp[b, torch.arange(n), torch.tensor(seq, device=logp.device)].tolist()  # each token given those before
+                after = logp[b, torch.tensor(bounds, device=logp.device)].clone()  # (words + 1, V)
+                end = float(after[-1, lm.end_id]) if lm.end_id is not None else None
+                reading = Reading(sum(tokens), n, end, self.proposals(after[-1:], [n == 0])[0])
+                self.cache.setdefault(prefixes[i][-1], reading)
+                out[i] = Along(reading, [sum(tokens[a:b]) for a, b in zip(bounds, bounds[1:])],
+                               [b - a for a, b in zip(bounds, bounds[1:])], after)
+        return out
+
+    def _log_probs(self, sequences: list[list[int]]) -> torch.Tensor:
+        """The next token's log-probabilities at every position of each sequence: (B, T, V),
+        sequences right-padded to the longest."""
+        lm = self.lm
+        lengths = torch.tensor([len(seq) for seq in sequences])
+        width = int(lengths.max())
+        ids = torch.full((len(sequences), width), lm.start_id, dtype=torch.long)
+        for i, seq in enumerate(sequences):
+            ids[i, :len(seq)] = torch.tensor(seq)
+        mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
+        logits = lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device)).logits.float()
+        return torch.log_softmax(logits, dim=-1)
 
     @torch.no_grad()
     def _read(self, texts: list[str]) -> None:
@@ -414,7 +483,7 @@ class Growing:
     def __init__(self, fluency: Fluency, count: int):
         lm = fluency.lm
         self.fluency, self.lm = fluency, lm
-        self.spell = [dict(zip(clip.tolist(), ids.tolist())) for ids, clip in (fluency.words.first, fluency.words.later)]
+        self.spell = fluency.words.spell
         # The kept keys and values: `cache` in newer transformers, `past_key_values` before.
         self.key = "cache" if "cache" in inspect.signature(lm.model.forward).parameters else "past_key_values"
         with torch.no_grad():

@@ -14,11 +14,13 @@ improvement, so refining never lowers the objective.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
+from pez_cli.lm import Along, WordMap
 from pez_cli.objective import clip_loss
 from pez_cli.optimize import Best, PromptOptimizer
 
@@ -29,6 +31,11 @@ LM_K = 8
 # Problems whose token gradients are taken together: each holds a (len, allowed) score matrix
 # (16 x 49,408 floats, 3 MB) until its candidates are drawn.
 GRADIENT_PROBLEMS = 4
+# With a language model, per problem and round: the proposals CLIP encodes (the most fluent by an
+# estimate from one reading of the prompt), and those of them the language model reads (the best
+# by CLIP's score and that estimate); the best it reads is the round's choice.
+CLIP_KEEP = 64
+LM_KEEP = 8
 
 
 def token_gradients(opt: PromptOptimizer, problems: Sequence[int], prompts: Sequence[list[int]]) -> list[torch.Tensor]:
@@ -56,30 +63,88 @@ def token_gradients(opt: PromptOptimizer, problems: Sequence[int], prompts: Sequ
     return out
 
 
-def candidates(ids: list[int], scores: torch.Tensor, allowed: torch.Tensor, top_k: int = TOP_K) -> list[list[int]]:
-    """Token sequences one edit away from `ids`: the top_k gradient-ranked swaps at each
-    position and the deletion of each token (never the last one)."""
-    out: list[list[int]] = []
+@dataclass(frozen=True)
+class Edit:
+    """One edit of a prompt's tokens: swap the token at pos for word, insert word before pos
+    (pos = the length: at the end), or delete the token at pos (word None)."""
+
+    kind: str  # "swap", "insert" or "delete"
+    pos: int
+    word: int | None = None
+
+    def apply(self, ids: list[int]) -> list[int]:
+        if self.kind == "swap":
+            return ids[:self.pos] + [self.word] + ids[self.pos + 1:]
+        if self.kind == "insert":
+            return ids[:self.pos] + [self.word] + ids[self.pos:]
+        return ids[:self.pos] + ids[self.pos + 1:]
+
+
+def candidates(ids: list[int], scores: torch.Tensor, allowed: torch.Tensor, top_k: int = TOP_K) -> list[Edit]:
+    """Edits one step away from `ids`: the top_k gradient-ranked swaps at each position and the
+    deletion of each token (never the last one)."""
+    out: list[Edit] = []
     best = (-scores).topk(min(top_k, scores.shape[1]), dim=1).indices  # (L, k) into allowed
     swaps = allowed[best].tolist()
     for pos, tokens in enumerate(swaps):
-        out.extend(ids[:pos] + [t] + ids[pos + 1:] for t in tokens if t != ids[pos])
+        out.extend(Edit("swap", pos, t) for t in tokens if t != ids[pos])
         if len(ids) > 1:
-            out.append(ids[:pos] + ids[pos + 1:])
+            out.append(Edit("delete", pos))
     return out
 
 
-def lm_candidates(ids: list[int], proposed: Sequence[Sequence[int]], longest: int) -> list[list[int]]:
-    """Token sequences one edit away from `ids` from the language model: proposed[pos] are its
-    likeliest words after ids[:pos] (pos = 0 .. len(ids)), tried in the token's place and,
-    while the prompt is shorter than `longest`, inserted before it (or at the end)."""
-    out: list[list[int]] = []
+def lm_candidates(ids: list[int], proposed: Sequence[Sequence[int]], longest: int) -> list[Edit]:
+    """Edits one step away from `ids` from the language model: proposed[pos] are its likeliest
+    words after ids[:pos] (pos = 0 .. len(ids)), tried in the token's place and, while the prompt
+    is shorter than `longest`, inserted before it (or at the end)."""
+    out: list[Edit] = []
     for pos, words in enumerate(proposed):
         for w in words:
             if pos < len(ids) and w != ids[pos]:
-                out.append(ids[:pos] + [w] + ids[pos + 1:])
+                out.append(Edit("swap", pos, w))
             if len(ids) < longest:
-                out.append(ids[:pos] + [w] + ids[pos:])
+                out.append(Edit("insert", pos, w))
+    return out
+
+
+def estimated_fluency(along: Along, ids: list[int], edits: Sequence[Edit], words: WordMap | None,
+                      end_id: int | None) -> list[float]:
+    """Each edited prompt's fluency estimated from one reading of `ids` (along): the edited word's
+    log-probability given the words before it is exact, the words after it keep the
+    log-probabilities they had. words: how CLIP's words are spelled in the language model's
+    tokens; a word outside them counts as the least likely token there."""
+    spell = words.spell if words is not None else ({}, {})
+    reading, rows = along.reading, along.after  # rows: (len + 1, V)
+    floor = rows.min(dim=1).values.tolist()
+
+    def word_at(pos: int, word: int) -> tuple[int, int]:  # (row, token) whose log-probability is the word's there
+        return pos, spell[pos > 0].get(word, -1)
+
+    wanted = []  # (row, token) per edit; token -1: the floor
+    for e in edits:
+        if e.kind in ("swap", "insert"):
+            wanted.append(word_at(e.pos, e.word))
+        elif e.pos + 1 < len(ids):
+            wanted.append(word_at(e.pos, ids[e.pos + 1]))
+        else:
+            wanted.append((e.pos, end_id if end_id is not None else -1))
+    index = torch.tensor([max(t, 0) for _, t in wanted], device=rows.device)
+    found = rows[torch.tensor([r for r, _ in wanted], device=rows.device), index].tolist()
+    gained = [f if t >= 0 else floor[r] for f, (r, t) in zip(found, wanted)]
+    out = []
+    wl, wt = along.word_logp, along.word_tokens
+    for e, g in zip(edits, gained):
+        total, count, end = reading.total, reading.count, reading.end
+        if e.kind == "swap":
+            total, count = total - wl[e.pos] + g, count - wt[e.pos] + 1
+        elif e.kind == "insert":
+            total, count = total + g, count + 1
+        elif e.pos + 1 < len(ids):  # the next word now follows the words before the deleted one
+            total = total - wl[e.pos] - wl[e.pos + 1] + g
+            count = count - wt[e.pos] - wt[e.pos + 1] + 1
+        else:  # the last word deleted: the text now ends after the words before it
+            total, count, end = total - wl[e.pos], count - wt[e.pos], g if end is not None else None
+        out.append((total + end) / (count + 1) if end is not None else total / max(count, 1))
     return out
 
 
@@ -104,23 +169,49 @@ def refine(opt: PromptOptimizer, bests: list[Best]) -> list[Best]:
             break
         order = sorted(current)
         proposals: list[tuple[int, list[int]]] = []
+        guesses: list[float] = []  # with a language model: each proposal's estimated fluency
+        alongs = dict(zip(order, fluency.along([[vocab.decode(current[p][:k]) for k in range(len(current[p]) + 1)]
+                                                for p in order]))) if fluency is not None else {}
         for p, g in _gradients_in_chunks(opt, order, current):
-            mine = candidates(current[p], g, vocab.allowed_ids)
+            ids = current[p]
+            edits = candidates(ids, g, vocab.allowed_ids)
             if fluency is not None:
-                ids = current[p]
-                after = fluency.next_words([vocab.decode(ids[:pos]) for pos in range(len(ids) + 1)], LM_K)
-                seen = {tuple(c) for c in mine} | {tuple(ids)}
-                for c in lm_candidates(ids, [[w for w, _ in words] for words in after], opt.settings.prompt_len):
-                    if tuple(c) not in seen:
-                        seen.add(tuple(c))
-                        mine.append(c)
-            proposals.extend((p, c) for c in mine)
+                along = alongs[p]
+                if along is not None:  # the likeliest words after each prefix, from the one reading
+                    after = fluency.proposals(along.after, [k == 0 for k in range(len(ids) + 1)])
+                else:
+                    after = fluency.next_words([vocab.decode(ids[:k]) for k in range(len(ids) + 1)], LM_K)
+                edits += lm_candidates(ids, [[w for w, _ in words[:LM_K]] for words in after], opt.settings.prompt_len)
+            seen, mine = {tuple(ids)}, []
+            for e in edits:
+                c = e.apply(ids)
+                if tuple(c) not in seen:
+                    seen.add(tuple(c))
+                    mine.append((e, c))
+            if fluency is not None and mine:
+                along = alongs[p]
+                guess = (estimated_fluency(along, ids, [e for e, _ in mine], fluency.words, fluency.lm.end_id)
+                         if along is not None else fluency.of([vocab.decode(ids)]) * len(mine))
+                kept = sorted(range(len(mine)), key=lambda j: -guess[j])[:CLIP_KEEP]
+                mine, guess = [mine[j] for j in kept], [guess[j] for j in kept]
+                guesses.extend(guess)
+            proposals.extend((p, c) for _, c in mine)
         if not proposals:
             break
         texts = [vocab.decode(ids) for _, ids in proposals]
-        scores = objective.score([p for p, _ in proposals], texts)
+        owners = [p for p, _ in proposals]
+        if fluency is None:
+            scored = list(zip(owners, texts, objective.score(owners, texts)))
+        else:  # CLIP reads the most fluent by estimate; the language model only the best of those
+            each = objective.each(owners, texts)
+            ranked: dict[int, list[tuple[float, int]]] = {}
+            for j, p in enumerate(owners):
+                ranked.setdefault(p, []).append((objective.value(each[j], guesses[j]), j))
+            read = [j for p in ranked for _, j in sorted(ranked[p], key=lambda r: -r[0])[:LM_KEEP]]
+            scored = list(zip([owners[j] for j in read], [texts[j] for j in read],
+                              objective.finish([texts[j] for j in read], [each[j] for j in read])))
         chosen: dict[int, tuple[str, object]] = {}
-        for (p, _), text, score in zip(proposals, texts, scores):
+        for p, text, score in scored:
             if score.value > (chosen[p][1].value if p in chosen else bests[p].objective):
                 chosen[p] = (text, score)
         for p in order:
@@ -131,3 +222,4 @@ def refine(opt: PromptOptimizer, bests: list[Best]) -> list[Best]:
             current[p] = tok.encode(text)
             bests[p] = Best.scored(current[p], score.similarity, bests[p].step, text, score)
     return bests
+

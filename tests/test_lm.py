@@ -318,6 +318,38 @@ def test_the_lm_makes_the_prompt_read_as_its_text_and_reports_clip_alone(tiny_mo
     assert fluent["similarities"] == {tiny_model: fluent["similarity"]}
 
 
+def test_one_reading_along_a_text_gives_each_prefix_and_estimates_its_edits(lm_dir, load_tiny):
+    """Refinement reads a prompt once (Fluency.along): its total is the whole text's reading, the
+    rows after each word propose what reading that prefix alone proposes, and an edit's estimated
+    fluency is exact where nothing after the edit changes but the end of text (the last word
+    deleted; the last word swapped or one added, with the end of text's log-probability kept)."""
+    from pez_cli.lm import Fluency, WordMap, load_lm
+    from pez_cli.refine import Edit, estimated_fluency
+
+    lm = load_lm(str(lm_dir), torch.device("cpu"))
+    model = load_tiny()
+    vocab = Pez(Settings(model=model.name, device="cpu", lm="none"), model=model).vocab
+    words = WordMap.build(lm, vocab)
+    ids = vocab.tokenizer.encode("a red cat on the")
+    prefixes = [vocab.decode(ids[:k]) for k in range(len(ids) + 1)]
+    [along] = Fluency(lm, words).along([prefixes])
+    fresh = Fluency(lm, words)
+    whole = fresh.read([prefixes[-1]])[0]
+    assert along.reading.count == whole.count == len(ids)
+    assert along.reading.total == pytest.approx(whole.total, abs=1e-4) == pytest.approx(sum(along.word_logp), abs=1e-4)
+    for k, prefix in enumerate(prefixes[1:], start=1):  # what the language model proposes after each prefix
+        got, want = fresh.proposals(along.after[k:k + 1], [False])[0][:3], fresh.read([prefix])[0].next[:3]
+        assert [w for w, _ in got] == [w for w, _ in want] and [p for _, p in got] == pytest.approx([p for _, p in want], abs=1e-4)
+    mat, dog = (vocab.tokenizer.encode(w)[0] for w in ("mat", "dog"))
+    edits = [Edit("swap", len(ids) - 1, dog), Edit("delete", len(ids) - 1), Edit("insert", len(ids), mat)]
+    assert [vocab.decode(e.apply(ids)) for e in edits] == ["a red cat on dog", "a red cat on", "a red cat on the mat"]
+    guesses = estimated_fluency(along, ids, edits, words, lm.end_id)
+    swapped, deleted, added = fresh.read([vocab.decode(e.apply(ids)) for e in edits])
+    assert guesses[1] == pytest.approx(fresh.of([vocab.decode(edits[1].apply(ids))])[0], abs=1e-4)
+    for guess, exact in ((guesses[0], swapped), (guesses[2], added)):  # the end of text is after the edit: kept
+        assert guess == pytest.approx((exact.total + whole.end) / (exact.count + 1), abs=1e-4)
+
+
 def test_the_search_never_lowers_the_objective(tiny_model, load_tiny, lm_dir, image):
     from pez_cli.lm import load_lm
 
