@@ -59,8 +59,9 @@ log = logging.getLogger("pez")
 FP16_LOSS_SCALE = 1024.0
 # Steps between two batched passes scoring candidates as printed text (and patience checks).
 FLUSH_EVERY = 8
-# With a language model: the loop's candidates it reads, per problem, are those among the best
-# this many by CLIP so far (_into_pool).
+# With a language model: the loop's candidates it reads, per problem, are the best this many by
+# CLIP (_into_pool), read when someone asks for the best (best(): the progress line, the end of
+# the loop) or when --patience needs it, not at every flush.
 LM_POOL = 8
 # Eager steps before a step is captured as a CUDA graph (allocator and autograd warm-up).
 GRAPH_WARMUP = 3
@@ -261,6 +262,7 @@ class PromptOptimizer:
         self.printed: list[Best | None] = [None] * problems  # the best printed prompt per problem
         self.scored: list[set[tuple[int, ...]]] = [set() for _ in range(problems)]  # candidates seen
         self.pools: list[list[float]] = [[] for _ in range(problems)]  # with a language model: see _into_pool
+        self.unread: list[tuple[float, tuple, str, list[float]]] = []  # pool entries the language model has not read
         self.pending = _Candidates()
         self.objective = Objective(self.spaces, self.full_targets, self.full_weights, self.sign, fluency,
                                    settings.lm_weight if settings.uses_lm else 0.0)
@@ -268,6 +270,7 @@ class PromptOptimizer:
             for p in range(problems):
                 self.scored[p].add(tuple(start))
             self._score_printed([(p, start, None, None, 0) for p in range(problems)])
+            self._read_pool()
 
     @property
     def prompt(self) -> torch.Tensor:
@@ -400,6 +403,7 @@ class PromptOptimizer:
             self._score_printed(queued)
         patience = self.settings.patience
         if patience:
+            self._read_pool()
             tired = {p for p in self.active if self.step_count - (self.printed[p].step if self.printed[p] else 0) >= patience}
             if tired:
                 self._leave(tired)
@@ -414,10 +418,26 @@ class PromptOptimizer:
         known = [each if each is not None and self.objective.reads_as(text, ids) else None
                  for (_, ids, _, each, _), text in zip(queued, texts)]
         each = self.objective.each([p for p, _, _, _, _ in queued], texts, known)
-        if self.objective.fluency is not None:  # the language model reads the CLIP's best few texts only
-            chosen = [j for j, (p, *_) in enumerate(queued) if self._into_pool(p, self.objective.clip_value(each[j]))]
-            queued, texts, each = [queued[j] for j in chosen], [texts[j] for j in chosen], [each[j] for j in chosen]
-        scores = self.objective.finish(texts, each)
+        if self.objective.fluency is not None:  # the language model reads the CLIP's best few texts, later
+            for item, text, e in zip(queued, texts, each):
+                value = self.objective.clip_value(e)
+                if self._into_pool(item[0], value):
+                    self.unread.append((value, item, text, e))
+            return
+        self._choose(queued, texts, self.objective.finish(texts, each))
+
+    def _read_pool(self) -> None:
+        """The language model reads the unread candidates still among their problem's LM_POOL best
+        by CLIP (one batch), and the printed bests take them where their objective is higher."""
+        unread, self.unread = self.unread, []
+        kept = [(item, text, e) for value, item, text, e in unread
+                if len(self.pools[item[0]]) < LM_POOL or value >= self.pools[item[0]][0]]
+        if kept:
+            self._choose([k[0] for k in kept], [k[1] for k in kept],
+                         self.objective.finish([k[1] for k in kept], [k[2] for k in kept]))
+
+    def _choose(self, queued, texts: list[str], scores) -> None:
+        """The printed bests take the scored candidates (queued as _score_printed's) that beat them."""
         for (p, ids, ids_score, _, step), text, score in zip(queued, texts, scores):
             best = self.printed[p]
             if best is None or score.value > best.objective:  # ties keep the earlier
@@ -469,6 +489,7 @@ class PromptOptimizer:
     def best(self) -> list[Best]:
         """Each problem's best printed prompt so far (empty before the first step)."""
         self.flush()
+        self._read_pool()
         for p in self.active:
             self.steps_done[p] = self.step_count
         return [b if b is not None else Best([], math.nan, 0) for b in self.printed]

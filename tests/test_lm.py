@@ -287,6 +287,32 @@ def test_the_best_shown_during_a_run_never_falls(tiny_model, load_tiny, lm_dir, 
     assert best_text(shown[-1]).startswith(f"objective {shown[-1].objective:.2f} (similarity ")
 
 
+def test_the_loop_leaves_its_candidates_to_the_language_model_until_the_best_is_asked_for(tiny_model, load_tiny, lm_dir,
+                                                                                           image, monkeypatch):
+    """The language model reads the loop's candidates only when someone asks for the best (a
+    progress line, the end of the loop), and then only those still among each problem's LM_POOL
+    best by CLIP: a batch run reads at most LM_POOL texts per image from its whole loop."""
+    from pez_cli import optimize
+    from pez_cli.lm import Fluency, load_lm
+
+    model, lm = load_tiny(), load_lm(str(lm_dir), torch.device("cpu"))
+    target = model.encode_images([__import__("PIL").Image.open(image).convert("RGB")])
+    reads: list[list[str]] = []
+    monkeypatch.setattr(Fluency, "_read", lambda self, texts, real=Fluency._read: (reads.append(list(texts)), real(self, texts))[1])
+    pez = Pez(Settings(model=model.name, device="cpu", steps=40, prompt_len=5, lm=str(lm_dir), refine=0, beam=0), model=model, lm=lm)
+    opt = optimize.PromptOptimizer(pez.spaces(), [pez.split(target)] * 2, pez.settings.for_target("image"), pez.fluency())
+    while not opt.finished():
+        opt.step()
+    assert reads == [] and len(opt.scored[0]) > optimize.LM_POOL  # 40 steps, more candidates than the pool holds
+    bests = opt.best()
+    read = [t for batch in reads for t in batch]
+    assert 0 < len(read) <= 2 * optimize.LM_POOL
+    each = opt.objective.similarities([0], [bests[0].prompt])[0]
+    assert bests[0].objective == pytest.approx(opt.objective.value(each, opt.objective.fluency.of([bests[0].prompt])[0]), abs=1e-4)
+    opt.best()
+    assert sum(len(batch) for batch in reads) == len(read)  # nothing new: nothing read again
+
+
 # -- what it does ----------------------------------------------------------------------------
 def test_lm_weight_0_is_exactly_a_run_without_lm(tiny_model, image, lm_dir):
     plain = invert(image, "--model", tiny_model, *FAST)
