@@ -18,6 +18,7 @@ first, and wins only by that score.
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 
 import torch
@@ -32,9 +33,11 @@ BEAM_WORDS = 12
 # Keys and values the beams of one pass may hold (bytes): problems are searched in groups small
 # enough for this (ViT-H-14, 16 beams, 24 words: 13 problems at a time).
 BEAM_STATE_BYTES = 1 << 30
-# A beam's objective from its grown features may differ from its text's in the last digits: a
-# beam within this of a problem's best is encoded as text and compared exactly.
+# A beam's objective from its grown features may differ from its text's in the last digits, and
+# its text may read as other tokens: the beams within CLOSE of a problem's best (at most
+# OFFER_KEEP per problem, the highest) are encoded as text once the search ends and compared exactly.
 CLOSE = 1e-3
+OFFER_KEEP = 8
 
 
 @dataclass
@@ -68,19 +71,31 @@ def group_size(opt: PromptOptimizer, width: int) -> int:
 
 
 def _search(opt: PromptOptimizer, bests: list[Best], width: int, problems: list[int]) -> None:
-    objective, vocab, fluency = opt.objective, opt.vocab, opt.objective.fluency
     spaces = opt.spaces
     grows = all(s.tower.can_grow() for s in spaces)
     device = spaces[0].vocab.embeddings.device
     beams = _Beams(list(problems), [[] for _ in problems], [[] for _ in problems],
                    [s.tower.prefix_states(torch.tensor([[s.start_id]] * len(problems), device=device)) for s in spaces]
                    if grows else None)
-    reader = Growing(fluency, len(problems))
+    reader = Growing(opt.objective.fluency, len(problems))
+    offered: dict[int, list[tuple[float, str]]] = {p: [] for p in problems}  # min-heaps of (objective, text)
+    try:
+        _grow_beams(opt, bests, width, problems, beams, reader, offered)
+    finally:  # also on Stop: what was offered so far goes to bests
+        _offer(opt, bests, offered)
+
+
+def _grow_beams(opt: PromptOptimizer, bests: list[Best], width: int, problems: list[int], beams: _Beams, reader: Growing,
+                offered: dict[int, list[tuple[float, str]]]) -> None:
+    objective, vocab = opt.objective, opt.vocab
+    spaces = opt.spaces
+    grows = beams.states is not None
+    device = spaces[0].vocab.embeddings.device
     for depth in range(opt.settings.prompt_len + 1):
         opt.check_stop()  # what was offered so far stays in bests
         texts = [vocab.decode(ids) for ids in beams.ids]
         readings = reader.readings(texts)
-        _offer(opt, bests, beams, texts, readings)
+        _collect(opt, bests, beams, texts, readings, offered)
         if depth == opt.settings.prompt_len:
             break
         grown = [(b, word, (r.total + logp) / (r.count + 1))  # (parent, word, fluency as a start)
@@ -122,16 +137,28 @@ def _search(opt: PromptOptimizer, bests: list[Best], width: int, problems: list[
         reader.grow([grown[j][0] for j in chosen], [grown[j][1] for j in chosen])
 
 
-def _offer(opt: PromptOptimizer, bests: list[Best], beams: _Beams, texts: list[str], readings) -> None:
-    """Each beam, read as a finished text, replaces its problem's best where its objective is
-    higher; one that comes close by its grown features is encoded as text and compared by that."""
+def _collect(opt: PromptOptimizer, bests: list[Best], beams: _Beams, texts: list[str], readings,
+             offered: dict[int, list[tuple[float, str]]]) -> None:
+    """Each beam, read as a finished text, is offered for its problem's best where its objective
+    by its grown features comes within CLOSE of it: each problem keeps its OFFER_KEEP highest."""
     objective = opt.objective
-    close = [i for i, (p, ids, each, r) in enumerate(zip(beams.owners, beams.ids, beams.each, readings))
-             if ids and objective.value(each, r.fluency) > bests[p].objective - CLOSE]
-    if not close:
+    for p, ids, each, r, text in zip(beams.owners, beams.ids, beams.each, readings, texts):
+        value = objective.value(each, r.fluency) if ids else None
+        if value is not None and value > bests[p].objective - CLOSE:
+            heap = offered[p]
+            if len(heap) < OFFER_KEEP:
+                heapq.heappush(heap, (value, text))
+            elif (value, text) > heap[0]:
+                heapq.heapreplace(heap, (value, text))
+
+
+def _offer(opt: PromptOptimizer, bests: list[Best], offered: dict[int, list[tuple[float, str]]]) -> None:
+    """The offered texts, encoded as text and scored exactly, replace their problem's best where
+    their objective is higher."""
+    chosen = [(p, text) for p, heap in offered.items() for _, text in sorted(heap, reverse=True)]
+    if not chosen:
         return
-    exact = objective.score([beams.owners[i] for i in close], [texts[i] for i in close])
-    for i, score in zip(close, exact):
-        p = beams.owners[i]
+    exact = opt.objective.score([p for p, _ in chosen], [text for _, text in chosen])
+    for (p, text), score in zip(chosen, exact):
         if score.value > bests[p].objective:
-            bests[p] = Best.scored(opt.vocab.tokenizer.encode(texts[i]), score.similarity, opt.step_count, texts[i], score)
+            bests[p] = Best.scored(opt.vocab.tokenizer.encode(text), score.similarity, opt.step_count, text, score)
