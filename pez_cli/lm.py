@@ -23,7 +23,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -383,13 +383,9 @@ class Fluency:
             bounds = [0, *(len(part) for part in parts), len(seq)]
             if all(a < b for a, b in zip(bounds, bounds[1:])) and all(seq[:len(part)] == part for part in parts):
                 jobs.append((i, seq, bounds))
-        vocab_size = int(lm.model.get_output_embeddings().weight.shape[0])
-        at = 0
-        while at < len(jobs):
-            size = max(1, READ_LOGITS // (vocab_size * max(len(seq) + 1 for _, seq, _ in jobs[at:at + 64])))
-            chunk = jobs[at:at + min(size, 64)]
-            at += len(chunk)
-            logp = self._log_probs([[lm.start_id, *seq] for _, seq, _ in chunk])  # (B, T, V)
+        for rows in self._batches([len(seq) + 1 for _, seq, _ in jobs]):
+            chunk = [jobs[r] for r in rows]
+            logp = torch.log_softmax(self._logits([[lm.start_id, *seq] for _, seq, _ in chunk])[0], dim=-1)  # (B, T, V)
             for b, (i, seq, bounds) in enumerate(chunk):
                 n = len(seq)
                 tokens = logp[b, torch.arange(n), torch.tensor(seq, device=logp.device)].tolist()  # each token given those before
@@ -401,9 +397,31 @@ class Fluency:
                                [b - a for a, b in zip(bounds, bounds[1:])], after)
         return out
 
-    def _log_probs(self, sequences: list[list[int]]) -> torch.Tensor:
-        """The next token's log-probabilities at every position of each sequence: (B, T, V),
-        sequences right-padded to the longest."""
+    @torch.no_grad()
+    def _read(self, texts: list[str]) -> None:
+        lm = self.lm
+        encoded = lm.encode([lm_text(t) for t in texts])
+        keep = lm.max_positions - 1  # the start token takes one position
+        sequences = [[lm.start_id, *ids[:keep]] for ids in encoded]
+        for rows in self._batches([len(seq) for seq in sequences]):
+            self._read_batch([texts[i] for i in rows], [sequences[i] for i in rows])
+
+    def _batches(self, lengths: Sequence[int]) -> Iterator[list[int]]:
+        """Indices of sequences of these lengths, shortest first, in batches whose logits (batch x
+        longest x vocabulary) fit READ_LOGITS."""
+        order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+        vocab_size = int(self.lm.model.get_output_embeddings().weight.shape[0])
+        start = 0
+        while start < len(order):
+            size = 1
+            while start + size < len(order) and (size + 1) * lengths[order[start + size]] * vocab_size <= READ_LOGITS:
+                size += 1
+            yield order[start:start + size]
+            start += size
+
+    def _logits(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The model's logits (B, T, V) at every position of each sequence, right-padded to the
+        longest, with the padded ids, their mask and the lengths (all on the model's device)."""
         lm = self.lm
         lengths = torch.tensor([len(seq) for seq in sequences])
         width = int(lengths.max())
@@ -411,45 +429,17 @@ class Fluency:
         for i, seq in enumerate(sequences):
             ids[i, :len(seq)] = torch.tensor(seq)
         mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
-        logits = lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device)).logits.float()
-        return torch.log_softmax(logits, dim=-1)
-
-    @torch.no_grad()
-    def _read(self, texts: list[str]) -> None:
-        lm = self.lm
-        encoded = lm.encode([lm_text(t) for t in texts])
-        keep = lm.max_positions - 1  # the start token takes one position
-        sequences = [[lm.start_id, *ids[:keep]] for ids in encoded]
-        order = sorted(range(len(texts)), key=lambda i: len(sequences[i]))
-        vocab_size = int(lm.model.get_output_embeddings().weight.shape[0])
-        start = 0
-        while start < len(order):
-            longest = len(sequences[order[start]])
-            size = 1
-            while start + size < len(order):  # as many as fit READ_LOGITS at the batch's longest length
-                longest = len(sequences[order[start + size]])
-                if (size + 1) * longest * vocab_size > READ_LOGITS:
-                    break
-                size += 1
-            rows = order[start:start + size]
-            self._read_batch([texts[i] for i in rows], [sequences[i] for i in rows])
-            start += size
+        ids, mask, lengths = ids.to(lm.device), mask.to(lm.device), lengths.to(lm.device)
+        return lm.model(input_ids=ids, attention_mask=mask).logits.float(), ids, mask, lengths
 
     def _read_batch(self, texts: list[str], sequences: list[list[int]]) -> None:
         lm = self.lm
-        device = lm.device
-        lengths = torch.tensor([len(seq) for seq in sequences])  # the start token and the text's tokens
-        rows, width = len(sequences), int(lengths.max())
-        ids = torch.full((rows, width), lm.start_id, dtype=torch.long)
-        for i, seq in enumerate(sequences):
-            ids[i, :len(seq)] = torch.tensor(seq)
-        mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
-        ids, mask, lengths = ids.to(device), mask.to(device), lengths.to(device)
-        logits = lm.model(input_ids=ids, attention_mask=mask).logits.float()  # (B, T, V)
+        logits, ids, mask, lengths = self._logits(sequences)  # (B, T, V)
+        rows = len(sequences)
         norm = torch.logsumexp(logits, dim=-1)  # (B, T)
         tokens = logits[:, :-1].gather(-1, ids[:, 1:, None])[..., 0] - norm[:, :-1]  # (B, T-1): each next token
         totals = (tokens * mask[:, 1:]).sum(-1).tolist()
-        arange = torch.arange(rows, device=device)
+        arange = torch.arange(rows, device=lm.device)
         last = logits[arange, lengths - 1] - norm[arange, lengths - 1][:, None]  # (B, V): after the whole text
         ends = last[:, lm.end_id].tolist() if lm.end_id is not None else [None] * rows
         proposals = self.proposals(last, (lengths == 1).tolist())

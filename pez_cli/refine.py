@@ -222,4 +222,3 @@ def refine(opt: PromptOptimizer, bests: list[Best]) -> list[Best]:
             current[p] = tok.encode(text)
             bests[p] = Best.scored(current[p], score.similarity, bests[p].step, text, score)
     return bests
-
