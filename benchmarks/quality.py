@@ -61,7 +61,7 @@ HELDOUT_SEED = 20_000
 class Config:
     name: str
     prompt_len: int = 16
-    steps: int = 300
+    steps: int | None = 300  # None: pez's default (1000; with the language prior, fewer)
     restarts: int = 1
     ascii_only: bool = False
     vocab: str = "all"
@@ -192,7 +192,7 @@ def run_config(cfg: Config, loaded, scenes, scorer: Scorer, seed: int) -> list[R
                        model=[m for m, _ in spaces], lm=lm).solve([t])[0] for t, draft in zip(targets, drafts)]
     else:
         results = pez.solve(targets, on_progress=snapshot if snapshots else None)
-    add(cfg.name, cfg.steps, results, time.perf_counter() - start - paused[0])
+    add(cfg.name, pez.settings.steps, results, time.perf_counter() - start - paused[0])
     return rows
 
 
@@ -388,8 +388,9 @@ def miss_rate(prompts: list[str], scenes: list[world.Scene], loaded, feats, lm, 
     return sum(t > p + 1e-6 for t, p in zip(truth, printed)) / len(scenes)
 
 
-def prior_configs(weights: list[float], lengths: list[int], steps: int) -> list[Config]:
-    """No prior, then the default weight and its multiples, each at every prompt length."""
+def prior_configs(weights: list[float], lengths: list[int], steps: int | None) -> list[Config]:
+    """No prior, then the default weight and its multiples, each at every prompt length; steps
+    None: each at pez's default steps (the prior's loop is shorter)."""
     default = Settings.lm_weight
     out = [Config("no prior (--no-lm)", prompt_len=lengths[0], steps=steps, vocab="words", refine=3)]
     for length in lengths:
@@ -428,7 +429,8 @@ def run_world(spec: WorldSpec, args, judge, judge_report, log) -> dict:
     weights = [float(w) for w in args.weights.split(",")]
     lengths = [int(n) for n in args.lengths.split(",")]
     rows = []
-    for cfg in prior_configs(weights, lengths, max(1, int(args.prior_steps * args.steps_scale))):
+    steps = max(1, int(args.prior_steps * args.steps_scale)) if args.prior_steps is not None else None
+    for cfg in prior_configs(weights, lengths, steps):
         if args.only and not any(w in cfg.name for w in args.only.split(",") if w):
             continue
         log(f"world {spec.name}: {cfg.name}")
@@ -446,14 +448,14 @@ def run_world(spec: WorldSpec, args, judge, judge_report, log) -> dict:
 def world_table(found: dict) -> str:
     lines = [f"World {found['world']} ({found['about']}; CLIP logit scale {found['logit_scale']:.1f}, "
              f"{found['scenes']} scenes):", "",
-             "| configuration | len | judge | recall | fluency | miss | s/image | prompt (scene 1) |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+             "| configuration | len | steps | judge | recall | fluency | miss | s/image | prompt (scene 1) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in found["rows"]:
         miss = f"{r.miss:.2f}" if r.miss is not None else ""
-        lines.append(f"| {r.name} | {r.prompt_len} | **{r.judge:.3f}** | {r.recall:.2f} | {r.fluency:.2f} | {miss} | "
-                     f"{r.seconds_per_image:.2f} | {r.prompts[0]} |")
+        lines.append(f"| {r.name} | {r.prompt_len} | {r.steps} | **{r.judge:.3f}** | {r.recall:.2f} | {r.fluency:.2f} | "
+                     f"{miss} | {r.seconds_per_image:.2f} | {r.prompts[0]} |")
     for ref in found["references"]:
-        lines.append(f"| {ref['name']} | | **{ref['judge']:.3f}** | {ref['recall']:.2f} | {ref['fluency']:.2f} | | | "
+        lines.append(f"| {ref['name']} | | | **{ref['judge']:.3f}** | {ref['recall']:.2f} | {ref['fluency']:.2f} | | | "
                      f"{ref['example']} |")
     verdict = prior_verdict(found)
     if verdict:
@@ -527,7 +529,8 @@ def main(argv=None):
                     + ", ".join(f"{k}: {w.about}" for k, w in WORLDS.items()) + ")")
     ap.add_argument("--weights", default="0.3,1,3", help="--worlds: multiples of the default --lm-weight")
     ap.add_argument("--lengths", default="24", help="--worlds: prompt lengths (comma-separated)")
-    ap.add_argument("--prior-steps", type=int, default=1000, help="--worlds: optimization steps")
+    ap.add_argument("--prior-steps", type=int, help="--worlds: optimization steps of every row (default: pez's "
+                    "default for each row, 1000 without the prior and 100 with it)")
     ap.add_argument("--text-arch", default="ViT-B-32", help="architecture for the known-target table")
     ap.add_argument("--text-steps", type=int, help="steps for the known-target table (default 300, quick 50)")
     ap.add_argument("--steps-scale", type=float, default=1.0, help=argparse.SUPPRESS)  # tests: shrink every step count

@@ -133,6 +133,7 @@ class Pez:
 
             settings, lm, note = settings_with_lm(settings, lm)
             self.notes += [note] if note else []
+        settings = dataclasses.replace(settings, steps=settings.loop_steps)  # the language model is decided
         specs = settings.models()
         given = [model] if isinstance(model, LoadedModel) else list(model or [])
         self.device, precision = compute_on(given[0].device if given else settings.device, settings.precision)

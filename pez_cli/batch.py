@@ -307,6 +307,7 @@ class BatchJob:
 
             self.settings, self.lm_source, note = settings_with_lm(self.settings)
             self.notes = [note] if note else []
+        self.settings = replace(self.settings, steps=self.settings.loop_steps)  # the language model is decided
         # What a --vocab FILE and local models hold, read once here: changed content means
         # changed settings, so their rows are not done.
         self.settings = with_contents(self.settings)

@@ -26,12 +26,12 @@ import torch
 from pez_cli.lm import Growing
 from pez_cli.optimize import Best, PromptOptimizer
 
-# Next words the language model proposes per beam and length. With the default 16 beams, 12 words
-# judged better than 32 beams of 8 on the three mini worlds (docs/language-prior.md), for three
-# quarters of CLIP's cost and half the language model's; 6 words lost 0.1 of judge.
+# Next words the language model proposes per beam and length. 16 beams of 12 words judged better
+# than 32 beams of 8 on the three mini worlds (docs/language-prior.md), and 6 words lost 0.1 of
+# judge; the default is now 64 beams of 12.
 BEAM_WORDS = 12
 # Keys and values the beams of one pass may hold (bytes): problems are searched in groups small
-# enough for this (ViT-H-14, 16 beams, 24 words: 13 problems at a time).
+# enough for this (ViT-H-14, 64 beams, 24 words: 3 problems at a time).
 BEAM_STATE_BYTES = 1 << 30
 # A beam's objective from its grown features may differ from its text's in the last digits, and
 # its text may read as other tokens: the beams within CLOSE of a problem's best (at most

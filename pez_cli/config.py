@@ -33,6 +33,11 @@ MAX_SEED = 2**64 - 1
 VOCAB_KINDS = ("all", "words")
 # prompt_len when neither a flag, a config file nor a preset sets one, by kind of target.
 PROMPT_LEN_DEFAULTS = {"image": 16, "text": 8}
+# steps when no flag, config file or preset sets them: the paper's loop alone plateaus near 1000;
+# with the language prior the beam and refinement write the prompt (on three benchmark worlds
+# the printed prompts were the same after 50 loop steps as after 1000: docs/language-prior.md),
+# so its loop runs 100 and the time goes to the beam.
+STEPS_DEFAULT, PRIOR_STEPS_DEFAULT = 1000, 100
 # --lm values that are not a model: the preset's language model when it can be loaded, or none.
 LM_AUTO, LM_NONE = "auto", "none"
 # The language model `--lm auto` loads where a preset names none: small (135 M parameters, 270 MB
@@ -83,8 +88,9 @@ class Settings:
         help="Stable Diffusion for --render: a hub id or a local diffusers folder.")
     prompt_len: int | None = setting(  # paper: 16; None: PROMPT_LEN_DEFAULTS by kind of target
         None, minimum=1, shown_default="16; distill: 8", panel="Optimization", help="Tokens in the prompt.")
-    steps: int = setting(  # paper: 3000; quality plateaus long before
-        1000, minimum=1, panel="Optimization", help="Optimization steps.")
+    steps: int | None = setting(  # paper: 3000; quality plateaus long before. None: loop_steps decides
+        None, minimum=1, shown_default=f"{STEPS_DEFAULT}; {PRIOR_STEPS_DEFAULT} with the language prior",
+        panel="Optimization", help="Optimization steps of the PEZ loop.")
     lr: float = setting(0.1, above=0, panel="Optimization", help="AdamW learning rate.")  # paper: 0.1
     weight_decay: float = setting(0.1, minimum=0, panel="Optimization", help="AdamW weight decay.")  # paper: 0.1
     restarts: int = setting(  # paper: prompt_bs 1
@@ -139,8 +145,8 @@ class Settings:
         panel="Vocabulary and priors",
         help="Weight of the language model's fluency (its mean log-probability per token, in nats) against "
              "CLIP's logit (its logit scale times the cosine); 0 turns the language model off.")
-    beam: int = setting(  # docs/language-prior.md: 16 beams of 12 words beat 32 of 8, for less
-        16, minimum=0, needs="lm", metavar="N",
+    beam: int = setting(  # docs/language-prior.md: 64 beams paid by the prior's shorter loop
+        64, minimum=0, needs="lm", metavar="N",
         panel="Vocabulary and priors",
         help="With --lm: beams of a left-to-right search in which the language model proposes each next word "
              "and the objective ranks the texts; its best text joins refinement. 0: off.")
@@ -211,6 +217,15 @@ class Settings:
         return self.lm not in (None, "", LM_NONE) and self.lm_weight > 0
 
     @property
+    def loop_steps(self) -> int:
+        """The loop's steps: --steps, or the default for whether a language model takes part
+        (STEPS_DEFAULT, PRIOR_STEPS_DEFAULT). Front ends fill it in once the language model is
+        decided (an --lm auto that finds none runs plain PEZ's steps)."""
+        if self.steps is not None:
+            return self.steps
+        return PRIOR_STEPS_DEFAULT if self.uses_lm else STEPS_DEFAULT
+
+    @property
     def lm_name(self) -> str | None:
         """The language model to load: --lm, or for auto the preset's; None when off."""
         if not self.uses_lm:
@@ -229,7 +244,9 @@ class Settings:
                 return self.uses_lm
             return f.metadata["needs"] is None or getattr(self, f.metadata["needs"]) is not None
 
-        return {f.name: _plain(getattr(self, f.name)) for f in fields(self) if decides(f)}
+        # steps: the steps run, also where the default decided them
+        return {f.name: _plain(self.loop_steps if f.name == "steps" else getattr(self, f.name))
+                for f in fields(self) if f.name == "steps" or decides(f)}
 
 
 def canonical_model(spec: str) -> str:
@@ -532,7 +549,7 @@ def presets_overview() -> list[dict[str, Any]]:
         settings = resolve(preset=name).settings.for_target("image")
         rows.append({
             "name": name or "(defaults)", "model": settings.model_label, "sd_model": sd_model_for_settings(settings),
-            "prompt_len": settings.prompt_len, "steps": settings.steps,
+            "prompt_len": settings.prompt_len, "steps": settings.loop_steps,
             "description": preset_info(name).get("description", "") if name else "used when no --preset is given",
         })
     return rows

@@ -3,7 +3,7 @@
 pez_cli/demo_world/ holds a CLIP trained on benchmarks/world.py's synthetic scenes (shapes,
 colours, positions, each picture with its exact caption; fp16 safetensors in the `local-dir:`
 layout), that world's language model (a tiny GPT-2 with its own word-level tokenizer) and a few
-scenes neither model was trained on. `run_demo` inverts each scene with pez's defaults but DEMO_STEPS steps
+scenes neither model was trained on. `run_demo` inverts each scene with pez's defaults (DEMO_STEPS steps without the language model)
 (plus the language prior when transformers is installed) and scores the recovered prompt and the scene's
 true caption with the same CLIP. `benchmarks/world.py --export-demo` writes the folder.
 """
@@ -53,16 +53,16 @@ def lm_available() -> bool:
     return importlib.util.find_spec("transformers") is not None
 
 
-# The demo's steps: with the language model the beam and refinement write most of the prompt,
-# and 300 steps (the defaults' 1000 take three times as long) keep four scenes within a minute
-# on two CPU cores.
+# The demo's steps without its language model (pez's default there, 1000, takes three times as
+# long for much the same prompts); with it, pez's default.
 DEMO_STEPS = 300
 
 
-def demo_settings(lm: bool = True, seed: int = 0, device: str = "auto", steps: int = DEMO_STEPS) -> Settings:
-    """pez's defaults on the demo world's CLIP (DEMO_STEPS steps), with its language model when `lm`."""
+def demo_settings(lm: bool = True, seed: int = 0, device: str = "auto", steps: int | None = None) -> Settings:
+    """pez's defaults on the demo world's CLIP, with its language model when `lm` (without it,
+    DEMO_STEPS steps unless `steps` says otherwise)."""
     return Settings(model=f"local-dir:{CLIP_DIR}", lm=str(LM_DIR) if lm else None, seed=seed, device=device,
-                    steps=steps).validate()
+                    steps=steps if steps is not None or lm else DEMO_STEPS).validate()
 
 
 def run_demo(settings: Settings, count: int | None = None,

@@ -68,7 +68,10 @@ def test_speed_lm_timing_smoke(tmp_path):
     found = json.loads(out.read_text())["lm"]
     assert [r["run"] for r in found["runs"]] == ["pez", "pez --lm", "pez --lm --steps 1"]
     assert all(r["seconds"] > 0 and r["prompt"] for r in found["runs"]), found
-    assert [r["beam"] for r in found["runs"]] == [0, 16, 16] and "| pez --lm --steps 1 | 1 | 16 |" in run.stdout
+    from pez_cli.config import Settings
+
+    beam = Settings.beam  # the default
+    assert [r["beam"] for r in found["runs"]] == [0, beam, beam] and f"| pez --lm --steps 1 | 1 | {beam} |" in run.stdout
 
 
 @pytest.mark.slow

@@ -33,8 +33,18 @@ def test_defaults_are_paper_except_steps():
     s = Settings().for_target("image")
     assert Settings().for_target("text").prompt_len == 8  # distill's own default
     assert s.model == "ViT-H-14/laion2b_s32b_b79k"
-    assert (s.prompt_len, s.steps, s.lr, s.weight_decay, s.restarts, s.batch_size) == (16, 1000, 0.1, 0.1, 1, 1)
-    assert s.device == "auto"
+    assert (s.prompt_len, s.lr, s.weight_decay, s.restarts, s.batch_size) == (16, 0.1, 0.1, 1, 1)
+    assert Settings(lm="none").loop_steps == 1000 and s.device == "auto"
+
+
+def test_the_loop_runs_fewer_steps_by_default_with_the_language_prior():
+    assert Settings(lm="none").loop_steps == 1000 and Settings(lm_weight=0).loop_steps == 1000  # plain PEZ
+    assert Settings().loop_steps == Settings(lm="gpt2").loop_steps == 100  # the beam writes the prompt
+    assert Settings(steps=7).loop_steps == Settings(lm="none", steps=7).loop_steps == 7  # given: kept
+    assert resolve(preset="fast").settings.loop_steps == 300 and resolve(preset="paper").settings.loop_steps == 3000
+    # The steps run are stored, so plain PEZ's settings id is what it was when 1000 was the default.
+    assert Settings(lm="none").identity() == Settings(lm="none", steps=1000).identity()
+    assert Settings(lm="none").identity()["steps"] == 1000 and Settings().identity()["steps"] == 100
 
 
 def test_precedence_flag_over_config_over_preset_over_default(tmp_path):

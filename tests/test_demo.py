@@ -6,6 +6,7 @@ import pytest
 
 from helpers import assert_one_line_error, run
 from pez_cli import demo as demos
+from pez_cli.config import Settings
 
 
 def test_the_demo_world_ships_complete():
@@ -42,12 +43,15 @@ def test_demo_recovers_readable_prompts_offline(monkeypatch):
     assert quiet.exit_code == 0 and quiet.stderr == ""
 
 
-def test_the_cli_default_steps_are_the_demos():
+def test_the_demo_runs_pez_defaults_with_its_language_model():
     import inspect
 
     from pez_cli.cli.commands import demo
 
-    assert inspect.signature(demo).parameters["steps"].default == demos.DEMO_STEPS
+    assert inspect.signature(demo).parameters["steps"].default is None
+    assert demos.demo_settings(lm=True).loop_steps == Settings(lm="m").loop_steps == 100  # the prior's loop
+    assert demos.demo_settings(lm=False).loop_steps == demos.DEMO_STEPS
+    assert demos.demo_settings(lm=False, steps=7).loop_steps == demos.demo_settings(lm=True, steps=7).loop_steps == 7
 
 
 def test_demo_errors_are_one_line():

@@ -188,6 +188,17 @@ def test_without_the_default_language_model_one_line_says_so_and_the_run_goes_on
                           f"language model '{DEFAULT_LM}' is not in the local cache and offline mode is on")
 
 
+def test_the_loop_runs_plain_pez_steps_when_no_language_model_is_found(tiny_model, lm_dir):
+    from pez_cli.config import DEFAULT_LM
+    from pez_cli.testing import plant_in_hub_cache
+
+    alone = Pez(Settings(model=tiny_model, device="cpu"))  # --lm auto, offline, nothing cached
+    assert (alone.settings.lm, alone.settings.steps, alone.settings.identity()["steps"]) == ("none", 1000, 1000)
+    plant_in_hub_cache(lm_dir, DEFAULT_LM)
+    found = Pez(Settings(model=tiny_model, device="cpu"))
+    assert (found.settings.lm, found.settings.steps, found.settings.identity()["steps"]) == (DEFAULT_LM, 100, 100)
+
+
 def test_export_copies_the_language_model_for_a_machine_without_network(tiny_model, image, lm_dir, tmp_path):
     from pez_cli.config import DEFAULT_LM
     from pez_cli.testing import plant_in_hub_cache

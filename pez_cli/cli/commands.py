@@ -356,7 +356,8 @@ def demo(
                                                   help="How many of the shipped scenes to invert.")] = None,
     lm: Annotated[Optional[bool], typer.Option("--lm/--no-lm", show_default="on when transformers is installed",
                                      help="Use the demo world's language model (needs pez-cli[lm]).")] = None,
-    steps: Annotated[int, typer.Option("--steps", metavar="N", help="Optimization steps per scene.")] = 300,
+    steps: Annotated[Optional[int], typer.Option("--steps", metavar="N", show_default="100; 300 with --no-lm",
+                                                 help="Optimization steps per scene.")] = None,
     seed: Annotated[int, typer.Option("--seed", metavar="N", help="Random seed.")] = 0,
     device: Annotated[str, typer.Option("--device", metavar="DEVICE", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object per scene (JSON Lines) instead of text.")] = False,
@@ -404,7 +405,7 @@ def demo(
     lm_flag = f" --lm {demos.LM_DIR}" if use_lm else ""
     if not quiet:  # on a terminal or not: where the demo's models are is worth keeping in a log
         reporter.warn(f"The numbers are the CLIP's similarity to the image. Same run by hand: pez invert IMAGE "
-                      f"--model local-dir:{demos.CLIP_DIR}{lm_flag} --steps {steps} --seed {seed}. "
+                      f"--model local-dir:{demos.CLIP_DIR}{lm_flag} --steps {settings.loop_steps} --seed {seed}. "
                       "Your own images: pez invert IMAGE (downloads a real CLIP).")
 
 

@@ -600,7 +600,8 @@ def _component(gr, name: str, value: Any):
     if kind == "bool":
         return gr.Checkbox(value=bool(value), **common)
     if kind == "int" and f.default is None:  # a Number cannot be left empty (unset): text
-        return gr.Textbox(value="" if value is None else str(value), placeholder=meta["shown_default"] or "", **common)
+        return gr.Textbox(value="" if value is None else str(value), lines=1, max_lines=1,
+                          placeholder=meta["shown_default"] or "", **common)
     if kind == "int":
         return gr.Number(value=value, precision=0, **common)
     if kind == "float":

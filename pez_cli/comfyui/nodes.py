@@ -26,10 +26,10 @@ def session():
 
 def settings_for(preset: str, model: str, steps: int, prompt_len: int, seed: int, lm: str):
     """The settings a run uses, resolved as `pez invert --preset P --model M ...` resolves them
-    (an empty model or a prompt length of 0: the preset's, or pez's default)."""
+    (an empty model, or steps or a prompt length of 0: the preset's, or pez's default)."""
     from pez_cli.config import resolve
 
-    flags = {"model": model.strip() or None, "steps": steps, "prompt_len": prompt_len or None, "seed": seed,
+    flags = {"model": model.strip() or None, "steps": steps or None, "prompt_len": prompt_len or None, "seed": seed,
              "lm": lm.strip() or None}
     return resolve(None if preset == DEFAULTS else preset, None, flags).settings
 
@@ -68,7 +68,7 @@ def solve(settings, kind: str, images=None, text: str | None = None):
     run and, as ComfyUI expects of a node, raises its interrupt exception."""
     pez = session().pez(settings.for_target(kind))
     targets = pez.text_features([text]) if kind == "text" else pez.image_features(to_pil(images))
-    [result] = pez.solve([targets], kind, on_progress=_progress(settings.steps), stop=_Interrupt())
+    [result] = pez.solve([targets], kind, on_progress=_progress(pez.settings.steps), stop=_Interrupt())
     if result.interrupted:
         import comfy.model_management as mm  # only ComfyUI's interrupt stops a node's run
 
@@ -78,14 +78,16 @@ def solve(settings, kind: str, images=None, text: str | None = None):
 
 def _widgets() -> dict[str, Any]:
     """The settings widgets every node has, with pez's defaults."""
-    from pez_cli.config import preset_names, resolve
+    from pez_cli.config import PRIOR_STEPS_DEFAULT, STEPS_DEFAULT, preset_names, resolve
 
     start = resolve(None, None, {}).settings
     return {
         "preset": ([DEFAULTS, *preset_names()], {"default": DEFAULTS, "tooltip": "pez's named settings (--preset)"}),
         "model": ("STRING", {"default": "", "tooltip": "CLIP (--model): ARCH/TAG, hf-hub:ORG/REPO or local-dir:PATH; "
                                                        "empty: the preset's"}),
-        "steps": ("INT", {"default": start.steps, "min": 1, "max": 100_000, "tooltip": "Optimization steps (--steps)"}),
+        "steps": ("INT", {"default": 0, "min": 0, "max": 100_000,
+                          "tooltip": f"Optimization steps (--steps); 0: the preset's ({STEPS_DEFAULT}; {PRIOR_STEPS_DEFAULT} "
+                                     "with the language model)"}),
         "prompt_len": ("INT", {"default": 0, "min": 0, "max": 75,
                                "tooltip": "Tokens in the prompt (--prompt-len); 0: the preset's (16; distill 8)"}),
         "seed": ("INT", {"default": start.seed, "min": 0, "max": MAX_SEED, "tooltip": "Random seed (--seed)"}),
