@@ -5,7 +5,8 @@ The way of VGD (Kim et al., ICLR 2025): every beam is a text of allowed CLIP who
 each length the language model proposes its likeliest next words after each beam (read with
 its own tokenizer, see lm.py), every extension is ranked by the objective (objective.py) with
 the extension's fluency as the start of a text (its mean log-probability, no end of text yet),
-and the `width` best extensions of each problem go on. Every beam, read as a finished text, is
+and the `width` best extensions of each problem go on: a third of them ranked with that fluency
+weighted ten times, a third three times, the rest as the objective weighs it (FLUENCY_TIERS). Every beam, read as a finished text, is
 a candidate for the printed prompt under the whole objective; each problem's best one replaces
 the loop's best where it scores higher. All problems search together, in batched passes.
 
@@ -38,6 +39,13 @@ BEAM_STATE_BYTES = 1 << 30
 # OFFER_KEEP per problem, the highest) are encoded as text once the search ends and compared exactly.
 CLOSE = 1e-3
 OFFER_KEEP = 8
+# The beams go on in equal shares ranked by CLIP's term plus the fluency of the text so far
+# weighted x10, x3 and x1 (--lm-weight's multiples; heaviest first, each share taking the best
+# the shares before it left): a prefix's fluency says little of the finished text's, and the
+# heavier shares keep well-formed openings alive until the objective can judge them whole. On the
+# three mini worlds (64 scenes each) the miss rate fell from 0.32 to 0.18 on average, the
+# judge from 0.911 to 0.914 (docs/language-prior.md).
+FLUENCY_TIERS = (10.0, 3.0, 1.0)
 # On a CPU, problems searched together at most: larger passes ran slower there (16 images, ViT-B-32:
 # the beam took 40 s in one group of 16, 30 s in groups of 4).
 CPU_GROUP = 4
@@ -117,18 +125,23 @@ def _grow_beams(opt: PromptOptimizer, bests: list[Best], width: int, problems: l
             per_text = objective.similarities_of([f.flatten(0, 1).index_select(0, flat) for f in feats], owners)
         else:
             per_text = objective.similarities(owners, [vocab.decode(beams.ids[b] + [w]) for b, w, _ in grown])
-        ranked: dict[int, list[tuple[float, int]]] = {p: [] for p in problems}
-        for j, (owner, (_, _, start_fluency)) in enumerate(zip(owners, grown)):
-            ranked[owner].append((objective.value(per_text[j], start_fluency), j))
+        by_problem: dict[int, list[int]] = {p: [] for p in problems}
+        for j, owner in enumerate(owners):
+            by_problem[owner].append(j)
+        clip = [objective.clip_value(each) for each in per_text]
         chosen = []
         for p in problems:
             seen: set[tuple[int, ...]] = set()
-            for _, j in sorted(ranked[p], key=lambda r: -r[0]):  # stable: ties keep the proposal order
-                b, w, _ = grown[j]
-                key = (*beams.ids[b], w)
-                if key not in seen and len(seen) < width:
-                    seen.add(key)
-                    chosen.append(j)
+            for share, tier in zip(_shares(width), FLUENCY_TIERS):
+                # stable: ties keep the proposal order
+                for j in sorted(by_problem[p], key=lambda j: -(clip[j] + tier * objective.lm_weight * grown[j][2])):
+                    if len(seen) >= share:
+                        break
+                    b, w, _ = grown[j]
+                    key = (*beams.ids[b], w)
+                    if key not in seen:
+                        seen.add(key)
+                        chosen.append(j)
         parents_of = torch.tensor([grown[j][0] for j in chosen], device=device, dtype=torch.long)
         states = None
         if grows:
@@ -139,6 +152,13 @@ def _grow_beams(opt: PromptOptimizer, bests: list[Best], width: int, problems: l
         beams = _Beams([owners[j] for j in chosen], [beams.ids[grown[j][0]] + [grown[j][1]] for j in chosen],
                        [per_text[j] for j in chosen], states)
         reader.grow([grown[j][0] for j in chosen], [grown[j][1] for j in chosen])
+
+
+def _shares(width: int) -> list[int]:
+    """How many beams there are after each of FLUENCY_TIERS' shares: width split evenly, the
+    last share ending at width."""
+    n = len(FLUENCY_TIERS)
+    return [width * (k + 1) // n for k in range(n - 1)] + [width]
 
 
 def _collect(opt: PromptOptimizer, bests: list[Best], beams: _Beams, texts: list[str], readings,
