@@ -128,13 +128,12 @@ def _grow_beams(opt: PromptOptimizer, bests: list[Best], width: int, problems: l
         by_problem: dict[int, list[int]] = {p: [] for p in problems}
         for j, owner in enumerate(owners):
             by_problem[owner].append(j)
-        clip = [objective.clip_value(each) for each in per_text]
         chosen = []
         for p in problems:
             seen: set[tuple[int, ...]] = set()
             for share, tier in zip(_shares(width), FLUENCY_TIERS):
                 # stable: ties keep the proposal order
-                for j in sorted(by_problem[p], key=lambda j: -(clip[j] + tier * objective.lm_weight * grown[j][2])):
+                for j in sorted(by_problem[p], key=lambda j: -objective.value(per_text[j], grown[j][2], tier)):
                     if len(seen) >= share:
                         break
                     b, w, _ = grown[j]

@@ -116,11 +116,12 @@ class Objective:
         """CLIP's part of the objective: sign * logits (the whole objective without a language model)."""
         return self.sign * self.logits(each)
 
-    def value(self, each: Sequence[float], fluency: float) -> float:
+    def value(self, each: Sequence[float], fluency: float, fluency_scale: float = 1.0) -> float:
         """The objective of a text with these similarities (one per model) and this fluency
-        (ignored without a language model)."""
+        (ignored without a language model). fluency_scale weighs the fluency that many times
+        --lm-weight (the beam ranks some of its beams so: beam.FLUENCY_TIERS); 1: the objective."""
         value = self.clip_value(each)
-        return value + self.lm_weight * fluency if self.fluency is not None else value
+        return value + fluency_scale * self.lm_weight * fluency if self.fluency is not None else value
 
     def score(self, problems: Sequence[int], texts: Sequence[str],
               known: Sequence[Sequence[float] | None] | None = None) -> list[Score]:

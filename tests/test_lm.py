@@ -525,3 +525,20 @@ def test_word_list_errors(tiny_model, image, tmp_path):
     only_blocked.write_text("red\n")
     assert_one_line_error(run("invert", image, "--model", tiny_model, "--vocab", only_blocked, "--block", "re", *FAST), 1,
                           "the blocklist and filters leave no token to choose from")
+
+
+def test_the_beam_ranks_its_shares_with_heavier_fluency_and_the_objective_decides():
+    """The beams go on in shares ranked with the fluency weighted FLUENCY_TIERS times --lm-weight
+    (heaviest first); the last share, and every finished text, by the objective itself."""
+    from types import SimpleNamespace
+
+    from pez_cli import beam
+    from pez_cli.objective import Objective
+
+    assert beam._shares(64) == [21, 42, 64] and beam._shares(2) == [0, 1, 2] and beam._shares(1)[-1] == 1
+    assert beam.FLUENCY_TIERS[-1] == 1.0 and list(beam.FLUENCY_TIERS) == sorted(beam.FLUENCY_TIERS, reverse=True)
+    space = SimpleNamespace(weight=1.0, logit_scale=10.0)
+    objective = Objective([space], [torch.zeros(1, 1, 2)], torch.ones(1, 1), 1.0, fluency=object(), lm_weight=2.0)
+    assert objective.value([0.5], -2.0) == 5.0 - 4.0 and objective.value([0.5], -2.0, 3.0) == 5.0 - 12.0
+    plain = Objective([space], [torch.zeros(1, 1, 2)], torch.ones(1, 1), 1.0)  # no language model: CLIP alone
+    assert plain.value([0.5], -2.0, 3.0) == 5.0
