@@ -6,9 +6,10 @@ each length the language model proposes its likeliest next words after each beam
 its own tokenizer, see lm.py), every extension is ranked by the objective (objective.py) with
 the extension's fluency as the start of a text (its mean log-probability, no end of text yet),
 and the `width` best extensions of each problem go on: a third of them ranked with that fluency
-weighted ten times, a third three times, the rest as the objective weighs it (FLUENCY_TIERS). Every beam, read as a finished text, is
-a candidate for the printed prompt under the whole objective; each problem's best one replaces
-the loop's best where it scores higher. All problems search together, in batched passes.
+weighted ten times, a third three times, the rest as the objective weighs it (FLUENCY_TIERS).
+Every beam, read as a finished text, is a candidate for the printed prompt under the whole
+objective; each problem's best one replaces the loop's best where it scores higher. All problems
+search together, in batched passes.
 
 Extensions are scored without encoding their texts again (TextTower.grow): each beam keeps its
 keys and values in every block of each CLIP, and an extension runs two positions (its word and

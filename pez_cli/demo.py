@@ -3,9 +3,10 @@
 pez_cli/demo_world/ holds a CLIP trained on benchmarks/world.py's synthetic scenes (shapes,
 colours, positions, each picture with its exact caption; fp16 safetensors in the `local-dir:`
 layout), that world's language model (a tiny GPT-2 with its own word-level tokenizer) and a few
-scenes neither model was trained on. `run_demo` inverts each scene with pez's defaults (DEMO_STEPS steps without the language model)
-(plus the language prior when transformers is installed) and scores the recovered prompt and the scene's
-true caption with the same CLIP. `benchmarks/world.py --export-demo` writes the folder.
+scenes neither model was trained on. `run_demo` inverts each scene with pez's defaults (plus
+the language prior when transformers is installed; DEMO_STEPS steps without it) and scores the
+recovered prompt and the scene's true caption with the same CLIP. `benchmarks/world.py
+--export-demo` writes the folder.
 """
 
 from __future__ import annotations

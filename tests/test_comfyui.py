@@ -46,9 +46,10 @@ def test_the_pack_declares_its_nodes_as_comfyui_reads_them(pack):
         assert callable(getattr(node(), node.FUNCTION)) and node.CATEGORY == "pez"
         assert len(node.RETURN_TYPES) == len(node.RETURN_NAMES) and node.RETURN_NAMES[-1] == "similarity"
         assert inputs["steps"][1]["default"] == 0 and inputs["lm"][1]["default"] == "auto"  # pez's defaults
-        from pez_cli.comfyui import nodes
-        assert nodes.settings_for(nodes.DEFAULTS, "", 0, 0, 0, "").loop_steps == 100  # with the language model
         assert "sd3" in inputs["preset"][0] and "flux" in inputs["preset"][0]
+    from pez_cli.comfyui import nodes
+
+    assert nodes.settings_for(nodes.DEFAULTS, "", 0, 0, 0, "").loop_steps == 100  # steps 0: the default, with the prior
     assert pack.NODE_CLASS_MAPPINGS["PezInvert"].INPUT_TYPES()["required"]["image"] == ("IMAGE",)
     assert "STRING" == pack.NODE_CLASS_MAPPINGS["PezInvert"].RETURN_TYPES[0]
     # The example workflow wires the node's prompt into CLIP Text Encode with the node's own inputs.
