@@ -22,13 +22,13 @@ import torch
 from PIL import Image
 
 from pez_cli import packing
-from pez_cli.beam import beam_search
+from pez_cli.beam import beam_search, extend
 from pez_cli.config import Settings, settings_id, with_contents
 from pez_cli.errors import Interrupted
 from pez_cli.images import load_image
 from pez_cli.models import LoadedModel, check_shared_vocabulary, compute_on, load_model, resolve_precision
 from pez_cli.objective import Space
-from pez_cli.optimize import Best, PromptOptimizer, check_prompt_len
+from pez_cli.optimize import Best, PromptOptimizer, check_prompt_len, check_t5_len
 from pez_cli.refine import refine
 from pez_cli.vocab import Vocabulary
 
@@ -50,6 +50,7 @@ class PromptResult:
     similarities: dict[str, float]  # each model's own similarity of `prompt`
     fluency: float  # the language model's mean log-probability per token of `prompt` (NaN without --lm)
     objective: float  # what chose `prompt` (objective.py): CLIP's logits plus --lm-weight x fluency
+    t5_prompt: str | None  # --t5-prompt: `prompt`, or a continuation of it the objective prefers, for a T5 encoder
     token_ids: list[int]  # the optimized token ids (without start/end tokens)
     round_trip: bool  # whether re-tokenizing `prompt` gives back exactly `token_ids`
     optimized_similarity: float  # mean cosine of `token_ids` to the targets
@@ -59,7 +60,7 @@ class PromptResult:
     settings: Settings  # what it was computed with (prompt_len filled in)
 
     # Keys of to_dict(), in order: what a result row or a JSON object holds.
-    KEYS = ("prompt", "similarity", "similarities", "fluency", "objective", "token_ids", "round_trip", "optimized_similarity",
+    KEYS = ("prompt", "similarity", "similarities", "fluency", "objective", "t5_prompt", "token_ids", "round_trip", "optimized_similarity",
             "best_step", "steps_done", "interrupted", "model", "lm", "settings_id", "settings")
 
     def to_dict(self, flat: bool = False) -> dict[str, Any]:
@@ -237,6 +238,8 @@ class Pez:
         settings = self.settings.for_target(kind)
         if steps is not None:
             settings = dataclasses.replace(settings, steps=steps).validate()
+        if settings.t5_tokens is not None:
+            check_t5_len(settings.t5_tokens, settings.prompt_len, min(m.context_length for m in self.models))
         if not self.keep_image_tower:
             self.release_image_tower()
         self.pack_weights()
@@ -244,6 +247,7 @@ class Pez:
         opt = PromptOptimizer(self.spaces(), targets, settings, self.fluency())
         opt.stop = stop
         bests = None  # after the loop: each problem's best, improved in place by the search after it
+        t5 = None  # --t5-prompt: each problem's best continued
         try:
             while not opt.finished():
                 opt.step()
@@ -258,11 +262,14 @@ class Pez:
             if settings.refine:
                 stage(f"Refining (up to {settings.refine} rounds) ...")
                 refine(opt, bests)
+            if settings.t5_tokens is not None and opt.objective.fluency is not None:
+                stage(f"Writing the T5 prompt (up to {settings.t5_tokens} tokens) ...")
+                t5 = extend(opt, bests, max(settings.beam, 1), settings.t5_tokens)
         except KeyboardInterrupt:
             if opt.step_count == 0:
                 raise Interrupted("interrupted before the first step; no prompt yet") from None
-            return self._finish(opt, interrupted=True, bests=bests)
-        return self._finish(opt, bests=bests)
+            return self._finish(opt, interrupted=True, bests=bests, t5=t5)
+        return self._finish(opt, bests=bests, t5=t5)
 
     def fluency(self):
         """A fresh reader of texts by the language model (its cache lasts one run), or None."""
@@ -272,9 +279,12 @@ class Pez:
 
         return Fluency(self.lm, self.lm_words)
 
-    def _finish(self, opt: PromptOptimizer, interrupted: bool = False, bests: list[Best] | None = None) -> list[PromptResult]:
-        """Results from each problem's best printed prompt (scored as text, not as ids)."""
+    def _finish(self, opt: PromptOptimizer, interrupted: bool = False, bests: list[Best] | None = None,
+                t5: list[Best] | None = None) -> list[PromptResult]:
+        """Results from each problem's best printed prompt (scored as text, not as ids), and its
+        T5 prompt where one was written."""
         bests = opt.best() if bests is None else bests
+        t5 = t5 or [None] * len(bests)
         return [
             PromptResult(
                 prompt=best.prompt,
@@ -282,6 +292,7 @@ class Pez:
                 similarities=dict(zip(self.names, best.printed_each)),
                 fluency=best.fluency,
                 objective=best.objective,
+                t5_prompt=longer.prompt if longer is not None else None,
                 token_ids=best.token_ids,
                 round_trip=self.vocab.round_trips(best.prompt, best.token_ids),
                 optimized_similarity=float(best.similarity),
@@ -290,7 +301,7 @@ class Pez:
                 interrupted=interrupted,
                 settings=opt.settings,
             )
-            for best, steps in zip(bests, opt.steps_done)
+            for best, longer, steps in zip(bests, t5, opt.steps_done)
         ]
 
     # -- jobs ------------------------------------------------------------------------------

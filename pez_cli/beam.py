@@ -74,6 +74,20 @@ def beam_search(opt: PromptOptimizer, bests: list[Best], width: int) -> list[Bes
     return bests
 
 
+def extend(opt: PromptOptimizer, bests: list[Best], width: int, length: int) -> list[Best]:
+    """Each problem's printed prompt (bests[p]) or, where the objective prefers one, a longer text
+    that continues it: the same search started from the prompt instead of from nothing, to at most
+    `length` tokens (--t5-prompt: a prompt for the T5 encoder of FLUX.1 and SD3, which reads more
+    than CLIP's --prompt-len and keeps every word of the CLIP prompt)."""
+    out = list(bests)
+    if opt.objective.fluency is None or width < 1:
+        return out
+    for p, best in enumerate(bests):  # one at a time: the prompts differ in length
+        if best.prompt and len(opt.spaces[0].tokenize(best.prompt)) - 2 < length:
+            _search(opt, out, width, [p], best.prompt, length)
+    return out
+
+
 def group_size(opt: PromptOptimizer, width: int) -> int:
     """Problems searched together: as many as keep their beams' keys and values (full length,
     fp32) within BEAM_STATE_BYTES, and at most CPU_GROUP on a CPU."""
@@ -83,33 +97,39 @@ def group_size(opt: PromptOptimizer, width: int) -> int:
     return min(fits, CPU_GROUP) if opt.spaces[0].vocab.embeddings.device.type == "cpu" else fits
 
 
-def _search(opt: PromptOptimizer, bests: list[Best], width: int, problems: list[int]) -> None:
+def _search(opt: PromptOptimizer, bests: list[Best], width: int, problems: list[int], start: str = "",
+            length: int | None = None, fluency_scale: float = 1.0) -> None:
+    """The beams of `problems`, every one starting with the text `start` (its tokens the same in
+    every CLIP: check_shared_vocabulary), grown to at most `length` tokens (--prompt-len); the
+    finished texts chosen by the objective with the fluency weighted fluency_scale times."""
     spaces = opt.spaces
     grows = all(s.tower.can_grow() for s in spaces)
     device = spaces[0].vocab.embeddings.device
-    beams = _Beams(list(problems), [[] for _ in problems], [[] for _ in problems],
-                   [s.tower.prefix_states(torch.tensor([[s.start_id]] * len(problems), device=device)) for s in spaces]
+    opening = spaces[0].tokenize(start)[:-1] if start else [spaces[0].start_id]  # the start token and start's
+    beams = _Beams(list(problems), [opening[1:] for _ in problems], [[] for _ in problems],
+                   [s.tower.prefix_states(torch.tensor([opening] * len(problems), device=device)) for s in spaces]
                    if grows else None)
-    reader = Growing(opt.objective.fluency, len(problems))
+    reader = Growing(opt.objective.fluency, len(problems), start)
     offered: dict[int, list[tuple[float, str]]] = {p: [] for p in problems}  # min-heaps of (objective, text)
     try:
-        _grow_beams(opt, bests, width, problems, beams, reader, offered)
+        _grow_beams(opt, bests, width, problems, beams, reader, offered, length or opt.settings.prompt_len, fluency_scale)
     finally:  # also on Stop: what was offered so far goes to bests
-        _offer(opt, bests, offered)
+        _offer(opt, bests, offered, fluency_scale)
 
 
 def _grow_beams(opt: PromptOptimizer, bests: list[Best], width: int, problems: list[int], beams: _Beams, reader: Growing,
-                offered: dict[int, list[tuple[float, str]]]) -> None:
+                offered: dict[int, list[tuple[float, str]]], length: int, fluency_scale: float) -> None:
     objective, vocab = opt.objective, opt.vocab
     spaces = opt.spaces
     grows = beams.states is not None
     device = spaces[0].vocab.embeddings.device
-    for depth in range(opt.settings.prompt_len + 1):
+    opening = len(beams.ids[0])  # the tokens every beam starts with: offered only once longer
+    for depth in range(opening, length + 1):
         opt.check_stop()  # what was offered so far stays in bests
         texts = [vocab.decode(ids) for ids in beams.ids]
         readings = reader.readings(texts)
-        _collect(opt, bests, beams, texts, readings, offered)
-        if depth == opt.settings.prompt_len:
+        _collect(opt, bests, beams, texts, readings, offered, opening, fluency_scale)
+        if depth == length:
             break
         grown = [(b, word, (r.total + logp) / (r.count + 1))  # (parent, word, fluency as a start)
                  for b, r in enumerate(readings) for word, logp in r.next[:BEAM_WORDS]]
@@ -162,12 +182,13 @@ def _shares(width: int) -> list[int]:
 
 
 def _collect(opt: PromptOptimizer, bests: list[Best], beams: _Beams, texts: list[str], readings,
-             offered: dict[int, list[tuple[float, str]]]) -> None:
-    """Each beam, read as a finished text, is offered for its problem's best where its objective
-    by its grown features comes within CLOSE of it: each problem keeps its OFFER_KEEP highest."""
+             offered: dict[int, list[tuple[float, str]]], opening: int, fluency_scale: float) -> None:
+    """Each beam longer than the `opening` all beams share, read as a finished text, is offered
+    for its problem's best where its objective by its grown features comes within CLOSE of it:
+    each problem keeps its OFFER_KEEP highest."""
     objective = opt.objective
     for p, ids, each, r, text in zip(beams.owners, beams.ids, beams.each, readings, texts):
-        value = objective.value(each, r.fluency) if ids else None
+        value = objective.value(each, r.fluency, fluency_scale) if len(ids) > opening else None
         if value is not None and value > bests[p].objective - CLOSE:
             heap = offered[p]
             if len(heap) < OFFER_KEEP:
@@ -176,7 +197,8 @@ def _collect(opt: PromptOptimizer, bests: list[Best], beams: _Beams, texts: list
                 heapq.heapreplace(heap, (value, text))
 
 
-def _offer(opt: PromptOptimizer, bests: list[Best], offered: dict[int, list[tuple[float, str]]]) -> None:
+def _offer(opt: PromptOptimizer, bests: list[Best], offered: dict[int, list[tuple[float, str]]],
+           fluency_scale: float) -> None:
     """The offered texts, encoded as text and scored exactly, replace their problem's best where
     their objective is higher."""
     chosen = [(p, text) for p, heap in offered.items() for _, text in sorted(heap, reverse=True)]
@@ -184,5 +206,5 @@ def _offer(opt: PromptOptimizer, bests: list[Best], offered: dict[int, list[tupl
         return
     exact = opt.objective.score([p for p, _ in chosen], [text for _, text in chosen])
     for (p, text), score in zip(chosen, exact):
-        if score.value > bests[p].objective:
+        if opt.objective.value(score.each, score.fluency, fluency_scale) > bests[p].objective:
             bests[p] = Best.scored(opt.vocab.tokenizer.encode(text), score.similarity, opt.step_count, text, score)

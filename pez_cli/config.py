@@ -150,6 +150,12 @@ class Settings:
         panel="Vocabulary and priors",
         help="With --lm: beams of a left-to-right search in which the language model proposes each next word "
              "and the objective ranks the texts; its best text joins refinement. 0: off.")
+    t5_tokens: int | None = setting(  # None: no T5 prompt (beam.extend writes it; a result's t5_prompt)
+        None, flag_name="--t5-prompt", minimum=1, needs="lm", metavar="N", shown_default="none",
+        panel="Vocabulary and priors",
+        help="Also write a prompt for the T5 encoder of FLUX.1 and SD3 (--render passes it there): the CLIP prompt, "
+             "continued word by word by the language model where the objective prefers a longer text, to at most N "
+             "tokens (more than --prompt-len, at most what CLIP reads). Needs the language model.")
     negative: bool = setting(False, panel="Optimization", help="Find the prompt LEAST like the target (negative loss weight).")
     precision: str = setting(
         "auto", choices=("auto", "fp32", "bf16", "fp16"),
@@ -179,6 +185,10 @@ class Settings:
         check_fields(self)
         self.model = canonical_models(self.model)
         self.lm, self.default_lm = canonical_lm(self.lm), canonical_lm(self.default_lm)
+        if self.t5_tokens is not None and not self.uses_lm:
+            raise ConfigError(f"--t5-prompt {self.t5_tokens} needs the language model, which is off here "
+                              f"(--lm {self.lm}, --lm-weight {self.lm_weight:g})")
+
         self.models()
         if self.vocab not in VOCAB_KINDS:
             if not Path(self.vocab).expanduser().is_file():

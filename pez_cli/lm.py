@@ -470,17 +470,22 @@ class Growing:
     Every proposed word is one token of the language model (WordMap), so a grown text's tokens
     are its parent's and that one. Readings go into the run's Fluency cache, as full reads do."""
 
-    def __init__(self, fluency: Fluency, count: int):
+    def __init__(self, fluency: Fluency, count: int, start: str = ""):
+        """`count` texts, each `start` (a printed prompt; "": empty)."""
         lm = fluency.lm
         self.fluency, self.lm = fluency, lm
         self.spell = fluency.words.spell
         # The kept keys and values: `cache` in newer transformers, `past_key_values` before.
         self.key = "cache" if "cache" in inspect.signature(lm.model.forward).parameters else "past_key_values"
+        ids = [lm.start_id, *(lm.encode([lm_text(start)])[0] if start else [])]
         with torch.no_grad():
-            out = lm.model(input_ids=torch.full((count, 1), lm.start_id, device=lm.device), use_cache=True)
+            out = lm.model(input_ids=torch.tensor([ids] * count, device=lm.device), use_cache=True)
         self.cache = out[self.key]
-        self.last = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (texts, V): after each text
-        self.totals, self.counts = [0.0] * count, [0] * count
+        logp = torch.log_softmax(out.logits[0].float(), dim=-1)  # (len, V): after each of start's tokens
+        self.last = logp[-1:].expand(count, -1).clone()  # (texts, V): after each text
+        steps = torch.arange(len(ids) - 1, device=logp.device)
+        total = float(logp[steps, torch.tensor(ids[1:], device=logp.device)].sum()) if start else 0.0
+        self.totals, self.counts = [total] * count, [len(ids) - 1] * count
 
     def readings(self, texts: Sequence[str]) -> list[Reading]:
         """The current texts' readings (texts: their printed form, the Fluency cache's key)."""

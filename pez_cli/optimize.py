@@ -79,6 +79,14 @@ def check_prompt_len(prompt_len: int, context_length: int) -> None:
         raise ConfigError(f"prompt_len must be between 1 and {limit} for this model, got {prompt_len}")
 
 
+def check_t5_len(t5_len: int, prompt_len: int, context_length: int) -> None:
+    """--t5-prompt continues the prompt: it must be longer than the prompt and fit the model's context."""
+    limit = context_length - 2
+    if not prompt_len < t5_len <= limit:
+        raise ConfigError(f"--t5-prompt must be more than --prompt-len ({prompt_len}) and at most {limit} for this "
+                          f"model, got {t5_len}")
+
+
 def check_memory(prompts: int, length: int, width: int, tower: TextTower, device: torch.device) -> None:
     """Refuse, before allocating anything, a run whose prompts cannot fit the device: a lower
     bound of what one step holds (the prompt, its gradient and AdamW's two moments, and the

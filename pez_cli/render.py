@@ -97,8 +97,11 @@ class RenderOptions:
         model family's steps and guidance where not given), validated, and the render extra
         checked: a missing one fails before any optimizing."""
         check_installed()
-        return replace(self, sd_model=self.sd_model or sd_model_for_settings(settings),
+        done = replace(self, sd_model=self.sd_model or sd_model_for_settings(settings),
                        seed=settings.seed if self.seed is None else self.seed).with_family_defaults().validate()
+        if settings.t5_tokens is not None and family(done.sd_model) not in T5_ARGUMENT:
+            raise RenderError(f"--t5-prompt is for FLUX.1 and SD3 (--preset flux or sd3); {done.sd_model} has no T5 encoder")
+        return done
 
     def with_family_defaults(self) -> "RenderOptions":
         """Steps and guidance, where not given, as the Stable Diffusion model's family renders best."""
@@ -110,6 +113,9 @@ class RenderOptions:
 # Each family's render steps and guidance: Stable Diffusion 1.x/2.x/XL as the paper renders,
 # FLUX.1 and SD3 as their model cards advise (schnell is distilled to 4 steps, no guidance).
 FAMILY_DEFAULTS = {"sd": (25, 9.0), "flux-schnell": (4, 0.0), "flux": (28, 3.5), "sd3": (28, 4.5)}
+# The pipeline argument that takes the T5 encoder's prompt (--t5-prompt), by family: FLUX.1's
+# prompt_2, SD3's prompt_3 (its prompt_2 is the second CLIP's). Stable Diffusion 1.x/2.x/XL has no T5.
+T5_ARGUMENT = {"flux-schnell": "prompt_2", "flux": "prompt_2", "sd3": "prompt_3"}
 
 
 @functools.lru_cache(maxsize=8)
@@ -210,8 +216,10 @@ class Renderer:
         sample = unet.config.sample_size if unet is not None else self.pipe.default_sample_size
         return int(sample) * int(self.pipe.vae_scale_factor)
 
-    def render(self, prompt: str, on_step: Callable[[int, int], None] | None = None) -> list[Image.Image]:
-        """`images` renders of `prompt`, render i from seed + i (deterministic on one device)."""
+    def render(self, prompt: str, on_step: Callable[[int, int], None] | None = None,
+               t5_prompt: str | None = None) -> list[Image.Image]:
+        """`images` renders of `prompt`, render i from seed + i (deterministic on one device);
+        t5_prompt, where given, goes to the T5 encoder of FLUX.1 and SD3 (T5_ARGUMENT)."""
         import torch
 
         o = self.options
@@ -221,6 +229,11 @@ class Renderer:
         total = o.steps * o.images
         done = {"n": 0}
         out: list[Image.Image] = []
+        extra = {}
+        if t5_prompt:
+            if family(o.sd_model) not in T5_ARGUMENT:
+                raise RenderError(f"{o.sd_model} has no T5 encoder for a T5 prompt")
+            extra[T5_ARGUMENT[family(o.sd_model)]] = t5_prompt
 
         def callback(pipe, step, timestep, kwargs):
             done["n"] += 1
@@ -233,7 +246,7 @@ class Renderer:
                 result = self.pipe(
                     prompt, negative_prompt=o.negative_prompt or None, num_inference_steps=o.steps,
                     guidance_scale=o.guidance, height=size, width=size, generator=gen,
-                    callback_on_step_end=callback,
+                    callback_on_step_end=callback, **extra,
                 )
                 out.extend(result.images)
         except Exception as e:
@@ -445,25 +458,27 @@ def contact_sheet(
 
 def render_prompt(options: RenderOptions, prompt: str, device: torch.device,
                   on_status: Callable[[str], None] = lambda m: None,
-                  on_step: Callable[[int, int], None] | None = None) -> tuple[list[Image.Image], list[Path]]:
-    """Render a prompt and save the PNGs into options.out_dir. Returns the images and paths."""
+                  on_step: Callable[[int, int], None] | None = None,
+                  t5_prompt: str | None = None) -> tuple[list[Image.Image], list[Path]]:
+    """Render a prompt (and, for FLUX.1 and SD3, a T5 prompt) and save the PNGs into
+    options.out_dir. Returns the images and paths."""
     on_status(f"Loading {options.sd_model} ...")
     renderer = Renderer(options, device)
     try:
-        images = renderer.render(prompt, on_step=on_step)
-        return images, save_renders(renderer, prompt, images, options.out_dir)
+        images = renderer.render(prompt, on_step=on_step, t5_prompt=t5_prompt)
+        return images, save_renders(renderer, prompt, images, options.out_dir, {"t5_prompt": t5_prompt} if t5_prompt else None)
     finally:
         renderer.close()
 
 
 def render_and_judge(options: RenderOptions, prompt: str, originals: Sequence[Image.Image], device: torch.device,
                      judge_model: str, on_status: Callable[[str], None] = lambda m: None,
-                     on_step: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+                     on_step: Callable[[int, int], None] | None = None, t5_prompt: str | None = None) -> dict[str, Any]:
     """Render `prompt`, score the renders against the originals with a judge CLIP, write the
     PNGs and a contact sheet (never over an earlier one). Returns what to report. When the
     judge cannot be loaded the renders and a sheet without scores are still written, and the
     ModelError raised carries them as `partial`."""
-    images, paths = render_prompt(options, prompt, device, on_status, on_step)
+    images, paths = render_prompt(options, prompt, device, on_status, on_step, t5_prompt)
     on_status(f"Scoring renders with {judge_model} ...")
     try:
         scores, failure = judge(judge_model, originals, images, device), None
@@ -472,7 +487,8 @@ def render_and_judge(options: RenderOptions, prompt: str, originals: Sequence[Im
     buffer = io.BytesIO()
     contact_sheet(originals, images, prompt, scores).save(buffer, format="PNG")
     sheet = write_new(options.out_dir, f"{slug(prompt)}-seed{options.seed}-sheet", ".png", buffer.getvalue())
-    done = {"rendered_prompt": prompt, "sd_model": options.sd_model, "renders": [str(p) for p in paths],
+    done = {"rendered_prompt": prompt, **({"rendered_t5_prompt": t5_prompt} if t5_prompt else {}),
+            "sd_model": options.sd_model, "renders": [str(p) for p in paths],
             "contact_sheet": str(sheet), "render_similarity": scores}
     if failure is not None:
         error = ModelError(f"{failure}; the renders and a contact sheet without scores are in {options.out_dir}")

@@ -14,7 +14,7 @@ os.environ["OMP_NUM_THREADS"] = "1"
 
 import pytest  # noqa: E402
 
-from helpers import make_image  # noqa: E402
+from helpers import LM_SENTENCES, LM_WORDS, make_image  # noqa: E402
 from pez_cli.testing import save_tiny_clip  # noqa: E402
 
 
@@ -57,6 +57,15 @@ def sd_dir(tmp_path_factory) -> Path:
     from pez_cli.testing import save_tiny_sd
 
     return save_tiny_sd(tmp_path_factory.mktemp("sd") / "tiny-sd")
+
+
+@pytest.fixture(scope="session")
+def lm_dir(tmp_path_factory) -> Path:
+    """A tiny GPT-2 trained briefly on LM_SENTENCES (it reads them as likelier than their
+    shuffles), built once for the whole run: the --lm folder of every test that needs one."""
+    from pez_cli.testing import save_tiny_lm
+
+    return save_tiny_lm(tmp_path_factory.mktemp("lm") / "gpt2", words=LM_WORDS, texts=LM_SENTENCES, steps=150)
 
 
 @pytest.fixture

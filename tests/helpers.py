@@ -19,6 +19,10 @@ from pez_cli.cli import app
 
 runner = CliRunner()
 
+# What the tiny language model of the tests (conftest's lm_dir) is trained on, and its words.
+LM_SENTENCES = ["a red cat on the mat", "a blue dog on the mat", "a red dog", "a blue cat , a red dog", "the cat on a mat"]
+LM_WORDS = sorted({w for s in LM_SENTENCES for w in s.split()})
+
 
 def run(*args, input=None, env=None):
     """Invoke `pez ARGS...` in-process; every argument is turned into a string."""

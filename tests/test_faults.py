@@ -250,7 +250,7 @@ def test_ctrl_c_while_rendering_keeps_the_prompt_and_sheets_are_never_replaced(t
     assert run(*base).exit_code == 0 and run(*base).exit_code == 0
     assert len(list((tmp_path / "r").glob("*-sheet*.png"))) == 2  # the second run did not replace the first
 
-    def interrupted(self, prompt, on_step=None):
+    def interrupted(self, prompt, on_step=None, t5_prompt=None):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(rendering.Renderer, "render", interrupted)

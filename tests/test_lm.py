@@ -8,20 +8,13 @@ import sys
 import pytest
 import torch
 
+from helpers import LM_WORDS as WORDS
 from helpers import assert_one_line_error, make_image, rows_of, run, unreachable_hub_env
 from pez_cli.api import Pez
 from pez_cli.config import Settings
-from pez_cli.testing import save_tiny_clip, save_tiny_lm
+from pez_cli.testing import save_tiny_clip
 
-SENTENCES = ["a red cat on the mat", "a blue dog on the mat", "a red dog", "a blue cat , a red dog", "the cat on a mat"]
-WORDS = sorted({w for s in SENTENCES for w in s.split()})
 FAST = ["--steps", "12", "--prompt-len", "5", "--device", "cpu"]
-
-
-@pytest.fixture(scope="module")
-def lm_dir(tmp_path_factory):
-    """A tiny GPT-2 trained briefly on SENTENCES: it reads them as likelier than their shuffles."""
-    return save_tiny_lm(tmp_path_factory.mktemp("lm") / "gpt2", words=WORDS, texts=SENTENCES, steps=150)
 
 
 @pytest.fixture(scope="module")
@@ -112,29 +105,34 @@ def test_the_language_model_reads_words_by_the_vocabularys_one_rule(load_tiny):
         assert _is_word(vocab, token) == word_shape(vocab.tokenizer, token, text) == expected, text
 
 
-def test_growing_texts_read_as_the_whole_texts_do(lm_dir, load_tiny):
+@pytest.mark.parametrize("start", ["", "a red cat"])
+def test_growing_texts_read_as_the_whole_texts_do(lm_dir, load_tiny, start):
     """The beam's reader (lm.Growing) reads each grown text from its parent's kept keys and
     values: the same log-probabilities, end-of-text probability and proposals as reading the
-    whole text, also where two texts grow from one parent."""
+    whole text, also where two texts grow from one parent; and so when the texts start from a
+    given text (--t5-prompt's search starts from the printed prompt), that text included."""
     from pez_cli.lm import Fluency, Growing, WordMap, load_lm
 
     lm = load_lm(str(lm_dir), torch.device("cpu"))
     model = load_tiny()
     vocab = Pez(Settings(model=model.name, device="cpu", lm="none"), model=model).vocab
     words = WordMap.build(lm, vocab)
-    growing, whole = Growing(Fluency(lm, words), 2), Fluency(lm, words)
-    ids: list[list[int]] = [[], []]
-    for parents, picks in (([0, 0], [0, 1]), ([0, 1], [0, 0]), ([1, 0], [2, 0]), ([0, 1], [0, 1])):
-        readings = growing.readings([vocab.decode(i) for i in ids])
-        chosen = [readings[p].next[k][0] for p, k in zip(parents, picks)]
-        growing.grow(parents, chosen)
-        ids = [ids[p] + [w] for p, w in zip(parents, chosen)]
+    growing, whole = Growing(Fluency(lm, words), 2, start), Fluency(lm, words)
+    ids: list[list[int]] = [vocab.tokenizer.encode(start)] * 2
+    for parents, picks in ((None, None), ([0, 0], [0, 1]), ([0, 1], [0, 0]), ([1, 0], [2, 0]), ([0, 1], [0, 1])):
+        if parents is not None:
+            readings = growing.readings([vocab.decode(i) for i in ids])
+            chosen = [readings[p].next[k][0] for p, k in zip(parents, picks)]
+            growing.grow(parents, chosen)
+            ids = [ids[p] + [w] for p, w in zip(parents, chosen)]
         texts = [vocab.decode(i) for i in ids]
+        if not start and parents is None:
+            continue  # two empty texts: nothing to read whole
         for got, want in zip(growing.readings(texts), whole.read(texts)):
             assert got.count == want.count and got.total == pytest.approx(want.total, abs=1e-4)
             assert got.end == pytest.approx(want.end, abs=1e-4)
             assert [w for w, _ in got.next[:3]] == [w for w, _ in want.next[:3]]
-    assert len(set(texts)) == 2 and all(len(t.split()) == 4 for t in texts)
+    assert len(set(texts)) == 2 and all(t.startswith(start) and len(t.split()) == len(start.split()) + 4 for t in texts)
 
 
 @pytest.mark.slow
@@ -442,22 +440,26 @@ def test_stop_during_the_search_keeps_what_it_chose(tiny_model, load_tiny, lm_di
 
 def test_lm_through_style_distill_batch_and_two_clips(tiny_model, second_clip, lm_dir, images, tmp_path):
     lm = ["--lm", lm_dir, "--lm-weight", "0.5"]
-    styled = run("style", *images, "--model", tiny_model, *lm, *FAST, "--template", "a tiger in the style of {}")
+    styled = run("style", *images, "--model", tiny_model, *lm, *FAST, "--template", "a tiger in the style of {}",
+                 "--t5-prompt", "8")
     assert styled.exit_code == 0, styled.stderr
-    prompt, filled = styled.stdout.splitlines()
-    assert filled == f"a tiger in the style of {prompt}"
+    prompt, filled, t5 = styled.stdout.splitlines()  # --t5-prompt's line last
+    assert filled == f"a tiger in the style of {prompt}" and t5.startswith(prompt)
     distilled = run("distill", "a red cat on the mat", "--model", tiny_model, *lm, *FAST, "--json")
     assert distilled.exit_code == 0 and json.loads(distilled.stdout)["fluency"] is not None
     joint = invert(images[0], "--model", tiny_model, "--model", second_clip, *lm, *FAST)
     assert set(joint["similarities"]) == {tiny_model, second_clip} and joint["fluency"] is not None
     out = tmp_path / "rows.jsonl"
+    lm += ["--t5-prompt", "8"]
     done = run("batch", *images[:2], "--out", out, "--model", tiny_model, *lm, *FAST)
     assert done.exit_code == 0, done.stderr
     rows = rows_of(out)
     assert [r["settings"]["lm"] for r in rows] == [str(lm_dir)] * 2
+    assert [r["settings"]["t5_tokens"] for r in rows] == [8] * 2
     for row, path in zip(rows, images[:2]):  # each image's row is what `pez invert` gives it alone
         alone = invert(path, "--model", tiny_model, *lm, *FAST)
-        assert (row["prompt"], row["fluency"]) == (alone["prompt"], alone["fluency"])
+        assert (row["prompt"], row["fluency"], row["t5_prompt"]) == (alone["prompt"], alone["fluency"], alone["t5_prompt"])
+        assert row["t5_prompt"].startswith(row["prompt"])
 
 
 def test_lm_from_the_environment_and_a_config_file(tiny_model, lm_dir, image, tmp_path):
@@ -542,3 +544,40 @@ def test_the_beam_ranks_its_shares_with_heavier_fluency_and_the_objective_decide
     assert objective.value([0.5], -2.0) == 5.0 - 4.0 and objective.value([0.5], -2.0, 3.0) == 5.0 - 12.0
     plain = Objective([space], [torch.zeros(1, 1, 2)], torch.ones(1, 1), 1.0)  # no language model: CLIP alone
     assert plain.value([0.5], -2.0, 3.0) == 5.0
+
+
+# -- --t5-prompt ------------------------------------------------------------------------------
+def test_the_t5_prompt_continues_the_prompt_where_the_objective_prefers_it():
+    """On the demo world, with CLIP's prompt cut short (8 tokens), the T5 prompt is that prompt
+    continued (every word kept, at most --t5-prompt tokens) to a text the objective scores higher;
+    without --t5-prompt there is none."""
+    import dataclasses
+
+    from pez_cli.demo import demo_settings, scenes
+
+    settings = dataclasses.replace(demo_settings(device="cpu"), prompt_len=8, t5_tokens=24).validate()
+    pez = Pez(settings)
+    for scene in scenes()[:2]:
+        target = pez.image_features([scene.image])
+        [r] = pez.solve([target])
+        reader = pez.fluency()
+        t5_similarity = float((pez.text_features([r.t5_prompt]) @ target.T).mean())
+        t5_objective = pez.model.logit_scale * t5_similarity + settings.lm_weight * reader.of([r.t5_prompt])[0]
+        assert r.t5_prompt.startswith(r.prompt + " "), (r.prompt, r.t5_prompt)
+        assert len(pez.model.tokenize(r.prompt)) - 2 <= 8 < len(pez.model.tokenize(r.t5_prompt)) - 2 <= 24
+        assert t5_objective > r.objective, (r.prompt, r.t5_prompt)
+    plain = Pez(dataclasses.replace(settings, t5_tokens=None), model=pez.models, lm=pez.lm)
+    assert plain.solve([target])[0].t5_prompt is None
+
+
+def test_t5_prompt_errors(tiny_model, image, lm_dir, sd_dir):
+    """--t5-prompt without the language model, no longer than the prompt or longer than CLIP
+    reads, or for a Stable Diffusion model without T5: one line, before any optimizing."""
+    assert_one_line_error(run("invert", image, "--model", tiny_model, "--lm", "none", "--t5-prompt", "8"),
+                          1, r"--t5-prompt 8 needs the language model, which is off here \(--lm none")
+    base = ["invert", image, "--model", tiny_model, "--lm", lm_dir, *FAST]
+    assert_one_line_error(run(*base, "--t5-prompt", "5"), 1, r"--t5-prompt must be more than --prompt-len \(5\)")
+    assert_one_line_error(run(*base, "--t5-prompt", "500"), 1, r"at most \d+ for this model, got 500")
+    pytest.importorskip("diffusers")
+    assert_one_line_error(run(*base, "--t5-prompt", "8", "--render", "--sd-model", sd_dir), 1,
+                          r"--t5-prompt is for FLUX.1 and SD3 .*has no T5 encoder")

@@ -286,23 +286,45 @@ def test_sampler_names_are_a1111s():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("preset, build, steps, guidance", [("flux", save_tiny_flux, 4, "0"), ("sd3", save_tiny_sd3, 28, "4.5")])
-def test_flux_and_sd3_presets_invert_and_render_end_to_end(preset, build, steps, guidance, tiny_model, judge_model, tmp_path):
-    """`pez invert --preset flux|sd3 --render` on tiny random pipelines of those kinds (a transformer
-    in place of a UNet, a T5 beside the CLIPs), with the family's steps and guidance by default."""
+def test_flux_and_sd3_presets_invert_and_render_end_to_end(preset, build, steps, guidance, tiny_model, judge_model, lm_dir,
+                                                         tmp_path):
+    """`pez invert --preset flux|sd3 --render --t5-prompt` on tiny random pipelines of those kinds (a
+    transformer in place of a UNet, a T5 beside the CLIPs), with the family's steps and guidance
+    by default; the T5 prompt is rendered with the CLIP prompt and kept in the PNGs."""
     sd = build(tmp_path / f"tiny-{preset}")
     image = make_image(tmp_path / "x.png", (200, 30, 30))
     out = tmp_path / "out"
     result = run("invert", image, "--preset", preset, "--model", tiny_model, "--steps", "3", "--prompt-len", "3",
-                 "--lm", "none", "--render", "--sd-model", sd, "--images", "1", "--judge-model", judge_model,
-                 "--out", out, "--json")
+                 "--lm", lm_dir, "--t5-prompt", "6", "--render", "--sd-model", sd, "--images", "1",
+                 "--judge-model", judge_model, "--out", out, "--json")
     assert result.exit_code == 0, result.stderr
     data = json.loads(result.stdout)
     assert data["rendered_prompt"] == data["prompt"] and len(data["renders"]) == 1
+    assert data["t5_prompt"].startswith(data["prompt"]) and data["rendered_t5_prompt"] == data["t5_prompt"]
+    assert json.loads(Image.open(data["renders"][0]).text["pez"])["t5_prompt"] == data["t5_prompt"]
     assert -1.0 <= data["render_similarity"]["mean"] <= 1.0
     render = Image.open(data["renders"][0])
     assert render.size == ((32, 32) if preset == "sd3" else (128, 128))  # the model's native size
     parameters = render.text["parameters"]
     assert f"Steps: {steps}," in parameters and f"CFG scale: {guidance}," in parameters and "Sampler: Euler," in parameters
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("build", [save_tiny_flux, save_tiny_sd3])
+def test_the_t5_prompt_reaches_the_t5_encoder(build, tmp_path):
+    """FLUX.1 and SD3 read a T5 prompt where given (prompt_2, prompt_3), and the CLIP prompt where
+    not: the same text gives the same picture, another text another."""
+    import numpy as np
+
+    sd = build(tmp_path / "tiny")
+    renderer = rendering.Renderer(rendering.RenderOptions(sd_model=str(sd), images=1, steps=2, seed=0), torch.device("cpu"))
+
+    def pixels(**t5):
+        return np.asarray(renderer.render("a red cat", **t5)[0], dtype=np.int16)
+
+    alone = pixels()
+    assert (pixels(t5_prompt="a red cat") == alone).all()
+    assert np.abs(pixels(t5_prompt="a blue dog on the mat , two birds") - alone).max() > 0
 
 
 def test_render_defaults_follow_the_model_family(tmp_path):

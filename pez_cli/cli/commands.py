@@ -121,7 +121,8 @@ def optimize_and_print(common: Common, kind: str, targets_of: Callable[[Any], An
     if result.interrupted:
         reporter.note(f"Interrupted after {result.steps_done} steps; best prompt so far:")
     if not common.json:  # printed before any rendering, so a failed render loses nothing
-        emit_lines([result.prompt] + ([data["styled"]] if "styled" in data else []))
+        emit_lines([result.prompt] + ([data["styled"]] if "styled" in data else [])
+                   + ([result.t5_prompt] if result.t5_prompt is not None else []))
         if not result.interrupted:
             note = "" if result.round_trip else " (re-tokenizes differently from the optimized ids)"
             reporter.note(scores_text(result.similarity, result.fluency, result.objective) + note)
@@ -135,15 +136,16 @@ def optimize_and_print(common: Common, kind: str, targets_of: Callable[[Any], An
     try:
         if options is not None:
             with Reporter(progress_mode(common.quiet, common.progress)) as reporter:
+                t5 = template.replace("{}", result.t5_prompt) if template and result.t5_prompt else result.t5_prompt
                 data.update(render_after(settings, after, options, data.get("styled", result.prompt),
-                                         originals, reporter, common.quiet, data))
+                                         originals, reporter, common.quiet, data, t5))
     finally:
         if common.json:
             emit_json(data)
 
 
 def render_after(settings, after: RenderAfter, options: RenderOptions, text: str, originals, reporter: Reporter,
-                 quiet: bool = False, data: dict | None = None) -> dict:
+                 quiet: bool = False, data: dict | None = None, t5_text: str | None = None) -> dict:
     from pez_cli.config import canonical_model
     from pez_cli.errors import ModelError
     from pez_cli.models import pick_device
@@ -152,7 +154,7 @@ def render_after(settings, after: RenderAfter, options: RenderOptions, text: str
     judge_model = canonical_model(after.judge_model) if after.judge_model else default_judge([n for n, _ in settings.models()])
     try:
         done = render_and_judge(options, text, originals, pick_device(settings.device), judge_model,
-                                reporter.stage, render_progress(reporter, options))
+                                reporter.stage, render_progress(reporter, options), t5_text)
     except ModelError as e:
         partial = getattr(e, "partial", None)
         if partial is not None and data is not None:
