@@ -388,16 +388,17 @@ def miss_rate(prompts: list[str], scenes: list[world.Scene], loaded, feats, lm, 
     return sum(t > p + 1e-6 for t, p in zip(truth, printed)) / len(scenes)
 
 
-def prior_configs(weights: list[float], lengths: list[int], steps: int | None) -> list[Config]:
-    """No prior, then the default weight and its multiples, each at every prompt length; steps
-    None: each at pez's default steps (the prior's loop is shorter)."""
+def prior_configs(weights: list[float], lengths: list[int], steps: int | None, beam: int = Settings.beam) -> list[Config]:
+    """No prior, then the default weight and its multiples, each at every prompt length and with
+    `beam` beams; steps None: each at pez's default steps (the prior's loop is shorter)."""
     default = Settings.lm_weight
     out = [Config("no prior (--no-lm)", prompt_len=lengths[0], steps=steps, vocab="words", refine=3)]
     for length in lengths:
         for m in weights:
             name = "default" if m == 1 else f"weight x{m:g}"
             name += f", --prompt-len {length}" if len(lengths) > 1 else ""
-            out.append(Config(name, prompt_len=length, steps=steps, vocab="words", refine=3, lm=True, lm_weight=default * m))
+            out.append(Config(name, prompt_len=length, steps=steps, vocab="words", refine=3, lm=True, lm_weight=default * m,
+                              beam=beam))
     return out
 
 
@@ -430,7 +431,7 @@ def run_world(spec: WorldSpec, args, judge, judge_report, log) -> dict:
     lengths = [int(n) for n in args.lengths.split(",")]
     rows = []
     steps = max(1, int(args.prior_steps * args.steps_scale)) if args.prior_steps is not None else None
-    for cfg in prior_configs(weights, lengths, steps):
+    for cfg in prior_configs(weights, lengths, steps, args.beam):
         if args.only and not any(w in cfg.name for w in args.only.split(",") if w):
             continue
         log(f"world {spec.name}: {cfg.name}")
@@ -529,6 +530,7 @@ def main(argv=None):
                     + ", ".join(f"{k}: {w.about}" for k, w in WORLDS.items()) + ")")
     ap.add_argument("--weights", default="0.3,1,3", help="--worlds: multiples of the default --lm-weight")
     ap.add_argument("--lengths", default="24", help="--worlds: prompt lengths (comma-separated)")
+    ap.add_argument("--beam", type=int, default=Settings.beam, help="--worlds: beams of the prior's rows (default: pez's)")
     ap.add_argument("--prior-steps", type=int, help="--worlds: optimization steps of every row (default: pez's "
                     "default for each row, 1000 without the prior and 100 with it)")
     ap.add_argument("--text-arch", default="ViT-B-32", help="architecture for the known-target table")

@@ -27,9 +27,14 @@ def read_text(text: str | None, file: Path | None, stdin: TextIO | None = None) 
     if text is None:
         raise UsageError("nothing to distill: give TEXT or --file FILE")
     text = " ".join(text.split())
-    if not text:
-        raise InputError("the text to distill is empty")
+    check_text(text)
     return text
+
+
+def check_text(text: str | None) -> None:
+    """A text to distill must have something in it."""
+    if not text or not text.strip():
+        raise InputError("the text to distill is empty")
 
 
 def check_template(template: str | None) -> None:

@@ -57,6 +57,14 @@ def default_judge(clip_models: str | Sequence[str]) -> str:
     return next(judge for judge in JUDGES if judge.split("/", 1)[0] not in archs)
 
 
+def judge_for(settings, named: str | None = None) -> str:
+    """The judge of a render check: the one named (--judge-model), as canonical_model names it,
+    else default_judge of the settings' CLIPs."""
+    from pez_cli.config import canonical_model
+
+    return canonical_model(named) if named else default_judge([name for name, _ in settings.models()])
+
+
 @dataclass
 class RenderOptions:
     """How to render; the CLI's render options are generated from these declarations."""

@@ -81,7 +81,7 @@ def test_invert_style_and_distill_give_the_cli_prompts(pack, tiny_model, tmp_pat
     assert prompt == cli["prompt"] and len(cli["token_ids"]) <= 8  # 0: the default length (distill: 8)
     from pez_cli.errors import InputError
 
-    with pytest.raises(InputError, match="no text to distill"):
+    with pytest.raises(InputError, match="the text to distill is empty"):
         nodes["PezDistill"]().distill("  ", "(defaults)", tiny_model, **FAST)
 
 

@@ -25,7 +25,6 @@ from pez_cli.cli.display import (
     handles_errors,
     log_to_stderr,
     progress_mode,
-    result_data,
     scores_text,
 )
 from pez_cli.cli.help import GroupedHelp, PlainGroup
@@ -99,25 +98,16 @@ def render_progress(reporter: Reporter, options: RenderOptions) -> Callable[[int
     return update
 
 
-def optimize_and_print(common: Common, kind: str, targets_of: Callable[[Any], Any], inputs: dict[str, Any],
-                       after: RenderAfter | None = None, originals: list | None = None,
-                       template: str | None = None) -> None:
-    """Load the model, optimize one problem with progress, print the result, then render."""
-    from pez_cli.api import Pez
+def optimize_and_print(common: Common, job, after: RenderAfter | None = None) -> None:
+    """Run one optimization job (jobs.py) with progress, print the result, then render."""
+    from pez_cli.jobs import Events, optimize
 
-    settings = common.settings()
+    settings = job.settings
     options = after.options.for_settings(settings) if after and after.on else None  # validated before the long part
     log_to_stderr(common.verbose)
-    started = time.monotonic()
     with Reporter(progress_mode(common.quiet, common.progress)) as reporter:
-        reporter.stage(f"Loading {settings.model_label} ...")
-        pez = Pez(settings, keep_image_tower=False)
-        notes = pez.notes
-        targets = targets_of(pez)
-        loop = time.monotonic()
-        [result] = pez.solve([targets], kind, on_progress=step_progress(reporter), on_stage=reporter.stage, stop=STOP)
-        data = result_data(result, pez.device, inputs, loop, started, template)
-        del pez, targets  # free the optimizing model before anything else is loaded
+        report = optimize(job, events=Events(stage=reporter.stage, progress=step_progress(reporter)), cancel=STOP)
+    result, data, notes = report.result, report.data, report.notes
     if result.interrupted:
         reporter.note(f"Interrupted after {result.steps_done} steps; best prompt so far:")
     if not common.json:  # printed before any rendering, so a failed render loses nothing
@@ -136,9 +126,8 @@ def optimize_and_print(common: Common, kind: str, targets_of: Callable[[Any], An
     try:
         if options is not None:
             with Reporter(progress_mode(common.quiet, common.progress)) as reporter:
-                t5 = template.replace("{}", result.t5_prompt) if template and result.t5_prompt else result.t5_prompt
-                data.update(render_after(settings, after, options, data.get("styled", result.prompt),
-                                         originals, reporter, common.quiet, data, t5))
+                text, t5 = report.rendered()
+                data.update(render_after(settings, after, options, text, job.pictures(), reporter, common.quiet, data, t5))
     finally:
         if common.json:
             emit_json(data)
@@ -146,12 +135,11 @@ def optimize_and_print(common: Common, kind: str, targets_of: Callable[[Any], An
 
 def render_after(settings, after: RenderAfter, options: RenderOptions, text: str, originals, reporter: Reporter,
                  quiet: bool = False, data: dict | None = None, t5_text: str | None = None) -> dict:
-    from pez_cli.config import canonical_model
     from pez_cli.errors import ModelError
     from pez_cli.models import pick_device
-    from pez_cli.render import default_judge, render_and_judge
+    from pez_cli.render import judge_for, render_and_judge
 
-    judge_model = canonical_model(after.judge_model) if after.judge_model else default_judge([n for n, _ in settings.models()])
+    judge_model = judge_for(settings, after.judge_model)
     try:
         done = render_and_judge(options, text, originals, pick_device(settings.device), judge_model,
                                 reporter.stage, render_progress(reporter, options), t5_text)
@@ -167,13 +155,15 @@ def render_after(settings, after: RenderAfter, options: RenderOptions, text: str
     return done
 
 
-def image_job(images: list[str], null: bool, common: Common, after: RenderAfter, template: str | None = None) -> None:
+def image_job(kind: str, images: list[str], null: bool, common: Common, after: RenderAfter,
+              template: str | None = None) -> None:
     from pez_cli.images import collect_paths, load_images
+    from pez_cli.jobs import OptimizeJob
 
+    settings = common.settings()
     paths = collect_paths(images, sys.stdin, null=null)
-    pil = load_images(paths)
-    optimize_and_print(common, "image", lambda pez: pez.image_features(pil), {"images": [str(p) for p in paths]},
-                       after, pil, template)
+    job = OptimizeJob(kind, settings, images=load_images(paths), template=template, inputs={"images": [str(p) for p in paths]})
+    optimize_and_print(common, job, after)
 
 
 @app.command(cls=GroupedHelp)
@@ -187,7 +177,7 @@ def invert(
     after: RenderAfter = None,
 ) -> None:
     """Learn ONE prompt shared by all the given images (the paper's prompt inversion)."""
-    image_job(images, null, common, after)
+    image_job("invert", images, null, common, after)
 
 
 @app.command(cls=GroupedHelp)
@@ -211,7 +201,7 @@ def style(
                          "e.g. --template \"a tiger in the style of {}\"")
     if template is None and subject:
         template = f"{subject} in the style of {{}}"
-    image_job(images, null, common, after, template)
+    image_job("style", images, null, common, after, template)
 
 
 @app.command(cls=GroupedHelp)
@@ -224,9 +214,10 @@ def distill(
 ) -> None:
     """Find a short prompt (default 8 tokens) that CLIP places near TEXT."""
     from pez_cli.inputs import read_text
+    from pez_cli.jobs import OptimizeJob
 
-    text = read_text(text, file, sys.stdin)
-    optimize_and_print(common, "text", lambda pez: pez.text_features([text]), {"text": text})
+    settings = common.settings()
+    optimize_and_print(common, OptimizeJob("distill", settings, text=read_text(text, file, sys.stdin)))
 
 
 @app.command(cls=GroupedHelp)

@@ -88,17 +88,6 @@ def emit_json(obj: Any) -> None:
     sys.stdout.flush()
 
 
-def result_data(result, device, inputs: dict[str, Any], loop_started: float, started: float,
-                template: str | None = None) -> dict[str, Any]:
-    """The JSON object `--json` prints for one optimization (`pez serve` shows the same)."""
-    now = time.monotonic()
-    data = {**result.to_dict(flat=True), "device": str(device), **inputs,
-            "seconds": round(now - loop_started, 3), "total_seconds": round(now - started, 3)}
-    if template:
-        data.update(template=template, styled=template.replace("{}", result.prompt))
-    return data
-
-
 def scores_text(similarity: float, fluency: float, objective: float) -> str:
     """How a prompt scored, for a person: its similarity and, with a language model, its
     fluency and the objective that chose it (the best prompt is the one with the highest

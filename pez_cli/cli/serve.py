@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from pez_cli.cli.display import PROGRESS_INTERVAL_S, best_text, remaining, result_data, scores_text
+from pez_cli.cli.display import PROGRESS_INTERVAL_S, best_text, remaining, scores_text
 from pez_cli.config import LM_AUTO, LM_NONE, VOCAB_KINDS, Settings, preset_names, resolve, sd_model_for_settings
 from pez_cli.errors import ConfigError, InputError, PezError, first_line, user_message
 from pez_cli.images import IMAGE_SUFFIXES
@@ -463,32 +463,15 @@ def error_line(e: BaseException, tmp: Path | None = None) -> str:
 
 # -- the jobs a page runs ----------------------------------------------------------------------
 def optimize_work(server: Server, kind: str, preset, values, files=None, folder=None, text=None, template=None):
-    """One optimization as `pez invert`, `pez style` or `pez distill` does it."""
-    from pez_cli.images import load_images
+    """One optimization job (jobs.py), as `pez invert`, `pez style` or `pez distill` runs it."""
+    from pez_cli.jobs import Events, OptimizeJob, optimize
 
     def work(live: Live, stop: threading.Event):
         settings = server.settings(preset, values)
-        if kind == "style":
-            from pez_cli.inputs import check_template
-
-            check_template(template or None)
-        if kind == "distill":
-            if not text or not text.strip():
-                raise InputError("no text to distill")
-            inputs = {"text": text}
-        else:
-            paths = server.image_paths(files, folder)
-            pil = load_images(paths)
-            inputs = {"images": [str(p) for p in paths]}
-        started = time.monotonic()
-        live.set_stage(server.loaded_label(settings))
-        pez = server.pez(settings)
-        targets = pez.text_features([text]) if kind == "distill" else pez.image_features(pil)
-        loop = time.monotonic()
-        [result] = pez.solve([targets], "text" if kind == "distill" else "image", on_progress=live.on_progress,
-                             on_stage=live.set_stage, stop=stop)
-        data = result_data(result, pez.device, inputs, loop, started, template if kind == "style" else None)
-        return result, data, pez.notes
+        paths = server.image_paths(files, folder) if kind != "distill" else ()
+        job = OptimizeJob(kind, settings, images=paths, text=text, template=template or None)
+        report = optimize(job, server.pez, Events(live.set_stage, live.on_progress, loading=server.loaded_label), stop)
+        return report.result, report.data, report.notes
 
     return work
 
@@ -558,10 +541,9 @@ def _whole(value: Any, flag: str) -> int:
 def render_work(server: Server, token: str, preset, values, prompt, files, folder, sd_model, judge_model, images, sd_steps,
                 size=None):
     """`--render`: renders of the prompt beside the originals, scored by the judge, and the sheet."""
-    from pez_cli.config import canonical_model
     from pez_cli.images import load_images
     from pez_cli.models import pick_device
-    from pez_cli.render import RenderOptions, default_judge, render_and_judge
+    from pez_cli.render import RenderOptions, judge_for, render_and_judge
 
     def work(live: Live, stop: threading.Event):
         settings = server.settings(preset, values)
@@ -575,8 +557,7 @@ def render_work(server: Server, token: str, preset, values, prompt, files, folde
         options = options.for_settings(settings)
         named_judge = server.rooted(judge_model.strip()) if judge_model and judge_model.strip() else None
         server.check_paths(None, options.sd_model, named_judge)
-        judge = canonical_model(named_judge) if named_judge else \
-            server.cfg.judge_model or default_judge([n for n, _ in settings.models()])
+        judge = judge_for(settings, named_judge or server.cfg.judge_model)
 
         done = render_and_judge(options, prompt.strip(), originals, pick_device(settings.device), judge,
                                 live.set_stage, lambda n, total: live.set_stage(f"denoising step {n}/{total}"))

@@ -53,22 +53,29 @@ class _Interrupt:
         return bool(mm.processing_interrupted())
 
 
-def _progress(total_steps: int):
-    """on_progress for Pez.solve, moving ComfyUI's progress bar (nothing outside ComfyUI)."""
+def _progress():
+    """on_progress for a job, moving ComfyUI's progress bar (nothing outside ComfyUI)."""
     try:
         import comfy.utils
     except ImportError:
         return None
-    bar = comfy.utils.ProgressBar(total_steps)
-    return lambda p: bar.update_absolute(p.step, p.steps)
+    bars = {}
+
+    def update(p) -> None:
+        if "bar" not in bars:  # the steps are known once the language model is decided
+            bars["bar"] = comfy.utils.ProgressBar(p.steps)
+        bars["bar"].update_absolute(p.step, p.steps)
+
+    return update
 
 
-def solve(settings, kind: str, images=None, text: str | None = None):
-    """One prompt for the images (shared by all of them) or the text; ComfyUI's interrupt ends the
-    run and, as ComfyUI expects of a node, raises its interrupt exception."""
-    pez = session().pez(settings.for_target(kind))
-    targets = pez.text_features([text]) if kind == "text" else pez.image_features(to_pil(images))
-    [result] = pez.solve([targets], kind, on_progress=_progress(pez.settings.steps), stop=_Interrupt())
+def solve(settings, kind: str, images=None, text: str | None = None, template: str | None = None):
+    """A job's result (jobs.py: invert, style, distill) on the session's models; ComfyUI's
+    interrupt ends the run and, as ComfyUI expects of a node, raises its interrupt exception."""
+    from pez_cli.jobs import Events, OptimizeJob, optimize
+
+    job = OptimizeJob(kind, settings, images=to_pil(images) if images is not None else (), text=text, template=template)
+    result = optimize(job, session().pez, Events(progress=_progress()), _Interrupt()).result
     if result.interrupted:
         import comfy.model_management as mm  # only ComfyUI's interrupt stops a node's run
 
@@ -110,7 +117,7 @@ class PezInvert:
         return {"required": {"image": ("IMAGE",), **_widgets()}}
 
     def invert(self, image, preset, model, steps, prompt_len, seed, lm):
-        result = solve(settings_for(preset, model, steps, prompt_len, seed, lm), "image", images=image)
+        result = solve(settings_for(preset, model, steps, prompt_len, seed, lm), "invert", images=image)
         return (result.prompt, float(result.similarity))
 
 
@@ -131,10 +138,7 @@ class PezStyle:
                              **_widgets()}}
 
     def style(self, images, template, preset, model, steps, prompt_len, seed, lm):
-        from pez_cli.inputs import check_template
-
-        check_template(template)
-        result = solve(settings_for(preset, model, steps, prompt_len, seed, lm), "image", images=images)
+        result = solve(settings_for(preset, model, steps, prompt_len, seed, lm), "style", images=images, template=template)
         return (template.replace("{}", result.prompt), result.prompt, float(result.similarity))
 
 
@@ -152,11 +156,7 @@ class PezDistill:
         return {"required": {"text": ("STRING", {"multiline": True, "default": ""}), **_widgets()}}
 
     def distill(self, text, preset, model, steps, prompt_len, seed, lm):
-        from pez_cli.errors import InputError
-
-        if not text.strip():
-            raise InputError("no text to distill")
-        result = solve(settings_for(preset, model, steps, prompt_len, seed, lm), "text", text=text)
+        result = solve(settings_for(preset, model, steps, prompt_len, seed, lm), "distill", text=text)
         return (result.prompt, float(result.similarity))
 
 
