@@ -324,10 +324,11 @@ def prior_run(args, device) -> dict:
     targets = [feats[i:i + 1] for i in range(args.images)]
     lm = random_smollm2(loaded, device)
     out = {"arch": args.arch, "images": args.images, "lm": lm.name, "runs": []}
+    beam = {} if args.beam is None else {"beam": args.beam}
     runs = [("loop alone (--lm none --refine 0)", {"lm": "none", "refine": 0, "steps": args.prior_steps}),
-            ("defaults with the language prior", {"lm": lm.name, "steps": args.prior_steps})]
-    if args.prior_steps is None:
-        runs.append(("the language prior, --steps 1000", {"lm": lm.name, "steps": 1000}))
+            ("defaults with the language prior", {"lm": lm.name, "steps": args.prior_steps, **beam})]
+    if args.prior_steps is None and args.same_steps_run:
+        runs.append(("the language prior, --steps 1000", {"lm": lm.name, "steps": 1000, **beam}))
     for name, extra in runs:
         settings = Settings(model=loaded.name, device=str(device), precision=args.precision, **extra)
         engine = Pez(settings, model=loaded, lm=lm if extra["lm"] != "none" else None)
@@ -414,6 +415,9 @@ def main(argv=None):
     ap.add_argument("--lm-layers", type=int, default=12, help="case 6: the random GPT-2's layers (GPT-2: 12)")
     ap.add_argument("--prior-run", action="store_true", help="only case 8: the language prior's whole run against the loop")
     ap.add_argument("--prior-steps", type=int, help="case 8's steps for both runs (default: each run's default)")
+    ap.add_argument("--beam", type=int, help="case 8: the prior's beams (default: pez's)")
+    ap.add_argument("--same-steps-run", action=argparse.BooleanOptionalAction, default=True,
+                    help="case 8: also the prior at the loop's 1000 steps")
     ap.add_argument("--default-run", action=argparse.BooleanOptionalAction, default=True,
                     help="case 7: the whole default run against the paper loop at --paper-steps")
     ap.add_argument("--paper-steps", type=int, default=300, help="case 7: the paper loop's steps")

@@ -37,13 +37,14 @@ def loading_text(settings: "Settings") -> str:
 @dataclass
 class Events:
     """How a job tells what it is doing: stage(text) when a stage starts (loading, as
-    loading(settings) words it; the beam; refinement); progress(p) every `every` steps of the loop
-    and after its last (api.Progress)."""
+    loading(settings) words it; the beam; refinement; rendering); progress(p) every `every` steps
+    of the loop and after its last (api.Progress); denoising(done, total) as renders denoise."""
 
     stage: Callable[[str], None] = lambda text: None
     progress: Callable[["Progress"], None] | None = None
     every: int = 1
     loading: Callable[["Settings"], str] = loading_text
+    denoising: Callable[[int, int], None] | None = None
 
 
 @dataclass
@@ -144,6 +145,29 @@ def optimize(job: OptimizeJob, load: Callable[["Settings"], "Pez"] = fresh_pez, 
     data = result_data(result, pez.device, job.recorded_inputs(), loop, started,
                        job.template if job.kind == "style" else None)
     return Report(result, data, list(pez.notes))
+
+
+def check_prompt(prompt: str | None) -> str:
+    """A prompt to render, stripped; never empty."""
+    if not prompt or not prompt.strip():
+        raise InputError("the prompt to render is empty")
+    return prompt.strip()
+
+
+def render_check(settings: "Settings", options, prompt: str, originals: Sequence["Image.Image"], judge: str | None = None,
+                 events: Events | None = None, t5_prompt: str | None = None) -> tuple[dict[str, Any], str]:
+    """--render after a job: renders of the prompt (and the T5 prompt) with options
+    (render.RenderOptions, already for_settings), scored against the originals by the judge
+    (the one named, else render.judge_for's default) and a contact sheet. Returns what to report
+    (render.render_and_judge) and the judge's name."""
+    from pez_cli.models import pick_device
+    from pez_cli.render import judge_for, render_and_judge
+
+    events = events or Events()
+    prompt = check_prompt(prompt)
+    judge = judge_for(settings, judge)
+    return render_and_judge(options, prompt, originals, pick_device(settings.device), judge, events.stage, events.denoising,
+                            t5_prompt), judge
 
 
 def result_data(result: "PromptResult", device, inputs: dict[str, Any], loop_started: float, started: float,

@@ -63,6 +63,12 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def has_bf16(device: torch.device) -> bool:
+    """Whether the device computes in bf16 natively: CUDA GPUs that support it. The one place
+    pez asks (the CLIPs' --precision auto, and the language model's and Stable Diffusion's weights)."""
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """The reduced-precision dtype for a --precision choice, or None for plain fp32.
 
@@ -72,7 +78,7 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     if precision == "fp32":
         return None
     if precision == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        if has_bf16(device):
             return torch.bfloat16
         return None
     if precision == "fp16" and device.type == "cpu":
@@ -85,7 +91,7 @@ def inference_dtype(device: torch.device) -> torch.dtype:
     Diffusion): bf16 on CUDA GPUs that have it (else fp16), fp16 on MPS, fp32 on the CPU. The
     CLIPs, which are optimized through, follow --precision instead (resolve_precision)."""
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if has_bf16(device) else torch.float16
     return torch.float16 if device.type == "mps" else torch.float32
 
 

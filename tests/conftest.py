@@ -50,6 +50,13 @@ def tiny_model(tiny_dir) -> str:
 
 
 @pytest.fixture(scope="session")
+def second_model(tmp_path_factory) -> str:
+    """The --model value of a second tiny CLIP (seed 1), built once: a joint optimization's second
+    model, or a judge that did not optimize."""
+    return f"local-dir:{save_tiny_clip(tmp_path_factory.mktemp('second') / 'tiny2', seed=1)}"
+
+
+@pytest.fixture(scope="session")
 def sd_dir(tmp_path_factory) -> Path:
     """A tiny Stable Diffusion 1.x pipeline folder, built once for the whole run (copy it to
     change it)."""

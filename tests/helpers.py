@@ -19,6 +19,21 @@ from pez_cli.cli import app
 
 runner = CliRunner()
 
+# A short run on the CPU: the settings every test file's quick runs start from (fast() and
+# fast_settings() change some of them).
+FAST_SETTINGS = {"steps": 4, "prompt_len": 3, "device": "cpu"}
+
+
+def fast_settings(**changes) -> dict:
+    """FAST_SETTINGS with these changes, as Settings(**...) takes them (None: left out)."""
+    return {k: v for k, v in {**FAST_SETTINGS, **changes}.items() if v is not None}
+
+
+def fast(**changes) -> list[str]:
+    """The same as command-line flags: --steps 4 --prompt-len 3 --device cpu, changed."""
+    return [item for name, value in fast_settings(**changes).items() for item in (f"--{name.replace('_', '-')}", str(value))]
+
+
 # What the tiny language model of the tests (conftest's lm_dir) is trained on, and its words.
 LM_SENTENCES = ["a red cat on the mat", "a blue dog on the mat", "a red dog", "a blue cat , a red dog", "the cat on a mat"]
 LM_WORDS = sorted({w for s in LM_SENTENCES for w in s.split()})

@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from helpers import kill_after_lines, make_image, rows_of, run
+from helpers import fast, kill_after_lines, make_image, rows_of, run
 from pez_cli import batch as jobs
 from pez_cli import results
 from pez_cli.optimize import PromptOptimizer
 
-FAST = ["--steps", "4", "--prompt-len", "3", "--device", "cpu", "--batch-images", "3"]
+FAST = [*fast(), "--batch-images", "3"]
 COLORS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (30, 200, 200), (200, 30, 200), (90, 90, 90)]
 
 

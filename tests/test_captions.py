@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from helpers import assert_one_line_error, make_image, run
+from helpers import assert_one_line_error, fast, make_image, run
 from pez_cli.captions import CaptionStyle, kohya_name, tags
 
-FAST = ["--steps", "4", "--prompt-len", "4", "--device", "cpu", "--lm", "none", "--quiet"]
+FAST = [*fast(prompt_len=4, lm="none"), "--quiet"]
 
 
 def test_tags_split_at_commas_and_phrase_joins():

@@ -7,10 +7,10 @@ import sys
 
 import pytest
 
-from helpers import assert_one_line_error, rows_of, run
+from helpers import assert_one_line_error, fast, rows_of, run
 from pez_cli.optimize import PromptOptimizer
 
-FAST = ["--steps", "5", "--prompt-len", "4", "--device", "cpu"]
+FAST = fast(steps=5, prompt_len=4)
 
 
 def test_invert_prints_only_the_prompt(tiny_model, images):

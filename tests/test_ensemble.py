@@ -5,12 +5,12 @@ import json
 
 import pytest
 
-from helpers import EmulatedCapture, assert_one_line_error, make_image, rows_of, run
+from helpers import EmulatedCapture, assert_one_line_error, fast, make_image, rows_of, run
 from pez_cli.api import Pez
 from pez_cli.config import Settings, resolve
 from pez_cli.testing import TINY_CFG, save_tiny_clip
 
-FAST = ["--steps", "12", "--prompt-len", "4", "--device", "cpu"]
+FAST = fast(steps=12, prompt_len=4)
 
 
 @pytest.fixture(scope="module")

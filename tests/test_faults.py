@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from helpers import assert_one_line_error, make_image, rows_of, run, unreachable_hub_env
+from helpers import assert_one_line_error, fast, make_image, rows_of, run, unreachable_hub_env
 from pez_cli import results
 
-FAST = ["--steps", "3", "--prompt-len", "3", "--device", "cpu", "--batch-images", "4"]
+RUN = fast(steps=3)
+FAST = [*RUN, "--batch-images", "4"]
 COLORS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (30, 200, 200), (200, 30, 200)]
 
 
@@ -60,7 +61,7 @@ def test_nul_separated_stdin_without_the_flag_is_one_line(tiny_model, tmp_path):
     """`find -print0 | pez batch -` with -0 forgotten: one line that names the flag, nothing written."""
     listing = b"".join(os.fsencode(make_image(tmp_path / f"{i}.png", COLORS[i])) + b"\0" for i in range(2))
     out = tmp_path / "rows.jsonl"
-    for command in (["batch", "-", "--out", out, *FAST], ["invert", "-", *FAST[:6]]):
+    for command in (["batch", "-", "--out", out, *FAST], ["invert", "-", *RUN]):
         result = run(*command, "--model", tiny_model, input=listing)
         assert_one_line_error(result, 1, r"separated by NUL bytes \(find -print0\); add -0 / --null to read them")
     assert not out.exists()
@@ -68,7 +69,7 @@ def test_nul_separated_stdin_without_the_flag_is_one_line(tiny_model, tmp_path):
 
 def test_stdin_lines_keep_spaces_and_invert_json_keeps_odd_names(tiny_model, tmp_path):
     odd = make_image(tmp_path / os.fsdecode(b" odd \xff.png"), COLORS[0])
-    result = run("invert", "-", "--model", tiny_model, *FAST[:6], "--json", input=os.fsencode(odd) + b"\r\n")
+    result = run("invert", "-", "--model", tiny_model, *RUN, "--json", input=os.fsencode(odd) + b"\r\n")
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["images"] == [str(odd)]
 
@@ -234,7 +235,7 @@ def test_the_format_is_read_from_the_file_not_the_name(tiny_model, photos, tmp_p
 
 # -- 8. the prompt survives a failed or interrupted render ----------------------------------------
 def test_a_failing_render_still_prints_the_prompt(tiny_model, photos, tmp_path):
-    args = ["invert", photos / "p0.png", "--model", tiny_model, *FAST[:6], "--render", "--sd-model", "nobody/missing",
+    args = ["invert", photos / "p0.png", "--model", tiny_model, *RUN, "--render", "--sd-model", "nobody/missing",
             "--out", tmp_path / "r"]
     plain = run(*args)
     assert plain.exit_code == 1 and plain.stdout.strip() and "Stable Diffusion model 'nobody/missing'" in plain.stderr
@@ -245,7 +246,7 @@ def test_a_failing_render_still_prints_the_prompt(tiny_model, photos, tmp_path):
 def test_ctrl_c_while_rendering_keeps_the_prompt_and_sheets_are_never_replaced(tiny_model, photos, sd_dir, monkeypatch, tmp_path):
     from pez_cli import render as rendering
 
-    base = ["invert", photos / "p0.png", "--model", tiny_model, *FAST[:6], "--render", "--sd-model", sd_dir,
+    base = ["invert", photos / "p0.png", "--model", tiny_model, *RUN, "--render", "--sd-model", sd_dir,
             "--judge-model", tiny_model, "--images", "1", "--sd-steps", "1", "--size", "32", "--out", tmp_path / "r"]
     assert run(*base).exit_code == 0 and run(*base).exit_code == 0
     assert len(list((tmp_path / "r").glob("*-sheet*.png"))) == 2  # the second run did not replace the first
@@ -330,7 +331,7 @@ def test_a_full_disk_is_one_line(tiny_model, photos, tmp_path, monkeypatch):
     (["--guidance", "nan", "--render"], "--guidance must be a finite number"),
 ])
 def test_bad_values_are_one_line_errors(tiny_model, photos, args, pattern):
-    assert_one_line_error(run("invert", photos / "p0.png", "--model", tiny_model, *FAST[:6], *args), 1, pattern)
+    assert_one_line_error(run("invert", photos / "p0.png", "--model", tiny_model, *RUN, *args), 1, pattern)
 
 
 def test_a_preset_name_never_reads_a_file_outside_the_presets(tiny_model, photos, tmp_path):
@@ -359,7 +360,7 @@ def test_markup_in_a_path_is_printed_as_is(tiny_dir, tmp_path):
     odd = tmp_path / "[bold]x[" / "x]"  # the path holds [bold] and [/x]
     shutil.copytree(tiny_dir, odd)
     image = make_image(odd / "x].png", COLORS[1])
-    result = run("invert", image, "--model", f"local-dir:{odd}", *FAST[:6], "--progress")
+    result = run("invert", image, "--model", f"local-dir:{odd}", *RUN, "--progress")
     assert result.exit_code == 0, result.stderr
     assert f"Loading local-dir:{odd} ..." in result.stderr and result.stdout.strip()
 
@@ -369,7 +370,7 @@ def test_json_output_is_strict(tiny_model, photos):
     def refuse(name):
         raise ValueError(name)
 
-    data = json.loads(run("invert", photos / "p0.png", "--model", tiny_model, *FAST[:6], "--json").stdout, parse_constant=refuse)
+    data = json.loads(run("invert", photos / "p0.png", "--model", tiny_model, *RUN, "--json").stdout, parse_constant=refuse)
     assert math.isfinite(data["similarity"])
 
 

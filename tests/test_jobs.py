@@ -8,13 +8,13 @@ import threading
 
 import pytest
 
-from helpers import assert_one_line_error, run
+from helpers import assert_one_line_error, fast_settings, run
 from pez_cli.config import Settings
 from pez_cli.errors import InputError
 from pez_cli.jobs import Events, OptimizeJob, optimize
 from pez_cli.session import Session
 
-FAST = dict(steps=6, prompt_len=4, device="cpu", lm="none")
+FAST = fast_settings(steps=6, prompt_len=4, lm="none")
 
 
 def test_a_job_reports_what_the_cli_prints(tiny_model, images):

@@ -9,17 +9,11 @@ import pytest
 import torch
 
 from helpers import LM_WORDS as WORDS
-from helpers import assert_one_line_error, make_image, rows_of, run, unreachable_hub_env
+from helpers import assert_one_line_error, fast, make_image, rows_of, run, unreachable_hub_env
 from pez_cli.api import Pez
 from pez_cli.config import Settings
-from pez_cli.testing import save_tiny_clip
 
-FAST = ["--steps", "12", "--prompt-len", "5", "--device", "cpu"]
-
-
-@pytest.fixture(scope="module")
-def second_clip(tmp_path_factory):
-    return f"local-dir:{save_tiny_clip(tmp_path_factory.mktemp('clip2') / 'tiny2', seed=1)}"
+FAST = fast(steps=12, prompt_len=5)
 
 
 @pytest.fixture
@@ -438,7 +432,7 @@ def test_stop_during_the_search_keeps_what_it_chose(tiny_model, load_tiny, lm_di
     assert (in_refinement.prompt, in_refinement.objective) == (beamed.prompt, beamed.objective)  # the beam's choice kept
 
 
-def test_lm_through_style_distill_batch_and_two_clips(tiny_model, second_clip, lm_dir, images, tmp_path):
+def test_lm_through_style_distill_batch_and_two_clips(tiny_model, second_model, lm_dir, images, tmp_path):
     lm = ["--lm", lm_dir, "--lm-weight", "0.5"]
     styled = run("style", *images, "--model", tiny_model, *lm, *FAST, "--template", "a tiger in the style of {}",
                  "--t5-prompt", "8")
@@ -447,8 +441,8 @@ def test_lm_through_style_distill_batch_and_two_clips(tiny_model, second_clip, l
     assert filled == f"a tiger in the style of {prompt}" and t5.startswith(prompt)
     distilled = run("distill", "a red cat on the mat", "--model", tiny_model, *lm, *FAST, "--json")
     assert distilled.exit_code == 0 and json.loads(distilled.stdout)["fluency"] is not None
-    joint = invert(images[0], "--model", tiny_model, "--model", second_clip, *lm, *FAST)
-    assert set(joint["similarities"]) == {tiny_model, second_clip} and joint["fluency"] is not None
+    joint = invert(images[0], "--model", tiny_model, "--model", second_model, *lm, *FAST)
+    assert set(joint["similarities"]) == {tiny_model, second_model} and joint["fluency"] is not None
     out = tmp_path / "rows.jsonl"
     lm += ["--t5-prompt", "8"]
     done = run("batch", *images[:2], "--out", out, "--model", tiny_model, *lm, *FAST)

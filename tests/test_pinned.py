@@ -9,10 +9,10 @@ import json
 
 import pytest
 
-from helpers import make_image
+from helpers import fast, make_image
 from helpers import run as invoke
 
-FAST = ["--steps", "20", "--device", "cpu", "--json", "--vocab", "all", "--refine", "0"]  # the paper's loop
+FAST = [*fast(steps=20, prompt_len=None, vocab="all", refine=0), "--json"]  # the paper's loop
 PINNED = {
     "invert-0": [34651, 15772, 41823, 37706, 14926],
     "invert-1": [44770, 16211, 17134, 13413, 31274],
@@ -76,13 +76,6 @@ DEFAULT_PINS = {
     "patience": (["--steps", "60", "--patience", "16", "--prior", "0.5"], [32219, 4275, 274, 46798, 25517, 7157],
                  "stuttgart century 3 swims weir hrs"),
 }
-
-
-@pytest.fixture(scope="module")
-def second_model(tmp_path_factory):
-    from pez_cli.testing import save_tiny_clip
-
-    return f"local-dir:{save_tiny_clip(tmp_path_factory.mktemp('second') / 'tiny2', seed=1)}"
 
 
 @pytest.mark.parametrize("case", sorted(DEFAULT_PINS))

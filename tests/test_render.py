@@ -9,14 +9,15 @@ from PIL import Image
 
 from helpers import assert_one_line_error, make_image, run
 from pez_cli import render as rendering
-from pez_cli.testing import save_tiny_clip, save_tiny_flux, save_tiny_sd3
+from pez_cli.testing import save_tiny_flux, save_tiny_sd3
 
 RENDER = ["--images", "2", "--sd-steps", "2", "--size", "32"]
 
 
 @pytest.fixture(scope="session")
-def judge_model(tmp_path_factory):
-    return f"local-dir:{save_tiny_clip(tmp_path_factory.mktemp('judge') / 'judge', seed=1)}"
+def judge_model(second_model):
+    """A judge that did not optimize: conftest's second tiny CLIP."""
+    return second_model
 
 
 def test_render_writes_pngs_with_their_parameters(sd_dir, tmp_path):

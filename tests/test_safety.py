@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from helpers import assert_one_line_error, make_image, run
+from helpers import assert_one_line_error, fast, make_image, run
 from pez_cli.testing import TINY_CFG, save_tiny_clip
 
-FAST = ["--steps", "2", "--prompt-len", "2", "--device", "cpu"]
+FAST = fast(steps=2, prompt_len=2)
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

@@ -136,13 +136,11 @@ def optimize_and_print(common: Common, job, after: RenderAfter | None = None) ->
 def render_after(settings, after: RenderAfter, options: RenderOptions, text: str, originals, reporter: Reporter,
                  quiet: bool = False, data: dict | None = None, t5_text: str | None = None) -> dict:
     from pez_cli.errors import ModelError
-    from pez_cli.models import pick_device
-    from pez_cli.render import judge_for, render_and_judge
+    from pez_cli.jobs import Events, render_check
 
-    judge_model = judge_for(settings, after.judge_model)
     try:
-        done = render_and_judge(options, text, originals, pick_device(settings.device), judge_model,
-                                reporter.stage, render_progress(reporter, options), t5_text)
+        done, judge_model = render_check(settings, options, text, originals, after.judge_model,
+                                         Events(stage=reporter.stage, denoising=render_progress(reporter, options)), t5_text)
     except ModelError as e:
         partial = getattr(e, "partial", None)
         if partial is not None and data is not None:
@@ -322,13 +320,13 @@ def render(
     options: RenderOptions = None,
 ) -> None:
     """Render a prompt with Stable Diffusion; PNGs carry the prompt in their metadata."""
+    from pez_cli.jobs import check_prompt
     from pez_cli.models import pick_device
     from pez_cli.render import render_prompt
 
     settings = common.settings()
     options = options.for_settings(settings)
-    if not prompt.strip():
-        raise PezError("the prompt to render is empty")
+    prompt = check_prompt(prompt)
     started = time.monotonic()
     with Reporter(progress_mode(common.quiet, common.progress)) as reporter:
         images, paths = render_prompt(options, prompt, pick_device(settings.device), reporter.stage,

@@ -542,13 +542,12 @@ def render_work(server: Server, token: str, preset, values, prompt, files, folde
                 size=None):
     """`--render`: renders of the prompt beside the originals, scored by the judge, and the sheet."""
     from pez_cli.images import load_images
-    from pez_cli.models import pick_device
-    from pez_cli.render import RenderOptions, judge_for, render_and_judge
+    from pez_cli.jobs import Events, check_prompt, render_check
+    from pez_cli.render import RenderOptions
 
     def work(live: Live, stop: threading.Event):
         settings = server.settings(preset, values)
-        if not prompt or not prompt.strip():
-            raise InputError("no prompt to render: run an inversion first, or type one")
+        check_prompt(prompt)
         paths = server.image_paths(files, folder)
         originals = load_images(paths)
         options = RenderOptions(sd_model=server.rooted((sd_model or "").strip()) or None, images=_whole(images, "--images"),
@@ -557,10 +556,8 @@ def render_work(server: Server, token: str, preset, values, prompt, files, folde
         options = options.for_settings(settings)
         named_judge = server.rooted(judge_model.strip()) if judge_model and judge_model.strip() else None
         server.check_paths(None, options.sd_model, named_judge)
-        judge = judge_for(settings, named_judge or server.cfg.judge_model)
-
-        done = render_and_judge(options, prompt.strip(), originals, pick_device(settings.device), judge,
-                                live.set_stage, lambda n, total: live.set_stage(f"denoising step {n}/{total}"))
+        done, judge = render_check(settings, options, prompt, originals, named_judge or server.cfg.judge_model,
+                                   Events(live.set_stage, denoising=lambda n, total: live.set_stage(f"denoising step {n}/{total}")))
         return paths, done, judge
 
     return work
