@@ -54,10 +54,10 @@ def child(mode: str, folder: Path, model: Path, out: Path, steps: int, prompt_le
     """One job in this process; the figures as a dict."""
     import torch
 
-    from pez_cli.batch import BatchJob, Pending, file_sha256, result_row, solve_in_groups
+    from pez_cli.batch import BatchJob, Pending, file_sha256, solve_in_groups
     from pez_cli.config import Settings
     from pez_cli.images import collect_paths, load_image
-    from pez_cli.results import ResultWriter
+    from pez_cli.results import ResultWriter, result_row
 
     began = time.perf_counter()
     first: list[float] = []

@@ -30,6 +30,7 @@ from pez_cli.models import LoadedModel, check_shared_vocabulary, compute_on, loa
 from pez_cli.objective import Space
 from pez_cli.optimize import Best, PromptOptimizer, check_prompt_len, check_t5_len
 from pez_cli.refine import refine
+from pez_cli.results import RESULT_KEYS
 from pez_cli.vocab import Vocabulary
 
 # A problem's targets: normalized features (n, D), or a tuple of them, one per model.
@@ -59,9 +60,8 @@ class PromptResult:
     interrupted: bool
     settings: Settings  # what it was computed with (prompt_len filled in)
 
-    # Keys of to_dict(), in order: what a result row or a JSON object holds.
-    KEYS = ("prompt", "similarity", "similarities", "fluency", "objective", "t5_prompt", "token_ids", "round_trip", "optimized_similarity",
-            "best_step", "steps_done", "interrupted", "model", "lm", "settings_id", "settings")
+    # Keys of to_dict(), in order: what a result row or a JSON object holds (results.RESULT_KEYS).
+    KEYS = RESULT_KEYS
 
     def to_dict(self, flat: bool = False) -> dict[str, Any]:
         """The result as JSON-ready data: its fields, the settings that identify it (nested

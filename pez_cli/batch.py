@@ -24,7 +24,7 @@ from pez_cli.errors import ConfigError, InputError, Interrupted, first_line
 from pez_cli.files import atomic_write, location
 from pez_cli.images import IMAGE_SUFFIXES, load_image, png_bytes
 from pez_cli.render import copy_parameters
-from pez_cli.results import ResultWriter, done_rows, format_for
+from pez_cli.results import ResultWriter, done_rows, error_row, format_for, result_row
 
 HASH_BLOCK = 1 << 20
 
@@ -630,15 +630,3 @@ def encode_images(pez, todo: Sequence[Pending]):
             images.append(picture)
             good.append(item)
     return good, (pez.image_features(images) if images else None), failed
-
-
-def result_row(item: Pending, result, seconds: float) -> dict[str, Any]:
-    return {"path": item.key, "sha256": item.sha256, **result.to_dict(), "seconds": round(seconds, 3), "error": None}
-
-
-def error_row(item: Pending, identity: dict[str, Any], sid: str) -> dict[str, Any]:
-    from pez_cli.api import PromptResult
-
-    empty = dict.fromkeys(PromptResult.KEYS)
-    empty.update(model=identity["model"], settings_id=sid, settings=identity)
-    return {"path": item.key, "sha256": item.sha256, **empty, "seconds": None, "error": item.error}

@@ -28,10 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from pez_cli.batch import BatchJob, Group, Input, Pending, encode_images, error_row, name_digest, result_row, solve_in_groups
+from pez_cli.batch import BatchJob, Group, Input, Pending, encode_images, name_digest, solve_in_groups
 from pez_cli.errors import ConfigError, first_line
 from pez_cli.models import compute_on
-from pez_cli.results import json_line
+from pez_cli.results import error_row, json_line, result_row
 
 RAY_PIP = "pip install 'pez-cli[ray]'  (or: pip install 'ray[data]')"
 

@@ -24,6 +24,12 @@ from pez_cli.errors import ConfigError
 from pez_cli.files import replacing
 
 FORMATS = ("jsonl", "csv")
+# A result's keys, in order (api.PromptResult.to_dict): what a JSON object of one result holds.
+RESULT_KEYS = ("prompt", "similarity", "similarities", "fluency", "objective", "t5_prompt", "token_ids", "round_trip",
+               "optimized_similarity", "best_step", "steps_done", "interrupted", "model", "lm", "settings_id", "settings")
+# A batch row, the one shape every row of a result file has (result_row, error_row): the image,
+# its result, the time and the error. JSONL writes all of it; CSV the CSV_FIELDS of it.
+ROW_KEYS = ("path", "sha256", *RESULT_KEYS, "seconds", "error")
 CSV_FIELDS = ("path", "sha256", "prompt", "similarity", "round_trip", "token_ids", "model",
               "settings_id", "seconds", "error", "settings")
 JSONL_START = b'{"path": '  # every JSONL row pez writes starts so (path is its first key)
@@ -35,6 +41,19 @@ FORMULA_START = tuple("=+-@\t\r'")
 CSV_RECORD_LINES = 64  # a quoted CSV record spanning more lines than this is damage, not data
 SURROGATE = re.compile("[\ud800-\udfff]")  # os.fsdecode's stand-ins for bytes that are not UTF-8
 ENCODING = dict(encoding="utf-8", errors="surrogateescape")
+
+
+def result_row(item, result, seconds: float) -> dict[str, Any]:
+    """The row of an image done: item (its .key, the path as stored, and .sha256), its
+    api.PromptResult and the seconds it took."""
+    return {"path": item.key, "sha256": item.sha256, **result.to_dict(), "seconds": round(seconds, 3), "error": None}
+
+
+def error_row(item, identity: dict[str, Any], sid: str) -> dict[str, Any]:
+    """The row of an image that failed (item.error says why), with the settings it was tried with."""
+    empty = dict.fromkeys(RESULT_KEYS)
+    empty.update(model=identity["model"], settings_id=sid, settings=identity)
+    return {"path": item.key, "sha256": item.sha256, **empty, "seconds": None, "error": item.error}
 
 
 def json_line(obj: Any, indent: int | None = None) -> str:

@@ -136,6 +136,10 @@ def test_bad_images_become_error_rows_and_exit_3(tiny_model, folder, tmp_path):
     assert "truncated" in rows["broken.png"]["error"]
     assert "not an image" in rows["notes.png"]["error"]
     assert "missing.png" in rows["missing.png"]["error"] and rows["missing.png"]["sha256"] is None
+    from pez_cli.results import CSV_FIELDS, ROW_KEYS
+
+    # Every row, done or failed, has the one shape of a row (results.ROW_KEYS), of which CSV writes some.
+    assert all(tuple(r) == ROW_KEYS for r in rows.values()) and set(CSV_FIELDS) <= set(ROW_KEYS)
     # A rerun tries the failed images again; they fail again and still have one row each.
     again = run("batch", "-", "-o", out, "--model", tiny_model, *FAST, input=listing)
     assert again.exit_code == 3 and "0 done, 1 already done, 3 failed" in again.stderr
