@@ -75,6 +75,17 @@ def lm_dir(tmp_path_factory) -> Path:
     return save_tiny_lm(tmp_path_factory.mktemp("lm") / "gpt2", words=LM_WORDS, texts=LM_SENTENCES, steps=150)
 
 
+@pytest.fixture(scope="session")
+def t5_pipelines(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random FLUX.1-schnell and SD3 pipeline folders (a transformer, a VAE, CLIP text models
+    and a T5), built once for the whole run, by preset name (copy one to change it)."""
+    pytest.importorskip("diffusers")
+    from pez_cli.testing import save_tiny_flux, save_tiny_sd3
+
+    folder = tmp_path_factory.mktemp("t5-pipelines")
+    return {"flux": save_tiny_flux(folder / "tiny-flux"), "sd3": save_tiny_sd3(folder / "tiny-sd3")}
+
+
 @pytest.fixture
 def load_tiny(tiny_model):
     """Load a fresh copy of the tiny CLIP on the CPU (tests may change its dtype or packing)."""

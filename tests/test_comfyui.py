@@ -44,7 +44,8 @@ def test_the_pack_declares_its_nodes_as_comfyui_reads_them(pack):
     for node in pack.NODE_CLASS_MAPPINGS.values():
         inputs = node.INPUT_TYPES()["required"]
         assert callable(getattr(node(), node.FUNCTION)) and node.CATEGORY == "pez"
-        assert len(node.RETURN_TYPES) == len(node.RETURN_NAMES) and node.RETURN_NAMES[-1] == "similarity"
+        assert len(node.RETURN_TYPES) == len(node.RETURN_NAMES) and node.RETURN_NAMES[:2] in (("prompt", "similarity"),
+                                                                                              ("styled", "prompt"))
         assert inputs["steps"][1]["default"] == 0 and inputs["lm"][1]["default"] == "auto"  # pez's defaults
         assert "sd3" in inputs["preset"][0] and "flux" in inputs["preset"][0]
     from pez_cli.comfyui import nodes
@@ -65,9 +66,10 @@ def test_invert_style_and_distill_give_the_cli_prompts(pack, tiny_model, tmp_pat
     flags = ["--model", tiny_model, "--steps", "20", "--prompt-len", "4", "--seed", "0", "--lm", "none", "--json"]
     nodes = pack.NODE_CLASS_MAPPINGS
 
-    prompt, similarity = nodes["PezInvert"]().invert(comfy_image(images[0]), "(defaults)", tiny_model, **FAST)
+    prompt, similarity, t5 = nodes["PezInvert"]().invert(comfy_image(images[0]), "(defaults)", tiny_model, **FAST)
     cli = json.loads(run("invert", images[0], *flags).stdout)
     assert prompt == cli["prompt"] and similarity == pytest.approx(cli["similarity"], abs=1e-5)
+    assert t5 == prompt  # no T5 prompt asked for: T5 reads the prompt itself
 
     styled, prompt, _ = nodes["PezStyle"]().style(comfy_image(*images), "a tiger in the style of {}", "(defaults)",
                                                   tiny_model, **FAST)
@@ -83,6 +85,17 @@ def test_invert_style_and_distill_give_the_cli_prompts(pack, tiny_model, tmp_pat
 
     with pytest.raises(InputError, match="the text to distill is empty"):
         nodes["PezDistill"]().distill("  ", "(defaults)", tiny_model, **FAST)
+
+
+def test_invert_gives_the_clis_t5_prompt(pack, tiny_model, lm_dir, tmp_path):
+    """t5_tokens N gives what `pez invert --t5-prompt N` prints for FLUX.1's and SD3's T5 encoder."""
+    image = make_image(tmp_path / "a.png", (200, 30, 30))
+    settings = {**FAST, "lm": str(lm_dir)}
+    prompt, _, t5 = pack.NODE_CLASS_MAPPINGS["PezInvert"]().invert(comfy_image(image), "(defaults)", tiny_model, **settings,
+                                                                  t5_tokens=8)
+    cli = json.loads(run("invert", image, "--model", tiny_model, "--steps", "20", "--prompt-len", "4", "--seed", "0",
+                         "--lm", lm_dir, "--t5-prompt", "8", "--json").stdout)
+    assert (prompt, t5) == (cli["prompt"], cli["t5_prompt"]) and t5.startswith(prompt)
 
 
 def test_models_stay_loaded_progress_moves_and_interrupt_stops(pack, tiny_model, tmp_path, monkeypatch):
@@ -125,6 +138,6 @@ def test_models_stay_loaded_progress_moves_and_interrupt_stops(pack, tiny_model,
     assert bars[-1].seen[-1][0] == 50 and bars[-1].seen[-1][1] == 100_000  # stopped at step 50 of 100,000
     loaded = dict(nodes.session().models)
     asked["n"] = -10**9  # no more Cancel
-    prompt, _ = invert.invert(image, "(defaults)", tiny_model, **FAST)
+    prompt, _, _ = invert.invert(image, "(defaults)", tiny_model, **FAST)
     assert prompt and bars[-1].seen[-1] == (20, 20)
     assert nodes.session().models == loaded and len(loaded) == 1  # the CLIP was not loaded again

@@ -9,7 +9,7 @@ from PIL import Image
 
 from helpers import assert_one_line_error, make_image, run
 from pez_cli import render as rendering
-from pez_cli.testing import save_tiny_flux, save_tiny_sd3
+from pez_cli.testing import save_tiny_flux
 
 RENDER = ["--images", "2", "--sd-steps", "2", "--size", "32"]
 
@@ -286,13 +286,13 @@ def test_sampler_names_are_a1111s():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset, build, steps, guidance", [("flux", save_tiny_flux, 4, "0"), ("sd3", save_tiny_sd3, 28, "4.5")])
-def test_flux_and_sd3_presets_invert_and_render_end_to_end(preset, build, steps, guidance, tiny_model, judge_model, lm_dir,
+@pytest.mark.parametrize("preset, steps, guidance", [("flux", 4, "0"), ("sd3", 28, "4.5")])
+def test_flux_and_sd3_presets_invert_and_render_end_to_end(preset, steps, guidance, t5_pipelines, tiny_model, judge_model, lm_dir,
                                                          tmp_path):
     """`pez invert --preset flux|sd3 --render --t5-prompt` on tiny random pipelines of those kinds (a
     transformer in place of a UNet, a T5 beside the CLIPs), with the family's steps and guidance
     by default; the T5 prompt is rendered with the CLIP prompt and kept in the PNGs."""
-    sd = build(tmp_path / f"tiny-{preset}")
+    sd = t5_pipelines[preset]
     image = make_image(tmp_path / "x.png", (200, 30, 30))
     out = tmp_path / "out"
     result = run("invert", image, "--preset", preset, "--model", tiny_model, "--steps", "3", "--prompt-len", "3",
@@ -311,13 +311,13 @@ def test_flux_and_sd3_presets_invert_and_render_end_to_end(preset, build, steps,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("build", [save_tiny_flux, save_tiny_sd3])
-def test_the_t5_prompt_reaches_the_t5_encoder(build, tmp_path):
+@pytest.mark.parametrize("preset", ["flux", "sd3"])
+def test_the_t5_prompt_reaches_the_t5_encoder(preset, t5_pipelines):
     """FLUX.1 and SD3 read a T5 prompt where given (prompt_2, prompt_3), and the CLIP prompt where
     not: the same text gives the same picture, another text another."""
     import numpy as np
 
-    sd = build(tmp_path / "tiny")
+    sd = t5_pipelines[preset]
     renderer = rendering.Renderer(rendering.RenderOptions(sd_model=str(sd), images=1, steps=2, seed=0), torch.device("cpu"))
 
     def pixels(**t5):

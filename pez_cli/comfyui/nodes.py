@@ -24,13 +24,14 @@ def session():
     return _session
 
 
-def settings_for(preset: str, model: str, steps: int, prompt_len: int, seed: int, lm: str):
+def settings_for(preset: str, model: str, steps: int, prompt_len: int, seed: int, lm: str, t5_tokens: int = 0):
     """The settings a run uses, resolved as `pez invert --preset P --model M ...` resolves them
-    (an empty model, or steps or a prompt length of 0: the preset's, or pez's default)."""
+    (an empty model, or steps or a prompt length of 0: the preset's, or pez's default; t5_tokens
+    0: no T5 prompt)."""
     from pez_cli.config import resolve
 
     flags = {"model": model.strip() or None, "steps": steps or None, "prompt_len": prompt_len or None, "seed": seed,
-             "lm": lm.strip() or None}
+             "lm": lm.strip() or None, "t5_tokens": t5_tokens or None}
     return resolve(None if preset == DEFAULTS else preset, None, flags).settings
 
 
@@ -107,18 +108,23 @@ class PezInvert:
     """One prompt for the image (for all images of a batch: one shared prompt), as `pez invert`."""
 
     CATEGORY = CATEGORY
-    RETURN_TYPES = ("STRING", "FLOAT")
-    RETURN_NAMES = ("prompt", "similarity")
+    RETURN_TYPES = ("STRING", "FLOAT", "STRING")
+    RETURN_NAMES = ("prompt", "similarity", "t5_prompt")
     FUNCTION = "invert"
-    DESCRIPTION = "Hard text prompt for the image(s) with PEZ: feed it to CLIP Text Encode."
+    DESCRIPTION = ("Hard text prompt for the image(s) with PEZ: feed it to CLIP Text Encode; for FLUX.1 (CLIPTextEncodeFlux) "
+                   "the prompt to clip_l and t5_prompt to t5xxl.")
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"image": ("IMAGE",), **_widgets()}}
+        return {"required": {"image": ("IMAGE",), **_widgets()},
+                "optional": {"t5_tokens": ("INT", {"default": 0, "min": 0, "max": 75,
+                                                   "tooltip": "A longer prompt for FLUX.1's and SD3's T5 encoder, up to this "
+                                                              "many tokens (--t5-prompt; needs the language model); 0: the "
+                                                              "prompt itself"})}}
 
-    def invert(self, image, preset, model, steps, prompt_len, seed, lm):
-        result = solve(settings_for(preset, model, steps, prompt_len, seed, lm), "invert", images=image)
-        return (result.prompt, float(result.similarity))
+    def invert(self, image, preset, model, steps, prompt_len, seed, lm, t5_tokens=0):
+        result = solve(settings_for(preset, model, steps, prompt_len, seed, lm, t5_tokens), "invert", images=image)
+        return (result.prompt, float(result.similarity), result.t5_prompt or result.prompt)
 
 
 class PezStyle:
