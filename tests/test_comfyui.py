@@ -28,6 +28,9 @@ def pack():
     sys.modules["pez_custom_nodes"] = module
     spec.loader.exec_module(module)
     yield module
+    nodes = sys.modules.get("pez_custom_nodes.nodes")
+    if nodes is not None:
+        nodes._session = None  # let the models it kept loaded go: later tests count what is alive
     sys.modules.pop("pez_custom_nodes", None)
 
 
