@@ -36,6 +36,17 @@ def test_a_job_reports_what_the_cli_prints(tiny_model, images):
     assert report.loading_seconds >= 0 and 0 <= report.optimizing_seconds <= report.data["total_seconds"]
 
 
+def test_the_jobs_layer_is_the_public_api():
+    import pez_cli
+    from pez_cli import api, jobs, session
+
+    assert (pez_cli.OptimizeJob, pez_cli.Events, pez_cli.Report) == (jobs.OptimizeJob, jobs.Events, jobs.Report)
+    assert pez_cli.Session is session.Session and pez_cli.Pez is api.Pez and pez_cli.Settings is Settings
+    assert set(pez_cli.__all__) >= {"OptimizeJob", "Events", "Report", "Session", "Pez", "Settings", "PromptResult"}
+    with pytest.raises(AttributeError):
+        getattr(pez_cli, "nothing_here")  # noqa: B009
+
+
 def test_every_caller_gets_the_same_checks(tiny_model):
     settings = Settings(model=tiny_model, **FAST).validate()
     for job, message in ((OptimizeJob("distill", settings, text="  "), "the text to distill is empty"),
