@@ -98,10 +98,9 @@ def group_size(opt: PromptOptimizer, width: int) -> int:
 
 
 def _search(opt: PromptOptimizer, bests: list[Best], width: int, problems: list[int], start: str = "",
-            length: int | None = None, fluency_scale: float = 1.0) -> None:
+            length: int | None = None) -> None:
     """The beams of `problems`, every one starting with the text `start` (its tokens the same in
-    every CLIP: check_shared_vocabulary), grown to at most `length` tokens (--prompt-len); the
-    finished texts chosen by the objective with the fluency weighted fluency_scale times."""
+    every CLIP: check_shared_vocabulary), grown to at most `length` tokens (--prompt-len)."""
     spaces = opt.spaces
     grows = all(s.tower.can_grow() for s in spaces)
     device = spaces[0].vocab.embeddings.device
@@ -112,13 +111,13 @@ def _search(opt: PromptOptimizer, bests: list[Best], width: int, problems: list[
     reader = Growing(opt.objective.fluency, len(problems), start)
     offered: dict[int, list[tuple[float, str]]] = {p: [] for p in problems}  # min-heaps of (objective, text)
     try:
-        _grow_beams(opt, bests, width, problems, beams, reader, offered, length or opt.settings.prompt_len, fluency_scale)
+        _grow_beams(opt, bests, width, problems, beams, reader, offered, length or opt.settings.prompt_len)
     finally:  # also on Stop: what was offered so far goes to bests
-        _offer(opt, bests, offered, fluency_scale)
+        _offer(opt, bests, offered)
 
 
 def _grow_beams(opt: PromptOptimizer, bests: list[Best], width: int, problems: list[int], beams: _Beams, reader: Growing,
-                offered: dict[int, list[tuple[float, str]]], length: int, fluency_scale: float) -> None:
+                offered: dict[int, list[tuple[float, str]]], length: int) -> None:
     objective, vocab = opt.objective, opt.vocab
     spaces = opt.spaces
     grows = beams.states is not None
@@ -128,7 +127,7 @@ def _grow_beams(opt: PromptOptimizer, bests: list[Best], width: int, problems: l
         opt.check_stop()  # what was offered so far stays in bests
         texts = [vocab.decode(ids) for ids in beams.ids]
         readings = reader.readings(texts)
-        _collect(opt, bests, beams, texts, readings, offered, opening, fluency_scale)
+        _collect(opt, bests, beams, texts, readings, offered, opening)
         if depth == length:
             break
         grown = [(b, word, (r.total + logp) / (r.count + 1))  # (parent, word, fluency as a start)
@@ -182,13 +181,13 @@ def _shares(width: int) -> list[int]:
 
 
 def _collect(opt: PromptOptimizer, bests: list[Best], beams: _Beams, texts: list[str], readings,
-             offered: dict[int, list[tuple[float, str]]], opening: int, fluency_scale: float) -> None:
+             offered: dict[int, list[tuple[float, str]]], opening: int) -> None:
     """Each beam longer than the `opening` all beams share, read as a finished text, is offered
     for its problem's best where its objective by its grown features comes within CLOSE of it:
     each problem keeps its OFFER_KEEP highest."""
     objective = opt.objective
     for p, ids, each, r, text in zip(beams.owners, beams.ids, beams.each, readings, texts):
-        value = objective.value(each, r.fluency, fluency_scale) if len(ids) > opening else None
+        value = objective.value(each, r.fluency) if len(ids) > opening else None
         if value is not None and value > bests[p].objective - CLOSE:
             heap = offered[p]
             if len(heap) < OFFER_KEEP:
@@ -197,8 +196,7 @@ def _collect(opt: PromptOptimizer, bests: list[Best], beams: _Beams, texts: list
                 heapq.heapreplace(heap, (value, text))
 
 
-def _offer(opt: PromptOptimizer, bests: list[Best], offered: dict[int, list[tuple[float, str]]],
-           fluency_scale: float) -> None:
+def _offer(opt: PromptOptimizer, bests: list[Best], offered: dict[int, list[tuple[float, str]]]) -> None:
     """The offered texts, encoded as text and scored exactly, replace their problem's best where
     their objective is higher."""
     chosen = [(p, text) for p, heap in offered.items() for _, text in sorted(heap, reverse=True)]
@@ -206,5 +204,5 @@ def _offer(opt: PromptOptimizer, bests: list[Best], offered: dict[int, list[tupl
         return
     exact = opt.objective.score([p for p, _ in chosen], [text for _, text in chosen])
     for (p, text), score in zip(chosen, exact):
-        if opt.objective.value(score.each, score.fluency, fluency_scale) > bests[p].objective:
+        if score.value > bests[p].objective:
             bests[p] = Best.scored(opt.vocab.tokenizer.encode(text), score.similarity, opt.step_count, text, score)

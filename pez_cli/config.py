@@ -188,7 +188,6 @@ class Settings:
         if self.t5_tokens is not None and not self.uses_lm:
             raise ConfigError(f"--t5-prompt {self.t5_tokens} needs the language model, which is off here "
                               f"(--lm {self.lm}, --lm-weight {self.lm_weight:g})")
-
         self.models()
         if self.vocab not in VOCAB_KINDS:
             if not Path(self.vocab).expanduser().is_file():

@@ -237,11 +237,10 @@ class Renderer:
         total = o.steps * o.images
         done = {"n": 0}
         out: list[Image.Image] = []
-        extra = {}
-        if t5_prompt:
-            if family(o.sd_model) not in T5_ARGUMENT:
-                raise RenderError(f"{o.sd_model} has no T5 encoder for a T5 prompt")
-            extra[T5_ARGUMENT[family(o.sd_model)]] = t5_prompt
+        t5_argument = T5_ARGUMENT.get(family(o.sd_model)) if t5_prompt else None
+        if t5_prompt and t5_argument is None:
+            raise RenderError(f"{o.sd_model} has no T5 encoder for a T5 prompt")
+        extra = {t5_argument: t5_prompt} if t5_argument else {}
 
         def callback(pipe, step, timestep, kwargs):
             done["n"] += 1
