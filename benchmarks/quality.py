@@ -527,7 +527,7 @@ def main(argv=None):
                     help="run the language-prior rows (lm_configurations) instead of the others; trains the world LM once")
     ap.add_argument("--lm-steps", type=int, default=1500, help="training steps of the world language model")
     ap.add_argument("--worlds", help="only the language prior's rows on these worlds (comma-separated: "
-                    + ", ".join(f"{k}: {w.about}" for k, w in WORLDS.items()) + ")")
+                    + ", ".join(f"{k}: {w.about.replace('%', '%%')}" for k, w in WORLDS.items()) + ")")
     ap.add_argument("--weights", default="0.3,1,3", help="--worlds: multiples of the default --lm-weight")
     ap.add_argument("--lengths", default="24", help="--worlds: prompt lengths (comma-separated)")
     ap.add_argument("--beam", type=int, default=Settings.beam, help="--worlds: beams of the prior's rows (default: pez's)")
