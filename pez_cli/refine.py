@@ -6,21 +6,24 @@ tokens by the gradient of the loss with respect to that position's one-hot token
 embedding's gradient against the vocabulary; with several models, their weighted sum),
 proposes the top-ranked swaps and the deletion of that token and, with a language model
 (--lm), the words it finds likeliest at that position given the words before, both in the
-token's place and inserted before it (or at the end). Every candidate is scored by the
-objective (objective.py) as printed text, in batched passes for all problems, and the best is
-kept if it beats the current prompt. A problem stops at the first round without an
-improvement, so refining never lowers the objective.
+token's place and inserted before it (or at the end), and the prompt turned around at a split
+(rotations). Every candidate is scored by the objective (objective.py) as printed text, in
+batched passes for all problems, and the best replaces the printed prompt if it beats it, so
+refining never lowers the objective. Without a language model a problem edits its best text
+only and stops at the first round without an improvement; with one it keeps its KEPT best texts
+and edits each new one in the next round, so that a turn that loses a little can still win
+after a second edit, and stops at the first round that adds none.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from pez_cli.lm import Along, WordMap
+from pez_cli.lm import Along, Fluency, WordMap
 from pez_cli.objective import clip_loss
 from pez_cli.optimize import Best, PromptOptimizer
 
@@ -36,6 +39,16 @@ GRADIENT_PROBLEMS = 4
 # by CLIP's score and that estimate); the best it reads is the round's choice.
 CLIP_KEEP = 64
 LM_KEEP = 8
+# With a language model, per problem and round: the prompt turned around (its words after a split
+# first, with or without the split's first word, then a joining word the language model proposes
+# or none, then the words before the split): the ROTATIONS most fluent openings, each with its
+# GLUE likeliest joining words. A left-to-right search commits to what CLIP likes named first (the
+# background, mid-search) and one-word edits cannot move a phrase: "a red background with a star
+# on the left" -> "a star on the left on a red background".
+ROTATIONS = 3
+GLUE = 3
+# With a language model, the texts each problem keeps and edits in every round (its best first).
+KEPT = 3
 
 
 def token_gradients(opt: PromptOptimizer, problems: Sequence[int], prompts: Sequence[list[int]]) -> list[torch.Tensor]:
@@ -148,56 +161,93 @@ def estimated_fluency(along: Along, ids: list[int], edits: Sequence[Edit], words
     return out
 
 
-def _gradients_in_chunks(opt: PromptOptimizer, order: list[int], current: dict[int, list[int]]):
-    """(problem, its token gradients) for every problem, GRADIENT_PROBLEMS at a time, so the
-    (len, allowed) score matrices held at once do not grow with the number of problems."""
-    for at in range(0, len(order), GRADIENT_PROBLEMS):
-        chunk = order[at:at + GRADIENT_PROBLEMS]
-        yield from zip(chunk, token_gradients(opt, chunk, [current[p] for p in chunk]))
+def rotations(fluency: Fluency, along: Along, ids: list[int], decode: Callable[[list[int]], str]) -> list[str]:
+    """`ids` turned around (see ROTATIONS), as texts. along: the language model's reading of ids
+    (its first row says which openings start a text well); decode: token ids to text."""
+    spell = fluency.words.spell[0] if fluency.words is not None else {}
+    start = along.after[0]  # (V,) log-probabilities of a text's first token
+    floor = float(start.min())
+    splits = {}  # opening -> the tokens before it
+    for i in range(1, len(ids)):
+        for o in (i, i + 1):  # the opening, with or without the split's first token
+            if o < len(ids):
+                splits.setdefault(tuple(ids[o:]), ids[:i])
+    opens = sorted(splits, key=lambda h: -(float(start[spell[h[0]]]) if h[0] in spell else floor))[:2 * ROTATIONS]
+    readings = fluency.read([decode(list(h)) for h in opens])
+    out = []
+    for j in sorted(range(len(opens)), key=lambda j: -readings[j].prefix_fluency)[:ROTATIONS]:
+        head, tail = list(opens[j]), splits[opens[j]]
+        out.append(decode(head + tail))
+        out.extend(decode([*head, w, *tail]) for w, _ in readings[j].next[:GLUE])
+    return list(dict.fromkeys(out))
+
+
+def _gradients_in_chunks(opt: PromptOptimizer, members: list[tuple[int, list[int]]]):
+    """(index, its token gradients) for every (problem, prompt) member, GRADIENT_PROBLEMS at a time,
+    so the (len, allowed) score matrices held at once do not grow with the number of problems."""
+    for at in range(0, len(members), GRADIENT_PROBLEMS):
+        chunk = members[at:at + GRADIENT_PROBLEMS]
+        yield from zip(range(at, at + len(chunk)), token_gradients(opt, [p for p, _ in chunk], [ids for _, ids in chunk]))
 
 
 def refine(opt: PromptOptimizer, bests: list[Best]) -> list[Best]:
     """Up to settings.refine rounds for every problem at once. `bests` is updated in place as
     rounds finish (so an interrupted refinement keeps its rounds) and returned; a refined
-    prompt's token_ids are its own re-tokenization, so it round-trips."""
+    prompt's token_ids are its own re-tokenization, so it round-trips.
+
+    With a language model each problem keeps the KEPT best texts found so far (the printed one
+    first), and every one of them is edited in the next round: a phrase turned around or a word
+    changed may need a second edit before the text beats the printed one. A problem stops at the
+    first round that finds nothing new for its kept texts."""
     tok, vocab, objective = opt.vocab.tokenizer, opt.vocab, opt.objective
     fluency = objective.fluency
-    current = {p: tok.encode(b.prompt) for p, b in enumerate(bests) if b.prompt}
+    keep = KEPT if fluency is not None else 1
+    # problem -> its kept texts, best first: (objective, ids)
+    kept = {p: [(b.objective, tok.encode(b.prompt))] for p, b in enumerate(bests) if b.prompt}
+    fresh = {p: [ids for _, ids in texts] for p, texts in kept.items()}  # texts not edited yet
     for _ in range(opt.settings.refine):
         opt.check_stop()  # finished rounds stay in bests
-        if not current:
+        members = [(p, ids) for p in sorted(fresh) for ids in fresh[p]]
+        if not members:
             break
-        order = sorted(current)
         proposals: list[tuple[int, list[int]]] = []
         guesses: list[float] = []  # with a language model: each proposal's estimated fluency
-        alongs = dict(zip(order, fluency.along([[vocab.decode(current[p][:k]) for k in range(len(current[p]) + 1)]
-                                                for p in order]))) if fluency is not None else {}
-        for p, g in _gradients_in_chunks(opt, order, current):
-            ids = current[p]
+        alongs = fluency.along([[vocab.decode(ids[:k]) for k in range(len(ids) + 1)] for _, ids in members]) \
+            if fluency is not None else []
+        known = {p: {tuple(ids) for _, ids in kept[p]} for p in fresh}
+        for m, g in _gradients_in_chunks(opt, members):
+            p, ids = members[m]
             edits = candidates(ids, g, vocab.allowed_ids)
             if fluency is not None:
-                along = alongs[p]
+                along = alongs[m]
                 if along is not None:  # the likeliest words after each prefix, from the one reading
                     after = fluency.proposals(along.after, [k == 0 for k in range(len(ids) + 1)])
                 else:
                     after = fluency.next_words([vocab.decode(ids[:k]) for k in range(len(ids) + 1)], LM_K)
                 edits += lm_candidates(ids, [[w for w, _ in words[:LM_K]] for words in after], opt.settings.prompt_len)
-            seen, mine = {tuple(ids)}, []
+            seen, mine = known[p], []
             for e in edits:
                 c = e.apply(ids)
                 if tuple(c) not in seen:
                     seen.add(tuple(c))
                     mine.append((e, c))
-            if fluency is not None and mine:
-                along = alongs[p]
+            if fluency is not None:
+                along = alongs[m]
                 guess = (estimated_fluency(along, ids, [e for e, _ in mine], fluency.words, fluency.lm.end_id)
-                         if along is not None else fluency.of([vocab.decode(ids)]) * len(mine))
-                kept = sorted(range(len(mine)), key=lambda j: -guess[j])[:CLIP_KEEP]
-                mine, guess = [mine[j] for j in kept], [guess[j] for j in kept]
+                         if along is not None else fluency.of([vocab.decode(ids)]) * len(mine)) if mine else []
+                order = sorted(range(len(mine)), key=lambda j: -guess[j])[:CLIP_KEEP]
+                mine, guess = [mine[j] for j in order], [guess[j] for j in order]
+                if along is not None and ids == kept[p][0][1]:  # the best kept text, turned around
+                    turned = []
+                    for t in rotations(fluency, along, ids, vocab.decode):
+                        c = tok.encode(t)
+                        if tuple(c) not in seen:
+                            seen.add(tuple(c))
+                            turned.append(t)
+                            mine.append((None, c))
+                    guess += fluency.of(turned)
                 guesses.extend(guess)
             proposals.extend((p, c) for _, c in mine)
-        if not proposals:
-            break
         texts = [vocab.decode(ids) for _, ids in proposals]
         owners = [p for p, _ in proposals]
         if fluency is None:
@@ -210,15 +260,18 @@ def refine(opt: PromptOptimizer, bests: list[Best]) -> list[Best]:
             read = [j for p in ranked for _, j in sorted(ranked[p], key=lambda r: -r[0])[:LM_KEEP]]
             scored = list(zip([owners[j] for j in read], [texts[j] for j in read],
                               objective.finish([texts[j] for j in read], [each[j] for j in read])))
-        chosen: dict[int, tuple[str, object]] = {}
+        found: dict[int, list[tuple[float, str, object]]] = {}
         for p, text, score in scored:
-            if score.value > (chosen[p][1].value if p in chosen else bests[p].objective):
-                chosen[p] = (text, score)
-        for p in order:
-            if p not in chosen:  # no candidate beat the current prompt: this problem is done
-                del current[p]
-                continue
-            text, score = chosen[p]
-            current[p] = tok.encode(text)
-            bests[p] = Best.scored(current[p], score.similarity, bests[p].step, text, score)
+            found.setdefault(p, []).append((score.value, text, score))
+        for p in list(fresh):
+            pool = kept[p] + [(v, tok.encode(text)) for v, text, _ in found.get(p, [])]
+            best_new = max(found.get(p, []), key=lambda f: f[0], default=None)
+            if best_new is not None and best_new[0] > bests[p].objective:
+                _, text, score = best_new
+                bests[p] = Best.scored(tok.encode(text), score.similarity, bests[p].step, text, score)
+            ranked_pool = sorted(pool, key=lambda t: -t[0])[:keep]
+            fresh[p] = [ids for v, ids in ranked_pool if all(ids != old for _, old in kept[p])]
+            kept[p] = ranked_pool
+            if not fresh[p]:  # nothing new among its kept texts: this problem is done
+                del fresh[p]
     return bests

@@ -379,6 +379,31 @@ def test_one_reading_along_a_text_gives_each_prefix_and_estimates_its_edits(lm_d
         assert guess == pytest.approx((exact.total + whole.end) / (exact.count + 1), abs=1e-4)
 
 
+def test_refinement_turns_a_prompt_around_joined_by_a_word_the_lm_proposes(lm_dir, load_tiny):
+    """One-word edits cannot move a phrase: refinement also tries the prompt turned around at a
+    split (its later words first, with or without the split's first word), joined by nothing or by
+    a word the language model proposes after the new opening."""
+    from pez_cli.lm import Fluency, WordMap, load_lm
+    from pez_cli.refine import GLUE, ROTATIONS, rotations
+
+    lm = load_lm(str(lm_dir), torch.device("cpu"))
+    model = load_tiny()
+    vocab = Pez(Settings(model=model.name, device="cpu", lm="none"), model=model).vocab
+    words = WordMap.build(lm, vocab)
+    ids = vocab.tokenizer.encode("the mat , a red cat")
+    [along] = Fluency(lm, words).along([[vocab.decode(ids[:k]) for k in range(len(ids) + 1)]])
+    turned = rotations(Fluency(lm, words), along, ids, vocab.decode)
+    assert "a red cat on the mat" in turned  # ", " dropped at the split, "on" proposed after "a red cat"
+    assert "a red cat the mat" in turned  # and with no joining word
+    assert len(turned) == len(set(turned)) <= ROTATIONS * (1 + GLUE)
+    for text in turned:  # the prompt's words in another order, and at most one word more
+        extra = text.split()
+        for w in "the mat , a red cat".split():
+            if w in extra:
+                extra.remove(w)
+        assert len(extra) <= 1, text
+
+
 def test_the_search_never_lowers_the_objective(tiny_model, load_tiny, lm_dir, image):
     from pez_cli.lm import load_lm
 
