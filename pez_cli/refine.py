@@ -161,9 +161,9 @@ def estimated_fluency(along: Along, ids: list[int], edits: Sequence[Edit], words
     return out
 
 
-def rotations(fluency: Fluency, along: Along, ids: list[int], decode: Callable[[list[int]], str]) -> list[str]:
-    """`ids` turned around (see ROTATIONS), as texts. along: the language model's reading of ids
-    (its first row says which openings start a text well); decode: token ids to text."""
+def rotations(fluency: Fluency, along: Along, ids: list[int], decode: Callable[[list[int]], str]) -> list[list[int]]:
+    """`ids` turned around (see ROTATIONS). along: the language model's reading of ids (its first
+    row says which openings start a text well); decode: token ids to text."""
     spell = fluency.words.spell[0] if fluency.words is not None else {}
     start = along.after[0]  # (V,) log-probabilities of a text's first token
     floor = float(start.min())
@@ -172,14 +172,23 @@ def rotations(fluency: Fluency, along: Along, ids: list[int], decode: Callable[[
         for o in (i, i + 1):  # the opening, with or without the split's first token
             if o < len(ids):
                 splits.setdefault(tuple(ids[o:]), ids[:i])
+    # The 2 * ROTATIONS openings whose first word starts a text best, read; the most fluent kept.
     opens = sorted(splits, key=lambda h: -(float(start[spell[h[0]]]) if h[0] in spell else floor))[:2 * ROTATIONS]
     readings = fluency.read([decode(list(h)) for h in opens])
     out = []
     for j in sorted(range(len(opens)), key=lambda j: -readings[j].prefix_fluency)[:ROTATIONS]:
         head, tail = list(opens[j]), splits[opens[j]]
-        out.append(decode(head + tail))
-        out.extend(decode([*head, w, *tail]) for w, _ in readings[j].next[:GLUE])
-    return list(dict.fromkeys(out))
+        out.append(head + tail)
+        out.extend([*head, w, *tail] for w, _ in readings[j].next[:GLUE])
+    return out
+
+
+def _unseen(seen: set[tuple[int, ...]], ids: list[int]) -> bool:
+    """Whether `ids` is not in `seen` (a problem's texts proposed or kept so far); it is then."""
+    if tuple(ids) in seen:
+        return False
+    seen.add(tuple(ids))
+    return True
 
 
 def _gradients_in_chunks(opt: PromptOptimizer, members: list[tuple[int, list[int]]]):
@@ -225,12 +234,8 @@ def refine(opt: PromptOptimizer, bests: list[Best]) -> list[Best]:
                 else:
                     after = fluency.next_words([vocab.decode(ids[:k]) for k in range(len(ids) + 1)], LM_K)
                 edits += lm_candidates(ids, [[w for w, _ in words[:LM_K]] for words in after], opt.settings.prompt_len)
-            seen, mine = known[p], []
-            for e in edits:
-                c = e.apply(ids)
-                if tuple(c) not in seen:
-                    seen.add(tuple(c))
-                    mine.append((e, c))
+            seen = known[p]
+            mine = [(e, c) for e in edits if _unseen(seen, c := e.apply(ids))]
             if fluency is not None:
                 along = alongs[m]
                 guess = (estimated_fluency(along, ids, [e for e, _ in mine], fluency.words, fluency.lm.end_id)
@@ -238,14 +243,9 @@ def refine(opt: PromptOptimizer, bests: list[Best]) -> list[Best]:
                 order = sorted(range(len(mine)), key=lambda j: -guess[j])[:CLIP_KEEP]
                 mine, guess = [mine[j] for j in order], [guess[j] for j in order]
                 if along is not None and ids == kept[p][0][1]:  # the best kept text, turned around
-                    turned = []
-                    for t in rotations(fluency, along, ids, vocab.decode):
-                        c = tok.encode(t)
-                        if tuple(c) not in seen:
-                            seen.add(tuple(c))
-                            turned.append(t)
-                            mine.append((None, c))
-                    guess += fluency.of(turned)
+                    turned = [c for c in rotations(fluency, along, ids, vocab.decode) if _unseen(seen, c)]
+                    mine += [(None, c) for c in turned]
+                    guess += fluency.of([vocab.decode(c) for c in turned])
                 guesses.extend(guess)
             proposals.extend((p, c) for _, c in mine)
         texts = [vocab.decode(ids) for _, ids in proposals]
@@ -260,16 +260,16 @@ def refine(opt: PromptOptimizer, bests: list[Best]) -> list[Best]:
             read = [j for p in ranked for _, j in sorted(ranked[p], key=lambda r: -r[0])[:LM_KEEP]]
             scored = list(zip([owners[j] for j in read], [texts[j] for j in read],
                               objective.finish([texts[j] for j in read], [each[j] for j in read])))
-        found: dict[int, list[tuple[float, str, object]]] = {}
+        found: dict[int, list[tuple[float, list[int], str, object]]] = {}  # (objective, ids, text, score)
         for p, text, score in scored:
-            found.setdefault(p, []).append((score.value, text, score))
+            found.setdefault(p, []).append((score.value, tok.encode(text), text, score))
         for p in list(fresh):
-            pool = kept[p] + [(v, tok.encode(text)) for v, text, _ in found.get(p, [])]
-            best_new = max(found.get(p, []), key=lambda f: f[0], default=None)
+            new = found.get(p, [])
+            best_new = max(new, key=lambda f: f[0], default=None)
             if best_new is not None and best_new[0] > bests[p].objective:
-                _, text, score = best_new
-                bests[p] = Best.scored(tok.encode(text), score.similarity, bests[p].step, text, score)
-            ranked_pool = sorted(pool, key=lambda t: -t[0])[:keep]
+                _, ids, text, score = best_new
+                bests[p] = Best.scored(ids, score.similarity, bests[p].step, text, score)
+            ranked_pool = sorted(kept[p] + [(v, ids) for v, ids, _, _ in new], key=lambda t: -t[0])[:keep]
             fresh[p] = [ids for v, ids in ranked_pool if all(ids != old for _, old in kept[p])]
             kept[p] = ranked_pool
             if not fresh[p]:  # nothing new among its kept texts: this problem is done

@@ -392,7 +392,7 @@ def test_refinement_turns_a_prompt_around_joined_by_a_word_the_lm_proposes(lm_di
     words = WordMap.build(lm, vocab)
     ids = vocab.tokenizer.encode("the mat , a red cat")
     [along] = Fluency(lm, words).along([[vocab.decode(ids[:k]) for k in range(len(ids) + 1)]])
-    turned = rotations(Fluency(lm, words), along, ids, vocab.decode)
+    turned = [vocab.decode(c) for c in rotations(Fluency(lm, words), along, ids, vocab.decode)]
     assert "a red cat on the mat" in turned  # ", " dropped at the split, "on" proposed after "a red cat"
     assert "a red cat the mat" in turned  # and with no joining word
     assert len(turned) == len(set(turned)) <= ROTATIONS * (1 + GLUE)
