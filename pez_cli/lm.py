@@ -342,6 +342,13 @@ class Along:
     word_tokens: list[int]
     after: torch.Tensor
 
+    def as_start(self, words: WordMap | None, word: int) -> float:
+        """The log-probability that the CLIP word `word` starts a text (from after[0]); a word
+        that is not one token of the language model counts as the least likely start."""
+        first = words.spell[0] if words is not None else {}
+        row = self.after[0]
+        return float(row[first[word]]) if word in first else float(row.min())
+
 
 class Fluency:
     """The language model reading the prompts of one run, each distinct text once. words: how
@@ -470,22 +477,34 @@ class Growing:
     Every proposed word is one token of the language model (WordMap), so a grown text's tokens
     are its parent's and that one. Readings go into the run's Fluency cache, as full reads do."""
 
-    def __init__(self, fluency: Fluency, count: int, start: str = ""):
-        """`count` texts, each `start` (a printed prompt; "": empty)."""
+    def __init__(self, fluency: Fluency, count: int, start: str | Sequence[str] = ""):
+        """`count` texts, each `start` (a printed prompt; "": empty), or text i start[i] (as many
+        tokens of the language model each: see start_tokens)."""
         lm = fluency.lm
         self.fluency, self.lm = fluency, lm
         self.spell = fluency.words.spell
         # The kept keys and values: `cache` in newer transformers, `past_key_values` before.
         self.key = "cache" if "cache" in inspect.signature(lm.model.forward).parameters else "past_key_values"
-        ids = [lm.start_id, *(lm.encode([lm_text(start)])[0] if start else [])]
+        starts = [start] * count if isinstance(start, str) else list(start)
+        ids = [[lm.start_id, *tokens] for tokens in self.start_tokens(fluency, starts)]
+        if len({len(row) for row in ids}) > 1:
+            raise ValueError("texts that grow together start with as many tokens each")
+        rows = torch.tensor(ids, device=lm.device)  # (texts, len)
         with torch.no_grad():
-            out = lm.model(input_ids=torch.tensor([ids] * count, device=lm.device), use_cache=True)
+            out = lm.model(input_ids=rows, use_cache=True)
         self.cache = out[self.key]
-        logp = torch.log_softmax(out.logits[0].float(), dim=-1)  # (len, V): after each of start's tokens
-        self.last = logp[-1:].expand(count, -1).clone()  # (texts, V): after each text
-        steps = torch.arange(len(ids) - 1, device=logp.device)
-        total = float(logp[steps, torch.tensor(ids[1:], device=logp.device)].sum()) if start else 0.0
-        self.totals, self.counts = [total] * count, [len(ids) - 1] * count
+        logp = torch.log_softmax(out.logits.float(), dim=-1)  # (texts, len, V): after each of start's tokens
+        self.last = logp[:, -1].clone()  # (texts, V): after each text
+        totals = logp[:, :-1].gather(-1, rows[:, 1:, None])[..., 0].sum(-1)  # (texts,)
+        self.totals, self.counts = totals.tolist(), [len(ids[0]) - 1] * count
+
+    @staticmethod
+    def start_tokens(fluency: Fluency, starts: Sequence[str]) -> list[list[int]]:
+        """The language model's tokens of each start text ("": none)."""
+        lm = fluency.lm
+        texts = [s for s in starts if s]
+        encoded = iter(lm.encode([lm_text(s) for s in texts]) if texts else [])
+        return [next(encoded) if s else [] for s in starts]
 
     def readings(self, texts: Sequence[str]) -> list[Reading]:
         """The current texts' readings (texts: their printed form, the Fluency cache's key)."""

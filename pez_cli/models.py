@@ -278,28 +278,31 @@ class TextTower(nn.Module):
     @torch.no_grad()
     def grow(self, states: list[tuple[torch.Tensor, torch.Tensor]], tokens: torch.Tensor
              ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
-        """Texts one token longer than their prefixes, scored without running the prefixes again:
-        text (b, e) is prefix b (its keys and values in `states`, (B, H, n, W/H) per block)
-        followed by tokens[b, e] (tokens: (B, E)) and the end token. Returns their normalized
-        features (B, E, D) and each block's keys and values (B, E, H, 1, W/H) at the new token,
-        for prefix_states of the grown texts (concatenated to their prefix's along the length).
-        Each text's two new positions attend to its prefix's keys and values (shared by its E
-        siblings, never copied per text) and to each other, causally: the arithmetic of encoding
-        the texts whole but for the order of its sums (features agree to about 1e-6)."""
-        batch, extra = tokens.shape
+        """Texts longer than their prefixes, scored without running the prefixes again: text
+        (b, e) is prefix b (its keys and values in `states`, (B, H, n, W/H) per block) followed
+        by tokens[b, e] (tokens: (B, E), one token each, or (B, E, T), a run of T) and the end
+        token. Returns their normalized features (B, E, D) and each block's keys and values
+        (B, E, H, 1, W/H) at the first new token, for prefix_states of the grown texts
+        (concatenated to their prefix's along the length). Each text's new positions attend to
+        its prefix's keys and values (shared by its E siblings, never copied per text) and to
+        each other, causally: the arithmetic of encoding the texts whole but for the order of
+        its sums (features agree to about 1e-6)."""
+        if tokens.dim() == 2:
+            tokens = tokens[..., None]
+        batch, extra, run = tokens.shape
         n = int(states[0][0].shape[2])
         with self._autocast(tokens.device):
             cast = self.transformer.get_cast_dtype()
-            ids = torch.stack([tokens, torch.full_like(tokens, self.end_id)], dim=-1).view(batch * extra, 2)
-            x = self.token_embedding(ids).to(cast) + self.positional_embedding[n:n + 2].to(cast)  # (B*E, 2, W)
+            ids = torch.cat([tokens, torch.full_like(tokens[..., :1], self.end_id)], dim=-1).view(batch * extra, run + 1)
+            x = self.token_embedding(ids).to(cast) + self.positional_embedding[n:n + run + 1].to(cast)  # (B*E, T+1, W)
             width = x.shape[-1]
             grown = []
             for block, (keys, values) in zip(self.transformer.resblocks, states):
-                q, k, v = _queries_keys_values(block.attn, block.ln_1(x))  # (B*E, H, 2, W/H)
+                q, k, v = _queries_keys_values(block.attn, block.ln_1(x))  # (B*E, H, T+1, W/H)
                 heads, dim = q.shape[1], q.shape[3]
                 grown.append((k[:, :, :1].reshape(batch, extra, heads, 1, dim), v[:, :, :1].reshape(batch, extra, heads, 1, dim)))
                 out = _attend_after_prefix(q, k, v, keys.to(q.dtype), values.to(q.dtype), extra)
-                x = self._block_after_attention(block, x, out.transpose(1, 2).reshape(batch * extra, 2, width))
+                x = self._block_after_attention(block, x, out.transpose(1, 2).reshape(batch * extra, run + 1, width))
             x = self.ln_final(x[:, -1])
             proj = self.text_projection
             if proj is not None:
@@ -353,22 +356,22 @@ class TextTower(nn.Module):
 
 def _attend_after_prefix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                          extra: int) -> torch.Tensor:
-    """Attention of two new positions per text (q, k, v: (B*E, H, 2, d)) over their prefix's
+    """Attention of t new positions per text (q, k, v: (B*E, H, t, d)) over their prefix's
     keys and values (B, H, n, d), shared by the E texts of each prefix, and causally over
     themselves: one softmax over both parts, without copying a prefix for each text.
-    Returns (B*E, H, 2, d)."""
-    texts, heads, _, dim = q.shape
+    Returns (B*E, H, t, d)."""
+    texts, heads, t, dim = q.shape
     batch = keys.shape[0]
     scale = dim ** -0.5
-    qs = q.view(batch, extra, heads, 2, dim).transpose(1, 2).reshape(batch, heads, extra * 2, dim) * scale
-    before = qs @ keys.transpose(-1, -2)  # (B, H, 2E, n)
-    before = before.view(batch, heads, extra, 2, -1).transpose(1, 2).reshape(texts, heads, 2, -1)  # (B*E, H, 2, n)
-    own = (q * scale) @ k.transpose(-1, -2)  # (B*E, H, 2, 2)
-    own = own.masked_fill(torch.ones(2, 2, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
-    weights = torch.softmax(torch.cat([before, own], dim=-1), dim=-1)  # (B*E, H, 2, n + 2)
+    qs = q.view(batch, extra, heads, t, dim).transpose(1, 2).reshape(batch, heads, extra * t, dim) * scale
+    before = qs @ keys.transpose(-1, -2)  # (B, H, tE, n)
+    before = before.view(batch, heads, extra, t, -1).transpose(1, 2).reshape(texts, heads, t, -1)  # (B*E, H, t, n)
+    own = (q * scale) @ k.transpose(-1, -2)  # (B*E, H, t, t)
+    own = own.masked_fill(torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    weights = torch.softmax(torch.cat([before, own], dim=-1), dim=-1)  # (B*E, H, t, n + t)
     n = keys.shape[2]
-    from_prefix = weights[..., :n].reshape(batch, extra, heads, 2, n).transpose(1, 2).reshape(batch, heads, extra * 2, n)
-    out = (from_prefix @ values).view(batch, heads, extra, 2, dim).transpose(1, 2).reshape(texts, heads, 2, dim)
+    from_prefix = weights[..., :n].reshape(batch, extra, heads, t, n).transpose(1, 2).reshape(batch, heads, extra * t, n)
+    out = (from_prefix @ values).view(batch, heads, extra, t, dim).transpose(1, 2).reshape(texts, heads, t, dim)
     return out + weights[..., n:] @ v
 
 

@@ -164,16 +164,13 @@ def estimated_fluency(along: Along, ids: list[int], edits: Sequence[Edit], words
 def rotations(fluency: Fluency, along: Along, ids: list[int], decode: Callable[[list[int]], str]) -> list[list[int]]:
     """`ids` turned around (see ROTATIONS). along: the language model's reading of ids (its first
     row says which openings start a text well); decode: token ids to text."""
-    spell = fluency.words.spell[0] if fluency.words is not None else {}
-    start = along.after[0]  # (V,) log-probabilities of a text's first token
-    floor = float(start.min())
     splits = {}  # opening -> the tokens before it
     for i in range(1, len(ids)):
         for o in (i, i + 1):  # the opening, with or without the split's first token
             if o < len(ids):
                 splits.setdefault(tuple(ids[o:]), ids[:i])
     # The 2 * ROTATIONS openings whose first word starts a text best, read; the most fluent kept.
-    opens = sorted(splits, key=lambda h: -(float(start[spell[h[0]]]) if h[0] in spell else floor))[:2 * ROTATIONS]
+    opens = sorted(splits, key=lambda h: -along.as_start(fluency.words, h[0]))[:2 * ROTATIONS]
     readings = fluency.read([decode(list(h)) for h in opens])
     out = []
     for j in sorted(range(len(opens)), key=lambda j: -readings[j].prefix_fluency)[:ROTATIONS]:

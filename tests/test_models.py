@@ -130,3 +130,19 @@ def test_grown_texts_score_as_the_texts_encoded_whole(load_tiny, packed):
     longer = [[tok.sot_token_id, *prefixes[0], words[0][0]], [tok.sot_token_id, *prefixes[1], words[1][2]]]
     whole = tower.encode_ids([[*p, tok.encode("today")[0], tok.eot_token_id] for p in longer])
     assert torch.allclose(again[:, 0], whole, atol=1e-5)
+
+
+def test_a_run_of_tokens_after_a_prefix_scores_as_the_text_encoded_whole(load_tiny):
+    """TextTower.grow with a run of tokens per text (B, E, T): prefix, the run and the end
+    token score as the whole text does (the phrase search completes beams with known tails)."""
+    model = load_tiny()
+    tok, tower = model.tokenizer, model.text
+    prefixes = [tok.encode("a red cat sat"), tok.encode("two dogs in the")]
+    states = tower.prefix_states(torch.tensor([[tok.sot_token_id, *p] for p in prefixes]))
+    runs = [[tok.encode("on a mat"), tok.encode("by the sea")], [tok.encode("in the snow"), tok.encode("at the park")]]
+    feats, _ = tower.grow(states, torch.tensor(runs))
+    whole = tower.encode_ids([[tok.sot_token_id, *prefixes[b], *r, tok.eot_token_id] for b in range(2) for r in runs[b]])
+    assert feats.shape == (2, 2, whole.shape[-1])
+    assert torch.allclose(feats.flatten(0, 1), whole, atol=1e-5)
+    other = tower.encode_ids([[tok.sot_token_id, *prefixes[0], *runs[1][0], tok.eot_token_id]])
+    assert not torch.allclose(feats[0, 0], other[0], atol=1e-3)  # the run is read, not only its end
