@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from pez_cli import packing
-from pez_cli.beam import beam_search, extend
+from pez_cli.beam import beam_search, extend, rephrase
 from pez_cli.config import Settings, settings_id, with_contents
 from pez_cli.errors import Interrupted
 from pez_cli.images import load_image
@@ -259,6 +259,8 @@ class Pez:
             if settings.uses_lm and settings.beam:
                 stage(f"Writing with the language model ({settings.beam} beams) ...")
                 beam_search(opt, bests, settings.beam)
+                stage("Rephrasing ...")
+                rephrase(opt, bests, settings.beam)
             if settings.refine:
                 stage(f"Refining (up to {settings.refine} rounds) ...")
                 refine(opt, bests)

@@ -146,11 +146,12 @@ class Settings:
         panel="Vocabulary and priors",
         help="Weight of the language model's fluency (its mean log-probability per token, in nats) against "
              "CLIP's logit (its logit scale times the cosine); 0 turns the language model off.")
-    beam: int = setting(  # docs/language-prior.md: 64 beams paid by the prior's shorter loop
-        64, minimum=0, needs="lm", metavar="N",
+    beam: int = setting(  # docs/language-prior.md: 48 beams and the rephrasing after them, paid by the prior's shorter loop
+        48, minimum=0, needs="lm", metavar="N",
         panel="Vocabulary and priors",
         help="With --lm: beams of a left-to-right search in which the language model proposes each next word "
-             "and the objective ranks the texts; its best text joins refinement. 0: off.")
+             "and the objective ranks the texts, then a quarter as many rephrase its best text from a later phrase; "
+             "the best joins refinement. 0: off.")
     t5_tokens: int | None = setting(  # None: no T5 prompt (beam.extend writes it; a result's t5_prompt)
         None, flag_name="--t5-prompt", minimum=1, needs="lm", metavar="N", shown_default="none",
         panel="Vocabulary and priors",

@@ -404,6 +404,31 @@ def test_refinement_turns_a_prompt_around_joined_by_a_word_the_lm_proposes(lm_di
         assert len(extra) <= 1, text
 
 
+def test_rephrasing_starts_from_a_later_phrase_and_completes_with_the_words_before(lm_dir, load_tiny):
+    """A left-to-right search commits to the phrase CLIP likes named first: rephrase searches again
+    from the best text's later phrase and completes its beams with the words before it, joined by
+    a word the language model proposes. Aiming at "a red cat on the mat", the printed "the mat , a
+    red cat" becomes it; the objective never falls."""
+    from pez_cli import optimize
+    from pez_cli.beam import rephrase
+    from pez_cli.lm import load_lm
+
+    model, lm = load_tiny(), load_lm(str(lm_dir), torch.device("cpu"))
+    goal, printed = "a red cat on the mat", "the mat , a red cat"
+    pez = Pez(Settings(model=model.name, device="cpu", prompt_len=8, lm=str(lm_dir), lm_weight=0.01), model=model, lm=lm)
+    opt = optimize.PromptOptimizer(pez.spaces(), [pez.split(model.encode_texts([goal]))], pez.settings.for_target("text"),
+                                   pez.fluency())
+    [score] = opt.objective.score([0], [printed])
+    bests = [optimize.Best.scored(pez.vocab.tokenizer.encode(printed), score.similarity, 0, printed, score)]
+    rephrase(opt, bests, 8)
+    assert bests[0].prompt == goal and bests[0].objective > score.value
+    [again] = opt.objective.score([0], [goal])
+    assert bests[0].objective == pytest.approx(again.value, abs=1e-6)  # scored as printed text
+    unchanged = [optimize.Best.scored(pez.vocab.tokenizer.encode(goal), again.similarity, 0, goal, again)]
+    rephrase(opt, unchanged, 8)
+    assert unchanged[0].prompt == goal  # nothing beats the goal's own features
+
+
 def test_the_search_never_lowers_the_objective(tiny_model, load_tiny, lm_dir, image):
     from pez_cli.lm import load_lm
 
