@@ -20,14 +20,13 @@ first, and wins only by that score.
 
 from __future__ import annotations
 
-import heapq
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
 from pez_cli.lm import Along, Growing, Reading
-from pez_cli.optimize import Best, PromptOptimizer
+from pez_cli.optimize import Best, PromptOptimizer, keep_highest
 
 # Next words the language model proposes per beam and length. 16 beams of 12 words judged better
 # than 32 beams of 8 on the three mini worlds (docs/language-prior.md), and 6 words lost 0.1 of
@@ -218,11 +217,7 @@ def _collect(opt: PromptOptimizer, bests: list[Best], beams: _Beams, texts: list
     for p, ids, each, r, text in zip(beams.owners, beams.ids, beams.each, readings, texts):
         value = objective.value(each, r.fluency) if len(ids) > opening else None
         if value is not None and value > bests[p].objective - CLOSE:
-            heap = offered[p]
-            if len(heap) < OFFER_KEEP:
-                heapq.heappush(heap, (value, text))
-            elif (value, text) > heap[0]:
-                heapq.heapreplace(heap, (value, text))
+            keep_highest(offered[p], (value, text), OFFER_KEEP)
 
 
 def _offer(opt: PromptOptimizer, bests: list[Best], offered: dict[int, list[tuple[float, str]]]) -> None:
@@ -339,12 +334,8 @@ def _complete(opt: PromptOptimizer, beams: _Beams, readings: list[Reading], tail
     else:
         per_text = objective.similarities(owners, [text for _, _, text, _ in found])
     for (b, t, text, fluency), p, each in zip(found, owners, per_text):
-        heap = completed.setdefault((p, t, len(beams.ids[b])), [])  # at each length
-        item = (objective.value(each, fluency), text, each)
-        if len(heap) < COMPLETE_READ:
-            heapq.heappush(heap, item)
-        elif item > heap[0]:
-            heapq.heapreplace(heap, item)
+        keep_highest(completed.setdefault((p, t, len(beams.ids[b])), []),  # at each length
+                     (objective.value(each, fluency), text, each), COMPLETE_READ)
 
 
 def _settle(opt: PromptOptimizer, bests: list[Best], completed: dict[tuple[int, int, int], list[tuple[float, str, list[float]]]]) -> None:

@@ -177,6 +177,17 @@ class Best:
         return cls(token_ids, similarity, step, prompt, score.similarity, score.each, score.fluency, score.value)
 
 
+def keep_highest(heap: list, item, limit: int) -> bool:
+    """Push `item` to `heap`, a min-heap of at most `limit` items kept highest; whether it is kept."""
+    if len(heap) < limit:
+        heapq.heappush(heap, item)
+        return True
+    if item > heap[0]:
+        heapq.heapreplace(heap, item)
+        return True
+    return False
+
+
 @dataclass
 class _Candidates:
     """Leading candidates of the steps since the last flush, still on the device."""
@@ -456,14 +467,7 @@ class PromptOptimizer:
         far (a min-heap of their values): only those are read by the language model. The loop
         writes word salads, which the language model's term ranks alike; reading every one of a
         thousand steps' candidates cost a real language model as much as the loop itself."""
-        pool = self.pools[problem]
-        if len(pool) < LM_POOL:
-            heapq.heappush(pool, value)
-            return True
-        if value > pool[0]:
-            heapq.heapreplace(pool, value)
-            return True
-        return False
+        return keep_highest(self.pools[problem], value, LM_POOL)
 
     def _leave(self, done: set[int]) -> None:
         """Take problems out of the batch, keeping each remaining row's state exactly."""
