@@ -341,6 +341,7 @@ class Along:
     word_logp: list[float]
     word_tokens: list[int]
     after: torch.Tensor
+    tokens: list[int] = field(default_factory=list)  # the text's tokens in the language model
 
     def as_start(self, words: WordMap | None, word: int) -> float:
         """The log-probability that the CLIP word `word` starts a text (from after[0]); a word
@@ -401,8 +402,52 @@ class Fluency:
                 reading = Reading(sum(tokens), n, end, self.proposals(after[-1:], [n == 0])[0])
                 self.cache.setdefault(prefixes[i][-1], reading)
                 out[i] = Along(reading, [sum(tokens[a:b]) for a, b in zip(bounds, bounds[1:])],
-                               [b - a for a, b in zip(bounds, bounds[1:])], after)
+                               [b - a for a, b in zip(bounds, bounds[1:])], after, list(seq))
         return out
+
+    @torch.no_grad()
+    def branches(self, texts: Sequence[Sequence[int]], rows: Sequence[tuple[int, int, Sequence[int]]]) -> torch.Tensor:
+        """The log-probabilities of the next token (len(rows), V) after each row's text: rows[r] =
+        (i, at, tokens) is the first `at` tokens of texts[i] (the language model's tokens) followed
+        by `tokens` (as many in every row). Each text is read once, keeping its keys and values;
+        a row then reads only its own tokens against the first `at` of them, so a text's every
+        prefix with a word changed costs a token, not a read of the prefix."""
+        lm = self.lm
+        if not rows:
+            return torch.empty(0, 0)
+        key = _cache_key(lm)
+        k = len(rows[0][2])
+        vocab_size = int(lm.model.get_output_embeddings().weight.shape[0])
+        by_text: dict[int, list[int]] = {}
+        for r, (i, _, _) in enumerate(rows):
+            by_text.setdefault(i, []).append(r)
+        out: list[torch.Tensor | None] = [None] * len(rows)
+        groups: list[list[int]] = [[]]  # texts whose rows' logits fit READ_LOGITS (at least one text)
+        held = 0  # rows in the last group
+        for i in sorted(by_text):
+            if groups[-1] and (held + len(by_text[i])) * vocab_size * k > READ_LOGITS:
+                groups.append([])
+                held = 0
+            groups[-1].append(i)
+            held += len(by_text[i])
+        for group in groups:
+            padded, padding, _ = self._padded([[lm.start_id, *texts[i]] for i in group])
+            cache, width = lm.model(input_ids=padded, attention_mask=padding, use_cache=True)[key], padded.shape[1]
+            chosen = [r for i in group for r in by_text[i]]
+            where = {i: g for g, i in enumerate(group)}
+            cache.reorder_cache(torch.tensor([where[rows[r][0]] for r in chosen], device=lm.device))
+            mask = torch.zeros(len(chosen), width + k, dtype=torch.long)
+            for b, r in enumerate(chosen):
+                mask[b, :1 + rows[r][1]] = 1
+            mask[:, width:] = 1
+            positions = torch.tensor([[1 + rows[r][1] + j for j in range(k)] for r in chosen])
+            ids = torch.tensor([list(rows[r][2]) for r in chosen])
+            res = lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device),
+                           position_ids=positions.to(lm.device), use_cache=True, **{key: cache})
+            logp = torch.log_softmax(res.logits[:, -1].float(), dim=-1)
+            for b, r in enumerate(chosen):
+                out[r] = logp[b]
+        return torch.stack(out)
 
     @torch.no_grad()
     def _read(self, texts: list[str]) -> None:
@@ -429,6 +474,11 @@ class Fluency:
     def _logits(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The model's logits (B, T, V) at every position of each sequence, right-padded to the
         longest, with the padded ids, their mask and the lengths (all on the model's device)."""
+        ids, mask, lengths = self._padded(sequences)
+        return self.lm.model(input_ids=ids, attention_mask=mask).logits.float(), ids, mask, lengths
+
+    def _padded(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The sequences right-padded to the longest, their mask and lengths, on the model's device."""
         lm = self.lm
         lengths = torch.tensor([len(seq) for seq in sequences])
         width = int(lengths.max())
@@ -436,8 +486,7 @@ class Fluency:
         for i, seq in enumerate(sequences):
             ids[i, :len(seq)] = torch.tensor(seq)
         mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
-        ids, mask, lengths = ids.to(lm.device), mask.to(lm.device), lengths.to(lm.device)
-        return lm.model(input_ids=ids, attention_mask=mask).logits.float(), ids, mask, lengths
+        return ids.to(lm.device), mask.to(lm.device), lengths.to(lm.device)
 
     def _read_batch(self, texts: list[str], sequences: list[list[int]]) -> None:
         lm = self.lm
@@ -471,6 +520,11 @@ class Fluency:
         return out
 
 
+def _cache_key(lm: LanguageModel) -> str:
+    """The model's kept keys and values: `cache` in newer transformers, `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(lm.model.forward).parameters else "past_key_values"
+
+
 class Growing:
     """Texts that grow one allowed word at a time (the beam), read by the language model from
     their kept keys and values: each length reads one token per text, not every text again.
@@ -483,8 +537,7 @@ class Growing:
         lm = fluency.lm
         self.fluency, self.lm = fluency, lm
         self.spell = fluency.words.spell
-        # The kept keys and values: `cache` in newer transformers, `past_key_values` before.
-        self.key = "cache" if "cache" in inspect.signature(lm.model.forward).parameters else "past_key_values"
+        self.key = _cache_key(lm)
         starts = [start] * count if isinstance(start, str) else list(start)
         ids = [[lm.start_id, *tokens] for tokens in self.start_tokens(fluency, starts)]
         if len({len(row) for row in ids}) > 1:

@@ -6,8 +6,9 @@ tokens by the gradient of the loss with respect to that position's one-hot token
 embedding's gradient against the vocabulary; with several models, their weighted sum),
 proposes the top-ranked swaps and the deletion of that token and, with a language model
 (--lm), the words it finds likeliest at that position given the words before, both in the
-token's place and inserted before it (or at the end), and the prompt turned around at a split
-(rotations). Every candidate is scored by the objective (objective.py) as printed text, in
+token's place and inserted before it (or at the end), the prompt turned around at a split
+(rotations) and its phrases replaced by ones the language model grows in their place (phrases).
+Every candidate is scored by the objective (objective.py) as printed text, in
 batched passes for all problems, and the best replaces the printed prompt if it beats it, so
 refining never lowers the objective. Without a language model a problem edits its best text
 only and stops at the first round without an improvement; with one it keeps its KEPT best texts
@@ -49,6 +50,16 @@ ROTATIONS = 3
 GLUE = 3
 # With a language model, the texts each problem keeps and edits in every round (its best first).
 KEPT = 3
+# With a language model, per problem and round: phrases of the best kept text replaced by ones the
+# language model grows in their place: at each word its PHRASE_FIRST likeliest other words, then
+# its PHRASE_LAST likeliest next (two words), or its likeliest next and then its PHRASE_LAST
+# likeliest (three words). CLIP scores the PHRASE_KEEP most fluent by estimate; the language model
+# reads the PHRASE_READ best of those, apart from the other edits' LM_KEEP. One-word edits cannot
+# turn "at the bottom" into "in the center": every step between reads worse.
+PHRASE_FIRST = 2
+PHRASE_LAST = 3
+PHRASE_KEEP = 32
+PHRASE_READ = 2
 
 
 def token_gradients(opt: PromptOptimizer, problems: Sequence[int], prompts: Sequence[list[int]]) -> list[torch.Tensor]:
@@ -180,6 +191,49 @@ def rotations(fluency: Fluency, along: Along, ids: list[int], decode: Callable[[
     return out
 
 
+def phrases(fluency: Fluency, texts: Sequence[tuple[Along, list[int]]]) -> list[list[tuple[list[int], float]]]:
+    """For each (along, ids): phrases of `ids` replaced by ones the language model grows in their
+    place (see PHRASE_FIRST), each with its fluency estimated as estimated_fluency does: the new
+    phrase's log-probabilities exact, the words after it keeping theirs. The words are grown from
+    each text's kept keys and values (Fluency.branches), for all texts at once."""
+    spell = fluency.words.spell
+    tokens = [along.tokens for along, _ in texts]
+    starts = [[sum(along.word_tokens[:pos]) for pos in range(len(ids))] for along, ids in texts]  # tokens before word pos
+    firsts = []  # (text, pos, first word, its log-probability)
+    for n, (along, ids) in enumerate(texts):
+        after = fluency.proposals(along.after[:len(ids) - 1], [pos == 0 for pos in range(len(ids) - 1)])
+        for pos in range(len(ids) - 1):
+            others = [(w, lp) for w, lp in after[pos] if w != ids[pos]]
+            firsts.extend((n, pos, w, lp) for w, lp in others[:PHRASE_FIRST])
+    one = _next_words(fluency, tokens, [(n, starts[n][pos], [spell[pos > 0][w]]) for n, pos, w, _ in firsts])
+    found = [(n, pos, [w, w2], lp + lp2) for (n, pos, w, lp), after in zip(firsts, one) for w2, lp2 in after[:PHRASE_LAST]]
+    longer = [(n, pos, [w, after[0][0]], lp + after[0][1]) for (n, pos, w, lp), after in zip(firsts, one)
+              if after and pos + 2 < len(texts[n][1])]
+    two = _next_words(fluency, tokens, [(n, starts[n][pos], [spell[pos > 0][a], spell[1][b]]) for n, pos, (a, b), _ in longer])
+    found += [(n, pos, [*words, w3], lp + lp3) for (n, pos, words, lp), after in zip(longer, two) for w3, lp3 in after[:PHRASE_LAST]]
+    out: list[list[tuple[list[int], float]]] = [[] for _ in texts]
+    made: set[tuple[int, tuple[int, ...]]] = set()
+    for n, pos, words, lp in found:
+        (along, ids), k = texts[n], len(words)
+        text = ids[:pos] + words + ids[pos + k:]
+        if sum(a != b for a, b in zip(words, ids[pos:pos + k])) < 2 or (n, tuple(text)) in made:
+            continue  # one word changed (a swap's), or grown twice
+        made.add((n, tuple(text)))
+        reading, wl, wt = along.reading, along.word_logp, along.word_tokens
+        total = reading.total - sum(wl[pos:pos + k]) + lp
+        count = reading.count - sum(wt[pos:pos + k]) + k
+        guess = (total + reading.end) / (count + 1) if reading.end is not None else total / max(count, 1)
+        out[n].append((text, guess))
+    return out
+
+
+def _next_words(fluency: Fluency, tokens: list[list[int]], rows: list[tuple[int, int, list[int]]]) -> list[list[tuple[int, float]]]:
+    """The likeliest next words (CLIP ids, log-probabilities) after each row of Fluency.branches."""
+    if not rows:
+        return []
+    return fluency.proposals(fluency.branches(tokens, rows), [False] * len(rows))
+
+
 def _unseen(seen: set[tuple[int, ...]], ids: list[int]) -> bool:
     """Whether `ids` is not in `seen` (a problem's texts proposed or kept so far); it is then."""
     if tuple(ids) in seen:
@@ -218,9 +272,12 @@ def refine(opt: PromptOptimizer, bests: list[Best]) -> list[Best]:
             break
         proposals: list[tuple[int, list[int]]] = []
         guesses: list[float] = []  # with a language model: each proposal's estimated fluency
+        grown: list[bool] = []  # with a language model: each proposal is a phrase grown in place
         alongs = fluency.along([[vocab.decode(ids[:k]) for k in range(len(ids) + 1)] for _, ids in members]) \
             if fluency is not None else []
         known = {p: {tuple(ids) for _, ids in kept[p]} for p in fresh}
+        tops = [m for m, (p, ids) in enumerate(members) if fluency is not None and alongs[m] is not None and ids == kept[p][0][1]]
+        phrased = dict(zip(tops, phrases(fluency, [(alongs[m], members[m][1]) for m in tops]))) if tops else {}
         for m, g in _gradients_in_chunks(opt, members):
             p, ids = members[m]
             edits = candidates(ids, g, vocab.allowed_ids)
@@ -239,11 +296,17 @@ def refine(opt: PromptOptimizer, bests: list[Best]) -> list[Best]:
                          if along is not None else fluency.of([vocab.decode(ids)]) * len(mine)) if mine else []
                 order = sorted(range(len(mine)), key=lambda j: -guess[j])[:CLIP_KEEP]
                 mine, guess = [mine[j] for j in order], [guess[j] for j in order]
+                swapped = []
                 if along is not None and ids == kept[p][0][1]:  # the best kept text, turned around
                     turned = [c for c in rotations(fluency, along, ids, vocab.decode) if _unseen(seen, c)]
                     mine += [(None, c) for c in turned]
                     guess += fluency.of([vocab.decode(c) for c in turned])
+                    swapped = [(c, g) for c, g in sorted(phrased[m], key=lambda t: -t[1]) if tuple(c) not in seen][:PHRASE_KEEP]
+                    seen.update(tuple(c) for c, _ in swapped)
+                    mine += [(None, c) for c, _ in swapped]
+                    guess += [g for _, g in swapped]
                 guesses.extend(guess)
+                grown.extend([False] * (len(mine) - len(swapped)) + [True] * len(swapped))
             proposals.extend((p, c) for _, c in mine)
         texts = [vocab.decode(ids) for _, ids in proposals]
         owners = [p for p, _ in proposals]
@@ -251,10 +314,11 @@ def refine(opt: PromptOptimizer, bests: list[Best]) -> list[Best]:
             scored = list(zip(owners, texts, objective.score(owners, texts)))
         else:  # CLIP reads the most fluent by estimate; the language model only the best of those
             each = objective.each(owners, texts)
-            ranked: dict[int, list[tuple[float, int]]] = {}
+            ranked: dict[tuple[int, bool], list[tuple[float, int]]] = {}
             for j, p in enumerate(owners):
-                ranked.setdefault(p, []).append((objective.value(each[j], guesses[j]), j))
-            read = [j for p in ranked for _, j in sorted(ranked[p], key=lambda r: -r[0])[:LM_KEEP]]
+                ranked.setdefault((p, grown[j]), []).append((objective.value(each[j], guesses[j]), j))
+            read = [j for key in ranked
+                    for _, j in sorted(ranked[key], key=lambda r: -r[0])[:PHRASE_READ if key[1] else LM_KEEP]]
             scored = list(zip([owners[j] for j in read], [texts[j] for j in read],
                               objective.finish([texts[j] for j in read], [each[j] for j in read])))
         found: dict[int, list[tuple[float, list[int], str, object]]] = {}  # (objective, ids, text, score)

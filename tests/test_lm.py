@@ -404,6 +404,62 @@ def test_refinement_turns_a_prompt_around_joined_by_a_word_the_lm_proposes(lm_di
         assert len(extra) <= 1, text
 
 
+def test_branches_read_as_the_whole_prefix(lm_dir):
+    """Fluency.branches reads each row (a text's first tokens, then new ones) from the text's kept
+    keys and values: the next token's log-probabilities are those of reading the row whole, for
+    GPT-2 and for a Llama (rotary positions, grouped keys and values)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pez_cli.lm import Fluency, LanguageModel, load_lm
+    from pez_cli.testing import word_tokenizer
+
+    gpt2 = load_lm(str(lm_dir), torch.device("cpu"))
+    tok = word_tokenizer(WORDS)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    llama = LanguageModel("tiny llama", LlamaForCausalLM(config).eval(), tok, torch.device("cpu"), tok.bos_token_id,
+                          tok.eos_token_id, 64)
+    for lm in (gpt2, llama):
+        fluency = Fluency(lm)
+        texts = lm.encode(["a red cat on the mat", "the dog"])
+        blue, dog, mat = (lm.encode([w])[0][0] for w in ("blue", "dog", "mat"))
+        for rows in ([(0, 1, [blue]), (0, 0, [dog]), (1, 2, [mat]), (0, 6, [dog])], [(0, 3, [blue, dog]), (1, 1, [dog, mat])]):
+            got = fluency.branches(texts, rows)
+            assert got.shape[0] == len(rows)
+            for (i, at, tokens), row in zip(rows, got):
+                whole = lm.model(input_ids=torch.tensor([[lm.start_id, *texts[i][:at], *tokens]])).logits[0, -1]
+                assert torch.allclose(row, torch.log_softmax(whole.float(), -1), atol=1e-5), (lm.name, i, at, tokens)
+
+
+def test_refinement_grows_a_phrase_in_place_of_one(lm_dir, load_tiny):
+    """One-word edits cannot change "red cat" to "blue dog" when every step between reads worse:
+    refinement also replaces a phrase of two or three words with one the language model grows in
+    its place (its likeliest first words, then its likeliest next), with its fluency estimated:
+    the new words' log-probabilities exact, the words after them keeping theirs."""
+    from pez_cli.lm import Fluency, WordMap, load_lm
+    from pez_cli.refine import phrases
+
+    lm = load_lm(str(lm_dir), torch.device("cpu"))
+    model = load_tiny()
+    vocab = Pez(Settings(model=model.name, device="cpu", lm="none"), model=model).vocab
+    fluency = Fluency(lm, WordMap.build(lm, vocab))
+    ids = vocab.tokenizer.encode("a red cat on the mat")
+    [along] = fluency.along([[vocab.decode(ids[:k]) for k in range(len(ids) + 1)]])
+    [found] = phrases(fluency, [(along, ids)])
+    texts = {vocab.decode(c): guess for c, guess in found}
+    assert "a blue dog on the mat" in texts
+    assert len(texts) == len(found)
+    for c, _ in found:  # two or three neighbouring words changed, the rest kept
+        changed = [k for k, (a, b) in enumerate(zip(c, ids)) if a != b]
+        assert len(c) == len(ids) and len(changed) >= 2 and changed[-1] - changed[0] <= 2
+    new = vocab.tokenizer.encode("a blue dog on the mat")
+    [grown] = Fluency(lm, fluency.words).along([[vocab.decode(new[:k]) for k in range(len(new) + 1)]])
+    total = sum(grown.word_logp[:3]) + sum(along.word_logp[3:])  # the phrase read exactly, the rest kept
+    assert texts["a blue dog on the mat"] == pytest.approx((total + along.reading.end) / (len(ids) + 1), abs=1e-4)
+
+
 def test_rephrasing_starts_from_a_later_phrase_and_completes_with_the_words_before(lm_dir, load_tiny):
     """A left-to-right search commits to the phrase CLIP likes named first: rephrase searches again
     from the best text's later phrase and completes its beams with the words before it, joined by
