@@ -141,8 +141,8 @@ class Settings:
     lm_revision: str | None = setting(  # filled in when the language model is found, never by the user
         None, flag=False, needs="lm",
         help="The language model's hub commit, or sha256: of its folder's files.")
-    lm_weight: float = setting(  # nats of CLIP logit per nat of log-probability per token; docs/quality.md
-        3.0, minimum=0, needs="lm", metavar="X",
+    lm_weight: float = setting(  # CLIP logits per nat of log-probability per token; 2: flat on three worlds, docs/quality.md
+        2.0, minimum=0, needs="lm", metavar="X",
         panel="Vocabulary and priors",
         help="Weight of the language model's fluency (its mean log-probability per token, in nats) against "
              "CLIP's logit (its logit scale times the cosine); 0 turns the language model off.")

@@ -234,6 +234,15 @@ def _next_words(fluency: Fluency, tokens: list[list[int]], rows: list[tuple[int,
     return fluency.proposals(fluency.branches(tokens, rows), [False] * len(rows))
 
 
+def _doubles(ids: list[int]) -> int:
+    """Neighbouring words that are the same word ("on the the right"). With a language model an
+    edit that doubles a word is not proposed: CLIP likes a word said twice, and the fluency
+    estimate keeps the next word's log-probability from before the edit, which a doubled word
+    changes most ("the" after "on" is likely, after "on the" not), so such edits looked fluent
+    and crowded out the ones worth reading."""
+    return sum(a == b for a, b in zip(ids, ids[1:]))
+
+
 def _unseen(seen: set[tuple[int, ...]], ids: list[int]) -> bool:
     """Whether `ids` is not in `seen` (a problem's texts proposed or kept so far); it is then."""
     if tuple(ids) in seen:
@@ -291,6 +300,7 @@ def refine(opt: PromptOptimizer, bests: list[Best]) -> list[Best]:
             seen = known[p]
             mine = [(e, c) for e in edits if _unseen(seen, c := e.apply(ids))]
             if fluency is not None:
+                mine = [(e, c) for e, c in mine if _doubles(c) <= _doubles(ids)]  # see _doubles
                 along = alongs[m]
                 guess = (estimated_fluency(along, ids, [e for e, _ in mine], fluency.words, fluency.lm.end_id)
                          if along is not None else fluency.of([vocab.decode(ids)]) * len(mine)) if mine else []
