@@ -281,14 +281,14 @@ def random_lm(loaded, device, width: int, layers: int):
     """A randomly initialised GPT-2 whose word-level vocabulary is CLIP's whole words, as a
     pez_cli.lm.LanguageModel (speed does not depend on the weights; GPT-2's own size by default)."""
     from pez_cli.lm import LanguageModel
-    from pez_cli.models import inference_dtype
+    from pez_cli.models import lm_dtype
     from pez_cli.testing import tiny_gpt2, word_tokenizer
     from pez_cli.vocab import token_text, word_ids
 
     texts = [token_text(loaded.tokenizer, i) for i in range(len(loaded.tokenizer.decoder))]
     tokenizer = word_tokenizer(sorted({texts[i] for i in word_ids(loaded.tokenizer, texts)}))
     model = tiny_gpt2(tokenizer, width=width, layers=layers, heads=max(1, width // 64), positions=128)
-    model.to(device=device, dtype=inference_dtype(device)).eval()
+    model.to(device=device, dtype=lm_dtype(device)).eval()
     return LanguageModel(f"GPT-2 {width}x{layers} (random init)", model, tokenizer, device, tokenizer.bos_token_id,
                          tokenizer.eos_token_id, 128, frozenset(tokenizer.all_special_ids))
 
@@ -300,7 +300,7 @@ def random_smollm2(loaded, device):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from pez_cli.lm import LanguageModel
-    from pez_cli.models import inference_dtype
+    from pez_cli.models import lm_dtype
     from pez_cli.testing import word_tokenizer
     from pez_cli.vocab import token_text, word_ids
 
@@ -311,7 +311,7 @@ def random_smollm2(loaded, device):
                          tie_word_embeddings=True, rope_theta=100000.0, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(device=device, dtype=inference_dtype(device)).eval()
+    model = LlamaForCausalLM(config).to(device=device, dtype=lm_dtype(device)).eval()
     return LanguageModel("SmolLM2-135M architecture (random init)", model, tokenizer, device, tokenizer.bos_token_id,
                          tokenizer.eos_token_id, 8192, frozenset(tokenizer.all_special_ids), "random")
 

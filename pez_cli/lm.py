@@ -158,7 +158,7 @@ def load_lm(name: str | LMSource, device: torch.device) -> LanguageModel:
     """Load a causal language model by hub id, folder or LMSource (from locate_lm); every
     failure is one ModelError line. Weights that do not fit the config (a tensor missing, one
     of another shape), which transformers would fill with random values, are refused."""
-    from pez_cli.models import inference_dtype
+    from pez_cli.models import lm_dtype
 
     transformers = _transformers()
     source = name if isinstance(name, LMSource) else locate_lm(name)
@@ -170,7 +170,7 @@ def load_lm(name: str | LMSource, device: torch.device) -> LanguageModel:
             tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False, local_files_only=True)
             model, info = transformers.AutoModelForCausalLM.from_pretrained(
                 path, trust_remote_code=False, local_files_only=True, output_loading_info=True,
-                **{dtype_key: inference_dtype(device)})
+                **{dtype_key: lm_dtype(device)})
     except Exception as e:  # transformers raises many types for missing and malformed models
         raise ModelError(f"could not load language model {name!r}: {first_line(e)}") from None
     wrong = [f"{what} {', '.join(map(str, keys[:3]))}" for what, keys in

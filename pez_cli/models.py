@@ -95,6 +95,17 @@ def inference_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "mps" else torch.float32
 
 
+def lm_dtype(device: torch.device) -> torch.dtype:
+    """The language model's weights' dtype: inference_dtype's, but bf16 on a CPU that computes
+    in bf16 natively (AVX-512 BF16 or AMX, as torch's oneDNN reports): its matrix products ran
+    3x faster there than in fp32 (a 2-core AMD EPYC), the whole run with the prior about 15%
+    faster, and a GPU reads the same model in bf16 too. Elsewhere on a CPU bf16 is emulated and
+    slower, so fp32 stays."""
+    if device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return torch.bfloat16
+    return inference_dtype(device)
+
+
 def precision_name(precision: str, device: torch.device) -> str:
     """What --precision resolves to on this device: fp32, bf16 or fp16."""
     names = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
