@@ -64,8 +64,11 @@ def pick_device(name: str) -> torch.device:
 
 
 def has_bf16(device: torch.device) -> bool:
-    """Whether the device computes in bf16 natively: CUDA GPUs that support it. The one place
-    pez asks (the CLIPs' --precision auto, and the language model's and Stable Diffusion's weights)."""
+    """Whether the device computes in bf16 natively: CUDA GPUs that support it, and CPUs with
+    AVX-512 BF16 or AMX (as torch's oneDNN reports). The one place pez asks (the CLIPs'
+    --precision auto on CUDA, and the language model's and Stable Diffusion's weights)."""
+    if device.type == "cpu":
+        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     return device.type == "cuda" and torch.cuda.is_bf16_supported()
 
 
@@ -78,7 +81,7 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     if precision == "fp32":
         return None
     if precision == "auto":
-        if has_bf16(device):
+        if device.type == "cuda" and has_bf16(device):
             return torch.bfloat16
         return None
     if precision == "fp16" and device.type == "cpu":
@@ -101,9 +104,7 @@ def lm_dtype(device: torch.device) -> torch.dtype:
     3x faster there than in fp32 (a 2-core AMD EPYC), the whole run with the prior about 15%
     faster, and a GPU reads the same model in bf16 too. Elsewhere on a CPU bf16 is emulated and
     slower, so fp32 stays."""
-    if device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return torch.bfloat16
-    return inference_dtype(device)
+    return torch.bfloat16 if device.type == "cpu" and has_bf16(device) else inference_dtype(device)
 
 
 def precision_name(precision: str, device: torch.device) -> str:

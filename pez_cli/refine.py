@@ -300,7 +300,8 @@ def refine(opt: PromptOptimizer, bests: list[Best]) -> list[Best]:
             seen = known[p]
             mine = [(e, c) for e in edits if _unseen(seen, c := e.apply(ids))]
             if fluency is not None:
-                mine = [(e, c) for e, c in mine if _doubles(c) <= _doubles(ids)]  # see _doubles
+                doubled = _doubles(ids)
+                mine = [(e, c) for e, c in mine if _doubles(c) <= doubled]  # see _doubles
                 along = alongs[m]
                 guess = (estimated_fluency(along, ids, [e for e, _ in mine], fluency.words, fluency.lm.end_id)
                          if along is not None else fluency.of([vocab.decode(ids)]) * len(mine)) if mine else []

@@ -54,21 +54,18 @@ def test_a_folder_loads_and_reads_text_with_its_own_tokenizer(lm_dir, load_tiny)
 def test_the_language_model_reads_in_bf16_where_the_cpu_computes_it(lm_dir, load_tiny, monkeypatch):
     """On a CPU with native bf16 (oneDNN says) the language model loads in bf16, which reads
     text as fp32 does to bf16's precision; on one without, it stays fp32 (bf16 is emulated there)."""
-    import dataclasses
-
     from pez_cli.lm import Fluency, WordMap, load_lm
 
     native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     lm = load_lm(str(lm_dir), torch.device("cpu"))
     assert next(lm.model.parameters()).dtype == (torch.bfloat16 if native else torch.float32)
-    full = dataclasses.replace(lm, model=lm.model.float()) if native else lm
+    with monkeypatch.context() as patched:
+        patched.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+        full = load_lm(str(lm_dir), torch.device("cpu"))
+    assert next(full.model.parameters()).dtype == torch.float32
     words = WordMap.build(lm, Pez(Settings(model=load_tiny().name, device="cpu"), model=load_tiny()).vocab)
     texts = ["a red cat on the mat", "mat the on cat red a", "a blue dog"]
-    if native:
-        lm = load_lm(str(lm_dir), torch.device("cpu"))  # the float() above changed the first copy
-        assert Fluency(lm, words).of(texts) == pytest.approx(Fluency(full, words).of(texts), abs=0.05)
-    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
-    assert next(load_lm(str(lm_dir), torch.device("cpu")).model.parameters()).dtype == torch.float32
+    assert Fluency(lm, words).of(texts) == pytest.approx(Fluency(full, words).of(texts), abs=0.05)
 
 
 def test_code_in_a_model_folder_is_refused_and_never_run(lm_dir, tiny_model, image, tmp_path):
