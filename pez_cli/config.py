@@ -121,7 +121,8 @@ class Settings:
         3, minimum=0,
         panel="Optimization", help="Rounds of greedy discrete refinement of the printed prompt after the loop "
              "(gradient-ranked token swaps and deletions; with --lm also the language model's words swapped in or "
-             "inserted, and the prompt turned around at a split; kept only when the printed score improves).")
+             "inserted, runs of words deleted or the prompt cut short, its phrases regrown and the prompt turned "
+             "around at a split; kept only when the printed score improves).")
     init: str | None = setting(  # None: random tokens, as the paper
         None, nonempty=True, metavar="TEXT", shown_default="random tokens",
         panel="Optimization", help="Start the prompt from this text (a caption or a draft prompt; random tokens fill the rest), "

@@ -6,8 +6,9 @@ tokens by the gradient of the loss with respect to that position's one-hot token
 embedding's gradient against the vocabulary; with several models, their weighted sum),
 proposes the top-ranked swaps and the deletion of that token and, with a language model
 (--lm), the words it finds likeliest at that position given the words before, both in the
-token's place and inserted before it (or at the end), the prompt turned around at a split
-(rotations) and its phrases replaced by ones the language model grows in their place (phrases).
+token's place and inserted before it (or at the end), runs of words deleted and the prompt cut
+short (cuts), the prompt turned around at a split (rotations) and its phrases replaced by ones
+the language model grows in their place (phrases).
 Every candidate is scored by the objective (objective.py) as printed text, in
 batched passes for all problems, and the best replaces the printed prompt if it beats it, so
 refining never lowers the objective. Without a language model a problem edits its best text
@@ -53,13 +54,18 @@ KEPT = 3
 # With a language model, per problem and round: phrases of the best kept text replaced by ones the
 # language model grows in their place: at each word its PHRASE_FIRST likeliest other words, then
 # its PHRASE_LAST likeliest next (two words), or its likeliest next and then its PHRASE_LAST
-# likeliest (three words). CLIP scores the PHRASE_KEEP most fluent by estimate; the language model
-# reads the PHRASE_READ best of those, apart from the other edits' LM_KEEP. One-word edits cannot
-# turn "at the bottom" into "in the center": every step between reads worse.
+# likeliest (three words), in place of as many words, one fewer or one more. CLIP scores the
+# PHRASE_KEEP most fluent by estimate; the language model reads the PHRASE_READ best of those, apart
+# from the other edits' LM_KEEP. One-word edits cannot turn "at the bottom" into "in the center" or
+# ", red background" into "on a red background": every step between reads worse.
 PHRASE_FIRST = 2
 PHRASE_LAST = 3
 PHRASE_KEEP = 32
 PHRASE_READ = 2
+# With a language model, per text and round: every run of 2 to CUT_WORDS words deleted, and the text
+# cut short after each of its words. A search that ends in a broken tail ("... on a yellow background
+# and a large purple background") cannot drop it word by word: every step between reads worse.
+CUT_WORDS = 6
 
 
 def token_gradients(opt: PromptOptimizer, problems: Sequence[int], prompts: Sequence[list[int]]) -> list[torch.Tensor]:
@@ -90,17 +96,21 @@ def token_gradients(opt: PromptOptimizer, problems: Sequence[int], prompts: Sequ
 @dataclass(frozen=True)
 class Edit:
     """One edit of a prompt's tokens: swap the token at pos for word, insert word before pos
-    (pos = the length: at the end), or delete the token at pos (word None)."""
+    (pos = the length: at the end), delete the token at pos (word None), or cut the tokens from
+    pos up to end (end: the length cuts the text short)."""
 
-    kind: str  # "swap", "insert" or "delete"
+    kind: str  # "swap", "insert", "delete" or "cut"
     pos: int
     word: int | None = None
+    end: int | None = None  # "cut": the first token kept after the cut
 
     def apply(self, ids: list[int]) -> list[int]:
         if self.kind == "swap":
             return ids[:self.pos] + [self.word] + ids[self.pos + 1:]
         if self.kind == "insert":
             return ids[:self.pos] + [self.word] + ids[self.pos:]
+        if self.kind == "cut":
+            return ids[:self.pos] + ids[self.end:]
         return ids[:self.pos] + ids[self.pos + 1:]
 
 
@@ -131,6 +141,13 @@ def lm_candidates(ids: list[int], proposed: Sequence[Sequence[int]], longest: in
     return out
 
 
+def cuts(ids: list[int], longest: int = CUT_WORDS) -> list[Edit]:
+    """Runs of 2 to `longest` tokens deleted, and `ids` cut short after each token (at least one
+    token kept): the edits that drop a phrase at once."""
+    out = [Edit("cut", pos, end=pos + k) for k in range(2, longest + 1) for pos in range(len(ids) - k)]
+    return out + [Edit("cut", pos, end=len(ids)) for pos in range(1, len(ids) - 1)]
+
+
 def estimated_fluency(along: Along, ids: list[int], edits: Sequence[Edit], words: WordMap | None,
                       end_id: int | None) -> list[float]:
     """Each edited prompt's fluency estimated from one reading of `ids` (along): the edited word's
@@ -146,10 +163,11 @@ def estimated_fluency(along: Along, ids: list[int], edits: Sequence[Edit], words
 
     wanted = []  # (row, token) per edit; token -1: the floor
     for e in edits:
+        after = e.end if e.kind == "cut" else e.pos + 1  # the first token kept after a deletion
         if e.kind in ("swap", "insert"):
             wanted.append(word_at(e.pos, e.word))
-        elif e.pos + 1 < len(ids):
-            wanted.append(word_at(e.pos, ids[e.pos + 1]))
+        elif after < len(ids):
+            wanted.append(word_at(e.pos, ids[after]))
         else:
             wanted.append((e.pos, end_id if end_id is not None else -1))
     index = torch.tensor([max(t, 0) for _, t in wanted], device=rows.device)
@@ -163,11 +181,13 @@ def estimated_fluency(along: Along, ids: list[int], edits: Sequence[Edit], words
             total, count = total - wl[e.pos] + g, count - wt[e.pos] + 1
         elif e.kind == "insert":
             total, count = total + g, count + 1
-        elif e.pos + 1 < len(ids):  # the next word now follows the words before the deleted one
-            total = total - wl[e.pos] - wl[e.pos + 1] + g
-            count = count - wt[e.pos] - wt[e.pos + 1] + 1
-        else:  # the last word deleted: the text now ends after the words before it
-            total, count, end = total - wl[e.pos], count - wt[e.pos], g if end is not None else None
+        else:  # deleted: the word after now follows the words before (or the text ends there)
+            after = e.end if e.kind == "cut" else e.pos + 1
+            if after < len(ids):
+                total = total - sum(wl[e.pos:after + 1]) + g
+                count = count - sum(wt[e.pos:after + 1]) + 1
+            else:
+                total, count, end = total - sum(wl[e.pos:]), count - sum(wt[e.pos:]), g if end is not None else None
         out.append((total + end) / (count + 1) if end is not None else total / max(count, 1))
     return out
 
@@ -191,7 +211,7 @@ def rotations(fluency: Fluency, along: Along, ids: list[int], decode: Callable[[
     return out
 
 
-def phrases(fluency: Fluency, texts: Sequence[tuple[Along, list[int]]]) -> list[list[tuple[list[int], float]]]:
+def phrases(fluency: Fluency, texts: Sequence[tuple[Along, list[int]]], longest: int) -> list[list[tuple[list[int], float]]]:
     """For each (along, ids): phrases of `ids` replaced by ones the language model grows in their
     place (see PHRASE_FIRST), each with its fluency estimated as estimated_fluency does: the new
     phrase's log-probabilities exact, the words after it keeping theirs. The words are grown from
@@ -215,15 +235,17 @@ def phrases(fluency: Fluency, texts: Sequence[tuple[Along, list[int]]]) -> list[
     made: set[tuple[int, tuple[int, ...]]] = set()
     for n, pos, words, lp in found:
         (along, ids), k = texts[n], len(words)
-        text = ids[:pos] + words + ids[pos + k:]
-        if sum(a != b for a, b in zip(words, ids[pos:pos + k])) < 2 or (n, tuple(text)) in made:
-            continue  # one word changed (a swap's), or grown twice
-        made.add((n, tuple(text)))
-        reading, wl, wt = along.reading, along.word_logp, along.word_tokens
-        total = reading.total - sum(wl[pos:pos + k]) + lp
-        count = reading.count - sum(wt[pos:pos + k]) + k
-        guess = (total + reading.end) / (count + 1) if reading.end is not None else total / max(count, 1)
-        out[n].append((text, guess))
+        for gone in (k, k - 1, k + 1):  # in place of as many words, one fewer, or one more
+            text = ids[:pos] + words + ids[pos + gone:]
+            if gone > len(ids) - pos or len(text) > longest or (n, tuple(text)) in made or \
+                    (gone == k and sum(a != b for a, b in zip(words, ids[pos:pos + k])) < 2):
+                continue  # too long, grown twice, or one word changed (a swap's)
+            made.add((n, tuple(text)))
+            reading, wl, wt = along.reading, along.word_logp, along.word_tokens
+            total = reading.total - sum(wl[pos:pos + gone]) + lp
+            count = reading.count - sum(wt[pos:pos + gone]) + k
+            guess = (total + reading.end) / (count + 1) if reading.end is not None else total / max(count, 1)
+            out[n].append((text, guess))
     return out
 
 
@@ -286,7 +308,7 @@ def refine(opt: PromptOptimizer, bests: list[Best]) -> list[Best]:
             if fluency is not None else []
         known = {p: {tuple(ids) for _, ids in kept[p]} for p in fresh}
         tops = [m for m, (p, ids) in enumerate(members) if fluency is not None and alongs[m] is not None and ids == kept[p][0][1]]
-        phrased = dict(zip(tops, phrases(fluency, [(alongs[m], members[m][1]) for m in tops]))) if tops else {}
+        phrased = dict(zip(tops, phrases(fluency, [(alongs[m], members[m][1]) for m in tops], opt.settings.prompt_len))) if tops else {}
         for m, g in _gradients_in_chunks(opt, members):
             p, ids = members[m]
             edits = candidates(ids, g, vocab.allowed_ids)
@@ -297,6 +319,7 @@ def refine(opt: PromptOptimizer, bests: list[Best]) -> list[Best]:
                 else:
                     after = fluency.next_words([vocab.decode(ids[:k]) for k in range(len(ids) + 1)], LM_K)
                 edits += lm_candidates(ids, [[w for w, _ in words[:LM_K]] for words in after], opt.settings.prompt_len)
+                edits += cuts(ids)
             seen = known[p]
             mine = [(e, c) for e in edits if _unseen(seen, c := e.apply(ids))]
             if fluency is not None:

@@ -396,19 +396,55 @@ def test_one_reading_along_a_text_gives_each_prefix_and_estimates_its_edits(lm_d
         assert guess == pytest.approx((exact.total + whole.end) / (exact.count + 1), abs=1e-4)
 
 
-def test_refinement_turns_a_prompt_around_joined_by_a_word_the_lm_proposes(lm_dir, load_tiny):
-    """One-word edits cannot move a phrase: refinement also tries the prompt turned around at a
-    split (its later words first, with or without the split's first word), joined by nothing or by
-    a word the language model proposes after the new opening."""
+def _read_along(lm_dir, load_tiny, text: str):
+    """The tiny language model, the tiny CLIP's vocabulary, the word map between them, `text`'s
+    CLIP ids and the language model's one reading along it (refinement's Fluency.along)."""
     from pez_cli.lm import Fluency, WordMap, load_lm
-    from pez_cli.refine import GLUE, ROTATIONS, rotations
 
     lm = load_lm(str(lm_dir), torch.device("cpu"))
     model = load_tiny()
     vocab = Pez(Settings(model=model.name, device="cpu", lm="none"), model=model).vocab
     words = WordMap.build(lm, vocab)
-    ids = vocab.tokenizer.encode("the mat , a red cat")
+    ids = vocab.tokenizer.encode(text)
     [along] = Fluency(lm, words).along([[vocab.decode(ids[:k]) for k in range(len(ids) + 1)]])
+    return lm, vocab, words, ids, along
+
+
+def test_refinement_cuts_a_run_of_words_or_the_tail_at_once(lm_dir, load_tiny):
+    """A broken tail ("... the mat the red") cannot be dropped word by word when every step between
+    reads worse: refinement also deletes runs of 2 to CUT_WORDS words and cuts the text short after
+    each word, with the fluency estimated as for one deletion: exact for a text cut short, and for a
+    run deleted the next word's log-probability exact and the words after it keeping theirs."""
+    from pez_cli.lm import Fluency
+    from pez_cli.refine import CUT_WORDS, cuts, estimated_fluency
+
+    lm, vocab, words, ids, along = _read_along(lm_dir, load_tiny, "a red cat on the mat the red cat on")
+    edits = cuts(ids)
+    texts = [e.apply(ids) for e in edits]
+    assert vocab.tokenizer.encode("a red cat on the mat") in texts  # the tail cut off
+    assert vocab.tokenizer.encode("a red cat on the mat on") in texts  # a run of three deleted
+    for e, t in zip(edits, texts):  # a run of 2 to CUT_WORDS neighbouring words gone, or the tail; one word kept at least
+        assert e.kind == "cut" and t == ids[:e.pos] + ids[e.end:] and len(t) >= 1
+        assert e.end == len(ids) or 2 <= e.end - e.pos <= CUT_WORDS
+    guesses = estimated_fluency(along, ids, edits, words, lm.end_id)
+    fresh = Fluency(lm, words)
+    for e, t, guess in zip(edits, texts, guesses):
+        if e.end == len(ids):  # cut short: exact
+            assert guess == pytest.approx(fresh.of([vocab.decode(t)])[0], abs=1e-4)
+        elif e.pos == 2:  # the next word read after the words before the run, the rest kept
+            [cut] = fresh.along([[vocab.decode(t[:k]) for k in range(len(t) + 1)]])
+            total = sum(along.word_logp[:e.pos]) + cut.word_logp[e.pos] + sum(along.word_logp[e.end + 1:])
+            assert guess == pytest.approx((total + along.reading.end) / (len(t) + 1), abs=1e-4)
+
+
+def test_refinement_turns_a_prompt_around_joined_by_a_word_the_lm_proposes(lm_dir, load_tiny):
+    """One-word edits cannot move a phrase: refinement also tries the prompt turned around at a
+    split (its later words first, with or without the split's first word), joined by nothing or by
+    a word the language model proposes after the new opening."""
+    from pez_cli.lm import Fluency
+    from pez_cli.refine import GLUE, ROTATIONS, rotations
+
+    lm, vocab, words, ids, along = _read_along(lm_dir, load_tiny, "the mat , a red cat")
     turned = [vocab.decode(c) for c in rotations(Fluency(lm, words), along, ids, vocab.decode)]
     assert "a red cat on the mat" in turned  # ", " dropped at the split, "on" proposed after "a red cat"
     assert "a red cat the mat" in turned  # and with no joining word
@@ -464,13 +500,18 @@ def test_refinement_grows_a_phrase_in_place_of_one(lm_dir, load_tiny):
     fluency = Fluency(lm, WordMap.build(lm, vocab))
     ids = vocab.tokenizer.encode("a red cat on the mat")
     [along] = fluency.along([[vocab.decode(ids[:k]) for k in range(len(ids) + 1)]])
-    [found] = phrases(fluency, [(along, ids)])
+    [found] = phrases(fluency, [(along, ids)], len(ids) + 1)
     texts = {vocab.decode(c): guess for c, guess in found}
     assert "a blue dog on the mat" in texts
     assert len(texts) == len(found)
-    for c, _ in found:  # two or three neighbouring words changed, the rest kept
-        changed = [k for k, (a, b) in enumerate(zip(c, ids)) if a != b]
-        assert len(c) == len(ids) and len(changed) >= 2 and changed[-1] - changed[0] <= 2
+    assert {len(c) for c, _ in found} == {len(ids) - 1, len(ids), len(ids) + 1}
+    for c, _ in found:  # two or three words grown in place of as many, one fewer or one more; the rest kept
+        head = next((k for k, (a, b) in enumerate(zip(c, ids)) if a != b), min(len(c), len(ids)))
+        tail = 0
+        while tail < min(len(c), len(ids)) - head and c[-1 - tail] == ids[-1 - tail]:
+            tail += 1
+        assert abs(len(c) - len(ids)) <= 1 and len(c) - head - tail <= 3 and len(ids) - head - tail <= 4
+    assert all(len(c) <= len(ids) for c, _ in phrases(fluency, [(along, ids)], len(ids))[0])  # never longer than allowed
     new = vocab.tokenizer.encode("a blue dog on the mat")
     [grown] = Fluency(lm, fluency.words).along([[vocab.decode(new[:k]) for k in range(len(new) + 1)]])
     total = sum(grown.word_logp[:3]) + sum(along.word_logp[3:])  # the phrase read exactly, the rest kept
