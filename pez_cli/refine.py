@@ -96,22 +96,25 @@ def token_gradients(opt: PromptOptimizer, problems: Sequence[int], prompts: Sequ
 @dataclass(frozen=True)
 class Edit:
     """One edit of a prompt's tokens: swap the token at pos for word, insert word before pos
-    (pos = the length: at the end), delete the token at pos (word None), or cut the tokens from
-    pos up to end (end: the length cuts the text short)."""
+    (pos = the length: at the end), or delete the tokens from pos up to end (word None; end None:
+    the token at pos alone; end the length: the text cut short)."""
 
-    kind: str  # "swap", "insert", "delete" or "cut"
+    kind: str  # "swap", "insert" or "delete"
     pos: int
     word: int | None = None
-    end: int | None = None  # "cut": the first token kept after the cut
+    end: int | None = None  # "delete": the first token kept after the deleted ones
+
+    @property
+    def after(self) -> int:
+        """For a deletion: the first token kept after the deleted ones."""
+        return self.pos + 1 if self.end is None else self.end
 
     def apply(self, ids: list[int]) -> list[int]:
         if self.kind == "swap":
             return ids[:self.pos] + [self.word] + ids[self.pos + 1:]
         if self.kind == "insert":
             return ids[:self.pos] + [self.word] + ids[self.pos:]
-        if self.kind == "cut":
-            return ids[:self.pos] + ids[self.end:]
-        return ids[:self.pos] + ids[self.pos + 1:]
+        return ids[:self.pos] + ids[self.after:]
 
 
 def candidates(ids: list[int], scores: torch.Tensor, allowed: torch.Tensor, top_k: int = TOP_K) -> list[Edit]:
@@ -144,8 +147,8 @@ def lm_candidates(ids: list[int], proposed: Sequence[Sequence[int]], longest: in
 def cuts(ids: list[int], longest: int = CUT_WORDS) -> list[Edit]:
     """Runs of 2 to `longest` tokens deleted, and `ids` cut short after each token (at least one
     token kept): the edits that drop a phrase at once."""
-    out = [Edit("cut", pos, end=pos + k) for k in range(2, longest + 1) for pos in range(len(ids) - k)]
-    return out + [Edit("cut", pos, end=len(ids)) for pos in range(1, len(ids) - 1)]
+    out = [Edit("delete", pos, end=pos + k) for k in range(2, longest + 1) for pos in range(len(ids) - k)]
+    return out + [Edit("delete", pos, end=len(ids)) for pos in range(1, len(ids) - 1)]
 
 
 def estimated_fluency(along: Along, ids: list[int], edits: Sequence[Edit], words: WordMap | None,
@@ -163,11 +166,10 @@ def estimated_fluency(along: Along, ids: list[int], edits: Sequence[Edit], words
 
     wanted = []  # (row, token) per edit; token -1: the floor
     for e in edits:
-        after = e.end if e.kind == "cut" else e.pos + 1  # the first token kept after a deletion
         if e.kind in ("swap", "insert"):
             wanted.append(word_at(e.pos, e.word))
-        elif after < len(ids):
-            wanted.append(word_at(e.pos, ids[after]))
+        elif e.after < len(ids):
+            wanted.append(word_at(e.pos, ids[e.after]))
         else:
             wanted.append((e.pos, end_id if end_id is not None else -1))
     index = torch.tensor([max(t, 0) for _, t in wanted], device=rows.device)
@@ -182,10 +184,9 @@ def estimated_fluency(along: Along, ids: list[int], edits: Sequence[Edit], words
         elif e.kind == "insert":
             total, count = total + g, count + 1
         else:  # deleted: the word after now follows the words before (or the text ends there)
-            after = e.end if e.kind == "cut" else e.pos + 1
-            if after < len(ids):
-                total = total - sum(wl[e.pos:after + 1]) + g
-                count = count - sum(wt[e.pos:after + 1]) + 1
+            if e.after < len(ids):
+                total = total - sum(wl[e.pos:e.after + 1]) + g
+                count = count - sum(wt[e.pos:e.after + 1]) + 1
             else:
                 total, count, end = total - sum(wl[e.pos:]), count - sum(wt[e.pos:]), g if end is not None else None
         out.append((total + end) / (count + 1) if end is not None else total / max(count, 1))
@@ -235,13 +236,13 @@ def phrases(fluency: Fluency, texts: Sequence[tuple[Along, list[int]]], longest:
     made: set[tuple[int, tuple[int, ...]]] = set()
     for n, pos, words, lp in found:
         (along, ids), k = texts[n], len(words)
+        reading, wl, wt = along.reading, along.word_logp, along.word_tokens
         for gone in (k, k - 1, k + 1):  # in place of as many words, one fewer, or one more
             text = ids[:pos] + words + ids[pos + gone:]
             if gone > len(ids) - pos or len(text) > longest or (n, tuple(text)) in made or \
                     (gone == k and sum(a != b for a, b in zip(words, ids[pos:pos + k])) < 2):
                 continue  # too long, grown twice, or one word changed (a swap's)
             made.add((n, tuple(text)))
-            reading, wl, wt = along.reading, along.word_logp, along.word_tokens
             total = reading.total - sum(wl[pos:pos + gone]) + lp
             count = reading.count - sum(wt[pos:pos + gone]) + k
             guess = (total + reading.end) / (count + 1) if reading.end is not None else total / max(count, 1)

@@ -424,7 +424,7 @@ def test_refinement_cuts_a_run_of_words_or_the_tail_at_once(lm_dir, load_tiny):
     assert vocab.tokenizer.encode("a red cat on the mat") in texts  # the tail cut off
     assert vocab.tokenizer.encode("a red cat on the mat on") in texts  # a run of three deleted
     for e, t in zip(edits, texts):  # a run of 2 to CUT_WORDS neighbouring words gone, or the tail; one word kept at least
-        assert e.kind == "cut" and t == ids[:e.pos] + ids[e.end:] and len(t) >= 1
+        assert e.kind == "delete" and t == ids[:e.pos] + ids[e.end:] and len(t) >= 1
         assert e.end == len(ids) or 2 <= e.end - e.pos <= CUT_WORDS
     guesses = estimated_fluency(along, ids, edits, words, lm.end_id)
     fresh = Fluency(lm, words)
