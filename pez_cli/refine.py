@@ -214,10 +214,12 @@ def rotations(fluency: Fluency, along: Along, ids: list[int], decode: Callable[[
 
 def phrases(fluency: Fluency, texts: Sequence[tuple[Along, list[int]]], longest: int) -> list[list[tuple[list[int], float]]]:
     """For each (along, ids): phrases of `ids` replaced by ones the language model grows in their
-    place (see PHRASE_FIRST), each with its fluency estimated as estimated_fluency does: the new
-    phrase's log-probabilities exact, the words after it keeping theirs. The words are grown from
-    each text's kept keys and values (Fluency.branches), for all texts at once."""
+    place (see PHRASE_FIRST), each with its fluency estimated: the new phrase's log-probabilities
+    and the next word's after it (or the end of text) exact, the words after that keeping theirs.
+    The words are grown from each text's kept keys and values (Fluency.branches), for all texts at
+    once."""
     spell = fluency.words.spell
+    end_id = fluency.lm.end_id
     tokens = [along.tokens for along, _ in texts]
     starts = [[sum(along.word_tokens[:pos]) for pos in range(len(ids))] for along, ids in texts]  # tokens before word pos
     firsts = []  # (text, pos, first word, its log-probability)
@@ -226,15 +228,29 @@ def phrases(fluency: Fluency, texts: Sequence[tuple[Along, list[int]]], longest:
         for pos in range(len(ids) - 1):
             others = [(w, lp) for w, lp in after[pos] if w != ids[pos]]
             firsts.extend((n, pos, w, lp) for w, lp in others[:PHRASE_FIRST])
-    one = _next_words(fluency, tokens, [(n, starts[n][pos], [spell[pos > 0][w]]) for n, pos, w, _ in firsts])
-    found = [(n, pos, [w, w2], lp + lp2) for (n, pos, w, lp), after in zip(firsts, one) for w2, lp2 in after[:PHRASE_LAST]]
+
+    def spelled(pos: int, words: list[int]) -> list[int]:  # a phrase at word pos in the language model's tokens
+        return [spell[pos > 0 or k > 0][w] for k, w in enumerate(words)]
+
+    def grow(rows: list[tuple[int, int, list[int], float]]) -> tuple[list[list[tuple[int, float]]], torch.Tensor | None]:
+        """Each phrase's likeliest next words, and the log-probabilities of the next token after it."""
+        if not rows:
+            return [], None
+        logp = fluency.branches(tokens, [(n, starts[n][pos], spelled(pos, words)) for n, pos, words, _ in rows])
+        return fluency.proposals(logp, [False] * len(rows)), logp
+
+    one, _ = grow([(n, pos, [w], lp) for n, pos, w, lp in firsts])
+    pairs = [(n, pos, [w, w2], lp + lp2) for (n, pos, w, lp), after in zip(firsts, one) for w2, lp2 in after[:PHRASE_LAST]]
+    two, pair_logp = grow(pairs)
     longer = [(n, pos, [w, after[0][0]], lp + after[0][1]) for (n, pos, w, lp), after in zip(firsts, one)
               if after and pos + 2 < len(texts[n][1])]
-    two = _next_words(fluency, tokens, [(n, starts[n][pos], [spell[pos > 0][a], spell[1][b]]) for n, pos, (a, b), _ in longer])
-    found += [(n, pos, [*words, w3], lp + lp3) for (n, pos, words, lp), after in zip(longer, two) for w3, lp3 in after[:PHRASE_LAST]]
+    three, _ = grow(longer)
+    triples = [(n, pos, [*words, w3], lp + lp3) for (n, pos, words, lp), after in zip(longer, three) for w3, lp3 in after[:PHRASE_LAST]]
+    _, triple_logp = grow(triples)
     out: list[list[tuple[list[int], float]]] = [[] for _ in texts]
     made: set[tuple[int, tuple[int, ...]]] = set()
-    for n, pos, words, lp in found:
+    for (n, pos, words, lp), after in [*zip(pairs, pair_logp if pair_logp is not None else []),
+                                       *zip(triples, triple_logp if triple_logp is not None else [])]:
         (along, ids), k = texts[n], len(words)
         reading, wl, wt = along.reading, along.word_logp, along.word_tokens
         for gone in (k, k - 1, k + 1):  # in place of as many words, one fewer, or one more
@@ -245,16 +261,16 @@ def phrases(fluency: Fluency, texts: Sequence[tuple[Along, list[int]]], longest:
             made.add((n, tuple(text)))
             total = reading.total - sum(wl[pos:pos + gone]) + lp
             count = reading.count - sum(wt[pos:pos + gone]) + k
-            guess = (total + reading.end) / (count + 1) if reading.end is not None else total / max(count, 1)
+            nxt, end = pos + gone, reading.end
+            if nxt < len(ids):  # the word after the phrase, given it (a word of several tokens: the least likely token)
+                token = spell[1].get(ids[nxt])
+                total += float(after[token] if token is not None else after.min()) - wl[nxt]
+                count += 1 - wt[nxt]
+            elif end is not None:
+                end = float(after[end_id])
+            guess = (total + end) / (count + 1) if end is not None else total / max(count, 1)
             out[n].append((text, guess))
     return out
-
-
-def _next_words(fluency: Fluency, tokens: list[list[int]], rows: list[tuple[int, int, list[int]]]) -> list[list[tuple[int, float]]]:
-    """The likeliest next words (CLIP ids, log-probabilities) after each row of Fluency.branches."""
-    if not rows:
-        return []
-    return fluency.proposals(fluency.branches(tokens, rows), [False] * len(rows))
 
 
 def _doubles(ids: list[int]) -> int:

@@ -490,7 +490,9 @@ def test_refinement_grows_a_phrase_in_place_of_one(lm_dir, load_tiny):
     """One-word edits cannot change "red cat" to "blue dog" when every step between reads worse:
     refinement also replaces a phrase of two or three words with one the language model grows in
     its place (its likeliest first words, then its likeliest next), with its fluency estimated:
-    the new words' log-probabilities exact, the words after them keeping theirs."""
+    the new words' log-probabilities and the next word's after them exact, the words after that
+    keeping theirs (the next word given the old phrase ranked "a red background with on the
+    left" above the phrase that was wanted)."""
     from pez_cli.lm import Fluency, WordMap, load_lm
     from pez_cli.refine import phrases
 
@@ -505,16 +507,21 @@ def test_refinement_grows_a_phrase_in_place_of_one(lm_dir, load_tiny):
     assert "a blue dog on the mat" in texts
     assert len(texts) == len(found)
     assert {len(c) for c, _ in found} == {len(ids) - 1, len(ids), len(ids) + 1}
+    at_end = 0
     for c, _ in found:  # two or three words grown in place of as many, one fewer or one more; the rest kept
         head = next((k for k, (a, b) in enumerate(zip(c, ids)) if a != b), min(len(c), len(ids)))
         tail = 0
         while tail < min(len(c), len(ids)) - head and c[-1 - tail] == ids[-1 - tail]:
             tail += 1
         assert abs(len(c) - len(ids)) <= 1 and len(c) - head - tail <= 3 and len(ids) - head - tail <= 4
+        if tail == 0:  # grown at the end: every word and the end of text read exactly
+            at_end += 1
+            assert texts[vocab.decode(c)] == pytest.approx(Fluency(lm).of([vocab.decode(c)])[0], abs=1e-4)
+    assert at_end
     assert all(len(c) <= len(ids) for c, _ in phrases(fluency, [(along, ids)], len(ids))[0])  # never longer than allowed
     new = vocab.tokenizer.encode("a blue dog on the mat")
     [grown] = Fluency(lm, fluency.words).along([[vocab.decode(new[:k]) for k in range(len(new) + 1)]])
-    total = sum(grown.word_logp[:3]) + sum(along.word_logp[3:])  # the phrase read exactly, the rest kept
+    total = sum(grown.word_logp[:4]) + sum(along.word_logp[4:])  # the phrase and the word after it read exactly, the rest kept
     assert texts["a blue dog on the mat"] == pytest.approx((total + along.reading.end) / (len(ids) + 1), abs=1e-4)
 
 
