@@ -241,7 +241,7 @@ def phrases(fluency: Fluency, texts: Sequence[tuple[Along, list[int]]], longest:
 
     one, _ = grow([(n, pos, [w], lp) for n, pos, w, lp in firsts])
     pairs = [(n, pos, [w, w2], lp + lp2) for (n, pos, w, lp), after in zip(firsts, one) for w2, lp2 in after[:PHRASE_LAST]]
-    two, pair_logp = grow(pairs)
+    _, pair_logp = grow(pairs)
     longer = [(n, pos, [w, after[0][0]], lp + after[0][1]) for (n, pos, w, lp), after in zip(firsts, one)
               if after and pos + 2 < len(texts[n][1])]
     three, _ = grow(longer)
