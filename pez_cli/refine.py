@@ -232,25 +232,24 @@ def phrases(fluency: Fluency, texts: Sequence[tuple[Along, list[int]]], longest:
     def spelled(pos: int, words: list[int]) -> list[int]:  # a phrase at word pos in the language model's tokens
         return [spell[pos > 0 or k > 0][w] for k, w in enumerate(words)]
 
-    def grow(rows: list[tuple[int, int, list[int], float]]) -> tuple[list[list[tuple[int, float]]], torch.Tensor | None]:
-        """Each phrase's likeliest next words, and the log-probabilities of the next token after it."""
-        if not rows:
-            return [], None
-        logp = fluency.branches(tokens, [(n, starts[n][pos], spelled(pos, words)) for n, pos, words, _ in rows])
-        return fluency.proposals(logp, [False] * len(rows)), logp
+    def read(rows: list[tuple[int, int, list[int], float]]) -> torch.Tensor:
+        """The log-probabilities of the next token after each phrase, (rows, V)."""
+        return fluency.branches(tokens, [(n, starts[n][pos], spelled(pos, words)) for n, pos, words, _ in rows]) \
+            if rows else torch.empty(0, 0)
 
-    one, _ = grow([(n, pos, [w], lp) for n, pos, w, lp in firsts])
-    pairs = [(n, pos, [w, w2], lp + lp2) for (n, pos, w, lp), after in zip(firsts, one) for w2, lp2 in after[:PHRASE_LAST]]
-    _, pair_logp = grow(pairs)
-    longer = [(n, pos, [w, after[0][0]], lp + after[0][1]) for (n, pos, w, lp), after in zip(firsts, one)
-              if after and pos + 2 < len(texts[n][1])]
-    three, _ = grow(longer)
-    triples = [(n, pos, [*words, w3], lp + lp3) for (n, pos, words, lp), after in zip(longer, three) for w3, lp3 in after[:PHRASE_LAST]]
-    _, triple_logp = grow(triples)
+    one = fluency.proposals(read([(n, pos, [w], lp) for n, pos, w, lp in firsts]), [False] * len(firsts))
+    pairs, longer = [], []  # longer: the pairs of each first word's likeliest next, by index, that a third word can follow
+    for (n, pos, w, lp), after in zip(firsts, one):
+        if after and pos + 2 < len(texts[n][1]):
+            longer.append(len(pairs))
+        pairs += [(n, pos, [w, w2], lp + lp2) for w2, lp2 in after[:PHRASE_LAST]]
+    pair_logp = read(pairs)
+    three = fluency.proposals(pair_logp[longer], [False] * len(longer)) if longer else []
+    triples = [(n, pos, [*words, w3], lp + lp3) for (n, pos, words, lp), after in zip([pairs[i] for i in longer], three)
+               for w3, lp3 in after[:PHRASE_LAST]]
     out: list[list[tuple[list[int], float]]] = [[] for _ in texts]
     made: set[tuple[int, tuple[int, ...]]] = set()
-    for (n, pos, words, lp), after in [*zip(pairs, pair_logp if pair_logp is not None else []),
-                                       *zip(triples, triple_logp if triple_logp is not None else [])]:
+    for (n, pos, words, lp), after in [*zip(pairs, pair_logp), *zip(triples, read(triples))]:
         (along, ids), k = texts[n], len(words)
         reading, wl, wt = along.reading, along.word_logp, along.word_tokens
         for gone in (k, k - 1, k + 1):  # in place of as many words, one fewer, or one more
