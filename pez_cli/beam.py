@@ -52,15 +52,23 @@ FLUENCY_TIERS = (10.0, 3.0, 1.0)
 # start, with 1 / REPHRASE_SHARE as many beams (at least one), and the COMPLETE_BEAMS best beams of each
 # length are completed with the words before the split (with and without the split's first
 # word), joined by nothing or one of the beam's TAIL_GLUE likeliest next words: "a purple
-# background with a small black cross on the left" -> from "a small black": "a small black square
-# on the right" + "on" + "a purple background". A left-to-right search judges a phrase before the
-# rest of the text exists and commits to what CLIP likes named first; a completion judges the
-# phrase with the rest. Per problem, tail and length the COMPLETE_READ best completions by an
-# estimate (CLIP's term from grown features; the fluency so far, no end of text) are read by the
-# language model once the search ends. On the three mini worlds with 48 beams: miss rate A 0.06,
-# B 0.03, C 0.19 -> 0.03; 8 rephrasing beams, or completing only 2 per length, lost C's gain
-# (docs/language-prior.md).
+# background with a small black cross on the left" -> from "a small black": "a small black square on the
+# right" + "on" + "a purple background". A left-to-right search judges a phrase before the rest
+# of the text exists and commits to what CLIP likes named first; a completion judges the phrase
+# with the rest. A second rephrasing search (as many beams) starts from the first AHEAD_WORDS words
+# after the split instead, its beams ranked also by CLIP's term of the beam followed by each tail
+# (`_ahead`; its last AHEAD_TAIL tokens, after each beam's AHEAD_K likeliest next words, so that the
+# look ahead costs little more than the beam itself) where that is higher, and one beam more keeping to the best text's own words after the
+# split (so its turn is always completed): from "a", "a small orange circle" outranks "a green
+# background with" once "a green background" follows it; a start of 3 words has already chosen the
+# size and colour. Per problem, tail and length the COMPLETE_READ best completions by an estimate
+# (CLIP's term from grown features; the fluency so far, no end of text) are read by the language
+# model once the search ends. On the three mini worlds with 48 beams: miss rate A 0.06, B 0.03, C
+# 0.19 -> 0.03 (32 scenes); the second search, on 128 scenes: see docs/language-prior.md.
 REPHRASE_WORDS = 3
+AHEAD_WORDS = 1
+AHEAD_K = 6
+AHEAD_TAIL = 8
 REPHRASE_SHARE = 4
 COMPLETE_BEAMS = 4
 TAIL_GLUE = 3
@@ -116,12 +124,12 @@ def group_size(opt: PromptOptimizer, width: int) -> int:
 
 
 def _search(opt: PromptOptimizer, bests: list[Best], width: int, problems: list[int], start: str | Sequence[str] = "",
-            length: int | None = None, tails: dict[int, list[Tail]] | None = None) -> None:
+            length: int | None = None, turns: dict[int, Turn] | None = None) -> None:
     """The beams of `problems`, every one starting with the text `start` or problem problems[i]'s
     with start[i] (as many tokens each, in every CLIP and in the language model; its tokens the
     same in every CLIP: check_shared_vocabulary), grown to at most `length` tokens
-    (--prompt-len); with `tails`, each problem's beams are also completed with its tails (see
-    rephrase)."""
+    (--prompt-len); with `turns`, each problem's beams are ranked and completed with its tails and
+    one of them keeps to its phrase (see rephrase)."""
     spaces = opt.spaces
     grows = all(s.tower.can_grow() for s in spaces)
     device = spaces[0].vocab.embeddings.device
@@ -135,14 +143,14 @@ def _search(opt: PromptOptimizer, bests: list[Best], width: int, problems: list[
     completed: dict[tuple[int, int, int], list[tuple[float, str, list[float]]]] = {}  # (problem, tail, length) -> min-heap
     try:
         _grow_beams(opt, bests, width, problems, beams, reader, offered, length or opt.settings.prompt_len,
-                    tails or {}, completed)
+                    turns or {}, completed)
     finally:  # also on Stop: what was offered so far goes to bests
         _offer(opt, bests, offered)
         _settle(opt, bests, completed)
 
 
 def _grow_beams(opt: PromptOptimizer, bests: list[Best], width: int, problems: list[int], beams: _Beams, reader: Growing,
-                offered: dict[int, list[tuple[float, str]]], length: int, tails: dict[int, list[Tail]],
+                offered: dict[int, list[tuple[float, str]]], length: int, turns: dict[int, Turn],
                 completed: dict[tuple[int, int, int], list[tuple[float, str, list[float]]]]) -> None:
     objective, vocab = opt.objective, opt.vocab
     spaces = opt.spaces
@@ -154,8 +162,8 @@ def _grow_beams(opt: PromptOptimizer, bests: list[Best], width: int, problems: l
         texts = [vocab.decode(ids) for ids in beams.ids]
         readings = reader.readings(texts)
         _collect(opt, bests, beams, texts, readings, offered, opening)
-        if tails:
-            _complete(opt, beams, readings, tails, completed, length)
+        if turns:
+            _complete(opt, beams, readings, turns, completed, length)
         if depth == length:
             break
         grown = [(b, word, (r.total + logp) / (r.count + 1))  # (parent, word, fluency as a start)
@@ -171,8 +179,10 @@ def _grow_beams(opt: PromptOptimizer, bests: list[Best], width: int, problems: l
             flat = torch.tensor([b * BEAM_WORDS + e for b, e in slots], device=device)
             feats, new_states = zip(*[s.tower.grow(beams.states[k], grid) for k, s in enumerate(spaces)])
             per_text = objective.similarities_of([f.flatten(0, 1).index_select(0, flat) for f in feats], owners)
+            ranking = _ahead(opt, beams, grid, flat, per_text, turns) if turns else per_text
         else:
             per_text = objective.similarities(owners, [vocab.decode(beams.ids[b] + [w]) for b, w, _ in grown])
+            ranking = per_text
         by_problem: dict[int, list[int]] = {p: [] for p in problems}
         for j, owner in enumerate(owners):
             by_problem[owner].append(j)
@@ -181,7 +191,7 @@ def _grow_beams(opt: PromptOptimizer, bests: list[Best], width: int, problems: l
             seen: set[tuple[int, ...]] = set()
             for share, tier in zip(_shares(width), FLUENCY_TIERS):
                 # stable: ties keep the proposal order
-                for j in sorted(by_problem[p], key=lambda j: -objective.value(per_text[j], grown[j][2], tier)):
+                for j in sorted(by_problem[p], key=lambda j: -objective.value(ranking[j], grown[j][2], tier)):
                     if len(seen) >= share:
                         break
                     b, w, _ = grown[j]
@@ -189,6 +199,10 @@ def _grow_beams(opt: PromptOptimizer, bests: list[Best], width: int, problems: l
                     if key not in seen:
                         seen.add(key)
                         chosen.append(j)
+            if p in turns and turns[p].ahead:  # and the beam that keeps to the best text's phrase, if it was not chosen
+                phrase = turns[p].phrase
+                chosen.extend(j for j in by_problem[p] if _keeps_to(beams.ids[grown[j][0]] + [grown[j][1]], phrase)
+                              and (*beams.ids[grown[j][0]], grown[j][1]) not in seen)
         parents_of = torch.tensor([grown[j][0] for j in chosen], device=device, dtype=torch.long)
         states = None
         if grows:
@@ -199,6 +213,47 @@ def _grow_beams(opt: PromptOptimizer, bests: list[Best], width: int, problems: l
         beams = _Beams([owners[j] for j in chosen], [beams.ids[grown[j][0]] + [grown[j][1]] for j in chosen],
                        [per_text[j] for j in chosen], states)
         reader.grow([grown[j][0] for j in chosen], [grown[j][1] for j in chosen])
+
+
+def _ahead(opt: PromptOptimizer, beams: _Beams, grid: torch.Tensor, flat: torch.Tensor, per_text: list[list[float]],
+           turns: dict[int, Turn]) -> list[list[float]]:
+    """Each grown text's similarities (per_text, in the order of `flat`'s slots of `grid`), or,
+    where CLIP's term of it is higher, those of the text followed by one of its problem's tails
+    (the words before the split, with and without its first word: "a purple background with",
+    "a purple background"; their last AHEAD_TAIL tokens): what the text would score completed, from
+    the beam's kept keys and values. Only each beam's AHEAD_K first words (the language model's
+    likeliest) look ahead; problems whose turns do not (`Turn.ahead`) keep their own."""
+    objective, spaces = opt.objective, opt.spaces
+    device, width, words = grid.device, grid.shape[1], min(grid.shape[1], AHEAD_K)
+    out = [list(e) for e in per_text]
+    slot_of = {slot: j for j, slot in enumerate(flat.tolist())}  # (beam * width + e) -> grown text
+    room = min(int(s.tower.positional_embedding.shape[0]) for s in spaces)
+    known = int(beams.states[0][0][0].shape[2])  # the positions every beam holds
+    by_size: dict[tuple[int, int], list[int]] = {}  # (tail, its length) -> the beams whose problem's tail is that long
+    for b, p in enumerate(beams.owners):
+        for t, tail in enumerate(turns[p].tails if p in turns and turns[p].ahead else []):
+            if known + len(tail.ids[-AHEAD_TAIL:]) + 2 <= room:
+                by_size.setdefault((t, len(tail.ids[-AHEAD_TAIL:])), []).append(b)
+    for (t, _), bs in by_size.items():
+        index = torch.tensor(bs, device=device)
+        after = torch.tensor([turns[beams.owners[b]].tails[t].ids[-AHEAD_TAIL:] for b in bs], device=device)  # (nb, size)
+        run = torch.cat([grid[:, :words].index_select(0, index)[..., None], after[:, None, :].expand(-1, words, -1)], dim=-1)
+        rows = [(i * words + e, slot_of[b * width + e]) for i, b in enumerate(bs) for e in range(words)
+                if b * width + e in slot_of]  # (slot in run, grown text)
+        sel = torch.tensor([r for r, _ in rows], device=device)
+        feats = [s.tower.grow([(k.index_select(0, index), v.index_select(0, index)) for k, v in beams.states[m]], run)[0]
+                 for m, s in enumerate(spaces)]  # each model's (nb, words, D)
+        sims = objective.similarities_of([f.flatten(0, 1).index_select(0, sel) for f in feats],
+                                         [beams.owners[bs[r // words]] for r, _ in rows])
+        for (_, j), each in zip(rows, sims):
+            if objective.clip_value(each) > objective.clip_value(out[j]):
+                out[j] = each
+    return out
+
+
+def _keeps_to(ids: list[int], phrase: list[int]) -> bool:
+    """Whether a beam's `ids` are the first words of `phrase`."""
+    return len(ids) <= len(phrase) and ids == phrase[:len(ids)]
 
 
 def _shares(width: int) -> list[int]:
@@ -243,11 +298,23 @@ class Tail:
     count: int
 
 
+@dataclass
+class Turn:
+    """A problem's part in a rephrasing search: the words of its best text from the split on
+    (`phrase`: one beam keeps to them, so the text turned around is always completed) and the
+    tails that complete its beams (the words before the split, with and without its first word)."""
+
+    phrase: list[int]
+    tails: list[Tail]
+    ahead: bool = False  # beams ranked by their completion (_ahead), and one keeps to the phrase
+
+
 def rephrase(opt: PromptOptimizer, bests: list[Best], width: int) -> list[Best]:
     """Improve `bests` (in place, and returned) after a beam of `width`: each best text searched
-    again from its split that best starts a text, with width // REPHRASE_SHARE beams (at least
-    one) completed with the words before the split (see REPHRASE_WORDS). Problems whose openings
-    are as many tokens in every model search together."""
+    again from its split that best starts a text, twice (from its first REPHRASE_WORDS words, and
+    from its first AHEAD_WORDS ranked by their completions), with width // REPHRASE_SHARE beams (at
+    least one) completed with the words before the split (see REPHRASE_WORDS). Problems whose
+    openings are as many tokens in every model search together."""
     fluency = opt.objective.fluency
     if fluency is None or width < 1:
         return bests
@@ -255,21 +322,23 @@ def rephrase(opt: PromptOptimizer, bests: list[Best], width: int) -> list[Best]:
     vocab = opt.vocab
     texts = {p: vocab.tokenizer.encode(b.prompt) for p, b in enumerate(bests) if b.prompt}
     alongs = fluency.along([[vocab.decode(ids[:k]) for k in range(len(ids) + 1)] for ids in texts.values()])
-    searches = []  # (problem, opening, tails)
-    for (p, ids), along in zip(texts.items(), alongs):
-        if along is None or len(ids) <= REPHRASE_WORDS:
-            continue
-        o = max(range(1, len(ids) - REPHRASE_WORDS + 1), key=lambda i: along.as_start(fluency.words, ids[i]))
-        searches.append((p, vocab.decode(ids[o:o + REPHRASE_WORDS]), [_tail(along, ids, 0, e) for e in (o, o - 1) if e > 0]))
-    groups: dict[tuple[int, int], list[tuple[int, str, list[Tail]]]] = {}
+    searches = []  # (problem, opening, turn)
+    for words, ahead in ((REPHRASE_WORDS, False), (AHEAD_WORDS, True)):
+        for (p, ids), along in zip(texts.items(), alongs):
+            if along is None or len(ids) <= words:
+                continue
+            o = max(range(1, len(ids) - words + 1), key=lambda i: along.as_start(fluency.words, ids[i]))
+            searches.append((p, vocab.decode(ids[o:o + words]),
+                             Turn(ids[o:], [_tail(along, ids, 0, e) for e in (o, o - 1) if e > 0], ahead)))
+    groups: dict[tuple[bool, int, int], list[tuple[int, str, Turn]]] = {}  # a problem is in one group of each kind
     for search, lm_tokens in zip(searches, Growing.start_tokens(fluency, [start for _, start, _ in searches])):
-        groups.setdefault((len(opt.spaces[0].tokenize(search[1])), len(lm_tokens)), []).append(search)
+        groups.setdefault((search[2].ahead, len(opt.spaces[0].tokenize(search[1])), len(lm_tokens)), []).append(search)
     size = group_size(opt, width)
     for group in groups.values():
         for at in range(0, len(group), size):
             part = group[at:at + size]
             _search(opt, bests, width, [p for p, _, _ in part], [start for _, start, _ in part],
-                    tails={p: tails for p, _, tails in part})
+                    turns={p: turn for p, _, turn in part})
     return bests
 
 
@@ -278,7 +347,7 @@ def _tail(along: Along, ids: list[int], a: int, b: int) -> Tail:
     return Tail(ids[a:b], sum(along.word_logp[a:b]), sum(along.word_tokens[a:b]))
 
 
-def _complete(opt: PromptOptimizer, beams: _Beams, readings: list[Reading], tails: dict[int, list[Tail]],
+def _complete(opt: PromptOptimizer, beams: _Beams, readings: list[Reading], turns: dict[int, Turn],
               completed: dict[tuple[int, int, int], list[tuple[float, str, list[float]]]], length: int) -> None:
     """Each problem's COMPLETE_BEAMS best beams (as finished texts), each followed by every tail of
     the problem, joined by nothing or one of the beam's TAIL_GLUE likeliest next words, at most
@@ -295,12 +364,14 @@ def _complete(opt: PromptOptimizer, beams: _Beams, readings: list[Reading], tail
     mine: dict[int, list[int]] = {}
     for b, p in enumerate(beams.owners):
         mine.setdefault(p, []).append(b)
-    top = [b for p, bs in mine.items() if p in tails for b in sorted(bs, key=lambda b: -values[b])[:COMPLETE_BEAMS]]
+    top = [b for p, bs in mine.items() if p in turns for b in sorted(bs, key=lambda b: -values[b])[:COMPLETE_BEAMS]]
+    top += [b for b, p in enumerate(beams.owners)
+            if p in turns and turns[p].ahead and b not in top and _keeps_to(beams.ids[b], turns[p].phrase)]
     # rows of (beam, tail index, joins) by the tokens they add: [(CLIP word or None, log-probability)]
     runs: dict[int, list[tuple[int, int, list[tuple[int | None, float]]]]] = {}
     for b in top:
         p = beams.owners[b]
-        for t, tail in enumerate(tails[p]):
+        for t, tail in enumerate(turns[p].tails):
             for joined in (0, 1):
                 joins = readings[b].next[:TAIL_GLUE] if joined else [(None, 0.0)]
                 if joins and len(beams.ids[b]) + joined + len(tail.ids) <= length:
@@ -312,7 +383,7 @@ def _complete(opt: PromptOptimizer, beams: _Beams, readings: list[Reading], tail
         grid = torch.full((len(rows), wide, run), spaces[0].end_id, dtype=torch.long)
         slots = []
         for row, (b, t, joins) in enumerate(rows):
-            tail, r = tails[beams.owners[b]][t], readings[b]
+            tail, r = turns[beams.owners[b]].tails[t], readings[b]
             grid[row, :, run - len(tail.ids):] = torch.tensor(tail.ids, dtype=torch.long)
             for e, (w, lp) in enumerate(joins):
                 if w is not None:

@@ -151,7 +151,7 @@ class Settings:
         48, minimum=0, needs="lm", metavar="N",
         panel="Vocabulary and priors",
         help="With --lm: beams of a left-to-right search in which the language model proposes each next word "
-             "and the objective ranks the texts, then a quarter as many rephrase its best text from a later phrase; "
+             "and the objective ranks the texts, then two searches of a quarter as many rephrase its best text from a later phrase; "
              "the best joins refinement. 0: off.")
     t5_tokens: int | None = setting(  # None: no T5 prompt (beam.extend writes it; a result's t5_prompt)
         None, flag_name="--t5-prompt", minimum=1, needs="lm", metavar="N", shown_default="none",

@@ -550,6 +550,41 @@ def test_rephrasing_starts_from_a_later_phrase_and_completes_with_the_words_befo
     assert unchanged[0].prompt == goal  # nothing beats the goal's own features
 
 
+def test_rephrasing_ranks_a_beam_by_its_completion(lm_dir, load_tiny):
+    """A rephrasing search ranks each grown beam by CLIP's term of the beam followed by its
+    problem's last tail, where that is higher than the beam's own ("a small orange circle" loses to
+    "a green background with" as a finished text, not once "a green background" follows it): the
+    same similarities as encoding the completed text whole. And a beam keeps to the best text's
+    phrase: "a" + "red" is kept when the phrase is "a red cat"."""
+    from pez_cli import optimize
+    from pez_cli.beam import Tail, Turn, _ahead, _Beams, _keeps_to
+    from pez_cli.lm import load_lm
+
+    model, lm = load_tiny(), load_lm(str(lm_dir), torch.device("cpu"))
+    pez = Pez(Settings(model=model.name, device="cpu", prompt_len=8, lm=str(lm_dir), lm_weight=0.01), model=model, lm=lm)
+    opt = optimize.PromptOptimizer(pez.spaces(), [pez.split(model.encode_texts(["a red cat on the mat"]))],
+                                   pez.settings.for_target("text"), pez.fluency())
+    space, objective, encode = opt.spaces[0], opt.objective, pez.vocab.tokenizer.encode
+    opening = space.tokenize("a red")[:-1]
+    beams = _Beams([0], [opening[1:]], [[]], [space.tower.prefix_states(torch.tensor([opening]))])
+    words = [encode(w)[0] for w in ("cat", "dog", "mat", "on")]
+    grid = torch.tensor([words])
+    feats, _ = space.tower.grow(beams.states[0], grid)
+    flat = torch.arange(len(words))
+    per_text = objective.similarities_of([feats[0]], [0] * len(words))
+    tail = encode("on the mat")
+    ranked = _ahead(opt, beams, grid, flat, per_text, {0: Turn(opening[1:], [Tail(encode("x"), 0.0, 1), Tail(tail, 0.0, 3)], True)})
+    for w, own, got in zip(words, per_text, ranked):
+        whole = objective.similarities([0], [pez.vocab.decode(opening[1:] + [w] + tail)])[0]
+        want = max(own, whole, key=objective.clip_value)
+        assert got == pytest.approx(want, abs=1e-5)
+    assert any(objective.clip_value(g) > objective.clip_value(o) + 1e-6 for g, o in zip(ranked, per_text))
+    assert _ahead(opt, beams, grid, flat, per_text, {}) == per_text  # no turn: the beams' own
+    phrase = encode("a red cat")
+    assert _keeps_to(encode("a red"), phrase) and not _keeps_to(encode("a blue"), phrase)
+    assert not _keeps_to(encode("a red cat on"), phrase)
+
+
 def test_the_search_never_lowers_the_objective(tiny_model, load_tiny, lm_dir, image):
     from pez_cli.lm import load_lm
 
