@@ -367,12 +367,15 @@ def wellformed_best(scenes: list[world.Scene], loaded, feats: torch.Tensor, roun
 def objective_of(texts: list[str], loaded, feats: torch.Tensor, lm, weight: float) -> list[float]:
     """pez's objective (pez_cli/objective.py) of each text for its scene, computed here apart:
     the optimizing CLIP's logit scale times its cosine, plus `weight` times the language model's
-    mean log-probability per token (end of text included)."""
+    mean log-probability per token (end of text included), less RULED_OUT for a text that says
+    the same REPEAT_WORDS words twice."""
     from pez_cli.lm import Fluency
+    from pez_cli.objective import RULED_OUT, repeats
 
     cos = (loaded.encode_texts(texts) * feats).sum(-1).tolist()
     fluency = Fluency(lm).of(texts)
-    return [loaded.logit_scale * c + weight * f for c, f in zip(cos, fluency)]
+    return [loaded.logit_scale * c + weight * f - (RULED_OUT if repeats(t.split()) else 0.0)
+            for t, c, f in zip(texts, cos, fluency)]
 
 
 def miss_rate(prompts: list[str], scenes: list[world.Scene], loaded, feats, lm, weight: float, log=None) -> float:

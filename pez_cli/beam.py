@@ -3,7 +3,8 @@ language prior's search, --beam).
 
 The way of VGD (Kim et al., ICLR 2025): every beam is a text of allowed CLIP whole words; at
 each length the language model proposes its likeliest next words after each beam (read with
-its own tokenizer, see lm.py), every extension is ranked by the objective (objective.py) with
+its own tokenizer, see lm.py; never one that would say REPEAT_WORDS words again, which the
+objective rules out), every extension is ranked by the objective (objective.py) with
 the extension's fluency as the start of a text (its mean log-probability, no end of text yet),
 and the `width` best extensions of each problem go on: a third of them ranked with that fluency
 weighted ten times, a third three times, the rest as the objective weighs it (FLUENCY_TIERS).
@@ -26,6 +27,7 @@ from typing import Sequence
 import torch
 
 from pez_cli.lm import Along, Growing, Reading
+from pez_cli.objective import REPEAT_WORDS
 from pez_cli.optimize import Best, PromptOptimizer, keep_highest
 
 # Next words the language model proposes per beam and length. 16 beams of 12 words judged better
@@ -57,14 +59,15 @@ FLUENCY_TIERS = (10.0, 3.0, 1.0)
 # of the text exists and commits to what CLIP likes named first; a completion judges the phrase
 # with the rest. A second rephrasing search (as many beams) starts from the first AHEAD_WORDS words
 # after the split instead, its beams ranked also by CLIP's term of the beam followed by each tail
-# (`_ahead`; its last AHEAD_TAIL tokens, after each beam's AHEAD_K likeliest next words, so that the
-# look ahead costs little more than the beam itself) where that is higher, and one beam more keeping to the best text's own words after the
-# split (so its turn is always completed): from "a", "a small orange circle" outranks "a green
-# background with" once "a green background" follows it; a start of 3 words has already chosen the
-# size and colour. Per problem, tail and length the COMPLETE_READ best completions by an estimate
-# (CLIP's term from grown features; the fluency so far, no end of text) are read by the language
-# model once the search ends. On the three mini worlds with 48 beams: miss rate A 0.06, B 0.03, C
-# 0.19 -> 0.03 (32 scenes); the second search, on 128 scenes: see docs/language-prior.md.
+# (`_ahead`; its last AHEAD_TAIL tokens, after each beam's AHEAD_K likeliest next words, so that
+# the look ahead costs little more than the beam itself) where that is higher, and one beam more
+# keeping to the best text's own words after the split (so its turn is always completed): from
+# "a", "a small orange circle" outranks "a green background with" once "a green background"
+# follows it; a start of 3 words has already chosen the size and colour. Per problem, tail and
+# length the COMPLETE_READ best completions by an estimate (CLIP's term from grown features; the
+# fluency so far, no end of text) are read by the language model once the search ends. On the
+# three mini worlds with 48 beams: miss rate A 0.06, B 0.03, C 0.19 -> 0.03 (32 scenes); the
+# second search, on 128 scenes: see docs/language-prior.md.
 REPHRASE_WORDS = 3
 AHEAD_WORDS = 1
 AHEAD_K = 6
@@ -166,13 +169,14 @@ def _grow_beams(opt: PromptOptimizer, bests: list[Best], width: int, problems: l
             _complete(opt, beams, readings, turns, completed, length)
         if depth == length:
             break
+        proposed = [_unrepeated(text, r.next, vocab.texts)[:BEAM_WORDS] for text, r in zip(texts, readings)]
         grown = [(b, word, (r.total + logp) / (r.count + 1))  # (parent, word, fluency as a start)
-                 for b, r in enumerate(readings) for word, logp in r.next[:BEAM_WORDS]]
+                 for b, r in enumerate(readings) for word, logp in proposed[b]]
         if not grown:
             break
         owners = [beams.owners[b] for b, _, _ in grown]
         if grows:  # a (beams, BEAM_WORDS) grid of words, padded with the end token where fewer were proposed
-            slots = [(b, e) for b in range(len(readings)) for e in range(min(BEAM_WORDS, len(readings[b].next)))]
+            slots = [(b, e) for b in range(len(readings)) for e in range(len(proposed[b]))]
             grid = torch.full((len(readings), BEAM_WORDS), spaces[0].end_id, dtype=torch.long)
             grid[[b for b, _ in slots], [e for _, e in slots]] = torch.tensor([w for _, w, _ in grown])
             grid = grid.to(device)
@@ -249,6 +253,18 @@ def _ahead(opt: PromptOptimizer, beams: _Beams, grid: torch.Tensor, flat: torch.
             if objective.clip_value(each) > objective.clip_value(out[j]):
                 out[j] = each
     return out
+
+
+def _unrepeated(text: str, words: list[tuple[int, float]], spelled: Sequence[str]) -> list[tuple[int, float]]:
+    """The proposed next words (CLIP id, log-probability) after `text` that would not make it
+    repeat REPEAT_WORDS words (objective.repeats); spelled: each id's text."""
+    said = text.split()
+    n = REPEAT_WORDS
+    if len(said) < n - 1:
+        return list(words)
+    grams = {tuple(said[i:i + n]) for i in range(len(said) - n + 1)}
+    last = tuple(said[len(said) - n + 1:])
+    return [(w, lp) for w, lp in words if (*last, spelled[w]) not in grams]
 
 
 def _keeps_to(ids: list[int], phrase: list[int]) -> bool:

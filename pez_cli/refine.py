@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from pez_cli.lm import Along, Fluency, WordMap
-from pez_cli.objective import clip_loss
+from pez_cli.objective import clip_loss, repeats
 from pez_cli.optimize import Best, PromptOptimizer
 
 # Replacement tokens tried per position and round, ranked by the loss gradient.
@@ -339,8 +339,9 @@ def refine(opt: PromptOptimizer, bests: list[Best]) -> list[Best]:
             seen = known[p]
             mine = [(e, c) for e in edits if _unseen(seen, c := e.apply(ids))]
             if fluency is not None:
-                doubled = _doubles(ids)
-                mine = [(e, c) for e, c in mine if _doubles(c) <= doubled]  # see _doubles
+                doubled, repeated = _doubles(ids), repeats(vocab.decode(ids).split())
+                mine = [(e, c) for e, c in mine if _doubles(c) <= doubled  # see _doubles
+                        and (repeated or not repeats(vocab.decode(c).split()))]  # objective.REPEAT_WORDS
                 along = alongs[m]
                 guess = (estimated_fluency(along, ids, [e for e, _ in mine], fluency.words, fluency.lm.end_id)
                          if along is not None else fluency.of([vocab.decode(ids)]) * len(mine)) if mine else []

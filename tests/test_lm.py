@@ -585,6 +585,38 @@ def test_rephrasing_ranks_a_beam_by_its_completion(lm_dir, load_tiny):
     assert not _keeps_to(encode("a red cat on"), phrase)
 
 
+def test_a_text_that_says_three_words_twice_is_ruled_out_and_never_grown():
+    """With a language model no printed text says the same REPEAT_WORDS words twice: such a text
+    loses to any other even where CLIP and the language model both like it better (a phrase said
+    again is predictable, and CLIP likes a word said twice), and the beam never proposes the word
+    that would make one."""
+    from types import SimpleNamespace
+
+    from pez_cli.beam import _unrepeated
+    from pez_cli.objective import REPEAT_WORDS, Objective, repeats
+
+    assert REPEAT_WORDS == 3
+    assert repeats("a red star on the left , a blue star on the left".split())
+    assert not repeats("a red star on the left and a blue cross on the right".split())
+    assert repeats("a red star on the left and a blue star on the right".split())  # "star on the": the rule's price
+    assert not repeats("on the the left".split()) and repeats("a a a a".split())
+    texts = ["a red star on the left , on the left", "a red star on the left"]
+    fluency = {texts[0]: -1.0, texts[1]: -2.0}  # the repeated clause reads as more fluent
+    reader = SimpleNamespace(of=lambda ts: [fluency[t] for t in ts])
+    sims = {texts[0]: 0.9, texts[1]: 0.8}  # and CLIP likes it better too
+    space = SimpleNamespace(weight=1.0, logit_scale=10.0, score_texts=None)
+    objective = Objective([space], [torch.zeros(1, 1, 2)], torch.ones(1, 1), 1.0, fluency=reader, lm_weight=1.0)
+    scores = objective.finish(texts, [[sims[t]] for t in texts])
+    assert scores[1].value == pytest.approx(8.0 - 2.0) and scores[0].value < scores[1].value
+    assert scores[0].fluency == -1.0 and scores[0].similarity == 0.9  # its terms are reported as they are
+    plain = Objective([space], [torch.zeros(1, 1, 2)], torch.ones(1, 1), 1.0)  # no language model: CLIP alone decides
+    assert plain.finish(texts, [[sims[t]] for t in texts])[0].value == pytest.approx(9.0)
+    spelled = ["a", "red", "star", "on", "the", "left", ","]
+    proposed = [(5, -0.1), (0, -0.5), (3, -1.0)]  # "left" would say "on the left" again
+    assert _unrepeated("a red star on the left , on the", proposed, spelled) == [(0, -0.5), (3, -1.0)]
+    assert _unrepeated("on the", proposed, spelled) == proposed
+
+
 def test_the_search_never_lowers_the_objective(tiny_model, load_tiny, lm_dir, image):
     from pez_cli.lm import load_lm
 
