@@ -20,6 +20,7 @@ after a second edit, and stops at the first round that adds none.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import islice
 from typing import Callable, Sequence
 
 import torch
@@ -339,13 +340,16 @@ def refine(opt: PromptOptimizer, bests: list[Best]) -> list[Best]:
             seen = known[p]
             mine = [(e, c) for e in edits if _unseen(seen, c := e.apply(ids))]
             if fluency is not None:
-                doubled, repeated = _doubles(ids), repeats(vocab.decode(ids).split())
-                mine = [(e, c) for e, c in mine if _doubles(c) <= doubled  # see _doubles
-                        and (repeated or not repeats(vocab.decode(c).split()))]  # objective.REPEAT_WORDS
+                doubled = _doubles(ids)
+                mine = [(e, c) for e, c in mine if _doubles(c) <= doubled]  # see _doubles
                 along = alongs[m]
                 guess = (estimated_fluency(along, ids, [e for e, _ in mine], fluency.words, fluency.lm.end_id)
                          if along is not None else fluency.of([vocab.decode(ids)]) * len(mine)) if mine else []
-                order = sorted(range(len(mine)), key=lambda j: -guess[j])[:CLIP_KEEP]
+                # the CLIP_KEEP most fluent by the estimate that do not say REPEAT_WORDS words twice (the
+                # objective rules those out; unless the text already does), decoded only until that many are found
+                repeated = repeats(vocab.decode(ids).split())
+                order = list(islice((j for j in sorted(range(len(mine)), key=lambda j: -guess[j])
+                                     if repeated or not repeats(vocab.decode(mine[j][1]).split())), CLIP_KEEP))
                 mine, guess = [mine[j] for j in order], [guess[j] for j in order]
                 swapped = []
                 if along is not None and ids == kept[p][0][1]:  # the best kept text, turned around
